@@ -1,0 +1,543 @@
+"""
+GPT-2: a decoder-only Transformer trained by next-token prediction, in one file.
+
+Papers
+  - Radford et al. 2018, "Improving Language Understanding by Generative Pre-Training" (GPT-1): a 12-layer Transformer
+    decoder trained as a left-to-right language model, §3.1 eq. (1)-(2).
+  - Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2) §2.3: LayerNorm moved to the input
+    of each sub-block (pre-LN), an extra LayerNorm after the last block, residual projections initialised with a
+    1/sqrt(N) scale (N residual layers), context 1024, vocabulary 50,257.
+  - Vaswani et al. 2017, "Attention Is All You Need" §3.2.1: scaled dot-product attention softmax(QK^T / sqrt(d_k)) V.
+  Slides (lecture 001): "Autoregressive decoder-only models / GPT", "GPT models", "GPT-2", "Positional embeddings /
+  learned encoding".
+
+Faithful to OpenAI's released model (github.com/openai/gpt-2, src/model.py) and therefore to Hugging Face's
+GPT2LMHeadModel, which tests/test_gpt.py uses as an oracle: same parameter names (wte, wpe, h.i.ln_1, attn.c_attn, ...),
+GELU with the tanh approximation, LayerNorm eps 1e-5, lm_head tied to wte and without a bias.
+
+Run
+  python train.py --model gpt                               # train a small char-level GPT on Shakespeare (CPU, minutes)
+  python gpt.py --ckpt out/gpt/ckpt.pt --prompt "ROMEO:"    # sample from the checkpoint that run wrote
+
+Legend
+  B batch size, T sequence length (time), C n_embd (channels), H n_head, hs = C // H head size, V vocabulary size,
+  L n_layer. idx: (B, T) token ids. logits: (B, T, V).
+"""
+
+import argparse
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config and presets
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256  # context length T_max: rows of the learned position table wpe
+    vocab_size: int = 50257  # the tokenizer's vocabulary (train.py overwrites it from the tokenizer it builds)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0  # GPT-2 used 0.1 at pretraining; 0 is better for short runs that never see a token twice
+    bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
+    layer_norm_epsilon: float = 1e-5  # GPT-2's value; the released model computes LayerNorm with exactly this eps
+    attn: str = "sdpa"  # "naive": softmax(QK^T/sqrt(hs))V written out; "sdpa": the fused kernel. Tests prove them equal.
+    pad_vocab_multiple: int = 1  # round the embedding table up (e.g. 64 -> 50304 rows): faster matmuls on GPUs
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.attn not in ("naive", "sdpa"):
+            raise ValueError(f"attn must be 'naive' or 'sdpa', got {self.attn!r}")
+
+    @property
+    def padded_vocab_size(self):
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+
+# A preset sets model sizes and, where a recipe goes with them, training settings (train.py applies each key to whichever
+# config declares it and rejects any other key). The gpt2* sizes are OpenAI's released models.
+PRESETS = {
+    # The quick start: char-level Shakespeare on a laptop CPU in under 5 minutes (README "Quick start").
+    # Wider and shallower than nanoGPT's CPU recipe (4x128): at this scale width buys more per second than depth, and
+    # bf16 autocast (automatic where the CPU has native bf16) makes the matmuls cheap enough that the larger batch pays.
+    "char-cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, dropout=0.0,
+                     tokenizer="char", batch_size=16, lr=3e-3, min_lr=3e-4, warmup_iters=100, max_iters=2000,
+                     eval_interval=500, weight_decay=0.1, beta2=0.99),
+    # nanoGPT's published CPU recipe (shakespeare_char, README "baby GPT on a CPU"), for side-by-side benchmarks.
+    "nanogpt-cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0,
+                        tokenizer="char", batch_size=12, lr=1e-3, min_lr=1e-4, warmup_iters=100, max_iters=2000,
+                        eval_interval=250, beta2=0.99),
+    # The smallest thing that still is a GPT: for tests and for trying flags in seconds.
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, dropout=0.0,
+                 batch_size=4, max_iters=20, warmup_iters=5, eval_interval=10),
+    # GPT-2 small (124M). Training recipe as in the GPT-3 paper's Table 2.1 row for 125M (lr 6e-4, 0.5M-token batches,
+    # Adam beta2 0.95, weight decay 0.1), which is what single-GPU GPT-2 reproductions use.
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0, tokenizer="gpt2",
+                 batch_size=16, tokens_per_step=524288, lr=6e-4, min_lr=6e-5, warmup_iters=700, max_iters=19073,
+                 weight_decay=0.1, beta2=0.95, eval_interval=1000, pad_vocab_multiple=64),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, tokenizer="gpt2", lr=3e-4, min_lr=3e-5,
+                        batch_size=8, tokens_per_step=524288, weight_decay=0.1, beta2=0.95, pad_vocab_multiple=64),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024, tokenizer="gpt2", lr=2.5e-4, min_lr=2.5e-5,
+                       batch_size=4, tokens_per_step=524288, weight_decay=0.1, beta2=0.95, pad_vocab_multiple=64),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, tokenizer="gpt2", lr=2e-4, min_lr=2e-5,
+                    batch_size=2, tokens_per_step=524288, weight_decay=0.1, beta2=0.95, pad_vocab_multiple=64),
+}
+DEFAULT_PRESET = "char-cpu"
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def causal_mask(T_q, T_k, device=None):
+    """Boolean (T_q, T_k) mask, True where query i may attend to key j.
+
+    The queries are the *last* T_q of the T_k positions (with a KV cache the keys include the cached past), so query i
+    sits at absolute position T_k - T_q + i and sees keys j <= that.
+    causal_mask(2, 3) -> [[True, True, False], [True, True, True]]
+    """
+    i = torch.arange(T_q, device=device)[:, None] + (T_k - T_q)
+    j = torch.arange(T_k, device=device)[None, :]
+    return j <= i
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one pair of (B, H, block_size, hs) buffers per layer.
+
+    Preallocated so that appending a token writes in place instead of concatenating (which would copy the whole past at
+    every step and make sampling quadratic again). `length` counts the filled positions.
+    """
+
+    def __init__(self, config, batch_size, device, dtype):
+        shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.length = 0
+
+    def update(self, layer, k, v):
+        """Append k, v (B, H, T_new, hs) to `layer` and return that layer's keys and values so far."""
+        start, end = self.length, self.length + k.size(2)
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head masked self-attention (Vaswani et al. §3.2.2), GPT-2 names: c_attn makes q, k, v; c_proj mixes heads."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.n_head, self.attn, self.layer_idx = config.n_head, config.attn, layer_idx
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual = True  # marks the projections that get GPT-2's scaled init (see GPT._init_weights)
+        self.attn_dropout = nn.Dropout(config.dropout)  # on the attention probabilities, as in GPT-2
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+
+    def forward(self, x, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        # (B, T, C) -> (B, H, T, hs): every head attends independently over its own hs-dim slice
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, H, T_past + T, hs)
+        T_k = k.size(2)
+
+        if self.attn == "naive":
+            # The readable path: the equation, step by step.
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, H, T, T_k) scaled scores
+            att = att.masked_fill(~causal_mask(T, T_k, x.device), float("-inf"))  # no peeking at the future
+            att = F.softmax(att, dim=-1)  # each row: a distribution over the keys this query may see
+            att = self.attn_dropout(att)
+            y = att @ v  # (B, H, T, hs) probability-weighted sum of values
+        else:
+            # The fused path: same maths in one kernel (FlashAttention / memory-efficient on CUDA, a fused CPU kernel),
+            # never materialising the (T, T_k) matrix. is_causal aligns the mask top-left, which is only right when
+            # queries and keys are the same positions; with a cache we pass the bottom-right-aligned mask explicitly.
+            mask = None if T == T_k else causal_mask(T, T_k, x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: C -> 4C -> C with GELU (tanh approximation, as in GPT-2's released code)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        # Trap: nn.GELU() defaults to the exact erf form; GPT-2 used 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))).
+        # The difference is ~1e-3 per activation, invisible at init std 0.02 but not against the released weights.
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN Transformer block (GPT-2 §2.3): x + attn(ln_1(x)), then x + mlp(ln_2(x)). The residual stream itself is
+    never normalised, which is what lets deep stacks train without warm-up tricks that post-LN needed."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),  # token embeddings
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned absolute positions (slide "Learned encoding")
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),  # GPT-2's extra final LN
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        # Weight tying (Press & Wolf 2017), as in GPT-2: the output projection IS the input embedding matrix, so a token's
+        # logit is the dot product of the final hidden state with that token's embedding. One tensor, two uses.
+        self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # OpenAI's model.py: weights ~ N(0, 0.02), wpe ~ N(0, 0.01), biases 0, LayerNorm gain 1. GPT-2 §2.3: the projections
+        # that write into the residual stream are scaled by 1/sqrt(N), N = 2 * n_layer of them (one per attn, one per
+        # MLP), so the stream's variance does not grow with depth.
+        if isinstance(module, nn.Linear):
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual", False) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.01 if module is self.transformer.wpe else 0.02)
+
+    def num_params(self, non_embedding=False):
+        """Parameter count; tied weights count once. non_embedding drops wpe (and wte, whose matmul cost is in lm_head)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel() + self.transformer.wte.weight.numel()
+        return n
+
+    def flops_per_token(self):
+        """Training FLOPs per token (forward + backward): 6 per weight (Kaplan et al. 2020, eq. 2.1, with the lm_head
+        matmul counted and wpe's lookup not) plus the attention scores and mixing, 12 * L * T * C (PaLM, App. B)."""
+        c = self.config
+        return 6 * self.num_params(non_embedding=True) + 6 * c.padded_vocab_size * c.n_embd + 12 * c.n_layer * c.block_size * c.n_embd
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) token ids -> logits (B, T, V); with targets (B, T) also the mean cross-entropy (-100 = ignore)."""
+        B, T = idx.size()
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens is longer than block_size={self.config.block_size} "
+                             f"(the learned position table has no row for position {self.config.block_size})")
+        pos = torch.arange(past, past + T, device=idx.device)  # (T,) absolute positions, continuing after the cache
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, cache)
+        if cache is not None:
+            cache.length += T
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, V_padded)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]  # padding rows are never predicted, trained on or sampled
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Sampling
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None):
+        """Append max_new_tokens sampled tokens to idx (B, T) and return (B, T + max_new_tokens).
+
+        temperature 0 is greedy decoding; top_k keeps the k most likely tokens; top_p keeps the smallest set whose
+        probability reaches p (nucleus sampling, Holtzman et al. 2020). With use_cache the prompt is encoded once and each
+        new token costs one position of attention against cached keys/values, instead of re-running the whole window.
+        Trap: positions are absolute, so once the text outgrows block_size the window slides, every position shifts and
+        the cached keys are stale: from then on each step re-encodes the last block_size tokens, exactly as without cache.
+        """
+        was_training = self.training
+        self.eval()
+        cache = None
+        for _ in range(max_new_tokens):
+            if use_cache and idx.size(1) <= self.config.block_size:
+                if cache is None:  # prefill: the whole prompt at once
+                    cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
+                    logits, _ = self(idx, cache=cache)
+                else:  # decode: only the newest token
+                    logits, _ = self(idx[:, -1:], cache=cache)
+            else:
+                logits, _ = self(idx[:, -self.config.block_size:])
+            next_id = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B, 1)
+            idx = torch.cat((idx, next_id), dim=1)
+        self.train(was_training)
+        return idx
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Hugging Face format: load OpenAI's GPT-2 (or any GPT2LMHeadModel directory) and write ours back out.
+    # HF keeps OpenAI's TensorFlow layout: c_attn/c_proj/c_fc are "Conv1D" with weight (in, out), the transpose of
+    # nn.Linear's (out, in). Getting this wrong still loads (square c_proj) and silently gives garbage.
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides):
+        """Load a GPT2LMHeadModel checkpoint directory (config.json + model.safetensors or pytorch_model.bin), or a hub
+        name such as "gpt2" when huggingface_hub is installed and online. overrides: e.g. attn="naive", dropout=0.1."""
+        if not os.path.isdir(path):
+            path = _download_from_hub(path)
+        with open(os.path.join(path, "config.json")) as f:
+            hf = json.load(f)
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"{path}: activation {hf['activation_function']!r} is not GPT-2's tanh GELU")
+        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"], layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+                           dropout=0.0, bias=True, **overrides)
+        model = cls(config)
+        sd = _read_hf_weights(path)
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+        ours = model.state_dict()
+        for name, param in ours.items():
+            if name == "lm_head.weight":
+                continue  # tied to wte
+            key = name.removeprefix("transformer.")
+            if key not in sd:
+                raise KeyError(f"{path}: missing weight {key!r}")
+            w = sd[key]
+            if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+                w = w.t()  # Conv1D (in, out) -> Linear (out, in)
+            if name == "transformer.wte.weight":
+                param[: w.size(0)].copy_(w)  # padded rows (if any) keep their init; they are never used
+                continue
+            if w.shape != param.shape:
+                raise ValueError(f"{path}: {key} has shape {tuple(w.shape)}, expected {tuple(param.shape)}")
+            param.copy_(w)
+        return model
+
+    def export_hf(self, path):
+        """Write a directory that transformers' GPT2LMHeadModel.from_pretrained(path) loads (config.json +
+        model.safetensors). The inverse of from_pretrained."""
+        c = self.config
+        os.makedirs(path, exist_ok=True)
+        hf_config = dict(
+            architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size, n_positions=c.block_size,
+            n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, n_inner=None,
+            activation_function="gelu_new", resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+            layer_norm_epsilon=c.layer_norm_epsilon, initializer_range=0.02, scale_attn_weights=True,
+            tie_word_embeddings=True, bos_token_id=c.vocab_size - 1, eos_token_id=c.vocab_size - 1,
+        )
+        if not c.bias:
+            raise ValueError("the HF GPT-2 format has biases everywhere; this model was built with bias=False")
+        sd = {}
+        for name, w in self.state_dict().items():
+            if name == "lm_head.weight":
+                continue  # tied: HF re-ties it from wte
+            if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+                w = w.t()
+            if name == "transformer.wte.weight":
+                w = w[: c.vocab_size]
+            sd[name] = w.detach().float().contiguous().cpu()
+        _write_safetensors(sd, os.path.join(path, "model.safetensors"))
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick the next token from logits (B, V): (B, 1) ids.
+
+    Order matters and follows common practice: temperature first, then top-k, then top-p on what is left.
+    sample_next(torch.tensor([[0., 5., 1.]]), temperature=0) -> tensor([[1]])
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token if the tokens ranked above it already reach top_p; the most likely token always survives
+        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# safetensors, read and written by hand: an 8-byte little-endian header length, a JSON header naming each tensor's dtype,
+# shape and byte range, then the raw bytes. Twenty lines, so loading a checkpoint needs no extra package.
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_safetensors(file):
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        data = bytearray(f.read())
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        t = torch.frombuffer(data, dtype=_ST_DTYPES[info["dtype"]], count=(end - start) // _ST_DTYPES[info["dtype"]].itemsize,
+                             offset=start) if end > start else torch.empty(0, dtype=_ST_DTYPES[info["dtype"]])
+        out[name] = t.reshape(info["shape"]).clone()
+    return out
+
+
+def _write_safetensors(tensors, file):
+    names = {v: k for k, v in _ST_DTYPES.items()}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)  # the format asks for the data to start 8-byte aligned
+    with open(file, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for t in tensors.values():
+            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def _read_hf_weights(path):
+    st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(st):
+        return _read_safetensors(st)
+    if os.path.exists(pt):
+        return torch.load(pt, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin found")
+
+
+def _download_from_hub(name):
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(f"{name!r} is not a directory, and huggingface_hub is not installed to fetch it") from None
+    return snapshot_download(name, allow_patterns=["config.json", "model.safetensors"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The objective: next-token prediction (GPT-1 eq. 1, L = sum_t log P(u_t | u_<t)). train.py calls these; other model
+# files provide the same three methods for their own objectives.
+
+
+class NextTokenObjective:
+    """Turns a token stream into (idx, targets) windows shifted by one, and scores the model on them.
+
+    Windows may cross document boundaries: documents are joined with an end-of-text token, so the model learns where a
+    work ends instead of being told. Reports bits per byte, which does not depend on the tokenizer.
+    """
+
+    reports_bits_per_byte = True
+
+    def __init__(self, config, token_bytes):
+        self.block_size = config.block_size
+        self.token_bytes = token_bytes  # (V,) UTF-8 length of each token, for bits per byte
+
+    def train_batch(self, split, batch_size, generator):
+        """batch_size random windows from split.tokens (a 1-D numpy array), positions drawn from `generator`."""
+        T = self.block_size
+        starts = torch.randint(len(split.tokens) - T, (batch_size,), generator=generator)
+        return self._windows(split.tokens, starts.tolist(), T)
+
+    def eval_batches(self, split, batch_size, max_tokens=None):
+        """Every target of the split exactly once, in order: consecutive non-overlapping windows (deterministic)."""
+        T, n = self.block_size, len(split.tokens) - 1  # n targets: tokens[1:]
+        if max_tokens is not None:
+            n = min(n, max_tokens)
+        starts = list(range(0, n - T + 1, T))
+        for i in range(0, len(starts), batch_size):
+            yield self._windows(split.tokens, starts[i:i + batch_size], T)
+        tail = n - len(starts) * T  # the last partial window, so no target is skipped
+        if tail > 0:
+            yield self._windows(split.tokens, [len(starts) * T], tail)
+
+    @staticmethod
+    def _windows(tokens, starts, T):
+        import numpy as np
+        rows = np.stack([tokens[s:s + T + 1] for s in starts]).astype(np.int64)  # (B, T+1)
+        rows = torch.from_numpy(rows)
+        return {"idx": rows[:, :-1], "targets": rows[:, 1:]}
+
+    def loss(self, model, batch):
+        """(mean loss to backpropagate, dict of sums to aggregate over an evaluation)."""
+        logits, loss = model(batch["idx"], targets=batch["targets"])
+        n = batch["targets"].numel()
+        stats = {"nll": loss.detach().float() * n, "tokens": n}
+        stats["bytes"] = self.token_bytes.to(batch["targets"].device)[batch["targets"]].sum()
+        return loss, stats
+
+    @staticmethod
+    def summarize(sums):
+        """Named metrics from summed stats: loss in nats/token and bits per byte."""
+        loss = float(sums["nll"]) / sums["tokens"]
+        return {"loss": loss, "bpb": float(sums["nll"]) / (math.log(2) * float(sums["bytes"]))}
+
+
+Model, Config, Objective = GPT, GPTConfig, NextTokenObjective  # what train.py's registry looks up
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Demo: sample from a checkpoint written by train.py
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Sample from a GPT checkpoint written by train.py.")
+    p.add_argument("--ckpt", required=True, help="path to ckpt.pt (e.g. out/gpt/ckpt.pt)")
+    p.add_argument("--prompt", default="\n", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    import train  # the checkpoint format and the tokenizers live in train.py, shared by every model
+
+    try:
+        model, tokenizer, _ = train.load_for_inference(args.ckpt, device=args.device)
+        ids = tokenizer.encode(args.prompt)
+    except train.UsageError as e:
+        raise SystemExit(f"gpt.py: error: {e}")
+    g = torch.Generator(device=args.device).manual_seed(args.seed)
+    idx = torch.tensor([ids], dtype=torch.long, device=args.device)
+    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         generator=g)
+    print(tokenizer.decode(out[0].tolist()))
+
+
+if __name__ == "__main__":
+    main()
