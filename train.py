@@ -433,7 +433,8 @@ def peak_flops(device, dtype):
         return None, f"{name}: peak unknown"
     if kind != "cpu":
         return None, "peak unknown"
-    a = torch.randn(2048, 2048, dtype=TORCH_DTYPES[dtype])
+    # its own generator: drawing from the global one would shift dropout's random stream and break exact resume
+    a = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0)).to(TORCH_DTYPES[dtype])
     a @ a
     t = time.perf_counter()
     for _ in range(4):

@@ -1,0 +1,296 @@
+"""Properties of train.py a user relies on: runs resume exactly, accumulation is a big batch, evaluation is complete and
+deterministic, the data split is by document and its cache follows the files, bad input fails clearly without damage."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import gpt
+import train
+
+SHAKESPEARE = os.path.join(train.ROOT, "data", "shakespeare")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Five small 'works' cut from the bundled plays (so the text is real), one file each."""
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for name in ("hamlet", "macbeth", "othello", "lear", "tempest"):
+        with open(os.path.join(SHAKESPEARE, name + ".txt")) as f:
+            (d / f"{name}.txt").write_text(f.read()[5000:9000])
+    return d
+
+
+def args(tmp_path, corpus, *extra):
+    return ["--model", "gpt", "--preset", "tiny", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
+            "--out-dir", str(tmp_path / "out"), "--sample-tokens", "0", *extra]
+
+
+def run_main(argv):
+    """(exit code, stderr text) of train.main(argv)."""
+    try:
+        train.main(argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizers and data
+
+
+def test_gpt2_tokenizer_works_offline_and_matches_gpt2():
+    tok = train.gpt2_tokenizer()
+    assert tok.encode("Hello world") == [15496, 995], "GPT-2 encodes 'Hello world' as [15496, 995]"
+    assert tok.eot_id == 50256 and tok.n_vocab == 50257
+    text = "To be, or not to be: that is the question.<|endoftext|>"
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_char_tokenizer_round_trips_and_rejects_unknown_characters():
+    tok = train.CharTokenizer("ab ")
+    assert tok.encode("ba ab") == [1, 0, 2, 0, 1]
+    assert tok.decode(tok.encode("ba ab")) == "ba ab"
+    with pytest.raises(train.UsageError, match="'z'"):
+        tok.encode("abz")
+
+
+def test_split_is_by_document_and_bundled_val_works_are_held_out(tmp_path):
+    cfg = train.TrainConfig(cache_dir=str(tmp_path / "cache"))
+    tok, splits, _ = train.prepare_data(cfg)
+    assert splits["val"].doc_names == list(train.BUNDLED_VAL_DOCS)
+    assert not set(splits["train"].doc_names) & set(splits["val"].doc_names), "a work is in both splits"
+    assert len(splits["train"].doc_names) == 39
+    with open(os.path.join(SHAKESPEARE, "julius_caesar.txt")) as f:
+        caesar = f.read()
+    probe = tok.encode(caesar[20000:20200])  # a passage of a held-out play must not be in the training stream
+    train_text = tok.decode(splits["train"].tokens[:].tolist())
+    assert tok.decode(probe) not in train_text, "held-out text leaked into the training split"
+    assert splits["val"].n_bytes == sum(os.path.getsize(os.path.join(SHAKESPEARE, n + ".txt"))
+                                        for n in train.BUNDLED_VAL_DOCS)
+
+
+def test_token_cache_is_rebuilt_when_a_file_or_the_tokenizer_changes(tmp_path, corpus):
+    cfg = train.TrainConfig(data=str(corpus), cache_dir=str(tmp_path / "cache"), val_docs="lear")
+    tok, s1, key1 = train.prepare_data(cfg)
+    _, s1b, key1b = train.prepare_data(cfg)
+    assert key1 == key1b and np.array_equal(s1["train"].tokens, s1b["train"].tokens), "cache not reused"
+    (corpus / "hamlet.txt").write_text((corpus / "hamlet.txt").read_text().replace("the", "THE"))
+    tok2, s2, key2 = train.prepare_data(cfg)
+    assert key2 != key1, "editing a file did not invalidate the cache"
+    assert "THE" in tok2.decode(s2["train"].tokens[:].tolist())
+    cfg.tokenizer = "gpt2"
+    _, s3, key3 = train.prepare_data(cfg)
+    assert key3 != key2 and s3["train"].tokens.dtype == np.uint16 and s3["train"].tokens.max() < 50257
+
+
+def test_documents_are_joined_by_endoftext(tmp_path, corpus):
+    cfg = train.TrainConfig(data=str(corpus), cache_dir=str(tmp_path / "cache"), val_docs="lear")
+    tok, splits, _ = train.prepare_data(cfg)
+    tr = splits["train"]
+    assert list(tr.doc_names) == ["hamlet", "macbeth", "othello", "tempest"]
+    ends = list(tr.doc_starts[1:] - 1) + [len(tr.tokens) - 1]
+    assert all(tr.tokens[e] == tok.eot_id for e in ends), "each document must end with <|endoftext|>"
+    assert (tr.tokens == tok.eot_id).sum() == 4
+
+
+def test_eval_scores_every_target_of_the_split_exactly_once():
+    split = train.Split("val", np.arange(103, dtype=np.uint16) % 11, np.array([0]), ["x"], 103)
+    obj = gpt.NextTokenObjective(gpt.GPTConfig(block_size=8, vocab_size=11), torch.ones(11))
+    batches = list(obj.eval_batches(split, 5))
+    targets = torch.cat([b["targets"].flatten() for b in batches])
+    assert torch.equal(targets, torch.from_numpy(split.tokens[1:].astype(np.int64))), "targets skipped or repeated"
+    for b in batches:
+        assert torch.equal(b["targets"][:, :-1], b["idx"][:, 1:]), "targets are not inputs shifted by one"
+
+
+def test_bits_per_byte_is_nats_per_byte_over_ln2():
+    m = obj_sums = gpt.NextTokenObjective.summarize({"nll": 1000.0, "tokens": 400, "bytes": 800})
+    assert m["loss"] == pytest.approx(2.5)
+    assert obj_sums["bpb"] == pytest.approx(1000.0 / 800 / np.log(2))
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = train.TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=100, max_iters=2000)
+    assert train.lr_at(0, cfg) < train.lr_at(50, cfg) < train.lr_at(99, cfg) <= 1e-3
+    assert train.lr_at(100, cfg) == pytest.approx(1e-3)
+    assert train.lr_at(1050, cfg) == pytest.approx(5.5e-4)
+    assert train.lr_at(2000, cfg) == pytest.approx(1e-4) and train.lr_at(5000, cfg) == pytest.approx(1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def test_a_run_writes_checkpoint_metrics_and_plot_and_learns(tmp_path, corpus):
+    rows = train.train(args(tmp_path, corpus, "--max-iters", "60", "--eval-interval", "30", "--lr", "1e-2"))
+    out = tmp_path / "out"
+    assert {"ckpt.pt", "metrics.jsonl", "loss.png"} <= set(os.listdir(out)), "a run must leave its three files"
+    assert not [f for f in os.listdir(out) if ".tmp" in f], "temporary files left behind"
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 30, 60]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5, "val loss did not fall"
+    assert 0 < evals[-1]["val_bpb"] < 8
+    on_disk = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert on_disk == rows
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # plain data only: no pickled objects
+    assert ckpt["step"] == 60 and ckpt["tokenizer"]["kind"] == "char"
+    assert {"model", "optimizer", "scaler", "rng", "model_config", "train_config", "data_key"} <= set(ckpt)
+
+
+def test_interrupted_then_resumed_run_gives_the_same_losses(tmp_path, corpus):
+    common = ("--max-iters", "30", "--eval-interval", "10", "--log-interval", "1", "--dropout", "0.1")
+    straight = train.train(args(tmp_path / "a", corpus, *common))
+
+    def interrupt(step, loss):
+        if step == 13:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C: the handler saves and stops
+
+    first = train.train(args(tmp_path / "b", corpus, *common), on_step=interrupt)
+    assert first[-1]["step"] == 13 and torch.load(tmp_path / "b" / "out" / "ckpt.pt", weights_only=True)["step"] == 13
+    resumed = train.train(args(tmp_path / "b", corpus, *common, "--resume"))
+    strip = lambda rows: [{k: v for k, v in r.items() if k in ("step", "kind", "loss", "val_loss", "train_loss", "lr")}
+                          for r in rows]
+    assert strip(resumed) == strip(straight), "interrupt + resume diverged from the uninterrupted run"
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, corpus):
+    def run(sub, batch, accum):
+        rows = train.train(args(tmp_path / sub, corpus, "--batch-size", str(batch), "--grad-accum", str(accum),
+                                "--max-iters", "5", "--log-interval", "1", "--dtype", "fp32"))
+        return [r["loss"] for r in rows if r["kind"] == "train"], torch.load(
+            tmp_path / sub / "out" / "ckpt.pt", weights_only=True)["model"]
+
+    big_losses, big = run("big", 8, 1)
+    acc_losses, acc = run("acc", 2, 4)
+    assert acc_losses == pytest.approx(big_losses, abs=1e-5), "accumulated losses differ from the big batch's"
+    for k in big:
+        torch.testing.assert_close(acc[k], big[k], atol=1e-5, rtol=1e-4, msg=f"{k} differs after 5 steps")
+
+
+def test_tokens_per_step_derives_grad_accum(tmp_path, corpus, capsys):
+    train.train(args(tmp_path, corpus, "--batch-size", "2", "--tokens-per-step", "256", "--max-iters", "1"))
+    assert "grad_accum 4 = 256" in capsys.readouterr().out
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
+    def poison(step, loss):
+        if step == 6:
+            ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+            assert ckpt["step"] == 4
+            for p in poison.model_params:
+                p.data.fill_(float("nan"))
+
+    real_model = gpt.GPT
+
+    class Spy(real_model):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            poison.model_params = list(self.parameters())
+
+    gpt.Model = Spy
+    try:
+        with pytest.raises(train.UsageError, match="loss is nan at step 6.*last good checkpoint"):
+            train.train(args(tmp_path, corpus, "--eval-interval", "4", "--max-iters", "20"), on_step=poison)
+    finally:
+        gpt.Model = real_model
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_gpt_py_samples_from_a_trained_checkpoint(tmp_path, corpus, capsys):
+    train.train(args(tmp_path, corpus, "--max-iters", "2"))
+    capsys.readouterr()
+    cli = ["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "--prompt", "HAMLET", "--max-new-tokens", "20"]
+    gpt.main(cli)
+    out = capsys.readouterr().out
+    assert out.startswith("HAMLET") and len(out.rstrip("\n")) >= 26, "the sample must continue the prompt"
+    gpt.main(cli)
+    assert capsys.readouterr().out == out, "the same --seed must give the same sample"
+
+
+def test_bench_prints_throughput_and_writes_nothing(tmp_path, corpus, capsys):
+    rows = train.train(args(tmp_path, corpus, "--bench", "--bench-iters", "3"))
+    assert rows[0]["tok_s"] > 0 and "tokens/s" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists(), "--bench must not write a run directory"
+
+
+def test_every_preset_sets_only_known_keys():
+    for name in gpt.PRESETS:
+        cfg, model_kwargs, _ = train.resolve_config(["--preset", name])
+        gpt.GPTConfig(vocab_size=10, **model_kwargs)
+
+
+def test_help_lists_the_documented_flags(capsys):
+    assert run_main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--model", "--preset", "--data", "--tokenizer", "--out-dir", "--device", "--attn", "--block-size",
+                 "--batch-size", "--grad-accum", "--max-iters", "--lr", "--warmup-iters", "--eval-interval", "--seed",
+                 "--resume", "--compile", "--bench", "--tokens-per-step", "--n-layer", "--dropout"):
+        assert flag in text, f"--help does not list {flag}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input: one line, exit code 2, nothing overwritten
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "bart"], "unknown --model 'bart'"),
+    (["--preset", "huge"], "unknown --preset 'huge'"),
+    (["--tokenizer", "words"], "unknown --tokenizer 'words'"),
+    (["--data", "/nonexistent/dir"], "no such directory"),
+    (["--n-layers", "3"], "unrecognized arguments: --n-layers"),
+    (["--lr", "fast"], "invalid float value: 'fast'"),
+    (["--resume"], "no checkpoint at"),
+    (["--tokens-per-step", "100"], "not a multiple of batch_size x block_size"),
+    (["--block-size", "100000"], "fewer than block_size"),
+    (["--n-embd", "30", "--n-head", "4"], "divisible"),
+])
+def test_bad_input_gives_one_clear_line_and_exit_code_2(tmp_path, corpus, capsys, extra, message):
+    assert run_main(args(tmp_path, corpus, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err, f"expected {message!r} in {err!r}"
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists(), "a failed start must not create the run directory"
+
+
+def test_data_with_no_readable_text_is_rejected(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "empty.txt").write_text("  \n")
+    (tmp_path / "d" / "binary.txt").write_bytes(b"\xff\xfe\x00abc")
+    assert run_main(["--data", str(tmp_path / "d"), "--cache-dir", str(tmp_path / "c")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_resume_errors_leave_the_checkpoint_untouched(tmp_path, corpus, capsys):
+    train.train(args(tmp_path, corpus, "--max-iters", "2"))
+    ckpt = tmp_path / "out" / "ckpt.pt"
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    cases = [
+        ([], "already holds a run"),  # a second start without --resume must not clobber the first run
+        (["--resume", "--n-layer", "3"], "--n-layer 3 does not match the checkpoint's 2"),
+        (["--resume", "--block-size", "64"], "larger than the checkpoint's position table (32 positions)"),
+        (["--resume", "--tokenizer", "gpt2"], "--tokenizer 'gpt2' does not match"),
+    ]
+    for extra, message in cases:
+        assert run_main(args(tmp_path, corpus, *extra)) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest, "a refused start modified the checkpoint"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated, as after a crash outside our atomic save
+    assert run_main(args(tmp_path, corpus, "--resume")) == 2
+    assert "may be corrupt" in capsys.readouterr().err
+
+
+def test_command_line_errors_are_one_line_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(train.ROOT, "train.py"), "--model", "nope"], capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "train.py: error: unknown --model 'nope'; choose from: gpt"
