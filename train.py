@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import torch
 
+import bpe
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODELS = {"gpt": "gpt"}  # --model name -> module. Adding a model = one line here and one file.
 DEFAULT_DATA = os.path.join(ROOT, "data", "shakespeare")
@@ -166,9 +168,6 @@ def resolve_config(argv):
 # Special tokens sit above the ordinary vocabulary; GPT needs only <|endoftext|> (between documents), the other objectives
 # will ask for theirs ([CLS], [SEP], [MASK], sentinels) through the same list.
 
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-GPT2_TIKTOKEN = os.path.join(ROOT, "data", "gpt2.tiktoken")
-GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 EOT = "<|endoftext|>"
 
 
@@ -232,12 +231,40 @@ class TiktokenTokenizer:
 
 
 def gpt2_tokenizer():
+    """tiktoken's GPT-2 encoding, built offline from the bundled ranks (sha256-checked) and bpe.py's GPT-2 pattern."""
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
 
-    ranks = load_tiktoken_bpe(GPT2_TIKTOKEN, expected_hash=GPT2_SHA256)
-    enc = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: 50256})
-    return TiktokenTokenizer(enc, {"kind": "gpt2", "sha256": GPT2_SHA256})
+    ranks = load_tiktoken_bpe(bpe.GPT2_FILE, expected_hash=bpe.GPT2_SHA256)
+    enc = tiktoken.Encoding(name="gpt2", pat_str=bpe.GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: 50256})
+    return TiktokenTokenizer(enc, {"kind": "gpt2", "sha256": bpe.GPT2_SHA256})
+
+
+def bpe_tokenizer(tok):
+    """A bpe.Tokenizer trained by us; corpora are encoded through tiktoken (tests/test_bpe.py proves it gives the same
+    ids as bpe.py's own, readable encoder). The identity is the full merge list: the checkpoint alone can rebuild it."""
+    return TiktokenTokenizer(tok.to_tiktoken(), {"kind": "bpe", **tok.to_dict()})
+
+
+def train_bpe(cfg, train_docs):
+    """Train (or load from the cache) a BPE vocabulary on the TRAINING split only: the held-out works must not shape
+    the vocabulary either, or val bits per byte would flatter it."""
+    key = hashlib.sha256(json.dumps({"vocab_size": cfg.vocab_size, "pattern": bpe.GPT4_PATTERN, "specials": [EOT],
+                                     "docs": [hashlib.sha256(d.encode()).hexdigest() for d in train_docs]}
+                                    ).encode()).hexdigest()[:16]
+    path = os.path.join(cfg.cache_dir, f"bpe-{cfg.vocab_size}-{key}.txt")
+    if os.path.exists(path):
+        return bpe.Tokenizer.load(path)
+    if cfg.vocab_size <= 256:
+        raise UsageError(f"--vocab-size {cfg.vocab_size}: a byte-level BPE vocabulary has at least 256 byte tokens + 1")
+    t = time.time()
+    tok = bpe.Tokenizer(pattern="gpt4").train("".join(train_docs), cfg.vocab_size - 1)  # -1: room for <|endoftext|>
+    tok.register_special_tokens([EOT])
+    os.makedirs(cfg.cache_dir, exist_ok=True)
+    tok.save(path + ".tmp")
+    os.replace(path + ".tmp", path)
+    print(f"trained a {tok.vocab_size}-token BPE vocabulary on the train split in {time.time() - t:.1f}s -> {path}")
+    return tok
 
 
 def build_tokenizer(cfg, train_docs, all_docs):
@@ -247,7 +274,7 @@ def build_tokenizer(cfg, train_docs, all_docs):
     if cfg.tokenizer == "gpt2":
         return gpt2_tokenizer()
     if cfg.tokenizer == "bpe":
-        raise UsageError("--tokenizer bpe needs bpe.py, which is not part of this checkout yet")
+        return bpe_tokenizer(train_bpe(cfg, train_docs))
     raise UsageError(f"unknown --tokenizer {cfg.tokenizer!r}; choose from: char, gpt2, bpe")
 
 
@@ -257,6 +284,8 @@ def tokenizer_from_identity(ident):
         return CharTokenizer(ident["chars"], ident["specials"])
     if ident["kind"] == "gpt2":
         return gpt2_tokenizer()
+    if ident["kind"] == "bpe":
+        return bpe_tokenizer(bpe.Tokenizer.from_dict({k: v for k, v in ident.items() if k != "kind"}))
     raise UsageError(f"checkpoint uses tokenizer {ident['kind']!r}, which this checkout cannot rebuild")
 
 

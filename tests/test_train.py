@@ -294,3 +294,24 @@ def test_command_line_errors_are_one_line_without_traceback(tmp_path):
                        text=True, cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.strip() == "train.py: error: unknown --model 'nope'; choose from: gpt"
+
+
+def test_bpe_tokenizer_is_trained_on_the_train_split_and_recorded_in_the_checkpoint(tmp_path, corpus, capsys):
+    import bpe
+
+    train.train(args(tmp_path, corpus, "--tokenizer", "bpe", "--vocab-size", "300", "--val-docs", "lear",
+                     "--max-iters", "2"))
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    ident = ckpt["tokenizer"]
+    assert ident["kind"] == "bpe" and len(ident["merges"]) == 300 - 256 - 1 and ident["special_tokens"] == {
+        "<|endoftext|>": 299}, "checkpoint must hold the whole vocabulary as plain data"
+    train_text = "".join((corpus / f"{n}.txt").read_text() for n in ("hamlet", "macbeth", "othello", "tempest"))
+    expected = bpe.Tokenizer(pattern="gpt4").train(train_text, 299)
+    assert [m[:2] for m in ident["merges"]] == [list(p) for p, _ in sorted(expected.merges.items(), key=lambda m: m[1])], \
+        "the vocabulary must be learned from the training split alone (held-out works excluded)"
+    model, tok, _ = train.load_for_inference(str(tmp_path / "out" / "ckpt.pt"))
+    assert tok.decode(tok.encode("Good my lord,")) == "Good my lord,"
+    capsys.readouterr()
+    train.train(args(tmp_path, corpus, "--tokenizer", "bpe", "--vocab-size", "300", "--val-docs", "lear",
+                     "--max-iters", "2", "--out-dir", str(tmp_path / "out2")))
+    assert "trained a" not in capsys.readouterr().out, "a second run must reuse the cached vocabulary"

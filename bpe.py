@@ -1,0 +1,788 @@
+"""bpe.py - byte-level Byte Pair Encoding, from the lecture's algorithm to exact GPT-2 parity.
+
+What it is
+    A tokenizer you can read top to bottom. Text is cut into chunks by a regex (words, numbers, punctuation runs,
+    whitespace), each chunk becomes its UTF-8 bytes (256 starting tokens), and training repeatedly merges the most
+    frequent adjacent pair of tokens into a new token until the vocabulary has the requested size. Encoding replays
+    those merges; decoding joins the tokens' bytes.
+
+Slide "Byte Pair Encoding algorithm" (lecture 001), bullet by bullet:
+    - start from single characters/bytes       -> the 256 byte tokens, `_chunks_as_bytes`.
+    - the "end of word" marker                  -> replaced by the regex pre-split: merges never cross a chunk
+                                                   boundary, so a chunk boundary plays the role of the marker.
+    - find the most common adjacent pair        -> `count_pairs` + `best_pair` (ties broken deterministically).
+    - merge it everywhere, add it to the list   -> `merge`, applied to every chunk; the new token gets the next id.
+    - repeat until the maximum number of merges -> the loop in `train_plain` (as written on the slide) and
+                                                   `train_fast` (same merges, incremental counts + a heap).
+    Slide "Word structure and subword models": frequent words end up as one token, rare ones split into pieces, and
+    in the worst case into bytes - try `python bpe.py --show "antidisestablishmentarianism"`.
+
+Papers
+    Sennrich, Haddow, Birch 2016, "Neural Machine Translation of Rare Words with Subword Units", Sec. 3.2 (BPE merges).
+    Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2), Sec. 2.2 (byte-level BPE, and
+    the pre-split that stops merges across character categories).
+
+How to run
+    python bpe.py --show "Hello world!"                      # how GPT-2 splits a text (or --tokenizer PATH)
+    python bpe.py --train data/shakespeare/*.txt --vocab-size 1024 --out out/shakespeare.bpe
+    python bpe.py --plot                                     # bytes/token vs vocab size -> assets/*.png
+    python bpe.py --bench                                    # plain vs fast trainer, encode throughput
+
+Python API
+    tok = Tokenizer(pattern="gpt4").train(text, 1024)        # fast trainer; fast=False runs the plain one
+    tok.register_special_tokens(["<|endoftext|>"])           # ids above the ordinary vocabulary
+    ids = tok.encode(text, allowed_special="all"); tok.decode(ids)
+    tok.save(path); Tokenizer.load(path); tok.to_tiktoken(); gpt2()
+
+Legend
+    id      an integer token id; ids 0..255 of a trained tokenizer are the raw bytes (GPT-2 permutes them, see gpt2())
+    pair    two adjacent ids (a, b)
+    merge   (a, b) -> new id; the new id doubles as the merge's rank: lower id = learned earlier = applied first
+    chunk   one regex match of the pre-split; tokens never span two chunks
+    ranks   tiktoken's view of the same vocabulary: token bytes -> id
+"""
+
+import argparse
+import base64
+import glob
+import hashlib
+import heapq
+import json
+import os
+import sys
+import time
+
+import regex  # not `re`: the pre-split patterns need Unicode classes such as \p{L} (letter) and \p{N} (number)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# constants
+
+# GPT-2's pre-split, as published with GPT-2: contractions, optional space + letters, optional space + digits,
+# optional space + other symbols, then whitespace. `\s+(?!\S)` leaves the last space of a run for the next word,
+# so " world" stays one chunk after many spaces.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+# GPT-4's (tiktoken cl100k_base) pre-split: case-insensitive contractions, at most 3 digits per chunk, newlines kept
+# apart from other whitespace. `?+`, `++` are possessive quantifiers (no backtracking); `regex` supports them.
+GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+                r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+
+PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+
+HERE = os.path.dirname(os.path.abspath(__file__))  # data paths are relative to this file, never to the cwd
+GPT2_FILE = os.path.join(HERE, "data", "gpt2.tiktoken")
+GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+GPT2_SPECIAL_TOKENS = {"<|endoftext|>": 50256}
+CORPUS_DIR = os.path.join(HERE, "data")
+
+FORMAT_HEADER = "bpe.py tokenizer v1"
+
+# ----------------------------------------------------------------------------------------------------------------------
+# building blocks
+
+
+def count_pairs(ids, counts=None, weight=1):
+    """Add `weight` to the count of every adjacent pair in `ids` (into `counts` if given) and return the counts.
+
+    count_pairs([1, 2, 3, 1, 2]) -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}
+    """
+    counts = {} if counts is None else counts
+    for pair in zip(ids, ids[1:]):
+        counts[pair] = counts.get(pair, 0) + weight
+    return counts
+
+
+def best_pair(counts):
+    """The pair to merge next: the most frequent one; among equally frequent pairs, the smallest (a, b).
+
+    best_pair({(104, 101): 3, (32, 116): 3, (116, 104): 1}) -> (32, 116)
+    Why this tie-break: it depends only on the counts, not on dict order or on where a pair first occurs in the text,
+    so the fast trainer (whose heap orders entries by (-count, a, b)) reproduces it exactly.
+    """
+    return min(counts, key=lambda pair: (-counts[pair], pair))
+
+
+def merge(ids, pair, new_id):
+    """Replace each occurrence of `pair` in `ids` by `new_id`, scanning left to right.
+
+    merge([5, 6, 5, 6, 7], (5, 6), 300) -> [300, 300, 7]
+    Trap: overlapping occurrences go to the leftmost one: merge([9, 9, 9], (9, 9), 256) -> [256, 9].
+    """
+    a, b = pair
+    out, i, n = [], 0, len(ids)
+    while i < n:
+        if ids[i] == a and i + 1 < n and ids[i + 1] == b:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def split_chunks(text, pattern):
+    """Pre-split `text` with the regex `pattern`; BPE works inside each chunk and never across two.
+
+    split_chunks("Hello  world!", GPT2_PATTERN) -> ['Hello', ' ', ' world', '!']
+    """
+    return regex.findall(pattern, text)
+
+
+def _chunks_as_bytes(chunks):
+    """Each chunk as its list of UTF-8 byte values, the 256 starting tokens.
+
+    _chunks_as_bytes(['hé']) -> [[104, 195, 169]]
+    """
+    return [list(chunk.encode("utf-8")) for chunk in chunks]
+
+
+def _fix_surrogates(text):
+    """Lone surrogates (e.g. '\\ud800') cannot be UTF-8 encoded; replace them by U+FFFD as tiktoken does.
+
+    _fix_surrogates('a\\ud800') -> 'a\\ufffd'; a valid surrogate pair '\\ud83d\\ude00' becomes the single emoji.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _resolve_pattern(pattern):
+    """'gpt2' / 'gpt4' -> the regex; any other string is taken as a regex itself (checked to compile)."""
+    pattern = PATTERNS.get(pattern, pattern)
+    try:
+        regex.compile(pattern)
+    except regex.error as e:
+        raise ValueError(f"pattern is neither 'gpt2', 'gpt4' nor a valid regex: {e}") from None
+    return pattern
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# training: the same merges, written two ways
+
+
+def train_plain(text, vocab_size, pattern=GPT4_PATTERN, verbose=False):
+    """The slide's algorithm as written: count every pair in the whole text, merge the best one everywhere, repeat.
+
+    Returns the merges in the order learned: a list of pairs, the i-th becomes token 256 + i.
+    train_plain("aaab aaab", 258, GPT2_PATTERN) -> [(97, 97), (97, 98)]
+        # 'aa' (4 times), then 'ab': tied at 2 with 'aa'+'a' = (256, 97), and (97, 98) is the smaller pair
+    Stops early when no chunk has two tokens left to merge. Cost: every merge re-reads the whole text
+    (O(text length) per merge), which is why it is slow; it is here to be read, `train_fast` is what you run.
+    """
+    chunks = _chunks_as_bytes(split_chunks(text, pattern))  # one list per chunk occurrence: the text itself
+    merges = []
+    for new_id in range(256, vocab_size):
+        counts = {}
+        for ids in chunks:
+            count_pairs(ids, counts)
+        if not counts:
+            break
+        pair = best_pair(counts)
+        chunks = [merge(ids, pair, new_id) for ids in chunks]
+        merges.append(pair)
+        if verbose and (new_id - 255) % 100 == 0:
+            print(f"plain: merge {new_id - 255}/{vocab_size - 256}: {pair} -> {new_id} ({counts[pair]} times)")
+    return merges
+
+
+def train_fast(text, vocab_size, pattern=GPT4_PATTERN, verbose=False):
+    """Exactly the merges of `train_plain`, but fast. Three ideas:
+
+    1. Count over unique chunks weighted by frequency: " the" occurring 20000 times is stored and merged once.
+    2. Keep the pair counts up to date instead of recounting: a merge only changes pairs inside the chunks that
+       contain the merged pair (`where` maps a pair to those chunks); each such chunk's old pairs are subtracted and
+       its new pairs added, which is exact even for overlaps like 'aaaa'.
+    3. Find the best pair with a heap of (-count, pair) - the same order as `best_pair`. A changed count is pushed as
+       a new entry and the outdated one left behind ("lazy deletion"): a popped entry is used only if its count is
+       still the current one.
+    train_fast("aaab aaab", 258, GPT2_PATTERN) -> [(97, 97), (97, 98)]
+    """
+    freq = {}
+    for chunk in split_chunks(text, pattern):
+        freq[chunk] = freq.get(chunk, 0) + 1
+    words = _chunks_as_bytes(freq)  # unique chunks, as lists of ids, updated in place as merges happen
+    weights = list(freq.values())  # how often each unique chunk occurs in the text
+
+    counts, where = {}, {}  # pair -> weighted count; pair -> set of word indices that (may) contain it
+    for w, ids in enumerate(words):
+        for pair in zip(ids, ids[1:]):
+            counts[pair] = counts.get(pair, 0) + weights[w]
+            where.setdefault(pair, set()).add(w)
+    heap = [(-count, pair) for pair, count in counts.items()]
+    heapq.heapify(heap)
+
+    merges = []
+    for new_id in range(256, vocab_size):
+        while heap:  # pop until an entry is current (lazy deletion)
+            neg_count, pair = heapq.heappop(heap)
+            if counts.get(pair) == -neg_count:
+                break
+        else:
+            break  # no pairs left anywhere: stop early, as train_plain does
+        merges.append(pair)
+        if verbose and (new_id - 255) % 100 == 0:
+            print(f"fast: merge {new_id - 255}/{vocab_size - 256}: {pair} -> {new_id} ({-neg_count} times)")
+
+        changed = set()
+        for w in where.pop(pair):
+            old = words[w]
+            new = merge(old, pair, new_id)
+            if len(new) == len(old):
+                continue  # stale index entry: an earlier merge already consumed this pair in this word
+            n = weights[w]
+            for p in zip(old, old[1:]):
+                counts[p] -= n
+                changed.add(p)
+            for p in zip(new, new[1:]):
+                counts[p] = counts.get(p, 0) + n
+                where.setdefault(p, set()).add(w)
+                changed.add(p)
+            words[w] = new
+        for p in changed:
+            if counts[p] > 0:
+                heapq.heappush(heap, (-counts[p], p))
+            else:
+                del counts[p]  # gone everywhere (always the case for the merged pair itself)
+    return merges
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# recovering merges from a ranks file (GPT-2 ships token bytes -> rank, not the merges)
+
+
+def _bpe_by_rank(ranks, token, max_rank):
+    """Split `token` (bytes) the way tiktoken's BPE would, using only tokens of rank < max_rank: repeatedly join the
+    adjacent pair whose concatenation has the lowest rank (leftmost on ties).
+
+    With ranks {b'a': 0, b'b': 1, b'c': 2, b'ab': 3, b'abc': 4}: _bpe_by_rank(ranks, b'abc', 4) -> [b'ab', b'c']
+    For a vocabulary built by BPE, every multi-byte token splits into exactly two parts: its merge.
+    """
+    parts = [bytes([b]) for b in token]
+    while True:
+        best_rank, best_i = None, None
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and rank < max_rank and (best_rank is None or rank < best_rank):
+                best_rank, best_i = rank, i
+        if best_rank is None:
+            return parts
+        parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+
+
+def read_tiktoken_file(path, expected_sha256=None):
+    """Read a tiktoken ranks file (one 'base64(token bytes) rank' per line) into {bytes: rank}.
+
+    A line 'IQ== 0' means b'!' has rank (= id) 0.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: ranks file not found") from None
+    if expected_sha256 is not None and hashlib.sha256(raw).hexdigest() != expected_sha256:
+        raise ValueError(f"{path}: sha256 is {hashlib.sha256(raw).hexdigest()}, expected {expected_sha256}")
+    ranks = {}
+    for line_no, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:
+            raise ValueError(f"{path}:{line_no}: expected 'base64 rank', got {line[:60]!r}") from None
+    return ranks
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the tokenizer
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer: a pre-split pattern, 256 byte tokens, a list of merges, and special tokens.
+
+    Plain data that identifies it (what a checkpoint records, see `to_dict`):
+        pattern         the pre-split regex
+        byte_ids        byte_ids[b] = id of the single byte b (identity after training; a permutation for GPT-2)
+        merges          {(a, b): new_id}; new ids ascend in the order the merges were learned
+        special_tokens  {"<|endoftext|>": id, ...}; ids above every ordinary id
+    vocab_size counts every id including special tokens (it is max id + 1).
+    """
+
+    def __init__(self, pattern="gpt4"):
+        self.pattern = _resolve_pattern(pattern)
+        self.byte_ids = list(range(256))
+        self.merges = {}
+        self.special_tokens = {}
+        self._rebuild()
+
+    # --- construction ---
+
+    def _rebuild(self):
+        """Recompute the derived tables (id -> bytes) after the merges or byte ids change."""
+        self.vocab = {self.byte_ids[b]: bytes([b]) for b in range(256)}  # id -> token bytes
+        for (a, b), new_id in sorted(self.merges.items(), key=lambda item: item[1]):
+            if a not in self.vocab or b not in self.vocab:
+                raise ValueError(f"merge ({a}, {b}) -> {new_id} uses an id not defined by an earlier merge")
+            self.vocab[new_id] = self.vocab[a] + self.vocab[b]
+        if len(self.vocab) != 256 + len(self.merges):
+            raise ValueError("token ids are not unique: a byte id or a merge reuses an id")
+        self._regex = regex.compile(self.pattern)
+        self._cache = {}  # chunk bytes -> ids; chunks repeat a lot in real text, so this is most of the speed
+
+    def train(self, text, vocab_size, fast=True, verbose=False):
+        """Learn vocab_size - 256 merges from `text` (fast trainer by default; fast=False runs the plain one, which
+        gives identical merges but is far slower). vocab_size counts ordinary tokens; register special tokens
+        afterwards. Stops early if the text runs out of pairs. Returns self."""
+        if vocab_size < 256:
+            raise ValueError(f"vocab_size must be at least 256 (the byte tokens), got {vocab_size}")
+        if self.special_tokens:
+            raise ValueError("train before registering special tokens: their ids must lie above the merges")
+        pairs = (train_fast if fast else train_plain)(text, vocab_size, self.pattern, verbose=verbose)
+        self.byte_ids = list(range(256))
+        self.merges = {pair: 256 + i for i, pair in enumerate(pairs)}
+        self._rebuild()
+        return self
+
+    def register_special_tokens(self, tokens):
+        """Add special tokens. `tokens` is a list of strings (each gets the next free id, in order) or a dict
+        {string: id}. Registering an existing token with its id again is a no-op. Returns {string: id} of all specials.
+
+        tok.register_special_tokens(["[CLS]", "[SEP]"]) on a 1024-token vocabulary -> {"[CLS]": 1024, "[SEP]": 1025}
+        """
+        items = tokens.items() if isinstance(tokens, dict) else [(t, None) for t in tokens]
+        for text, token_id in items:
+            if not isinstance(text, str) or not text:
+                raise ValueError(f"a special token must be a non-empty string, got {text!r}")
+            if text in self.special_tokens:
+                if token_id is not None and token_id != self.special_tokens[text]:
+                    raise ValueError(f"special token {text!r} already has id {self.special_tokens[text]}, "
+                                     f"not {token_id}")
+                continue
+            token_id = self.vocab_size if token_id is None else int(token_id)
+            if token_id in self.vocab or token_id in self.special_tokens.values() or token_id < 0:
+                raise ValueError(f"special token {text!r}: id {token_id} is already taken")
+            self.special_tokens[text] = token_id
+        return dict(self.special_tokens)
+
+    @property
+    def vocab_size(self):
+        """Number of ids, special tokens included (max id + 1)."""
+        return max([*self.vocab, *self.special_tokens.values()]) + 1
+
+    # --- encoding ---
+
+    def _encode_chunk(self, chunk):
+        """Bytes of one chunk -> ids: start from bytes, apply the earliest-learned merge present, repeat.
+
+        With merges {(104, 105): 256}: _encode_chunk(b"hihi") -> [256, 256]
+        Applying merges in the order they were learned replays training, so a chunk is tokenized as it was during
+        training; for GPT-2 this is exactly tiktoken's lowest-rank-first rule (rank = id of the merged token).
+        Trap: tiktoken looks up the *bytes* of two neighbours in its ranks, we look up the *pair of ids* in merges, and
+        one token's bytes can often be cut into two known tokens in several ways. The two rules still agree because
+        each merge is recovered as the very split tiktoken's BPE produces for that token (`from_ranks`), and inside a
+        chunk any two neighbours were built exactly as in that split. The GPT-2 parity tests check it on real text.
+        """
+        ids = self._cache.get(chunk)
+        if ids is not None:
+            return ids
+        ids = [self.byte_ids[b] for b in chunk]
+        merges, never = self.merges, float("inf")
+        while len(ids) >= 2:
+            pair = min(zip(ids, ids[1:]), key=lambda p: merges.get(p, never))  # each rank belongs to one pair
+            if pair not in merges:
+                break
+            ids = merge(ids, pair, merges[pair])
+        if len(self._cache) >= 200_000:
+            self._cache.clear()  # keep memory bounded on huge, very diverse inputs
+        self._cache[chunk] = ids
+        return ids
+
+    def encode_ordinary(self, text):
+        """Text -> ids, treating special-token text as ordinary text. encode_ordinary("<|endoftext|>") gives ~6 ids."""
+        ids = []
+        for chunk in self._regex.findall(_fix_surrogates(text)):
+            ids.extend(self._encode_chunk(chunk.encode("utf-8")))
+        return ids
+
+    def encode(self, text, allowed_special=frozenset(), disallowed_special="all"):
+        """Text -> ids, with tiktoken's rules for special tokens:
+        - allowed_special ("all" or a set of strings): these are encoded as their single special id;
+        - disallowed_special ("all" = every special not allowed, or a set; () to switch off): if the text contains one,
+          raise ValueError - text from users must not be able to inject an <|endoftext|> by accident;
+        - any other special-token text is encoded as ordinary text.
+        gpt2().encode("hi<|endoftext|>", allowed_special="all") -> [5303, 50256]
+        """
+        text = _fix_surrogates(text)
+        specials = set(self.special_tokens)
+        allowed = specials if allowed_special == "all" else set(allowed_special)
+        disallowed = specials - allowed if disallowed_special == "all" else set(disallowed_special)
+        if disallowed:
+            found = regex.search("|".join(regex.escape(s) for s in sorted(disallowed, key=len, reverse=True)), text)
+            if found:
+                raise ValueError(f"text contains the disallowed special token {found.group()!r}; pass "
+                                 f"allowed_special={{{found.group()!r}}} to encode it as a special token, or "
+                                 f"disallowed_special=() to encode it as ordinary text")
+        allowed &= specials
+        if not allowed:
+            return self.encode_ordinary(text)
+        # Split around the allowed specials (longest first, so one that is a prefix of another does not win);
+        # each piece in between is pre-split on its own, exactly as tiktoken does.
+        splitter = "(" + "|".join(regex.escape(s) for s in sorted(allowed, key=len, reverse=True)) + ")"
+        ids = []
+        for i, piece in enumerate(regex.split(splitter, text)):
+            if i % 2 == 1:
+                ids.append(self.special_tokens[piece])
+            elif piece:
+                ids.extend(self.encode_ordinary(piece))
+        return ids
+
+    # --- decoding ---
+
+    def token_bytes(self, token_id):
+        """The bytes of one id (special tokens as their UTF-8 text); may be part of a character: b'\\xf0\\x9f'."""
+        if token_id in self.vocab:
+            return self.vocab[token_id]
+        for text, special_id in self.special_tokens.items():
+            if special_id == token_id:
+                return text.encode("utf-8")
+        raise ValueError(f"unknown token id {token_id} (vocab_size is {self.vocab_size})")
+
+    def decode_bytes(self, ids):
+        """ids -> the raw bytes they stand for."""
+        vocab = self.vocab
+        return b"".join(vocab[i] if i in vocab else self.token_bytes(i) for i in ids)
+
+    def decode(self, ids):
+        """ids -> text. Any id sequence decodes: bytes that are not valid UTF-8 (e.g. half an emoji) become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # --- plain data, files, tiktoken ---
+
+    def to_dict(self):
+        """Everything that defines this tokenizer as JSON-ready plain data (for checkpoints); see from_dict."""
+        return {"format": FORMAT_HEADER, "pattern": self.pattern, "byte_ids": list(self.byte_ids),
+                "merges": [[a, b, new_id] for (a, b), new_id in sorted(self.merges.items(), key=lambda m: m[1])],
+                "special_tokens": dict(self.special_tokens)}
+
+    @classmethod
+    def from_dict(cls, data):
+        """Inverse of to_dict: Tokenizer.from_dict(tok.to_dict()) encodes exactly like tok."""
+        tok = cls(data["pattern"])
+        tok.byte_ids = [int(i) for i in data["byte_ids"]]
+        if sorted(tok.byte_ids) != sorted(set(tok.byte_ids)) or len(tok.byte_ids) != 256:
+            raise ValueError("byte_ids must be 256 distinct ids")
+        tok.merges = {(int(a), int(b)): int(new_id) for a, b, new_id in data["merges"]}
+        tok._rebuild()
+        tok.register_special_tokens({k: int(v) for k, v in data["special_tokens"].items()})
+        return tok
+
+    def save(self, path):
+        """Write a small human-readable file, one fact per line:
+            bpe.py tokenizer v1
+            pattern "<the regex, as a JSON string>"
+            byte_ids identity                   (or 256 ids, for a permuted byte table such as GPT-2's)
+            merge 116 104 -> 256   # 't' + 'h' -> 'th'      (the comment is for people; load ignores it)
+            special 1024 "<|endoftext|>"
+        """
+        lines = [FORMAT_HEADER, "pattern " + json.dumps(self.pattern)]
+        identity = self.byte_ids == list(range(256))
+        lines.append("byte_ids " + ("identity" if identity else " ".join(map(str, self.byte_ids))))
+        for (a, b), new_id in sorted(self.merges.items(), key=lambda m: m[1]):
+            show = " + ".join(_show(self.vocab[i]) for i in (a, b)) + " -> " + _show(self.vocab[new_id])
+            lines.append(f"merge {a} {b} -> {new_id}   # {show}")
+        for text, token_id in sorted(self.special_tokens.items(), key=lambda s: s[1]):
+            lines.append(f"special {token_id} {json.dumps(text)}")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+
+    @classmethod
+    def load(cls, path):
+        """Read a file written by save (a classmethod: tok = Tokenizer.load(path))."""
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        if not lines or lines[0] != FORMAT_HEADER:
+            raise ValueError(f"{path}: not a bpe.py tokenizer file (first line should be {FORMAT_HEADER!r})")
+        data = {"pattern": None, "byte_ids": list(range(256)), "merges": [], "special_tokens": {}}
+        for line_no, line in enumerate(lines[1:], 2):
+            key, _, rest = line.partition(" ")
+            try:
+                if key == "pattern":
+                    data["pattern"] = json.loads(rest)
+                elif key == "byte_ids":
+                    data["byte_ids"] = list(range(256)) if rest == "identity" else [int(x) for x in rest.split()]
+                elif key == "merge":
+                    a, b, arrow, new_id = rest.split("#")[0].split()
+                    assert arrow == "->"
+                    data["merges"].append([int(a), int(b), int(new_id)])
+                elif key == "special":
+                    token_id, text = rest.split(" ", 1)
+                    data["special_tokens"][json.loads(text)] = int(token_id)
+                elif line.strip():
+                    raise ValueError
+            except (ValueError, AssertionError, json.JSONDecodeError):
+                raise ValueError(f"{path}:{line_no}: cannot parse {line[:60]!r}") from None
+        if data["pattern"] is None:
+            raise ValueError(f"{path}: no 'pattern' line")
+        return cls.from_dict(data)
+
+    def mergeable_ranks(self):
+        """{token bytes: id} for the ordinary tokens - tiktoken's representation of the same vocabulary."""
+        ranks = {token: token_id for token_id, token in self.vocab.items()}
+        if len(ranks) != len(self.vocab):
+            raise ValueError("two ids share the same bytes; tiktoken's ranks cannot represent this vocabulary")
+        return ranks
+
+    def save_tiktoken(self, path):
+        """Write the ordinary tokens in tiktoken's ranks format ('base64 rank' lines; special tokens are not included,
+        as in tiktoken's own files). Read it back with Tokenizer.load_tiktoken(path, pattern, special_tokens)."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", encoding="ascii") as f:
+            for token, rank in sorted(self.mergeable_ranks().items(), key=lambda r: r[1]):
+                f.write(f"{base64.b64encode(token).decode('ascii')} {rank}\n")
+
+    @classmethod
+    def from_ranks(cls, ranks, pattern, special_tokens=None):
+        """Build a merge-based tokenizer from tiktoken ranks {bytes: rank}: each multi-byte token of rank r is the merge
+        of the two lower-rank tokens that tiktoken's own BPE splits it into (`_bpe_by_rank`)."""
+        tok = cls(pattern)
+        try:
+            tok.byte_ids = [ranks[bytes([b])] for b in range(256)]
+        except KeyError as e:
+            raise ValueError(f"ranks lack the single byte {e.args[0]!r}; byte-level BPE needs all 256") from None
+        merges = {}
+        for token, rank in sorted(ranks.items(), key=lambda r: r[1]):
+            if len(token) == 1:
+                continue
+            parts = _bpe_by_rank(ranks, token, rank)
+            if len(parts) != 2:
+                raise ValueError(f"token {token!r} (rank {rank}) is not the merge of two lower-rank tokens")
+            merges[(ranks[parts[0]], ranks[parts[1]])] = rank
+        tok.merges = merges
+        tok._rebuild()
+        tok.register_special_tokens(dict(special_tokens or {}))
+        return tok
+
+    @classmethod
+    def load_tiktoken(cls, path, pattern, special_tokens=None, expected_sha256=None):
+        """Read a tiktoken ranks file (e.g. one written by save_tiktoken) into a Tokenizer."""
+        return cls.from_ranks(read_tiktoken_file(path, expected_sha256), pattern, special_tokens)
+
+    def to_tiktoken(self, name="bpe.py"):
+        """This vocabulary as a tiktoken.Encoding (same pattern, ranks and special tokens): the same ids as `encode`,
+        at native speed. The pattern must be one tiktoken's regex engine accepts (GPT2_PATTERN and GPT4_PATTERN are)."""
+        import tiktoken  # imported here so the rest of bpe.py works without it
+
+        return tiktoken.Encoding(name=name, pat_str=self.pattern, mergeable_ranks=self.mergeable_ranks(),
+                                 special_tokens=dict(self.special_tokens))
+
+    def __repr__(self):
+        name = next((k for k, v in PATTERNS.items() if v == self.pattern), "custom")
+        return (f"Tokenizer(pattern={name}, merges={len(self.merges)}, special_tokens={len(self.special_tokens)}, "
+                f"vocab_size={self.vocab_size})")
+
+
+def gpt2():
+    """GPT-2's tokenizer (50257 ids, <|endoftext|> = 50256) from data/gpt2.tiktoken next to this file (sha256-checked).
+    Merges are recovered from the ranks, so encode gives exactly tiktoken's GPT-2 ids.
+    Takes ~0.3-1 s and returns a new object each call (register special tokens on it freely)."""
+    return Tokenizer.load_tiktoken(GPT2_FILE, GPT2_PATTERN, GPT2_SPECIAL_TOKENS, expected_sha256=GPT2_SHA256)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# command line: --train, --show, --plot, --bench
+
+
+def _show(token):
+    """A token's bytes for people: text where it is valid UTF-8, hex for partial characters.
+    _show(b' the') -> "' the'"; _show(b'\\xf0\\x9f') -> '<f0 9f>'"""
+    try:
+        return repr(token.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "<" + token.hex(" ") + ">"
+
+
+def read_corpus(name="shakespeare"):
+    """All data/<name>/*.txt files (sorted by name) joined by newlines."""
+    files = sorted(glob.glob(os.path.join(CORPUS_DIR, name, "*.txt")))
+    if not files:
+        raise FileNotFoundError(f"no .txt files in {os.path.join(CORPUS_DIR, name)}")
+    return "\n".join(_read_text(f) for f in files)
+
+
+def _read_text(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise SystemExit(f"error: {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _load_cli_tokenizer(path):
+    if path is None or path == "gpt2":
+        return gpt2()
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path}: no such tokenizer file")
+    return Tokenizer.load(path)
+
+
+def cmd_train(args):
+    text = "\n".join(_read_text(f) for f in args.train)
+    t0 = time.perf_counter()
+    tok = Tokenizer(args.pattern).train(text, args.vocab_size, fast=not args.plain, verbose=args.verbose)
+    print(f"trained {tok} on {len(text.encode('utf-8')):,} bytes in {time.perf_counter() - t0:.1f} s")
+    if args.special:
+        tok.register_special_tokens(args.special)
+    tok.save(args.out)
+    print(f"wrote {args.out}")
+    if args.tiktoken_out:
+        tok.save_tiktoken(args.tiktoken_out)
+        print(f"wrote {args.tiktoken_out} (tiktoken ranks; pattern and special tokens are in {args.out})")
+
+
+def cmd_show(args):
+    tok = _load_cli_tokenizer(args.tokenizer)
+    ids = tok.encode(args.show, allowed_special="all")
+    pieces = [tok.token_bytes(i) for i in ids]
+    def bare(token):  # the token's text without quotes, newlines and tabs made visible; hex if not valid UTF-8
+        text = _show(token)
+        return text if text.startswith("<") else token.decode("utf-8").replace("\n", "\\n").replace("\t", "\\t")
+
+    print("|".join(bare(p) for p in pieces))
+    print(f"{len(args.show.encode('utf-8'))} bytes -> {len(ids)} tokens with {tok}")
+    for i, p in zip(ids, pieces):
+        print(f"{i:>7}  {_show(p)}")
+
+
+def bytes_per_token(enc, text):
+    """UTF-8 bytes of `text` per token under tiktoken encoding `enc` (higher = better compression)."""
+    return len(text.encode("utf-8")) / len(enc.encode_ordinary(text))
+
+
+def cmd_plot(args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train_text, heldout = read_corpus("shakespeare"), read_corpus("milton")
+    t0 = time.perf_counter()
+    full = Tokenizer(args.pattern).train(train_text, args.max_vocab)
+    print(f"trained to {full.vocab_size} tokens on Shakespeare ({len(train_text):,} bytes) in "
+          f"{time.perf_counter() - t0:.1f} s")
+    merges = sorted(full.merges.items(), key=lambda m: m[1])
+    sizes = [256] + [2 ** k for k in range(9, 30) if 2 ** k < full.vocab_size] + [full.vocab_size]
+    rows = []
+    for size in sizes:
+        # training is greedy, so the first size-256 merges are exactly what training to `size` would give
+        tok = Tokenizer.from_dict({**full.to_dict(), "merges": [[a, b, n] for (a, b), n in merges[:size - 256]]})
+        enc = tok.to_tiktoken()
+        rows.append((size, bytes_per_token(enc, train_text), bytes_per_token(enc, heldout)))
+        print(f"vocab {size:>6}: {rows[-1][1]:.2f} bytes/token on Shakespeare (train), {rows[-1][2]:.2f} on Milton")
+    g = gpt2().to_tiktoken("gpt2")
+    g_train, g_held = bytes_per_token(g, train_text), bytes_per_token(g, heldout)
+    print(f"GPT-2  {50257:>6}: {g_train:.2f} bytes/token on Shakespeare, {g_held:.2f} on Milton")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([r[0] for r in rows], [r[1] for r in rows], "o-", label="our BPE, Shakespeare (training text)")
+    ax.plot([r[0] for r in rows], [r[2] for r in rows], "s--", label="our BPE, Milton (held out)")
+    ax.plot([50257], [g_train], "o", color="C0", mfc="none", ms=9, label="GPT-2 (WebText), Shakespeare")
+    ax.plot([50257], [g_held], "s", color="C1", mfc="none", ms=9, label="GPT-2 (WebText), Milton")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("vocabulary size (log scale)")
+    ax.set_ylabel("bytes per token")
+    ax.set_title(f"Byte-level BPE ({args.pattern} pre-split) trained on Shakespeare")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(args.plot_out)), exist_ok=True)
+    fig.savefig(args.plot_out, dpi=120)
+    print(f"wrote {args.plot_out}")
+
+
+def _throughput(encode, text, repeats=1):
+    """MB/s of `encode(text)` (best of `repeats`), in 10^6 bytes per second."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        encode(text)
+        best = min(best, time.perf_counter() - t0)
+    return len(text.encode("utf-8")) / best / 1e6
+
+
+def cmd_bench(args):
+    corpus = read_corpus("shakespeare")
+    text = corpus.encode("utf-8")[:int(args.bench_mb * 1e6)].decode("utf-8", errors="ignore")
+    n_bytes = len(text.encode("utf-8"))
+    n_merges = args.bench_vocab - 256
+    print(f"training: {n_bytes:,} bytes of Shakespeare, vocab {args.bench_vocab} ({n_merges} merges), "
+          f"pattern {args.pattern}")
+    pattern = PATTERNS[args.pattern]
+    t0 = time.perf_counter()
+    fast = train_fast(text, args.bench_vocab, pattern)
+    t_fast = time.perf_counter() - t0
+    print(f"  fast  trainer: {t_fast:8.2f} s  ({1e3 * t_fast / n_merges:.2f} ms/merge)", flush=True)
+    t0 = time.perf_counter()
+    plain = train_plain(text, args.bench_vocab, pattern)
+    t_plain = time.perf_counter() - t0
+    print(f"  plain trainer: {t_plain:8.2f} s  ({1e3 * t_plain / n_merges:.2f} ms/merge)")
+    print(f"  speedup: {t_plain / t_fast:.1f}x; identical merges: {plain == fast}")
+
+    tok = Tokenizer(args.pattern)
+    tok.merges = {pair: 256 + i for i, pair in enumerate(fast)}
+    tok._rebuild()
+    heldout = read_corpus("milton")
+    print(f"encoding: {len(heldout.encode('utf-8')):,} bytes of Milton (held out); bpe.py starts with an empty cache")
+    for label, t in [(f"trained, vocab {tok.vocab_size}", tok), ("GPT-2, vocab 50257", gpt2())]:
+        ours = _throughput(t.encode_ordinary, heldout)
+        theirs = _throughput(t.to_tiktoken().encode_ordinary, heldout, repeats=3)
+        print(f"  {label:<20}  bpe.py encode: {ours:6.2f} MB/s   to_tiktoken(): {theirs:6.2f} MB/s")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Byte-level BPE: train, show, plot, benchmark.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--train", nargs="+", metavar="FILE", help="train on these UTF-8 text files")
+    action.add_argument("--show", metavar="TEXT", help="print how TEXT splits into tokens")
+    action.add_argument("--plot", action="store_true", help="plot bytes/token against vocab size on the bundled corpus")
+    action.add_argument("--bench", action="store_true", help="time plain vs fast trainer and encode throughput")
+    parser.add_argument("--vocab-size", type=int, help="--train: ordinary vocabulary size (256 + merges)")
+    parser.add_argument("--out", help="--train: where to write the tokenizer (human-readable format)")
+    parser.add_argument("--tiktoken-out", help="--train: also write tiktoken's ranks format here")
+    parser.add_argument("--special", nargs="*", default=[], help="--train: special tokens to add, e.g. '<|endoftext|>'")
+    parser.add_argument("--plain", action="store_true", help="--train: use the plain (slow) trainer")
+    parser.add_argument("--verbose", action="store_true", help="--train: print progress")
+    parser.add_argument("--pattern", choices=sorted(PATTERNS), default="gpt4", help="pre-split regex")
+    parser.add_argument("--tokenizer", help="--show: a file written by --train (default: GPT-2)")
+    parser.add_argument("--max-vocab", type=int, default=16384, help="--plot: largest vocab size trained")
+    parser.add_argument("--plot-out", default=os.path.join(HERE, "assets", "bpe_bytes_per_token.png"),
+                        help="--plot: PNG path")
+    parser.add_argument("--bench-mb", type=float, default=1.0, help="--bench: MB of corpus to train on (shrink it)")
+    parser.add_argument("--bench-vocab", type=int, default=1024, help="--bench: vocab size to train to")
+    args = parser.parse_args(argv)
+
+    if args.train:
+        if args.vocab_size is None or args.out is None:
+            parser.error("--train needs --vocab-size and --out")
+        if args.vocab_size < 256:
+            parser.error("--vocab-size must be at least 256")
+        cmd_train(args)
+    elif args.show is not None:
+        cmd_show(args)
+    elif args.plot:
+        if args.max_vocab <= 256:
+            parser.error("--max-vocab must be above 256")
+        cmd_plot(args)
+    else:
+        if args.bench_vocab <= 256 or args.bench_mb <= 0:
+            parser.error("--bench-vocab must be above 256 and --bench-mb positive")
+        cmd_bench(args)
+
+
+if __name__ == "__main__":
+    main()
