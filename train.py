@@ -634,7 +634,11 @@ def train(argv=None, on_step=None):
             if key in explicit and getattr(cfg, key) != saved_train[key]:
                 raise UsageError(f"--resume: --{key.replace('_', '-')} {getattr(cfg, key)!r} does not match the "
                                  f"checkpoint's {saved_train[key]!r}")
-            setattr(cfg, key, saved_train[key])
+        # the run continues with the settings it was started with; only flags given now change them (e.g. a longer
+        # --max-iters). Falling back to the preset instead would silently change lr or schedule mid-run.
+        for key, value in saved_train.items():
+            if key not in explicit and key not in ("resume", "overwrite", "bench", "out_dir"):
+                setattr(cfg, key, value)
         model_kwargs = {k: v for k, v in saved.items() if k != "vocab_size"}
     elif os.path.exists(ckpt_path) and not cfg.bench and not cfg.overwrite:
         raise UsageError(f"{cfg.out_dir} already holds a run (ckpt.pt); pass --resume to continue it, --overwrite to "

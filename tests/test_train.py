@@ -162,6 +162,17 @@ def test_interrupted_then_resumed_run_gives_the_same_losses(tmp_path, corpus):
     assert strip(resumed) == strip(straight), "interrupt + resume diverged from the uninterrupted run"
 
 
+def test_resume_keeps_the_settings_the_run_was_started_with(tmp_path, corpus):
+    train.train(args(tmp_path, corpus, "--max-iters", "4", "--lr", "0.02", "--warmup-iters", "0", "--log-interval", "1",
+                     "--seed", "7"))
+    rows = train.train(args(tmp_path, corpus, "--resume", "--max-iters", "6"))  # only the longer schedule is new
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["train_config"]["lr"] == 0.02 and ckpt["train_config"]["seed"] == 7, "resume reverted to the preset"
+    lrs = [r["lr"] for r in rows if r["kind"] == "train" and r["step"] > 4]
+    cfg = train.TrainConfig(lr=0.02, min_lr=1e-4, warmup_iters=0, max_iters=6)
+    assert lrs == pytest.approx([train.lr_at(4, cfg), train.lr_at(5, cfg)])
+
+
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, corpus):
     def run(sub, batch, accum):
         rows = train.train(args(tmp_path / sub, corpus, "--batch-size", str(batch), "--grad-accum", str(accum),
