@@ -10,6 +10,8 @@ Papers
   - Vaswani et al. 2017, "Attention Is All You Need" §3.2.1: scaled dot-product attention softmax(QK^T / sqrt(d_k)) V.
   Slides (lecture 001): "Autoregressive decoder-only models / GPT", "GPT models", "GPT-2", "Positional embeddings /
   learned encoding".
+  Positions: `--pos` swaps GPT-2's learned table for any scheme of positions.py (sinusoidal, Shaw, T5 bias, ALiBi, RoPE,
+  or none); each scheme's equation and paper are there, this file only decides where each one enters the model.
 
 Faithful to OpenAI's released model (github.com/openai/gpt-2, src/model.py) and therefore to Hugging Face's
 GPT2LMHeadModel, which tests/test_gpt.py uses as an oracle: same parameter names (wte, wpe, h.i.ln_1, attn.c_attn, ...),
@@ -18,10 +20,11 @@ GELU with the tanh approximation, LayerNorm eps 1e-5, lm_head tied to wte and wi
 Run
   python train.py --model gpt                               # train a small char-level GPT on Shakespeare (CPU, minutes)
   python gpt.py --ckpt out/gpt/ckpt.pt --prompt "ROMEO:"    # sample from the checkpoint that run wrote
+  python train.py --model gpt --pos rope                    # the same model with rotary positions instead of wpe
 
 Legend
   B batch size, T sequence length (time), C n_embd (channels), H n_head, hs = C // H head size, V vocabulary size,
-  L n_layer. idx: (B, T) token ids. logits: (B, T, V).
+  L n_layer. idx: (B, T) token ids. logits: (B, T, V). pos: (T,) absolute positions of the T new tokens; T_k keys.
 """
 
 import argparse
@@ -34,13 +37,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from positions import (ALiBi, LearnedAbsolute, ShawRelative, SinusoidalAbsolute, T5RelativeBias, apply_rope,
+                       causal_mask as position_causal_mask)
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Config and presets
 
 
+# Where each positional scheme enters the model (equations in positions.py):
+#   added to the token embeddings:  learned (GPT-2's wpe, the default), sinusoidal (Vaswani et al. §3.5)
+#   a bias on the attention logits: t5 (learned per head and distance bucket), alibi (fixed -m_h * distance),
+#                                   shaw (q_i . a^K_ij, plus a^V_ij added to the values; per layer)
+#   a rotation of q and k:          rope
+#   nothing at all:                 none (a causal decoder can still infer position from how much it can see)
+POS_SCHEMES = ("learned", "sinusoidal", "shaw", "t5", "alibi", "rope", "none")
+SINUSOID_SCALE = 0.01 * math.sqrt(2)  # the sinusoid's rms 1/sqrt(2) -> 0.01, GPT-2's wpe init std (see GPT.forward)
+
+
 @dataclass
 class GPTConfig:
-    block_size: int = 256  # context length T_max: rows of the learned position table wpe
+    block_size: int = 256  # training context T_max: rows of the learned position table wpe, slots of the KV cache
     vocab_size: int = 50257  # the tokenizer's vocabulary (train.py overwrites it from the tokenizer it builds)
     n_layer: int = 4
     n_head: int = 4
@@ -50,12 +66,23 @@ class GPTConfig:
     layer_norm_epsilon: float = 1e-5  # GPT-2's value; the released model computes LayerNorm with exactly this eps
     attn: str = "sdpa"  # "naive": softmax(QK^T/sqrt(hs))V written out; "sdpa": the fused kernel. Tests prove them equal.
     pad_vocab_multiple: int = 1  # round the embedding table up (e.g. 64 -> 50304 rows): faster matmuls on GPUs
+    pos: str = "learned"  # positional scheme, one of POS_SCHEMES; "learned" is GPT-2
+    shaw_max_distance: int = 16  # Shaw et al.'s clipping distance k (their §4.3: no gain beyond k = 2..4; 16 is safe)
+    t5_num_buckets: int = 32  # T5's defaults: 32 buckets, all for the past in a causal decoder ...
+    t5_max_distance: int = 128  # ... the last one shared by every offset >= 128
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.attn not in ("naive", "sdpa"):
             raise ValueError(f"attn must be 'naive' or 'sdpa', got {self.attn!r}")
+        if self.pos not in POS_SCHEMES:
+            raise ValueError(f"pos must be one of {', '.join(POS_SCHEMES)}; got {self.pos!r}")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"pos='rope' rotates pairs of coordinates: head size n_embd/n_head = "
+                             f"{self.n_embd // self.n_head} must be even")
+        if self.pos == "sinusoidal" and self.n_embd % 2:
+            raise ValueError(f"pos='sinusoidal' needs an even n_embd (sin/cos pairs), got {self.n_embd}")
 
     @property
     def padded_vocab_size(self):
@@ -98,15 +125,13 @@ DEFAULT_PRESET = "char-cpu"
 
 
 def causal_mask(T_q, T_k, device=None):
-    """Boolean (T_q, T_k) mask, True where query i may attend to key j.
+    """Boolean (T_q, T_k) mask, True where query i may attend to key j: positions.causal_mask, given counts.
 
     The queries are the *last* T_q of the T_k positions (with a KV cache the keys include the cached past), so query i
     sits at absolute position T_k - T_q + i and sees keys j <= that.
     causal_mask(2, 3) -> [[True, True, False], [True, True, True]]
     """
-    i = torch.arange(T_q, device=device)[:, None] + (T_k - T_q)
-    j = torch.arange(T_k, device=device)[None, :]
-    return j <= i
+    return position_causal_mask(torch.arange(T_k - T_q, T_k, device=device), torch.arange(T_k, device=device))
 
 
 class KVCache:
@@ -125,13 +150,19 @@ class KVCache:
     def update(self, layer, k, v):
         """Append k, v (B, H, T_new, hs) to `layer` and return that layer's keys and values so far."""
         start, end = self.length, self.length + k.size(2)
+        if end > self.k[layer].size(2):
+            raise ValueError(f"the KV cache holds block_size={self.k[layer].size(2)} positions; {end} do not fit")
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head masked self-attention (Vaswani et al. §3.2.2), GPT-2 names: c_attn makes q, k, v; c_proj mixes heads."""
+    """Multi-head masked self-attention (Vaswani et al. §3.2.2), GPT-2 names: c_attn makes q, k, v; c_proj mixes heads.
+
+    Positions enter here for three schemes: rope rotates q and k, shaw adds its own per-layer logit bias and value
+    term, and t5/alibi arrive as a ready-made logit bias that GPT.forward computes once for all layers.
+    """
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -142,20 +173,37 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)  # on the attention probabilities, as in GPT-2
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
+        self.rope = config.pos == "rope"
+        # Shaw et al. learn a^K, a^V in every layer (shared by the heads); its bias depends on q, so it cannot be
+        # computed once for the whole model the way T5's and ALiBi's can.
+        hs = config.n_embd // config.n_head
+        self.shaw = ShawRelative(hs, config.shaw_max_distance) if config.pos == "shaw" else None
 
-    def forward(self, x, cache=None):
+    def forward(self, x, pos, bias=None, cache=None):
+        """x (B, T, C); pos (T,) absolute positions of these tokens; bias None or (H, T, T_k), added to the scaled
+        logits (T5, ALiBi); cache a KVCache or None. Returns (B, T, C)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         # (B, T, C) -> (B, H, T, hs): every head attends independently over its own hs-dim slice
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.rope:
+            # Rotate BEFORE caching: a cached key keeps the rotation of the position it was computed at, and
+            # q_m . k_n then depends on m - n only (RoFormer §3.4). Values are never rotated.
+            q, k = apply_rope(q, pos), apply_rope(k, pos)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, H, T_past + T, hs)
         T_k = k.size(2)
+        k_pos = torch.arange(T_k, device=x.device)  # keys are every position so far: the cached past, then these T
+        allowed = position_causal_mask(pos, k_pos)  # (T, T_k) True where key j is not in query i's future
+        if self.shaw is not None:
+            bias = self.shaw.score_bias(q, pos, k_pos)  # (B, H, T, T_k) = q_i . a^K_ij / sqrt(hs)
 
         if self.attn == "naive":
             # The readable path: the equation, step by step.
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, H, T, T_k) scaled scores
-            att = att.masked_fill(~causal_mask(T, T_k, x.device), float("-inf"))  # no peeking at the future
+            if bias is not None:
+                att = att + bias  # relative position, as a bias on the logits
+            att = att.masked_fill(~allowed, float("-inf"))  # no peeking at the future
             att = F.softmax(att, dim=-1)  # each row: a distribution over the keys this query may see
             att = self.attn_dropout(att)
             y = att @ v  # (B, H, T, hs) probability-weighted sum of values
@@ -163,9 +211,22 @@ class CausalSelfAttention(nn.Module):
             # The fused path: same maths in one kernel (FlashAttention / memory-efficient on CUDA, a fused CPU kernel),
             # never materialising the (T, T_k) matrix. is_causal aligns the mask top-left, which is only right when
             # queries and keys are the same positions; with a cache we pass the bottom-right-aligned mask explicitly.
-            mask = None if T == T_k else causal_mask(T, T_k, x.device)
+            # A position bias goes in as a float attn_mask, which sdpa adds to the scaled scores: the bias and the
+            # causal mask become one (.., T, T_k) tensor, -inf in the future. (This materialises (T, T_k) after all;
+            # the kernel still avoids storing the probabilities.) Trap: under autocast the mask must be in q's dtype.
+            if bias is None:
+                mask = None if T == T_k else allowed
+            else:
+                mask = bias.to(q.dtype).masked_fill(~allowed, float("-inf"))
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                dropout_p=self.dropout if self.training else 0.0)
+            if self.shaw is not None and self.shaw.values:
+                # sdpa never returns the probabilities, and Shaw's value term needs them (positions.ShawRelative):
+                # recompute them once from the same logits. Trap: with dropout this draws its own mask, independent
+                # of the kernel's -- the same model in expectation, not the same sample as the naive path.
+                att = self.attn_dropout(F.softmax(q @ k.transpose(-2, -1) / math.sqrt(k.size(-1)) + mask, dim=-1))
+        if self.shaw is not None and self.shaw.values:
+            y = y + self.shaw.value_term(att, pos, k_pos)  # (B, H, T, hs): sum_j alpha_ij a^V_ij (Shaw eq. 3)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -198,8 +259,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x, pos, bias=None, cache=None):
+        x = x + self.attn(self.ln_1(x), pos, bias, cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -212,13 +273,25 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),  # token embeddings
-            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned absolute positions (slide "Learned encoding")
+        parts = dict(wte=nn.Embedding(config.padded_vocab_size, config.n_embd))  # token embeddings
+        if config.pos == "learned":  # GPT-2: a learned vector per position (slide "Learned encoding"), key wpe.weight
+            parts["wpe"] = LearnedAbsolute(config.block_size, config.n_embd)
+        elif config.pos == "sinusoidal":  # the fixed sinusoid (slide "Positional encoding"): no parameters
+            parts["wpe"] = SinusoidalAbsolute(config.block_size, config.n_embd)
+        elif config.pos == "t5":
+            # One table for the whole model, as in T5 (its first layer computes the bias and every layer reuses it),
+            # so the (H, T, T_k) bias is also computed once per forward instead of once per layer.
+            # bidirectional=False: a causal decoder spends no buckets on the masked future (T5's decoder does this).
+            parts["pos_bias"] = T5RelativeBias(config.n_head, config.t5_num_buckets, config.t5_max_distance,
+                                               bidirectional=False)
+        elif config.pos == "alibi":  # fixed slopes, no parameters; the same bias in every layer (ALiBi §3)
+            parts["pos_bias"] = ALiBi(config.n_head)
+        parts.update(
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),  # GPT-2's extra final LN
-        ))
+        )
+        self.transformer = nn.ModuleDict(parts)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         # Weight tying (Press & Wolf 2017), as in GPT-2: the output projection IS the input embedding matrix, so a token's
         # logit is the dot product of the final hidden state with that token's embedding. One tensor, two uses.
@@ -234,14 +307,16 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.01 if module is self.transformer.wpe else 0.02)
+        elif isinstance(module, nn.Embedding):  # also T5's bias table and Shaw's w^K, w^V: N(0, 0.02)
+            is_wpe = module is getattr(self.transformer, "wpe", None)
+            nn.init.normal_(module.weight, mean=0.0, std=0.01 if is_wpe else 0.02)
 
     def num_params(self, non_embedding=False):
         """Parameter count; tied weights count once. non_embedding drops wpe (and wte, whose matmul cost is in lm_head)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel() + self.transformer.wte.weight.numel()
+            wpe = getattr(self.transformer, "wpe", None)
+            n -= self.transformer.wte.weight.numel() + (sum(p.numel() for p in wpe.parameters()) if wpe is not None else 0)
         return n
 
     def flops_per_token(self):
@@ -254,13 +329,31 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> logits (B, T, V); with targets (B, T) also the mean cross-entropy (-100 = ignore)."""
         B, T = idx.size()
         past = cache.length if cache is not None else 0
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens is longer than block_size={self.config.block_size} "
-                             f"(the learned position table has no row for position {self.config.block_size})")
+        # Only the learned table has a last row. Every other scheme is a formula of the position (or of the distance),
+        # so without a cache the model runs on any length -- which is how positions.py's extrapolation experiment
+        # evaluates at 2x..8x the training length. The KV cache is preallocated for block_size positions.
+        if past + T > self.config.block_size and (self.config.pos == "learned" or cache is not None):
+            why = (f"the learned position table has no row for position {self.config.block_size}: learned absolute "
+                   f"positions cannot extrapolate" if self.config.pos == "learned" else "the KV cache has no room")
+            raise ValueError(f"sequence of {past + T} tokens is longer than block_size={self.config.block_size} ({why})")
         pos = torch.arange(past, past + T, device=idx.device)  # (T,) absolute positions, continuing after the cache
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe(pos)  # GPT-2: add a learned (T, C) vector per position
+        elif self.config.pos == "sinusoidal":
+            # Trap: the sinusoid has rms 1/sqrt(2) per coordinate, 35x a token embedding at GPT-2's init (0.02), so
+            # added as is, the tokens become a 3% ripple on the position signal and training stalls near the unigram
+            # loss (measured, char Shakespeare, same settings: train loss 3.45 after 100 steps where learned has 2.60).
+            # Vaswani et al. §3.4 balance the two by scaling the embeddings by sqrt(C) (with a 1/sqrt(C) init we do
+            # not have); we scale the sinusoid instead, to the rms of GPT-2's learned table at init (0.01), so
+            # "learned vs sinusoidal" differ in learnability only.
+            x = x + SINUSOID_SCALE * self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
+        bias = None
+        if "pos_bias" in self.transformer:  # T5 / ALiBi: one (H, T, T_k) bias, computed once and shared by all layers
+            bias = self.transformer.pos_bias(pos, torch.arange(past + T, device=idx.device))
         for block in self.transformer.h:
-            x = block(x, cache)
+            x = block(x, pos, bias, cache)
         if cache is not None:
             cache.length += T
         x = self.transformer.ln_f(x)
@@ -282,8 +375,10 @@ class GPT(nn.Module):
         temperature 0 is greedy decoding; top_k keeps the k most likely tokens; top_p keeps the smallest set whose
         probability reaches p (nucleus sampling, Holtzman et al. 2020). With use_cache the prompt is encoded once and each
         new token costs one position of attention against cached keys/values, instead of re-running the whole window.
-        Trap: positions are absolute, so once the text outgrows block_size the window slides, every position shifts and
-        the cached keys are stale: from then on each step re-encodes the last block_size tokens, exactly as without cache.
+        Trap: once the text outgrows block_size the window slides and every token's position in it shifts, so the
+        cached keys are stale (also for relative schemes: the hidden states of the kept tokens were computed while they
+        could still see the tokens that fell out). From then on each step re-encodes the last block_size tokens,
+        exactly as without cache.
         """
         was_training = self.training
         self.eval()
@@ -311,6 +406,9 @@ class GPT(nn.Module):
     def from_pretrained(cls, path, **overrides):
         """Load a GPT2LMHeadModel checkpoint directory (config.json + model.safetensors or pytorch_model.bin), or a hub
         name such as "gpt2" when huggingface_hub is installed and online. overrides: e.g. attn="naive", dropout=0.1."""
+        if overrides.get("pos", "learned") != "learned":
+            raise ValueError(f"from_pretrained: GPT-2 checkpoints have learned absolute positions (wpe); "
+                             f"pos={overrides['pos']!r} would leave them unused")
         if not os.path.isdir(path):
             path = _download_from_hub(path)
         with open(os.path.join(path, "config.json")) as f:
@@ -345,6 +443,9 @@ class GPT(nn.Module):
         """Write a directory that transformers' GPT2LMHeadModel.from_pretrained(path) loads (config.json +
         model.safetensors). The inverse of from_pretrained."""
         c = self.config
+        if c.pos != "learned":
+            raise ValueError(f"export_hf: the HF GPT-2 format has learned absolute positions (wpe) only; this model "
+                             f"uses pos={c.pos!r}")
         os.makedirs(path, exist_ok=True)
         hf_config = dict(
             architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size, n_positions=c.block_size,

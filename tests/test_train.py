@@ -277,7 +277,8 @@ def test_data_with_no_readable_text_is_rejected(tmp_path, capsys):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "empty.txt").write_text("  \n")
     (tmp_path / "d" / "binary.txt").write_bytes(b"\xff\xfe\x00abc")
-    assert run_main(["--data", str(tmp_path / "d"), "--cache-dir", str(tmp_path / "c")]) == 2
+    assert run_main(["--data", str(tmp_path / "d"), "--cache-dir", str(tmp_path / "c"),
+                     "--out-dir", str(tmp_path / "out")]) == 2
     assert "cannot read" in capsys.readouterr().err
 
 

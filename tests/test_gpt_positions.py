@@ -1,0 +1,221 @@
+"""gpt.py's `--pos` option: every positional scheme of positions.py inside the real model. For each scheme a user relies
+on the same guarantees as for GPT-2 itself: it learns, it is causal, the naive and fused attention paths are the same
+function, the KV cache changes nothing but speed. Plus: what may run past block_size, what the GPT-2 formats refuse,
+the train.py flag, and the two experiments' code paths on tiny budgets. CPU, seeded, tiny configs."""
+
+import os
+
+import pytest
+import torch
+
+import gpt
+import positions
+import train
+from gpt import GPT, GPTConfig, KVCache, POS_SCHEMES
+
+SHAKESPEARE = os.path.join(train.ROOT, "data", "shakespeare")
+
+
+def tiny(pos, **kw):
+    base = dict(block_size=16, vocab_size=37, n_layer=2, n_head=2, n_embd=16, dropout=0.0, pos=pos,
+                shaw_max_distance=3, t5_num_buckets=8, t5_max_distance=12)  # small enough that clipping/buckets matter
+    return GPTConfig(**{**base, **kw})
+
+
+def model_with(pos, seed=0, **kw):
+    torch.manual_seed(seed)
+    m = GPT(tiny(pos, **kw)).eval()
+    with torch.no_grad():  # position parameters start near 0; make them large enough that a wrong index shows
+        for name, p in m.named_parameters():
+            if "relative_attention_bias" in name or "w_K" in name or "w_V" in name:
+                p.normal_(0.0, 0.5)
+    return m
+
+
+def batch(seed, B=3, T=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 37, (B, T), generator=g), torch.randint(0, 37, (B, T), generator=g)
+
+
+@pytest.mark.parametrize("attn", ["naive", "sdpa"])
+@pytest.mark.parametrize("pos", POS_SCHEMES)
+def test_every_scheme_trains_a_tiny_gpt(pos, attn):
+    torch.manual_seed(0)
+    m = GPT(tiny(pos, attn=attn)).train()
+    idx, _ = batch(1, B=4, T=17)
+    x, y = idx[:, :-1], idx[:, 1:]
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        _, loss = m(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], \
+        f"pos={pos} attn={attn}: loss went {losses[0]:.3f} -> {losses[-1]:.3f} in 30 steps"
+
+
+@pytest.mark.parametrize("pos", POS_SCHEMES)
+def test_naive_and_sdpa_agree_in_outputs_and_gradients(pos):
+    naive, fused = model_with(pos, attn="naive").train(), model_with(pos, attn="sdpa").train()
+    idx, tgt = batch(2)
+    la, loss_a = naive(idx, tgt)
+    lb, loss_b = fused(idx, tgt)
+    torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5, msg=f"pos={pos}: naive and sdpa logits differ")
+    loss_a.backward()
+    loss_b.backward()
+    for (name, pa), (_, pb) in zip(naive.named_parameters(), fused.named_parameters()):
+        assert pa.grad is not None and pb.grad is not None, f"pos={pos}: {name} gets no gradient"
+        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-5, rtol=1e-4, msg=f"pos={pos}: gradients of {name} differ")
+
+
+@pytest.mark.parametrize("attn", ["naive", "sdpa"])
+@pytest.mark.parametrize("pos", POS_SCHEMES)
+def test_every_scheme_stays_causal(pos, attn):
+    m = model_with(pos, attn=attn)
+    idx, _ = batch(3)
+    a, _ = m(idx)
+    for t in (1, 9):
+        changed = idx.clone()
+        changed[:, t:] = (changed[:, t:] + 1) % 37
+        b, _ = m(changed)
+        assert torch.equal(a[:, :t], b[:, :t]), \
+            f"pos={pos} {attn}: logits before position {t} changed with later tokens"
+        assert not torch.equal(a[:, t:], b[:, t:]), "the change must be visible at and after it (else vacuous)"
+
+
+@pytest.mark.parametrize("pos", POS_SCHEMES)
+def test_kv_cache_prefix_plus_chunk_equals_one_pass_in_both_paths(pos):
+    idx, _ = batch(4, B=2, T=12)
+    full, _ = model_with(pos, attn="naive")(idx)
+    for attn in ("naive", "sdpa"):
+        m = model_with(pos, attn=attn)
+        cache = KVCache(m.config, 2, "cpu", torch.float32)
+        m(idx[:, :7], cache=cache)
+        chunk, _ = m(idx[:, 7:], cache=cache)  # 5 queries at positions 7..11 against 12 keys
+        torch.testing.assert_close(chunk, full[:, 7:], atol=1e-5, rtol=1e-5,
+                                   msg=f"pos={pos} {attn}: cached prefix + chunk != one pass over the whole sequence")
+
+
+@pytest.mark.parametrize("pos", POS_SCHEMES)
+def test_generation_with_and_without_kv_cache_gives_the_same_tokens(pos):
+    m = model_with(pos, seed=3)
+    prompt, _ = batch(6, B=2, T=3)
+    # 20 new tokens run past block_size=16, so the sliding-window fallback is exercised too
+    a = m.generate(prompt, 20, temperature=1.0, use_cache=True, generator=torch.Generator().manual_seed(7))
+    b = m.generate(prompt, 20, temperature=1.0, use_cache=False, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b), f"pos={pos}: the KV cache changed the generated tokens"
+
+
+def test_schemes_without_a_table_run_past_block_size_and_learned_says_why_not():
+    idx, _ = batch(5, B=1, T=40)  # 2.5x block_size
+    for pos in POS_SCHEMES:
+        m = model_with(pos)
+        if pos == "learned":
+            with pytest.raises(ValueError, match="cannot extrapolate"):
+                m(idx)
+            continue
+        logits, _ = m(idx)
+        assert logits.shape == (1, 40, 37) and torch.isfinite(logits).all(), f"pos={pos}: no finite logits at 2.5x"
+        short, _ = m(idx[:, :16])
+        torch.testing.assert_close(logits[:, :16], short, atol=1e-5, rtol=1e-5,
+                                   msg=f"pos={pos}: a longer input changed the logits of the first 16 positions")
+    m = model_with("rope")
+    with pytest.raises(ValueError, match="KV cache"):  # the cache is preallocated for block_size positions
+        m(idx, cache=KVCache(m.config, 1, "cpu", torch.float32))
+
+
+def test_position_parameters_live_where_each_scheme_puts_them():
+    keys = {pos: set(GPT(tiny(pos)).state_dict()) for pos in POS_SCHEMES}
+    base = keys["none"]
+    assert keys["learned"] - base == {"transformer.wpe.weight"}, "learned adds exactly GPT-2's wpe.weight"
+    assert keys["sinusoidal"] == keys["alibi"] == keys["rope"] == base, "sinusoid, ALiBi and RoPE have no parameters"
+    assert keys["t5"] - base == {"transformer.pos_bias.relative_attention_bias.weight"}, "T5: one table for all layers"
+    shaw_keys = {f"transformer.h.{i}.attn.shaw.{w}.weight" for i in range(2) for w in ("w_K", "w_V")}
+    assert keys["shaw"] - base == shaw_keys, "Shaw: a^K and a^V tables in every layer"
+    t5 = GPT(tiny("t5")).transformer.pos_bias.relative_attention_bias.weight
+    assert t5.shape == (8, 2), "T5's table is (num_buckets, n_head)"
+
+
+def test_gpt2_formats_refuse_other_schemes(tmp_path):
+    with pytest.raises(ValueError, match="learned absolute"):
+        GPT(tiny("rope")).export_hf(str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists(), "a refused export must write nothing"
+    with pytest.raises(ValueError, match="learned absolute"):
+        GPT.from_pretrained(str(tmp_path), pos="alibi")
+    with pytest.raises(ValueError, match="pos must be one of"):
+        GPTConfig(pos="xpos")
+    with pytest.raises(ValueError, match="even"):
+        GPTConfig(n_embd=18, n_head=6, pos="rope")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# train.py and the experiments, on tiny budgets
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for name in ("hamlet", "macbeth", "othello", "lear", "tempest"):
+        with open(os.path.join(SHAKESPEARE, name + ".txt")) as f:
+            (d / f"{name}.txt").write_text(f.read()[5000:9000])
+    return d
+
+
+def test_train_py_has_a_pos_flag_and_checkpoints_remember_it(tmp_path, corpus, capsys):
+    out = tmp_path / "out"
+    train.train(["--model", "gpt", "--preset", "tiny", "--pos", "alibi", "--data", str(corpus), "--cache-dir",
+                 str(tmp_path / "cache"), "--out-dir", str(out), "--sample-tokens", "0", "--max-iters", "4"])
+    model, _, ckpt = train.load_for_inference(str(out / "ckpt.pt"))
+    assert ckpt["model_config"]["pos"] == "alibi" and model.config.pos == "alibi", "--pos alibi was not recorded"
+    code = None
+    try:
+        train.main(["--model", "gpt", "--preset", "tiny", "--pos", "bogus", "--data", str(corpus), "--out-dir",
+                    str(tmp_path / "bad"), "--cache-dir", str(tmp_path / "cache")])
+    except SystemExit as e:
+        code = e.code
+    assert code == 2 and "pos must be one of" in capsys.readouterr().err, "a bad --pos must be one clear error line"
+
+
+def test_relative_order_probe_separates_ordered_embeddings_from_noise():
+    err_sin = positions.probe_relative_order(positions.sinusoidal(512, 768))
+    err_rand = positions.probe_relative_order(torch.randn(512, 16))  # few dims: cannot memorise 512 positions
+    assert err_sin < 0.15, f"the sinusoid encodes order linearly; probe error {err_sin:.3f} (lecture: 5.08%)"
+    assert 0.4 < err_rand < 0.6, f"random embeddings carry no order: error should be near chance, got {err_rand:.3f}"
+    ramp = torch.arange(512.0)[:, None] * torch.tensor([[1.0, -0.5]]) / 512  # position written in two coordinates
+    assert positions.probe_relative_order(ramp) < 0.03, "a linear position code must be (almost) perfectly ordered"
+
+
+def test_extrapolation_experiment_runs_end_to_end(tmp_path, corpus, capsys):
+    rows = positions.main(["extrapolate", "--schemes", "learned,alibi", "--iters", "3", "--block-size", "16",
+                           "--multiples", "1,2", "--eval-tokens", "256", "--data", str(corpus), "--out-dir",
+                           str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"), "--png",
+                           str(tmp_path / "extrapolation.png")])
+    printed = capsys.readouterr().out
+    assert (tmp_path / "extrapolation.png").stat().st_size > 0, "the figure was not written"
+    assert rows["learned"][2] is None and "n/a" in printed, "learned absolute at 2x must be reported as n/a"
+    assert all(v is not None and 0 < v < 10 for v in rows["alibi"].values()), f"ALiBi losses missing: {rows}"
+
+
+def test_probe_experiment_reads_a_train_py_checkpoint_and_an_hf_directory(tmp_path, corpus, capsys):
+    import transformers
+
+    out = tmp_path / "out"
+    train.train(["--model", "gpt", "--preset", "tiny", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
+                 "--out-dir", str(out), "--sample-tokens", "0", "--max-iters", "2"])
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64,
+                                                              vocab_size=50))
+    hf.save_pretrained(tmp_path / "hf")
+    table = positions.main(["probe", "--ckpt", str(out / "ckpt.pt"), "--hf", str(tmp_path / "hf"),
+                            "--png", str(tmp_path / "cos.png")])
+    printed = capsys.readouterr().out
+    assert (tmp_path / "cos.png").stat().st_size > 0, "the cosine-similarity figure was not written"
+    names = [name for name, _, _ in table]
+    assert len(names) == 4 and names[0].startswith("ours") and "untrained" in names[1] and "sinusoid" in names[2] \
+        and names[3].startswith("hf:"), f"expected rows ours, untrained, sinusoid, hf; got {names}"
+    sin_mae = next(mae for name, mae, _ in table if "sinusoid" in name)
+    assert sin_mae < 0.05, f"the sinusoid row should have MAE ~0, got {sin_mae}"
+    assert "MAE" in printed and "error" in printed, "the table must be printed"
