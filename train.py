@@ -614,6 +614,29 @@ class NonFiniteLoss(Exception):
     pass
 
 
+def optimizer_step(train_model, model, objective, optimizer, scaler, autocast, batch, cfg, device):
+    """One optimizer step on `batch` (batch_size * grad_accum rows): forward and backward per micro-batch, then clip and
+    update. Returns the step's mean loss. The loss is read back once per step (one host sync, not one per micro-batch)
+    and checked before the update, so a NaN never reaches the weights."""
+    loss_sum = 0.0
+    for micro in chunk(batch, cfg.grad_accum):
+        with autocast:
+            loss, _ = objective.loss(train_model, to_device(micro, device))
+        scaler.scale(loss / cfg.grad_accum).backward()  # mean over the step = mean of the micro-batch means
+        loss_sum = loss_sum + loss.detach()
+    step_loss = loss_sum.item() / cfg.grad_accum
+    if not math.isfinite(step_loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(f"loss is {step_loss}")
+    if cfg.grad_clip > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
 def train(argv=None, on_step=None):
     """Run training as `python train.py argv...` would. on_step(step, loss) is called after every optimizer step (tests
     and notebooks use it to watch or interrupt a run). Returns the list of metric rows."""
@@ -767,23 +790,12 @@ def train(argv=None, on_step=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = objective.train_batch(splits["train"], cfg.batch_size * cfg.grad_accum, batch_gen)
-            loss_sum = 0.0
-            for micro in chunk(batch, cfg.grad_accum):
-                with autocast:
-                    loss, _ = objective.loss(train_model, to_device(micro, device))
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"loss is {loss.item()} at step {step}")
-                scaler.scale(loss / cfg.grad_accum).backward()  # mean over the step = mean of the micro-batch means
-                loss_sum += loss.item()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            try:
+                step_loss = optimizer_step(train_model, model, objective, optimizer, scaler, autocast, batch, cfg, device)
+            except NonFiniteLoss as e:
+                raise NonFiniteLoss(f"{e} at step {step}") from None
             step += 1
             steps_timed += 1
-            step_loss = loss_sum / cfg.grad_accum
 
             if step % cfg.log_interval == 0 or step == cfg.max_iters:
                 now = time.time()
@@ -835,19 +847,9 @@ def _bench(cfg, train_model, model, objective, optimizer, scaler, autocast, spli
            peak, flops_per_token):
     """Time full optimizer steps (data, forward, backward, clip, AdamW) after a warm-up; nothing is written."""
 
-    def one_step():
+    def one_step():  # exactly what the training loop runs per step
         batch = objective.train_batch(splits["train"], cfg.batch_size * cfg.grad_accum, batch_gen)
-        for micro in chunk(batch, cfg.grad_accum):
-            with autocast:
-                loss, _ = objective.loss(train_model, to_device(micro, device))
-            scaler.scale(loss / cfg.grad_accum).backward()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+        optimizer_step(train_model, model, objective, optimizer, scaler, autocast, batch, cfg, device)
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for _ in range(5):
@@ -855,8 +857,7 @@ def _bench(cfg, train_model, model, objective, optimizer, scaler, autocast, spli
     sync()
     t = time.perf_counter()
     for _ in range(cfg.bench_iters):
-        loss = one_step()
-    loss.item()
+        one_step()
     sync()
     ms = (time.perf_counter() - t) * 1000 / cfg.bench_iters
     tok_s = tokens_per_step / (ms / 1000)

@@ -1,5 +1,20 @@
-"""Shared pytest setup: make the project's single-file modules (gpt.py, train.py, bpe.py, ...) importable from tests/."""
+"""Shared pytest setup: make the project's single-file modules (gpt.py, train.py, bpe.py, ...) importable from tests/,
+and a small corpus fixture for tests that run the training loop."""
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Five small 'works' cut from the bundled plays (so the text is real), one file each, in tmp_path/corpus."""
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for name in ("hamlet", "macbeth", "othello", "lear", "tempest"):
+        with open(os.path.join(ROOT, "data", "shakespeare", name + ".txt")) as f:
+            (d / f"{name}.txt").write_text(f.read()[5000:9000])
+    return d

@@ -3,7 +3,6 @@ on the same guarantees as for GPT-2 itself: it learns, it is causal, the naive a
 function, the KV cache changes nothing but speed. Plus: what may run past block_size, what the GPT-2 formats refuse,
 the train.py flag, and the two experiments' code paths on tiny budgets. CPU, seeded, tiny configs."""
 
-import os
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ import positions
 import train
 from gpt import GPT, GPTConfig, KVCache, POS_SCHEMES
 
-SHAKESPEARE = os.path.join(train.ROOT, "data", "shakespeare")
 
 
 def tiny(pos, **kw):
@@ -152,16 +150,6 @@ def test_gpt2_formats_refuse_other_schemes(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # train.py and the experiments, on tiny budgets
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    d = tmp_path / "corpus"
-    d.mkdir()
-    for name in ("hamlet", "macbeth", "othello", "lear", "tempest"):
-        with open(os.path.join(SHAKESPEARE, name + ".txt")) as f:
-            (d / f"{name}.txt").write_text(f.read()[5000:9000])
-    return d
 
 
 def test_train_py_has_a_pos_flag_and_checkpoints_remember_it(tmp_path, corpus, capsys):

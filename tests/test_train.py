@@ -18,24 +18,13 @@ import train
 SHAKESPEARE = os.path.join(train.ROOT, "data", "shakespeare")
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    """Five small 'works' cut from the bundled plays (so the text is real), one file each."""
-    d = tmp_path / "corpus"
-    d.mkdir()
-    for name in ("hamlet", "macbeth", "othello", "lear", "tempest"):
-        with open(os.path.join(SHAKESPEARE, name + ".txt")) as f:
-            (d / f"{name}.txt").write_text(f.read()[5000:9000])
-    return d
-
-
 def args(tmp_path, corpus, *extra):
     return ["--model", "gpt", "--preset", "tiny", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
             "--out-dir", str(tmp_path / "out"), "--sample-tokens", "0", *extra]
 
 
 def run_main(argv):
-    """(exit code, stderr text) of train.main(argv)."""
+    """The exit code of train.main(argv), as the shell would see it."""
     try:
         train.main(argv)
     except SystemExit as e:
@@ -160,6 +149,17 @@ def test_interrupted_then_resumed_run_gives_the_same_losses(tmp_path, corpus):
     strip = lambda rows: [{k: v for k, v in r.items() if k in ("step", "kind", "loss", "val_loss", "train_loss", "lr")}
                           for r in rows]
     assert strip(resumed) == strip(straight), "interrupt + resume diverged from the uninterrupted run"
+
+
+def test_sigterm_saves_a_checkpoint_and_returns_cleanly(tmp_path, corpus, capsys):
+    def terminate(step, loss):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # what a cluster scheduler sends before killing a job
+
+    rows = train.train(args(tmp_path, corpus, "--max-iters", "50", "--eval-interval", "100"), on_step=terminate)
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 3
+    assert rows[-1]["step"] <= 3 and "--resume" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the loop must restore the previous signal handlers"
 
 
 def test_resume_keeps_the_settings_the_run_was_started_with(tmp_path, corpus):
