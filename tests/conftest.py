@@ -2,8 +2,13 @@
 and a small corpus fixture for tests that run the training loop."""
 import os
 import sys
+import tempfile
 
 import pytest
+
+# Tests write nothing in the working directory: hypothesis keeps its caches (unicode tables) in the system temp dir
+# instead of ./.hypothesis. Must be set before hypothesis is first imported.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "pretraining-hypothesis"))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
