@@ -58,15 +58,15 @@ SINUSOID_SCALE = 0.01 * math.sqrt(2)  # the sinusoid's rms 1/sqrt(2) -> 0.01, GP
 class GPTConfig:
     block_size: int = 256  # training context T_max: rows of the learned position table wpe, slots of the KV cache
     vocab_size: int = 50257  # the tokenizer's vocabulary (train.py overwrites it from the tokenizer it builds)
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
+    n_layer: int = 4  # L: Transformer blocks
+    n_head: int = 4  # H: attention heads per block, each of size n_embd / n_head
+    n_embd: int = 128  # C: width of the residual stream and of every embedding
     dropout: float = 0.0  # GPT-2 used 0.1 at pretraining; 0 is better for short runs that never see a token twice
     bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
     layer_norm_epsilon: float = 1e-5  # GPT-2's value; the released model computes LayerNorm with exactly this eps
     attn: str = "sdpa"  # "naive": softmax(QK^T/sqrt(hs))V written out; "sdpa": the fused kernel. Tests prove them equal.
     pad_vocab_multiple: int = 1  # round the embedding table up (e.g. 64 -> 50304 rows): faster matmuls on GPUs
-    pos: str = "learned"  # positional scheme, one of POS_SCHEMES; "learned" is GPT-2
+    pos: str = "learned"  # learned (GPT-2) | sinusoidal | shaw | t5 | alibi | rope | none: see positions.py
     shaw_max_distance: int = 16  # Shaw et al.'s clipping distance k (their §4.3: no gain beyond k = 2..4; 16 is safe)
     t5_num_buckets: int = 32  # T5's defaults: 32 buckets, all for the past in a causal decoder ...
     t5_max_distance: int = 128  # ... the last one shared by every offset >= 128

@@ -28,9 +28,11 @@ import dataclasses
 import glob
 import hashlib
 import importlib
+import inspect
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -116,22 +118,35 @@ def model_fields(mod):
     return [f for f in fields(mod.Config) if f.name not in DERIVED]
 
 
-def build_parser(mod):
-    p = argparse.ArgumentParser(
-        prog="train.py", description="Train a model of this repository. Flags left out come from the preset, "
-        "then from the defaults shown.", formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+def field_comments(cls):
+    """{field: its end-of-line comment} from a config class's source. Model configs document each field with a comment,
+    as nanoGPT does, rather than with metadata; --help shows those comments."""
+    found = (re.match(r"\s+(\w+):[^#]*#\s*(.*)", line) for line in inspect.getsource(cls).splitlines())
+    return {m.group(1): m.group(2) for m in found if m}
+
+
+def build_parser(mod, preset_name):
+    """The CLI, generated from the config dataclasses: one typed --flag per field. --help shows the value a run will
+    use, i.e. the preset's where it sets one."""
+    p = argparse.ArgumentParser(prog="train.py", allow_abbrev=False, description=(
+        f"Train a model of this repository. Flags left out come from the preset ({mod.__name__}: {preset_name}), "
+        "then from the defaults; --help shows the values that apply to this --model/--preset."))
     p.error = lambda message: _fail(f"{message} (see --help)")
-    groups = [("training", fields(TrainConfig), TrainConfig()), (f"model ({mod.__name__}.Config)", model_fields(mod), mod.Config())]
-    for title, fs, defaults in groups:
+    preset = mod.PRESETS.get(preset_name, {})
+    comments = field_comments(mod.Config)
+    for title, fs, defaults in [("training", fields(TrainConfig), TrainConfig()),
+                                (f"model ({mod.__name__}.Config)", model_fields(mod), mod.Config())]:
         g = p.add_argument_group(title)
         for f in fs:
-            flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
-            help = f.metadata.get("help", "") + (f" [default: {default!r}]" if default not in ("", None) else "")
-            if f.type in (bool, "bool"):
-                g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+            flag = "--" + f.name.replace("_", "-")
+            value = preset.get(f.name, getattr(defaults, f.name))
+            where = f" from preset {preset_name}" if f.name in preset else ""
+            help = f.metadata.get("help", comments.get(f.name, "")) + (f" [{value!r}{where}]" if value not in ("", None) else "")
+            if f.type is bool:
+                g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=help)
             else:
-                typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-                g.add_argument(flag, dest=f.name, type=typ, default=argparse.SUPPRESS, help=help,
+                g.add_argument(flag, dest=f.name, type=f.type, default=argparse.SUPPRESS, help=help,
                                metavar=f.name.upper())
     return p
 
@@ -147,10 +162,10 @@ def resolve_config(argv):
     pre.add_argument("--preset", default="")
     known, _ = pre.parse_known_args(argv)
     mod = model_module(known.model)
-    explicit = vars(build_parser(mod).parse_args(argv))
-    preset_name = explicit.get("preset") or mod.DEFAULT_PRESET
+    preset_name = known.preset or mod.DEFAULT_PRESET
     if preset_name not in mod.PRESETS:
         raise UsageError(f"unknown --preset {preset_name!r} for {known.model}; choose from: {', '.join(mod.PRESETS)}")
+    explicit = vars(build_parser(mod, preset_name).parse_args(argv))
     values = {}
     train_names, model_names = {f.name for f in fields(TrainConfig)}, {f.name for f in model_fields(mod)}
     for key, value in {**mod.PRESETS[preset_name], **explicit}.items():
@@ -268,7 +283,9 @@ def train_bpe(cfg, train_docs):
 
 
 def build_tokenizer(cfg, train_docs, all_docs):
-    """A fresh tokenizer for a new run. char: the corpus's alphabet. gpt2: fixed. bpe: trained on the train split."""
+    """A fresh tokenizer for a new run. char: the alphabet of the whole corpus, held-out works included, as nanoGPT does
+    (it gives every character an id; it tells the model nothing about the held-out text). gpt2: fixed. bpe: trained on
+    the train split only, because its merges do encode knowledge of the text."""
     if cfg.tokenizer == "char":
         return CharTokenizer(sorted(set("".join(all_docs))))
     if cfg.tokenizer == "gpt2":

@@ -4,6 +4,7 @@ deterministic, the data split is by document and its cache follows the files, ba
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -273,6 +274,15 @@ def test_help_lists_the_documented_flags(capsys):
                  "--batch-size", "--grad-accum", "--max-iters", "--lr", "--warmup-iters", "--eval-interval", "--seed",
                  "--resume", "--compile", "--bench", "--tokens-per-step", "--n-layer", "--dropout"):
         assert flag in text, f"--help does not list {flag}"
+    text = " ".join(text.split())  # argparse wraps lines at the terminal width
+    assert "[32 from preset char-cpu]" in text, "--help must show the value the default run uses (the preset's)"
+    model_section = text[text.index("model (gpt.Config):"):]
+    for f in gpt.GPTConfig.__dataclass_fields__:  # every model flag explains itself
+        if f != "vocab_size":
+            flag = f.replace("_", "-")
+            m = re.search(rf"--{flag}(?:, --no-{flag}| {f.upper()}) (.*?)(?= --|$)", model_section)
+            description = re.sub(r"\[[^\]]*\]\s*$", "", m.group(1)) if m else ""  # without the "[value]" suffix
+            assert len(description.split()) > 2, f"--{flag} has no help text"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
