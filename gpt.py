@@ -33,12 +33,13 @@ import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from positions import (ALiBi, LearnedAbsolute, ShawRelative, SinusoidalAbsolute, T5RelativeBias, apply_rope,
-                       causal_mask as position_causal_mask)
+                       causal_mask)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config and presets
@@ -127,16 +128,6 @@ DEFAULT_PRESET = "char-cpu"
 # Building blocks
 
 
-def causal_mask(T_q, T_k, device=None):
-    """Boolean (T_q, T_k) mask, True where query i may attend to key j: positions.causal_mask, given counts.
-
-    The queries are the *last* T_q of the T_k positions (with a KV cache the keys include the cached past), so query i
-    sits at absolute position T_k - T_q + i and sees keys j <= that.
-    causal_mask(2, 3) -> [[True, True, False], [True, True, True]]
-    """
-    return position_causal_mask(torch.arange(T_k - T_q, T_k, device=device), torch.arange(T_k, device=device))
-
-
 class KVCache:
     """Keys and values of the tokens seen so far, one pair of (B, H, block_size, hs) buffers per layer.
 
@@ -205,7 +196,7 @@ class CausalSelfAttention(nn.Module):
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, H, T, T_k) scaled scores
             if bias is not None:
                 att = att + bias  # relative position, as a bias on the logits
-            allowed = position_causal_mask(pos, k_pos)  # (T, T_k) True where key j is not in query i's future
+            allowed = causal_mask(pos, k_pos)  # (T, T_k) True where key j is not in query i's future
             att = att.masked_fill(~allowed, float("-inf"))  # no peeking at the future
             att = F.softmax(att, dim=-1)  # each row: a distribution over the keys this query may see
             att = self.attn_dropout(att)
@@ -220,7 +211,7 @@ class CausalSelfAttention(nn.Module):
             if bias is None and T == T_k:
                 mask = None  # the kernel's own causal masking: the fastest case, and the one training hits
             else:
-                mask = position_causal_mask(pos, k_pos)  # (T, T_k) True where key j is not in query i's future
+                mask = causal_mask(pos, k_pos)  # (T, T_k) True where key j is not in query i's future
                 if bias is not None:
                     mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -567,8 +558,6 @@ class NextTokenObjective:
     work ends instead of being told. Reports bits per byte, which does not depend on the tokenizer.
     """
 
-    reports_bits_per_byte = True
-
     def __init__(self, config, token_bytes):
         self.block_size = config.block_size
         self.token_bytes = token_bytes  # (V,) UTF-8 length of each token, for bits per byte
@@ -593,7 +582,6 @@ class NextTokenObjective:
 
     @staticmethod
     def _windows(tokens, starts, T):
-        import numpy as np
         rows = np.stack([tokens[s:s + T + 1] for s in starts]).astype(np.int64)  # (B, T+1)
         rows = torch.from_numpy(rows)
         return {"idx": rows[:, :-1], "targets": rows[:, 1:]}

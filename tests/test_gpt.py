@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from gpt import GPT, GPTConfig, KVCache, PRESETS, causal_mask, sample_next
+from gpt import GPT, GPTConfig, KVCache, PRESETS, sample_next
 
 
 def tiny(**kw):
@@ -58,10 +58,6 @@ def test_naive_and_sdpa_agree_with_a_kv_cache_offset():
     full, _ = model_with(attn="naive")(idx)
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5, msg="paths disagree on cached continuation")
     torch.testing.assert_close(outs[0], full[:, 7:], atol=1e-5, rtol=1e-5, msg="cached prefix + chunk != full pass")
-
-
-def test_causal_mask_worked_example():
-    assert causal_mask(2, 3).tolist() == [[True, True, False], [True, True, True]]
 
 
 def test_lm_head_is_tied_to_the_token_embedding():
