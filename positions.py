@@ -659,7 +659,10 @@ def _train_gpt(args, scheme, out_dir, extra=()):
     Returns (model, {"train": Split, "val": Split}, checkpoint dict, training seconds)."""
     import train
 
-    argv = ["--model", "gpt", "--preset", "nanogpt-cpu", "--pos", scheme, "--block-size", str(args.block_size),
+    # Every setting that shapes the result is spelled out, so the figures do not move when a preset is retuned.
+    argv = ["--model", "gpt", "--preset", "nanogpt-cpu", "--n-layer", "4", "--n-head", "4", "--n-embd", "128",
+            "--dropout", "0", "--bias", "--attn", "sdpa", "--dtype", "auto", "--tokenizer", "char",
+            "--weight-decay", "0.1", "--beta2", "0.99", "--pos", scheme, "--block-size", str(args.block_size),
             "--batch-size", str(args.batch_size), "--max-iters", str(args.iters), "--eval-interval", str(args.iters),
             "--warmup-iters", str(max(1, args.iters // 10)), "--lr", "3e-3", "--min-lr", "3e-4",
             "--eval-train-tokens", "4096", "--log-interval", str(max(1, args.iters // 4)), "--seed", str(args.seed),
