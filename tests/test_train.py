@@ -214,6 +214,16 @@ def test_fused_adamw_matches_the_plain_per_tensor_implementation():
         assert (pa - initial[i]).abs().max() > 1e-3, f"parameter {i} was not updated"
 
 
+def test_fp16_trains_with_an_active_grad_scaler_saved_in_the_checkpoint(tmp_path, corpus):
+    # the GPU fallback for cards without bf16; CPU autocast runs the same code path
+    rows = train.train(args(tmp_path, corpus, "--dtype", "fp16", "--max-iters", "30", "--eval-interval", "30",
+                            "--lr", "1e-2"))
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3, "fp16 training did not learn"
+    scaler = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["scaler"]
+    assert scaler.get("scale", 0) > 0, "the grad scaler must be enabled for fp16 and its state checkpointed"
+
+
 def test_tokens_per_step_derives_grad_accum(tmp_path, corpus, capsys):
     train.train(args(tmp_path, corpus, "--batch-size", "2", "--tokens-per-step", "256", "--max-iters", "1"))
     assert "grad_accum 4 = 256" in capsys.readouterr().out
@@ -300,6 +310,8 @@ def test_help_lists_the_documented_flags(capsys):
     (["--tokens-per-step", "100"], "not a multiple of batch_size x block_size"),
     (["--block-size", "100000"], "fewer than block_size"),
     (["--n-embd", "30", "--n-head", "4"], "divisible"),
+    (["--device", "tpu"], "unknown --device 'tpu'"),
+    (["--dtype", "fp8"], "unknown --dtype 'fp8'"),
 ])
 def test_bad_input_gives_one_clear_line_and_exit_code_2(tmp_path, corpus, capsys, extra, message):
     assert run_main(args(tmp_path, corpus, *extra)) == 2
