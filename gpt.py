@@ -110,17 +110,24 @@ PRESETS = {
     # The smallest thing that still is a GPT: for tests and for trying flags in seconds.
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, dropout=0.0,
                  batch_size=4, max_iters=20, warmup_iters=5, eval_interval=10),
-    # GPT-2 small (124M). Training recipe as in the GPT-3 paper's Table 2.1 row for 125M (lr 6e-4, 0.5M-token batches,
-    # Adam beta2 0.95, weight decay 0.1), which is what single-GPU GPT-2 reproductions use.
+    # GPT-2 small (124M). Training recipe as in the GPT-3 paper's Table 2.1 row for 125M (lr 6e-4, 0.5M-token batches)
+    # and its App. B (Adam beta2 0.95, weight decay 0.1, warm-up over 375M tokens = 715 steps, cosine decay to 10%),
+    # which is what single-GPU GPT-2 reproductions use. 19,073 steps x 524,288 tokens = 10B tokens.
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0, tokenizer="gpt2",
-                 batch_size=16, tokens_per_step=524288, lr=6e-4, min_lr=6e-5, warmup_iters=700, max_iters=19073,
+                 batch_size=16, tokens_per_step=524288, lr=6e-4, min_lr=6e-5, warmup_iters=715, max_iters=19073,
                  weight_decay=0.1, beta2=0.95, eval_interval=1000, pad_vocab_multiple=64),
+    # The larger GPT-2s: the same recipe with GPT-3 Table 2.1's lr for the nearest size (350M, 760M, 1.3B rows). The
+    # micro-batch halves with each size: a guess, not measured (this project has only run on CPUs). If memory runs
+    # out, lower --batch-size; tokens_per_step keeps the optimizer's batch at 0.5M tokens by accumulating more.
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, tokenizer="gpt2", lr=3e-4, min_lr=3e-5,
-                        batch_size=8, tokens_per_step=524288, weight_decay=0.1, beta2=0.95, pad_vocab_multiple=64),
+                        batch_size=8, tokens_per_step=524288, warmup_iters=715, max_iters=19073, eval_interval=1000,
+                        weight_decay=0.1, beta2=0.95, pad_vocab_multiple=64),
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024, tokenizer="gpt2", lr=2.5e-4, min_lr=2.5e-5,
-                       batch_size=4, tokens_per_step=524288, weight_decay=0.1, beta2=0.95, pad_vocab_multiple=64),
+                       batch_size=4, tokens_per_step=524288, warmup_iters=715, max_iters=19073, eval_interval=1000,
+                       weight_decay=0.1, beta2=0.95, pad_vocab_multiple=64),
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, tokenizer="gpt2", lr=2e-4, min_lr=2e-5,
-                    batch_size=2, tokens_per_step=524288, weight_decay=0.1, beta2=0.95, pad_vocab_multiple=64),
+                    batch_size=2, tokens_per_step=524288, warmup_iters=715, max_iters=19073, eval_interval=1000,
+                    weight_decay=0.1, beta2=0.95, pad_vocab_multiple=64),
 }
 DEFAULT_PRESET = "char-cpu"
 
