@@ -661,8 +661,6 @@ def train(argv=None, on_step=None):
     mod = model_module(cfg.model)
     cfg.out_dir = cfg.out_dir or os.path.join("out", cfg.model)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
 
     # --- everything that can be wrong with the input is checked before anything is written ---
     ckpt = None
@@ -690,8 +688,8 @@ def train(argv=None, on_step=None):
     elif os.path.exists(ckpt_path) and not cfg.bench and not cfg.overwrite:
         raise UsageError(f"{cfg.out_dir} already holds a run (ckpt.pt); pass --resume to continue it, --overwrite to "
                          f"replace it, or --out-dir to start another")
-    if cfg.tokenizer not in ("char", "gpt2", "bpe"):
-        raise UsageError(f"unknown --tokenizer {cfg.tokenizer!r}; choose from: char, gpt2, bpe")
+    device = pick_device(cfg.device)  # after a resume has restored the run's own --device/--dtype
+    dtype = pick_dtype(cfg.dtype, device)
     try:
         model_cfg_probe = mod.Config(vocab_size=1, **model_kwargs)
     except (TypeError, ValueError) as e:

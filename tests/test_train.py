@@ -163,10 +163,12 @@ def test_sigterm_saves_a_checkpoint_and_returns_cleanly(tmp_path, corpus, capsys
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the loop must restore the previous signal handlers"
 
 
-def test_resume_keeps_the_settings_the_run_was_started_with(tmp_path, corpus):
+def test_resume_keeps_the_settings_the_run_was_started_with(tmp_path, corpus, capsys):
     train.train(args(tmp_path, corpus, "--max-iters", "4", "--lr", "0.02", "--warmup-iters", "0", "--log-interval", "1",
-                     "--seed", "7"))
+                     "--seed", "7", "--dtype", "fp32"))
+    capsys.readouterr()
     rows = train.train(args(tmp_path, corpus, "--resume", "--max-iters", "6"))  # only the longer schedule is new
+    assert "device cpu fp32" in capsys.readouterr().out, "resume switched precision away from the run's --dtype"
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert ckpt["train_config"]["lr"] == 0.02 and ckpt["train_config"]["seed"] == 7, "resume reverted to the preset"
     lrs = [r["lr"] for r in rows if r["kind"] == "train" and r["step"] > 4]
