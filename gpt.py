@@ -28,9 +28,8 @@ Legend
 """
 
 import argparse
-import json
 import math
-import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hf_io import read_hf_dir, write_hf_dir
 from positions import (ALiBi, LearnedAbsolute, ShawRelative, SinusoidalAbsolute, T5RelativeBias, apply_rope,
                        causal_mask)
 
@@ -322,6 +322,13 @@ class GPT(nn.Module):
             n -= self.transformer.wte.weight.numel() + (sum(p.numel() for p in wpe.parameters()) if wpe is not None else 0)
         return n
 
+    def no_weight_decay(self):
+        """Parameters AdamW must not decay besides biases and LayerNorm gains (which train.py skips by shape): the
+        position tables. Decay pulls a learned position vector toward 0, i.e. toward "no position"."""
+        tables = (LearnedAbsolute, T5RelativeBias, ShawRelative)
+        return {f"{m_name}.{p_name}" for m_name, m in self.named_modules() if isinstance(m, tables)
+                for p_name, _ in m.named_parameters()}
+
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward): 6 per weight (Kaplan et al. 2020, eq. 2.1, with the lm_head
         matmul counted and wpe's lookup not) plus the attention scores and mixing, 12 * L * T * C (PaLM, App. B)."""
@@ -412,34 +419,30 @@ class GPT(nn.Module):
         if overrides.get("pos", "learned") != "learned":
             raise ValueError(f"from_pretrained: GPT-2 checkpoints have learned absolute positions (wpe); "
                              f"pos={overrides['pos']!r} would leave them unused")
-        if not os.path.isdir(path):
-            path = _download_from_hub(path)
-        with open(os.path.join(path, "config.json")) as f:
-            hf = json.load(f)
+        hf, sd = read_hf_dir(path)
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{path}: activation {hf['activation_function']!r} is not GPT-2's tanh GELU")
         config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                            n_head=hf["n_head"], n_embd=hf["n_embd"], layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
                            dropout=0.0, bias=True, **overrides)
         model = cls(config)
-        sd = _read_hf_weights(path)
         sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
-        ours = model.state_dict()
-        for name, param in ours.items():
-            if name == "lm_head.weight":
-                continue  # tied to wte
-            key = name.removeprefix("transformer.")
-            if key not in sd:
-                raise KeyError(f"{path}: missing weight {key!r}")
-            w = sd[key]
-            if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-                w = w.t()  # Conv1D (in, out) -> Linear (out, in)
-            if name == "transformer.wte.weight":
-                param[: w.size(0)].copy_(w)  # padded rows (if any) keep their init; they are never used
-                continue
-            if w.shape != param.shape:
-                raise ValueError(f"{path}: {key} has shape {tuple(w.shape)}, expected {tuple(param.shape)}")
-            param.copy_(w)
+        with torch.no_grad():
+            for name, param in model.state_dict().items():
+                if name == "lm_head.weight":
+                    continue  # tied to wte
+                key = name.removeprefix("transformer.")
+                if key not in sd:
+                    raise KeyError(f"{path}: missing weight {key!r}")
+                w = sd[key]
+                if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+                    w = w.t()  # Conv1D (in, out) -> Linear (out, in)
+                if name == "transformer.wte.weight":
+                    param[: w.size(0)].copy_(w)  # padded rows (if any) keep their init; they are never used
+                    continue
+                if w.shape != param.shape:
+                    raise ValueError(f"{path}: {key} has shape {tuple(w.shape)}, expected {tuple(param.shape)}")
+                param.copy_(w)
         return model
 
     def export_hf(self, path):
@@ -449,7 +452,8 @@ class GPT(nn.Module):
         if c.pos != "learned":
             raise ValueError(f"export_hf: the HF GPT-2 format has learned absolute positions (wpe) only; this model "
                              f"uses pos={c.pos!r}")
-        os.makedirs(path, exist_ok=True)
+        if not c.bias:
+            raise ValueError("the HF GPT-2 format has biases everywhere; this model was built with bias=False")
         hf_config = dict(
             architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size, n_positions=c.block_size,
             n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, n_inner=None,
@@ -457,8 +461,6 @@ class GPT(nn.Module):
             layer_norm_epsilon=c.layer_norm_epsilon, initializer_range=0.02, scale_attn_weights=True,
             tie_word_embeddings=True, bos_token_id=c.vocab_size - 1, eos_token_id=c.vocab_size - 1,
         )
-        if not c.bias:
-            raise ValueError("the HF GPT-2 format has biases everywhere; this model was built with bias=False")
         sd = {}
         for name, w in self.state_dict().items():
             if name == "lm_head.weight":
@@ -467,10 +469,8 @@ class GPT(nn.Module):
                 w = w.t()
             if name == "transformer.wte.weight":
                 w = w[: c.vocab_size]
-            sd[name] = w.detach().float().contiguous().cpu()
-        _write_safetensors(sd, os.path.join(path, "model.safetensors"))
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(hf_config, f, indent=2)
+            sd[name] = w.float()
+        write_hf_dir(path, hf_config, sd)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -497,77 +497,25 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# safetensors, read and written by hand: an 8-byte little-endian header length, a JSON header naming each tensor's dtype,
-# shape and byte range, then the raw bytes. Twenty lines, so loading a checkpoint needs no extra package.
+# The objective: next-token prediction (GPT-1 eq. 1, L = sum_t log P(u_t | u_<t)). train.py calls these methods; every
+# model file provides the same ones for its own objective (train.py's docstring lists them).
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def _read_safetensors(file):
-    with open(file, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        data = bytearray(f.read())
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        t = torch.frombuffer(data, dtype=_ST_DTYPES[info["dtype"]], count=(end - start) // _ST_DTYPES[info["dtype"]].itemsize,
-                             offset=start) if end > start else torch.empty(0, dtype=_ST_DTYPES[info["dtype"]])
-        out[name] = t.reshape(info["shape"]).clone()
-    return out
-
-
-def _write_safetensors(tensors, file):
-    names = {v: k for k, v in _ST_DTYPES.items()}
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)  # the format asks for the data to start 8-byte aligned
-    with open(file, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for t in tensors.values():
-            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
-
-
-def _read_hf_weights(path):
-    st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
-    if os.path.exists(st):
-        return _read_safetensors(st)
-    if os.path.exists(pt):
-        return torch.load(pt, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin found")
-
-
-def _download_from_hub(name):
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise FileNotFoundError(f"{name!r} is not a directory, and huggingface_hub is not installed to fetch it") from None
-    return snapshot_download(name, allow_patterns=["config.json", "model.safetensors"])
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The objective: next-token prediction (GPT-1 eq. 1, L = sum_t log P(u_t | u_<t)). train.py calls these; other model
-# files provide the same three methods for their own objectives.
+SPECIAL_TOKENS = ()  # GPT needs no token beyond <|endoftext|>, which train.py puts between documents for every model
 
 
 class NextTokenObjective:
     """Turns a token stream into (idx, targets) windows shifted by one, and scores the model on them.
 
     Windows may cross document boundaries: documents are joined with an end-of-text token, so the model learns where a
-    work ends instead of being told. Reports bits per byte, which does not depend on the tokenizer.
+    work ends instead of being told. Reports bits per byte, which does not depend on the tokenizer. A target of -100 is
+    ignored (not scored, not counted), as in F.cross_entropy.
     """
 
-    def __init__(self, config, token_bytes):
+    def __init__(self, config, tokenizer):
         self.block_size = config.block_size
-        self.token_bytes = token_bytes  # (V,) UTF-8 length of each token, for bits per byte
+        self.token_bytes = tokenizer.token_bytes  # (V,) UTF-8 length of each token, for bits per byte
+        self.raw_tokens_per_row = config.block_size + 1  # T inputs and T targets overlap in all but one token
+        self.tokens_per_row = config.block_size
 
     def train_batch(self, split, batch_size, generator):
         """batch_size random windows from split.tokens (a 1-D numpy array), positions drawn from `generator`."""
@@ -575,11 +523,9 @@ class NextTokenObjective:
         starts = torch.randint(len(split.tokens) - T, (batch_size,), generator=generator)
         return self._windows(split.tokens, starts.tolist(), T)
 
-    def eval_batches(self, split, batch_size, max_tokens=None):
+    def eval_batches(self, split, batch_size):
         """Every target of the split exactly once, in order: consecutive non-overlapping windows (deterministic)."""
         T, n = self.block_size, len(split.tokens) - 1  # n targets: tokens[1:]
-        if max_tokens is not None:
-            n = min(n, max_tokens)
         starts = list(range(0, n - T + 1, T))
         for i in range(0, len(starts), batch_size):
             yield self._windows(split.tokens, starts[i:i + batch_size], T)
@@ -593,31 +539,67 @@ class NextTokenObjective:
         rows = torch.from_numpy(rows)
         return {"idx": rows[:, :-1], "targets": rows[:, 1:]}
 
-    def loss(self, model, batch):
-        """(mean loss to backpropagate, dict of sums to aggregate over an evaluation)."""
-        logits, loss = model(batch["idx"], targets=batch["targets"])
-        n = batch["targets"].numel()
-        stats = {"nll": loss.detach().float() * n, "tokens": n}
-        stats["bytes"] = self.token_bytes.to(batch["targets"].device)[batch["targets"]].sum()
-        return loss, stats
+    @staticmethod
+    def count_tokens(batch):
+        return batch["idx"].numel()
+
+    @staticmethod
+    def denominators(batch):
+        """What the loss is averaged over: the real targets (not -100) of the whole batch."""
+        return {"nll": int((batch["targets"] != -100).sum())}
+
+    def loss(self, model, batch, denominators=None):
+        """(sum of the target log-losses / denominators["nll"], dict of sums to aggregate over an evaluation).
+        Without denominators, the mean over this batch's real targets."""
+        denominators = denominators or self.denominators(batch)
+        logits, _ = model(batch["idx"])
+        targets = batch["targets"]
+        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        real = targets != -100
+        stats = {"nll": nll.detach(), "tokens": real.sum(),
+                 "bytes": self.token_bytes.to(targets.device)[targets[real]].sum()}  # never index with -100
+        return nll / max(1, denominators["nll"]), stats
 
     @staticmethod
     def summarize(sums):
         """Named metrics from summed stats: loss in nats/token and bits per byte."""
-        loss = float(sums["nll"]) / sums["tokens"]
-        return {"loss": loss, "bpb": float(sums["nll"]) / (math.log(2) * float(sums["bytes"]))}
+        return {"loss": float(sums["nll"]) / float(sums["tokens"]),
+                "bpb": float(sums["nll"]) / (math.log(2) * float(sums["bytes"]))}
 
 
 Model, Config, Objective = GPT, GPTConfig, NextTokenObjective  # what train.py's registry looks up
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Demo: sample from a checkpoint written by train.py
+# Demo: what a run shows when it ends (train.py calls demo()), and sampling from a checkpoint or a released model.
+
+
+@dataclass
+class DemoConfig:
+    prompt: str = "\n"  # text the end-of-run sample continues
+    sample_tokens: int = 500  # tokens sampled at the end of a run (0 = no sample)
+    temperature: float = 0.8  # sampling temperature (0 = greedy)
+    top_k: int = 0  # sample from the k most likely tokens only (0 = all)
+
+
+def demo(model, tokenizer, cfg, device, seed=1337):
+    """Print a sample that continues cfg.prompt: what the model has learned, in its own words."""
+    if cfg.sample_tokens <= 0:
+        return
+    prompt = tokenizer.encode(cfg.prompt) or [tokenizer.eot_id]
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(torch.tensor([prompt], device=device), cfg.sample_tokens, temperature=cfg.temperature,
+                         top_k=cfg.top_k or None, generator=g)
+    print("-" * 80 + "\n" + tokenizer.decode(out[0].tolist()) + "\n" + "-" * 80)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Sample from a GPT checkpoint written by train.py.")
-    p.add_argument("--ckpt", required=True, help="path to ckpt.pt (e.g. out/gpt/ckpt.pt)")
+    p = argparse.ArgumentParser(description="Sample from a GPT: a checkpoint written by train.py (--ckpt) or a Hugging "
+                                            "Face GPT-2 directory such as OpenAI's released weights (--hf).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="path to ckpt.pt (e.g. out/gpt/ckpt.pt)")
+    src.add_argument("--hf", help="a GPT2LMHeadModel directory (config.json + model.safetensors or pytorch_model.bin); "
+                                  "text goes through GPT-2's tokenizer")
     p.add_argument("--prompt", default="\n", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=500)
     p.add_argument("--temperature", type=float, default=0.8)
@@ -629,12 +611,20 @@ def main(argv=None):
     import train  # the checkpoint format and the tokenizers live in train.py, shared by every model
 
     try:
-        model, tokenizer, _ = train.load_for_inference(args.ckpt, device=args.device)
+        if args.ckpt:
+            model, tokenizer, _ = train.load_for_inference(args.ckpt, device=args.device, flag="--ckpt")
+        else:
+            try:
+                model = GPT.from_pretrained(args.hf).to(args.device).eval()
+            except (OSError, KeyError, ValueError) as e:
+                raise train.UsageError(f"--hf {args.hf}: {e}") from None
+            tokenizer = train.gpt2_tokenizer()
         ids = tokenizer.encode(args.prompt)
     except train.UsageError as e:
-        raise SystemExit(f"gpt.py: error: {e}")
+        print(f"gpt.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
-    idx = torch.tensor([ids], dtype=torch.long, device=args.device)
+    idx = torch.tensor([ids or [tokenizer.eot_id]], dtype=torch.long, device=args.device)
     out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          generator=g)
     print(tokenizer.decode(out[0].tolist()))

@@ -47,7 +47,6 @@ Tests: tests/test_positions.py (the schemes), tests/test_gpt_positions.py (insid
 """
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import os
@@ -656,7 +655,7 @@ EXTRAPOLATION_SCHEMES = ("learned", "sinusoidal", "shaw", "t5", "alibi", "rope",
 
 def _train_gpt(args, scheme, out_dir, extra=()):
     """Train a char-level GPT with train.py in-process (its CLI flags, its checkpoint).
-    Returns (model, {"train": Split, "val": Split}, checkpoint dict, training seconds)."""
+    Returns (train.open_run of the result: model, splits, evaluate(), training seconds)."""
     import train
 
     # Every setting that shapes the result is spelled out, so the figures do not move when a preset is retuned.
@@ -674,16 +673,13 @@ def _train_gpt(args, scheme, out_dir, extra=()):
     t0 = time.time()
     train.train(argv)
     seconds = time.time() - t0
-    model, _, ckpt = train.load_for_inference(os.path.join(out_dir, "ckpt.pt"))
-    _, splits, _ = train.prepare_data(train.TrainConfig(**ckpt["train_config"]), ckpt["tokenizer"])
-    return model, splits, ckpt, seconds
+    return train.open_run(os.path.join(out_dir, "ckpt.pt")), seconds
 
 
 def extrapolate(args):
     """Press et al. 2022's Figure 1 in miniature: train the same GPT on windows of block_size with each scheme, then
     score the held-out text in non-overlapping windows of 1x, 2x, 4x, 8x that length (their evaluation, too). A scheme
     extrapolates if its loss does not blow up past the training length. Returns {scheme: {multiple: loss or None}}."""
-    import train
     import gpt
 
     schemes = [s for s in args.schemes.split(",") if s]
@@ -701,22 +697,15 @@ def extrapolate(args):
     results, seconds = {}, {}
     for scheme in schemes:
         print(f"=== {scheme}: training {args.iters} steps on windows of {args.block_size} ===", flush=True)
-        model, splits, ckpt, seconds[scheme] = _train_gpt(args, scheme, os.path.join(args.out_dir, scheme))
-        cfg = train.TrainConfig(**ckpt["train_config"])
-        device = train.pick_device(cfg.device)
-        dtype = train.pick_dtype(cfg.dtype, device)  # evaluate in the precision it was trained and evaluated in
-        autocast = torch.autocast(device.split(":")[0], dtype=train.TORCH_DTYPES[dtype]) if dtype != "fp32" \
-            else contextlib.nullcontext()
-        token_bytes = train.tokenizer_from_identity(ckpt["tokenizer"]).token_bytes()
-        model.to(device)
+        run, seconds[scheme] = _train_gpt(args, scheme, os.path.join(args.out_dir, scheme))
         results[scheme] = {}
         for m in mults:
             # same model, longer windows: only the objective's window length changes (gpt.py allows T > block_size
             # for every scheme without a position table)
-            objective = gpt.NextTokenObjective(dataclasses.replace(model.config, block_size=m * args.block_size),
-                                               token_bytes.to(device))
+            objective = gpt.NextTokenObjective(dataclasses.replace(run.model.config, block_size=m * args.block_size),
+                                               run.tokenizer)
             try:
-                loss = train.evaluate(model, objective, splits["val"], cfg, device, autocast, args.eval_tokens)["loss"]
+                loss = run.evaluate(objective, "val", args.eval_tokens)["loss"]
             except ValueError:  # learned absolute: no row for position block_size (gpt.py says so)
                 loss = None
             results[scheme][m] = loss
@@ -782,7 +771,8 @@ def probe(args):
     else:
         print(f"=== training a learned-absolute GPT, {args.iters} steps on windows of {args.block_size} ===",
               flush=True)
-        model, _, _, seconds = _train_gpt(args, "learned", args.out_dir)
+        run, seconds = _train_gpt(args, "learned", args.out_dir)
+        model = run.model
         how = f"char GPT, {args.iters} steps, {seconds:.0f} s"
     if model.config.pos != "learned":
         raise SystemExit(f"positions.py: error: {args.ckpt} was trained with pos={model.config.pos!r}: it has no table "

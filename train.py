@@ -1,30 +1,46 @@
 """
-One training loop for every model in this repository (GPT now; BERT, T5, ELECTRA, XLNet plug into the same loop).
+One training loop for every model in this repository: GPT now; BERT, T5, ELECTRA and XLNet plug into the same loop.
 
-    python train.py --model gpt                      # char-level GPT on the bundled Shakespeare, CPU, < 5 minutes
+    python train.py --model gpt                      # char-level GPT on the bundled Shakespeare, CPU, about 4 minutes
     python train.py --model gpt --help               # every flag, generated from the config dataclasses
     python train.py --model gpt --resume             # continue out/gpt from its checkpoint
+    python train.py --model gpt --max-time 90s       # as good a model as 90 seconds of this machine allow
     python train.py --model gpt --preset nanogpt-cpu --bench   # ms/step, tokens/s, MFU; writes nothing
 
-What the loop owns (the same for every objective): the device and precision, tokenizers, reading the corpus and splitting it
-by document, batching, AdamW, the learning-rate schedule, gradient accumulation and clipping, evaluation, logging,
-checkpoints and resume, and a sample at the end.
-What a model file owns (looked up in MODELS below, nothing else is model-specific here):
-  Config     a dataclass of the architecture's settings                  (each field becomes a --flag)
-  PRESETS    named sizes and recipes, DEFAULT_PRESET                     (--preset)
-  Model      the nn.Module, built from a Config
-  Objective  turns token data into inputs and targets and scores them:
-               train_batch(split, batch_size, generator) -> dict of tensors   (random, from the loop's seeded generator)
-               eval_batches(split, batch_size, max_tokens) -> iterator         (deterministic, covers the split)
-               loss(model, batch) -> (mean loss, dict of sums)                 summarize(sums) -> named metrics
+The file follows the order of a run: configuration -> tokenizer -> data -> device and precision -> model, objective and
+optimizer -> evaluation and checkpoints -> the loop itself (`loop`, one screen) -> the end-of-run demo.
+
+What the loop owns, the same for every objective: the device and precision, tokenizers (with each model's special
+tokens), reading the corpus and splitting it by document, batching, AdamW, the learning-rate schedule, gradient
+accumulation and clipping, a time budget, evaluation, logging, checkpoints and resume.
+What a model file owns, looked up in MODELS (nothing else here is model-specific):
+  Config          a dataclass of the architecture's settings                     (each field becomes a --flag)
+  PRESETS         named sizes and recipes, and DEFAULT_PRESET                     (--preset; keys may set any config)
+  SPECIAL_TOKENS  token strings the objective needs ([CLS], [MASK], ...), added above every tokenizer's ordinary ids
+  Model           the nn.Module, built from a Config. Optional: no_weight_decay() -> parameter names,
+                  flops_per_token(), num_params(), from_pretrained(path) for --init-from a Hugging Face directory
+  Objective       built as Objective(model_config, tokenizer); turns token data into batches and scores them:
+                    raw_tokens_per_row     raw tokens one training row draws from the stream (GPT: block_size + 1)
+                    tokens_per_row         tokens a row counts as processed (GPT: block_size): --tokens-per-step
+                    count_tokens(batch)    tokens processed by a batch (real tokens only), for tokens/s
+                    train_batch(split, batch_size, generator) -> dict of tensors   (rows first; the loop's generator)
+                    eval_batches(split, batch_size) -> iterator of dicts          (deterministic; covers `split`)
+                    denominators(batch) -> {term: count}   the counts each loss term is averaged over, for a whole step
+                    loss(model, batch, denominators=None) -> (loss, dict of sums)  summarize(sums) -> named metrics
+                  Optional, for objectives with state across steps (XLNet's memory): state_dict(), load_state_dict(),
+                  and reset(), which the loop calls at the start of every evaluation on a separate eval instance.
+  DemoConfig, demo(model, tokenizer, demo_config, device)   optional: what the run shows when it ends (GPT samples)
 Slides (lecture 001): "Training recipe for LLMs" and "Pretraining language models" (model, data, objective, details).
 Papers for the optimisation recipe: Loshchilov & Hutter 2019 (AdamW), Loshchilov & Hutter 2017 (cosine schedule, SGDR),
-Goyal et al. 2017 §2.2 (linear warm-up), GPT-3 (Brown et al. 2020) §2.3 and App. B (the settings the gpt2 preset uses).
+Goyal et al. 2017 §2.2 (linear warm-up), GPT-3 (Brown et al. 2020) §2.3 and App. B (the settings the gpt2 preset uses),
+Devlin et al. 2019 App. A.2 (BERT's linear decay), Raffel et al. 2020 §3.1.2 (T5's inverse square root), Geiping &
+Goldstein 2023 "Cramming" §4 (a schedule fitted to a wall-clock budget).
 """
 
 import argparse
 import contextlib
-import dataclasses
+import copy
+import functools
 import glob
 import hashlib
 import importlib
@@ -32,6 +48,7 @@ import inspect
 import json
 import math
 import os
+import platform
 import re
 import signal
 import sys
@@ -63,6 +80,9 @@ def opt(default, help):
     return field(default=default, metadata={"help": help})
 
 
+SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
+
+
 @dataclass
 class TrainConfig:
     model: str = opt("gpt", f"which model file to train: {', '.join(MODELS)}")
@@ -71,38 +91,46 @@ class TrainConfig:
     val_docs: str = opt("", "comma-separated document names to hold out (default: the bundled held-out works, "
                             "else every 10th document)")
     tokenizer: str = opt("char", "char | gpt2 | bpe")
-    vocab_size: int = opt(1024, "vocabulary size to train when --tokenizer bpe")
+    vocab_size: int = opt(1024, "vocabulary size to train when --tokenizer bpe (the model's special tokens come on top)")
     out_dir: str = opt("", "where ckpt.pt, metrics.jsonl and loss.png go (default: out/<model>)")
-    cache_dir: str = opt(os.path.join(ROOT, "data", "cache"), "where tokenised corpora and trained tokenizers are cached")
+    cache_dir: str = opt(os.path.join(ROOT, "data", "cache"), "where tokenised corpora, trained tokenizers and this "
+                                                              "machine's measured peak FLOP/s are cached")
     device: str = opt("auto", "auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps")
     dtype: str = opt("auto", "auto | bf16 | fp16 | fp32; auto = bf16 where the device does it natively, "
                              "else fp16 + GradScaler on CUDA, else fp32")
     compile: bool = opt(False, "torch.compile the model (slow start, faster steps on GPU)")
-    batch_size: int = opt(16, "micro-batch: sequences per forward/backward pass")
+    batch_size: int = opt(16, "micro-batch: rows per forward/backward pass")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
-    tokens_per_step: int = opt(0, "tokens per optimizer step; if set, grad_accum = this / (batch_size * block_size)")
-    max_iters: int = opt(2000, "optimizer steps")
+    tokens_per_step: int = opt(0, "tokens per optimizer step; if set, grad_accum = this / (batch_size * tokens per row)")
+    max_iters: int = opt(2000, "optimizer steps (with --max-time: at most this many; 0 = no cap)")
+    max_time: str = opt("", "wall-clock budget for the whole run, e.g. 4m, 90s, 1h30m: the step count is fixed from "
+                            "the measured step and eval times so the schedule ends on time ('' or 0 = off; giving "
+                            "--max-iters alone turns a preset's budget off)")
     lr: float = opt(1e-3, "peak learning rate")
-    min_lr: float = opt(1e-4, "floor of the cosine decay")
+    min_lr: float = opt(1e-4, "floor of the decay")
+    schedule: str = opt("cosine", "after warm-up: cosine | linear (decay to --min-lr at the horizon) | rsqrt "
+                                  "(lr * sqrt(warmup / step), T5) | constant")
     warmup_iters: int = opt(100, "linear warm-up steps")
-    lr_decay_iters: int = opt(0, "steps over which lr decays to min_lr (0 = max_iters)")
-    weight_decay: float = opt(0.1, "AdamW decoupled weight decay, on matrices only")
+    lr_decay_iters: int = opt(0, "the decay's horizon: lr reaches --min-lr at this step (0 = max_iters, fixed when the "
+                                 "run starts; a resumed run keeps it)")
+    weight_decay: float = opt(0.1, "AdamW decoupled weight decay, on weight matrices only")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.99, "AdamW beta2")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
     eval_interval: int = opt(500, "evaluate, plot and checkpoint every N steps (and at the end)")
-    eval_batch_size: int = opt(0, "sequences per eval forward pass (0 = about 16K tokens, at least --batch-size)")
-    eval_train_tokens: int = opt(0, "train tokens scored at each eval (0 = as many as the val split has)")
+    eval_tokens: int = opt(1 << 20, "val tokens scored at each eval: the same leading slice of the val split every time "
+                                    "(0 = all; the default scores the bundled held-out works in full)")
+    eval_train_tokens: int = opt(0, "train tokens scored at each eval, in 32 slices spread over the whole train split "
+                                    "(0 = as many as val)")
+    eval_batch_size: int = opt(0, "rows per eval forward pass (0 = about 16K tokens, at least --batch-size)")
     log_interval: int = opt(10, "print a training line every N steps")
     seed: int = opt(1337, "seeds the model init, the batch order and dropout")
     resume: bool = opt(False, "continue the run in --out-dir from its ckpt.pt")
     overwrite: bool = opt(False, "start a new run even if --out-dir already holds one")
+    init_from: str = opt("", "start a new run (step 0, fresh optimizer and schedule) from these weights: a ckpt.pt of "
+                             "this repository or a Hugging Face directory of the same model")
     bench: bool = opt(False, "benchmark: time --bench-iters steps, print ms/step, tokens/s, MFU; write nothing")
     bench_iters: int = opt(30, "timed steps for --bench (after 5 warm-up steps)")
-    prompt: str = opt("\n", "prompt for the sample printed at the end")
-    sample_tokens: int = opt(500, "tokens to sample at the end (0 = none)")
-    temperature: float = opt(0.8, "sampling temperature")
-    top_k: int = opt(0, "sample from the k most likely tokens (0 = all)")
 
 
 def model_module(name):
@@ -111,11 +139,16 @@ def model_module(name):
     return importlib.import_module(MODELS[name])
 
 
-DERIVED = {"vocab_size"}  # model-config fields set from the data, never from a flag
+DERIVED = {"vocab_size"}  # model-config fields set from the tokenizer, never from a flag
 
 
-def model_fields(mod):
-    return [f for f in fields(mod.Config) if f.name not in DERIVED]
+def config_groups(mod):
+    """(title, dataclass, fields) for each group of flags: the loop's, the model's, and the model file's demo, if any."""
+    groups = [("training", TrainConfig, fields(TrainConfig)),
+              (f"model ({mod.__name__}.Config)", mod.Config, [f for f in fields(mod.Config) if f.name not in DERIVED])]
+    if hasattr(mod, "DemoConfig"):
+        groups.append((f"end-of-run demo ({mod.__name__}.DemoConfig)", mod.DemoConfig, fields(mod.DemoConfig)))
+    return groups
 
 
 def field_comments(cls):
@@ -133,10 +166,9 @@ def build_parser(mod, preset_name):
         "then from the defaults; --help shows the values that apply to this --model/--preset."))
     p.error = lambda message: _fail(f"{message} (see --help)")
     preset = mod.PRESETS.get(preset_name, {})
-    comments = field_comments(mod.Config)
-    for title, fs, defaults in [("training", fields(TrainConfig), TrainConfig()),
-                                (f"model ({mod.__name__}.Config)", model_fields(mod), mod.Config())]:
+    for title, cls, fs in config_groups(mod):
         g = p.add_argument_group(title)
+        comments, defaults = field_comments(cls), cls()
         for f in fs:
             flag = "--" + f.name.replace("_", "-")
             value = preset.get(f.name, getattr(defaults, f.name))
@@ -155,8 +187,18 @@ def _fail(message):
     raise UsageError(message)
 
 
+@dataclass
+class Settings:
+    """What the command line asked for: the loop's config, the model file's configs (as keyword dicts: the model's
+    vocab_size is only known once the tokenizer is), and which keys the user typed."""
+    cfg: TrainConfig
+    model: dict
+    demo: dict
+    explicit: set
+
+
 def resolve_config(argv):
-    """argv -> (TrainConfig, model Config kwargs, explicit flag names). Precedence: flags > preset > defaults."""
+    """argv -> Settings. Precedence: flags > preset > defaults."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--model", default="gpt")
     pre.add_argument("--preset", default="")
@@ -166,52 +208,88 @@ def resolve_config(argv):
     if preset_name not in mod.PRESETS:
         raise UsageError(f"unknown --preset {preset_name!r} for {known.model}; choose from: {', '.join(mod.PRESETS)}")
     explicit = vars(build_parser(mod, preset_name).parse_args(argv))
-    values = {}
-    train_names, model_names = {f.name for f in fields(TrainConfig)}, {f.name for f in model_fields(mod)}
+    if "max_iters" in explicit and "max_time" not in explicit:
+        explicit["max_time"] = ""  # an explicit step count is a request for exactly that many steps: no budget
+    groups = [{f.name for f in fs} for _, _, fs in config_groups(mod)]
+    values = [{}, {}, {}]
     for key, value in {**mod.PRESETS[preset_name], **explicit}.items():
-        if key not in train_names and key not in model_names:
+        where = [i for i, names in enumerate(groups) if key in names]
+        if not where:
             raise UsageError(f"preset {preset_name!r} sets unknown key {key!r}")
-        values[key] = value
-    cfg = TrainConfig(**{k: v for k, v in values.items() if k in train_names})
+        values[where[0]][key] = value
+    cfg = TrainConfig(**values[0])
     cfg.preset = preset_name
-    model_kwargs = {k: v for k, v in values.items() if k in model_names}
-    return cfg, model_kwargs, set(explicit)
+    parse_duration(cfg.max_time)  # a malformed --max-time fails here, before anything is read or written
+    return Settings(cfg, values[1], values[2], set(explicit))
+
+
+def parse_duration(text):
+    """'4m' -> 240.0, '1h30m' -> 5400.0, '90' or '90s' -> 90.0, '' or '0' -> 0.0 (no budget)."""
+    text = str(text).strip().lower()
+    if text in ("", "0"):
+        return 0.0
+    m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text)
+    if not m or not any(m.groups()):
+        raise UsageError(f"--max-time {text!r}: expected a duration such as 4m, 90s, 1h30m or 240")
+    h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+    return 3600 * h + 60 * mi + s
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Tokenizers: text <-> ids, plus the plain-data identity a checkpoint records so sampling and resume rebuild the same one.
-# Special tokens sit above the ordinary vocabulary; GPT needs only <|endoftext|> (between documents), the other objectives
-# will ask for theirs ([CLS], [SEP], [MASK], sentinels) through the same list.
+# Special tokens sit above the ordinary vocabulary: <|endoftext|> (between documents; every model has it), then the
+# model file's SPECIAL_TOKENS in their order. Ordinary text never turns into a special token when the corpus is encoded.
 
 EOT = "<|endoftext|>"
 
 
+def special_tokens_of(mod):
+    """[EOT, then the model's own specials]: the order fixes their ids."""
+    return [EOT] + [s for s in getattr(mod, "SPECIAL_TOKENS", ()) if s != EOT]
+
+
 class CharTokenizer:
-    """One id per character of the corpus's alphabet (nanoGPT's shakespeare_char), specials after it.
-    CharTokenizer("ab").encode("ba") -> [1, 0]"""
+    """One id per character of the corpus's alphabet (nanoGPT's shakespeare_char), special tokens after it.
+    CharTokenizer("ab").encode("ba") -> [1, 0]; with specials=[EOT, "[MASK]"], encode("a[MASK]") -> [0, 3]"""
 
     def __init__(self, chars, specials=(EOT,)):
-        self.chars, self.specials = "".join(chars), list(specials)
-        self.itos = list(self.chars) + self.specials
+        self.chars = "".join(chars)
+        self.itos = list(self.chars) + list(specials)
         self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.specials = {s: len(self.chars) + i for i, s in enumerate(specials)}
         self.n_vocab = len(self.itos)
-        self.eot_id = self.itos.index(EOT)
+        self.eot_id = self.specials[EOT]
+        # longest first, so a special that is a prefix of another does not win
+        self._special_re = re.compile("|".join(map(re.escape, sorted(self.specials, key=len, reverse=True))))
 
     def encode(self, text):
+        """Text -> ids; special-token strings in the text become their ids (a prompt may say "[MASK]")."""
+        ids, at = [], 0
+        for m in self._special_re.finditer(text):
+            ids += self.encode_ordinary(text[at:m.start()]) + [self.specials[m.group()]]
+            at = m.end()
+        return ids + self.encode_ordinary(text[at:])
+
+    def encode_ordinary(self, text):
         try:
             return [self.stoi[c] for c in text]
         except KeyError:
             unknown = sorted(set(text) - set(self.stoi))
             raise UsageError(f"characters not in this char vocabulary: {unknown!r}") from None
 
+    def encode_corpus(self, docs):
+        return [self.encode_ordinary(d) for d in docs]
+
     def decode(self, ids):
         return "".join(self.itos[i] for i in ids)
 
+    @functools.cached_property
     def token_bytes(self):
+        """(V,) UTF-8 length of each token (0 for special tokens): bits per byte, line boundaries."""
         return torch.tensor([len(c.encode("utf-8")) for c in self.chars] + [0] * len(self.specials))
 
     def identity(self):
-        return {"kind": "char", "chars": self.chars, "specials": self.specials}
+        return {"kind": "char", "chars": self.chars, "specials": list(self.specials)}
 
 
 class TiktokenTokenizer:
@@ -220,6 +298,7 @@ class TiktokenTokenizer:
     def __init__(self, enc, identity):
         self.enc, self._identity = enc, identity
         self.n_vocab, self.eot_id = enc.n_vocab, enc.eot_token
+        self.specials = dict(enc._special_tokens)
 
     def encode(self, text):
         return self.enc.encode(text, allowed_special="all")
@@ -230,13 +309,13 @@ class TiktokenTokenizer:
     def decode(self, ids):
         return self.enc.decode(ids)
 
+    @functools.cached_property
     def token_bytes(self):
-        special = set(self.enc.special_tokens_set)
+        special = set(self.specials.values())
         out = []
         for i in range(self.n_vocab):
             try:
-                b = self.enc.decode_single_token_bytes(i)
-                out.append(0 if b.decode("utf-8", "replace") in special else len(b))
+                out.append(0 if i in special else len(self.enc.decode_single_token_bytes(i)))
             except KeyError:
                 out.append(0)
         return torch.tensor(out)
@@ -245,14 +324,16 @@ class TiktokenTokenizer:
         return self._identity
 
 
-def gpt2_tokenizer():
-    """tiktoken's GPT-2 encoding, built offline from the bundled ranks (sha256-checked) and bpe.py's GPT-2 pattern."""
+def gpt2_tokenizer(extra_specials=()):
+    """tiktoken's GPT-2 encoding, built offline from the bundled ranks (sha256-checked) and bpe.py's GPT-2 pattern.
+    extra_specials get ids 50257, 50258, ... after GPT-2's own <|endoftext|> = 50256."""
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
 
     ranks = load_tiktoken_bpe(bpe.GPT2_FILE, expected_hash=bpe.GPT2_SHA256)
-    enc = tiktoken.Encoding(name="gpt2", pat_str=bpe.GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: 50256})
-    return TiktokenTokenizer(enc, {"kind": "gpt2", "sha256": bpe.GPT2_SHA256})
+    specials = {EOT: 50256, **{s: 50257 + i for i, s in enumerate(extra_specials)}}
+    enc = tiktoken.Encoding(name="gpt2", pat_str=bpe.GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    return TiktokenTokenizer(enc, {"kind": "gpt2", "sha256": bpe.GPT2_SHA256, "specials": list(extra_specials)})
 
 
 def bpe_tokenizer(tok):
@@ -282,16 +363,18 @@ def train_bpe(cfg, train_docs):
     return tok
 
 
-def build_tokenizer(cfg, train_docs, all_docs):
+def build_tokenizer(cfg, train_docs, all_docs, specials):
     """A fresh tokenizer for a new run. char: the alphabet of the whole corpus, held-out works included, as nanoGPT does
     (it gives every character an id; it tells the model nothing about the held-out text). gpt2: fixed. bpe: trained on
-    the train split only, because its merges do encode knowledge of the text."""
+    the train split only, because its merges do encode knowledge of the text. The model's specials go on top."""
     if cfg.tokenizer == "char":
-        return CharTokenizer(sorted(set("".join(all_docs))))
+        return CharTokenizer(sorted(set("".join(all_docs))), specials)
     if cfg.tokenizer == "gpt2":
-        return gpt2_tokenizer()
+        return gpt2_tokenizer(specials[1:])
     if cfg.tokenizer == "bpe":
-        return bpe_tokenizer(train_bpe(cfg, train_docs))
+        tok = train_bpe(cfg, train_docs)
+        tok.register_special_tokens(specials[1:])
+        return bpe_tokenizer(tok)
     raise UsageError(f"unknown --tokenizer {cfg.tokenizer!r}; choose from: char, gpt2, bpe")
 
 
@@ -300,7 +383,7 @@ def tokenizer_from_identity(ident):
     if ident["kind"] == "char":
         return CharTokenizer(ident["chars"], ident["specials"])
     if ident["kind"] == "gpt2":
-        return gpt2_tokenizer()
+        return gpt2_tokenizer(ident.get("specials", ()))
     if ident["kind"] == "bpe":
         return bpe_tokenizer(bpe.Tokenizer.from_dict({k: v for k, v in ident.items() if k != "kind"}))
     raise UsageError(f"checkpoint uses tokenizer {ident['kind']!r}, which this checkout cannot rebuild")
@@ -308,17 +391,28 @@ def tokenizer_from_identity(ident):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: documents -> split by document -> one token stream per split (documents joined by <|endoftext|>), cached on disk
-# as a uint16/uint32 memmap and rebuilt whenever a file's contents or the tokenizer change. Document starts are kept so
-# objectives that need boundaries (BERT's sentence pairs, T5) can find them.
+# as a uint16/uint32 memmap and rebuilt whenever a file's contents or the tokenizer change. Where each document and each
+# line begins is kept too, for objectives that need boundaries (BERT's sentence pairs, T5, XLNet).
 
 
 @dataclass
 class Split:
     name: str
     tokens: np.ndarray  # 1-D memmap of token ids
-    doc_starts: np.ndarray  # index into tokens where each document begins
+    doc_starts: np.ndarray  # index into tokens where each document begins (0 first)
+    line_starts: np.ndarray  # index of the first token of each line: the first token that starts at or after the byte
+    #                          following a newline (a BPE token such as "\n " ends the previous line)
     doc_names: list
     n_bytes: int  # UTF-8 bytes of the split's text
+
+    def slice(self, start, end):
+        """The tokens [start, end) as a Split of their own, boundaries shifted (a slice always begins a document and a
+        line: the part of one it cuts into). Split.slice(0, 100).tokens is tokens[:100]."""
+        def inside(starts):
+            s = np.asarray(starts[(starts > start) & (starts < end)], dtype=np.int64) - start
+            return np.concatenate([[0], s])
+        return Split(self.name, self.tokens[start:end], inside(self.doc_starts), inside(self.line_starts),
+                     self.doc_names, 0)
 
 
 def read_documents(data):
@@ -363,8 +457,8 @@ def split_documents(docs, val_docs):
     return train, val
 
 
-def prepare_data(cfg, tokenizer_ident=None):
-    """Tokenise (or load from cache) the corpus. Returns (tokenizer, {"train": Split, "val": Split})."""
+def prepare_data(cfg, specials=(EOT,), tokenizer_ident=None):
+    """Tokenise (or load from cache) the corpus. Returns (tokenizer, {"train": Split, "val": Split}, cache key)."""
     docs = read_documents(cfg.data)
     train_names, val_names = split_documents(docs, cfg.val_docs)
     texts = {"train": [docs[n] for n in train_names], "val": [docs[n] for n in val_names]}
@@ -377,9 +471,9 @@ def prepare_data(cfg, tokenizer_ident=None):
     if tokenizer_ident is not None:
         tok = tokenizer_from_identity(tokenizer_ident)
     else:
-        tok = build_tokenizer(cfg, texts["train"], list(docs.values()))
+        tok = build_tokenizer(cfg, texts["train"], list(docs.values()), list(specials))
     key = hashlib.sha256(json.dumps({
-        "tokenizer": tok.identity(), "train": train_names, "val": val_names, "format": 2,
+        "tokenizer": tok.identity(), "train": train_names, "val": val_names, "format": 3,
         "content": [hashlib.sha256(t.encode()).hexdigest() for part in ("train", "val") for t in texts[part]],
     }, sort_keys=True).encode()).hexdigest()[:16]
     cache = os.path.join(cfg.cache_dir, key)
@@ -387,35 +481,52 @@ def prepare_data(cfg, tokenizer_ident=None):
         _write_cache(cache, tok, texts, {"train": train_names, "val": val_names})
     with open(os.path.join(cache, "meta.json")) as f:
         meta = json.load(f)
-    dtype = np.dtype(meta["dtype"])
     splits = {}
     for part in ("train", "val"):
-        tokens = np.memmap(os.path.join(cache, f"{part}.bin"), dtype=dtype, mode="r")
         m = meta[part]
-        starts = np.load(os.path.join(cache, f"{part}.starts.npy"))
-        splits[part] = Split(part, tokens, starts, m["doc_names"], m["n_bytes"])
+        splits[part] = Split(part, _memmap(os.path.join(cache, f"{part}.bin"), meta["dtype"]),
+                             _memmap(os.path.join(cache, f"{part}.docs.bin"), "int64"),
+                             _memmap(os.path.join(cache, f"{part}.lines.bin"), "int64"), m["doc_names"], m["n_bytes"])
     return tok, splits, key
 
 
+def _memmap(path, dtype):
+    return np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype=dtype)
+
+
+def _line_starts(text, ids, token_bytes):
+    """Token index of each line's first token in one document: '\\n' bytes -> byte offsets -> the first token starting
+    at or after each. _line_starts("ab\\ncd", [0, 1, 2, 3, 4], ones) -> [0, 3] (char tokens: one byte each)."""
+    raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    line_bytes = np.concatenate([[0], np.flatnonzero(raw == 10) + 1])  # a line starts after each newline
+    token_starts = np.concatenate([[0], np.cumsum(token_bytes[np.asarray(ids, dtype=np.int64)])[:-1]])
+    idx = np.unique(np.searchsorted(token_starts, line_bytes, side="left"))
+    return idx[idx < len(ids)]
+
+
 def _write_cache(cache, tok, texts, names):
-    """Tokenise each split into <part>.bin, a batch of documents at a time, appending to the file as we go: memory
+    """Tokenise each split into <part>.bin, a batch of documents at a time, appending to the files as we go: memory
     holds one batch of token lists, never the whole stream (a Python int costs ~36 bytes; GPT-2's 9B tokens would not
-    fit). Document starts go to <part>.starts.npy."""
+    fit). Document and line starts go to <part>.docs.bin and <part>.lines.bin (int64)."""
     os.makedirs(cache, exist_ok=True)
     dtype = np.uint16 if tok.n_vocab <= 2**16 else np.uint32
     meta = {"dtype": np.dtype(dtype).name, "tokenizer": tok.identity()}
-    encode_all = getattr(tok, "encode_corpus", None) or (lambda ds: [tok.encode(d) for d in ds])
+    token_bytes = tok.token_bytes.numpy()
     for part in ("train", "val"):
-        docs, starts, n = texts[part], [], 0
-        with open(os.path.join(cache, f"{part}.bin.tmp"), "wb") as f:
+        docs, n = texts[part], 0
+        paths = [os.path.join(cache, f"{part}{ext}") for ext in (".bin", ".docs.bin", ".lines.bin")]
+        with contextlib.ExitStack() as stack:
+            out, doc_out, line_out = (stack.enter_context(open(p + ".tmp", "wb")) for p in paths)
             for i in range(0, len(docs), 256):
-                for ids in encode_all(docs[i:i + 256]):
-                    starts.append(n)
+                for text, ids in zip(docs[i:i + 256], tok.encode_corpus(docs[i:i + 256])):
+                    np.array([n], dtype=np.int64).tofile(doc_out)
+                    lines = np.append(_line_starts(text, ids, token_bytes), len(ids))  # <|endoftext|>: a line of its own
+                    (lines + n).astype(np.int64).tofile(line_out)
                     arr = np.array(ids + [tok.eot_id], dtype=dtype)  # documents end with <|endoftext|>, as in GPT-2's data
-                    arr.tofile(f)
+                    arr.tofile(out)
                     n += len(arr)
-        np.save(os.path.join(cache, f"{part}.starts.npy"), np.array(starts, dtype=np.int64))
-        os.replace(os.path.join(cache, f"{part}.bin.tmp"), os.path.join(cache, f"{part}.bin"))
+        for p in paths:
+            os.replace(p + ".tmp", p)
         meta[part] = {"doc_names": names[part], "n_tokens": n, "n_bytes": sum(len(t.encode("utf-8")) for t in docs)}
     _atomic_write_text(os.path.join(cache, "meta.json"), json.dumps(meta))  # written last: marks the cache complete
 
@@ -428,7 +539,8 @@ def _atomic_write_text(path, text):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Device, precision, throughput
+# Device, precision, throughput. A CPU's dtypes are not all equal: with AVX512-BF16 or AMX, bf16 matmuls run several
+# times faster than fp32; without them (AVX2-only CPUs, most laptops), bf16 and fp16 are emulated and ~100-500x slower.
 
 
 def pick_device(name):
@@ -445,52 +557,102 @@ def pick_device(name):
     return name
 
 
-def cpu_has_native_bf16():
-    # AVX512-BF16 or AMX: bf16 matmuls run several times faster than fp32 (measured in the README). Without them, CPU
-    # bf16 is emulated and slower than fp32.
-    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+@functools.lru_cache(maxsize=None)
+def cpu_slowdown(dtype):
+    """How many times slower a 128^3 matmul is in `dtype` than in fp32 on this CPU (best of 3; a few ms at most, even
+    where the dtype is emulated). ~0.5 with AMX for bf16, ~1 with AVX512-BF16, 100+ where it is emulated. The flags
+    alone can say 'native' where the math library was told not to use them (ONEDNN_MAX_CPU_ISA), so we measure."""
+    def best(dt):
+        a = torch.ones(128, 128, dtype=dt)
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            a @ a
+            times.append(time.perf_counter() - t)
+        return min(times)
+    return best(TORCH_DTYPES[dtype]) / best(torch.float32)
+
+
+def cpu_has_native(dtype):
+    if dtype == "fp32":
+        return True
+    flags = {"bf16": ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+             "fp16": ("_is_amx_fp16_supported", "_is_avx512_fp16_supported")}[dtype]
+    return any(getattr(torch.cpu, f, lambda: False)() for f in flags) and cpu_slowdown(dtype) < 4
 
 
 def pick_dtype(name, device):
+    """auto: bf16 where the device does it natively, fp16 (+ GradScaler) on older GPUs, else fp32. An explicit bf16/fp16
+    on a CPU that only emulates it runs anyway, after one line saying what it costs."""
+    kind = device.split(":")[0]
     if name != "auto":
         if name not in ("bf16", "fp16", "fp32"):
             raise UsageError(f"unknown --dtype {name!r}; choose from: auto, bf16, fp16, fp32")
+        if kind == "cpu" and not cpu_has_native(name):
+            print(f"warning: --dtype {name}: this CPU has no native {name} matmuls (no AVX512-BF16/AMX); emulated they "
+                  f"ran {cpu_slowdown(name):.0f}x slower than fp32 here, and the run will be about that much slower. "
+                  f"--dtype fp32 (what auto picks on this CPU) avoids it.", file=sys.stderr)
         return name
-    kind = device.split(":")[0]
     if kind == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if kind == "cpu":
-        return "bf16" if cpu_has_native_bf16() else "fp32"
+        return "bf16" if cpu_has_native("bf16") else "fp32"
     return "fp32"  # mps: autocast support varies by macOS version; fp32 always works
 
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, for MFU (Chowdhery et al. 2022, PaLM App. B).
-GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12,
-                 "3090": 71e12, "V100": 125e12, "T4": 65e12}
+# Checked in this order: the first key found in the device's name wins ("H100 PCIe" before "H100").
+GPU_PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+                 "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
 
 
-def peak_flops(device, dtype):
-    """(FLOP/s, how it was obtained). GPUs: the datasheet. CPUs have no such number that means anything, so we time the
-    best case ourselves: a 2048^3 matmul in the training dtype, i.e. MFU is relative to what this CPU actually reaches."""
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def peak_flops(device, dtype, cache_dir, measure=True):
+    """(FLOP/s or None, how it was obtained). GPUs: the datasheet; an unknown GPU gets None (no MFU rather than a wrong
+    one). CPUs have no datasheet number that means anything, so we time the best case ourselves, once per machine and
+    dtype, and cache it in cache_dir: the best of 5 square matmuls of the first size (256 ... 2048) that takes 5 ms, i.e.
+    MFU is relative to what this CPU actually reaches. measure=False only reads the cache. Never in an emulated dtype."""
     kind = device.split(":")[0]
     if kind == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_PEAK_BF16.items():
-            if key in name:
-                return peak, f"{name} datasheet dense bf16"
-        return None, f"{name}: peak unknown"
+        key = next((k for k in GPU_PEAK_BF16 if k in name), None)
+        return (GPU_PEAK_BF16[key], f"{name} datasheet dense bf16") if key else (None, f"{name}: peak unknown")
     if kind != "cpu":
         return None, "peak unknown"
-    # its own generator: drawing from the global one would shift dropout's random stream and break exact resume
-    a = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0)).to(TORCH_DTYPES[dtype])
-    best = float("inf")
-    for _ in range(16):  # the fastest of several: the first ones pay for warm-up and clock ramp-up
-        t = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - t)
-    return 2 * 2048**3 / best, f"best {dtype} 2048^3 matmul timed on this CPU at start-up"
+    if not cpu_has_native(dtype):
+        return None, f"{dtype} is emulated on this CPU"
+    machine = f"{_cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__} | {dtype} | " \
+              f"{os.environ.get('ONEDNN_MAX_CPU_ISA', '')} {os.environ.get('ATEN_CPU_CAPABILITY', '')}"
+    path = os.path.join(cache_dir, "cpu_peak.json")
+    cached = json.load(open(path)) if os.path.exists(path) else {}
+    how = f"best {dtype} matmul on this CPU, measured once and cached in {path}"
+    if machine in cached:
+        return cached[machine], how
+    if not measure:
+        return None, "not measured yet"
+    g = torch.Generator().manual_seed(0)  # its own generator: drawing from the global one would shift dropout's stream
+    for n in (256, 512, 1024, 2048):
+        a = torch.randn(n, n, generator=g).to(TORCH_DTYPES[dtype])
+        best = float("inf")
+        for _ in range(5):  # the fastest of several: the first ones pay for warm-up and clock ramp-up
+            t = time.perf_counter()
+            a @ a
+            best = min(best, time.perf_counter() - t)
+        if best > 5e-3:
+            break
+    cached[machine] = 2 * n**3 / best
+    os.makedirs(cache_dir, exist_ok=True)
+    _atomic_write_text(path, json.dumps(cached, indent=1))
+    return cached[machine], how
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -498,28 +660,90 @@ def peak_flops(device, dtype):
 
 
 def make_optimizer(model, cfg, device):
-    # Decay matrices (Linear weights, embeddings) only: decaying biases and LayerNorm gains pulls them toward 0, which
-    # is not a "simpler" model, just a different one (the convention since BERT's AdamWeightDecayOptimizer).
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    """AdamW with decoupled weight decay on weight matrices only. Biases, norm gains and position tables (whatever the
+    model lists in no_weight_decay()) are not decayed: pulling them toward 0 is not a "simpler" model, just a different
+    one (the convention since BERT's AdamWeightDecayOptimizer). Returns (optimizer, one line describing the groups)."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.dim() >= 2 and n not in skip]
+    no_decay = [p for n, p in named if not (p.dim() >= 2 and n not in skip)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused: one kernel updates every tensor (same maths, tests/test_train.py checks it); on CPU it is ~3x faster than
     # the per-tensor loop, which matters for small models whose step is a few ms.
     fused = device.split(":")[0] in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+    count = lambda ps: f"{len(ps)} tensors ({sum(p.numel() for p in ps):,} parameters)"
+    return optimizer, (f"weight decay {cfg.weight_decay} on {count(decay)}; none on {count(no_decay)}: biases, norm "
+                       f"gains{', ' + ', '.join(sorted(skip)) if skip else ''}")
 
 
 def lr_at(step, cfg):
-    """Linear warm-up from 0 to lr over warmup_iters, then cosine decay to min_lr at lr_decay_iters, then flat.
-    With lr=1e-3, min_lr=1e-4, warmup=100, decay=2000: lr_at(50) = 5e-4, lr_at(1050) = 5.5e-4, lr_at(2000) = 1e-4."""
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    """Linear warm-up from 0 to lr over warmup_iters, then the schedule; the decaying ones reach min_lr at the horizon
+    (lr_decay_iters, or max_iters) and stay there. A horizon of 0 (a budgeted run that has not measured its speed yet)
+    holds the peak. With lr=1e-3, min_lr=1e-4, warmup=100, horizon 2000, cosine:
+    lr_at(50) = 5e-4, lr_at(1050) = 5.5e-4, lr_at(2000) = lr_at(5000) = 1e-4."""
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
-    if step >= decay_iters:
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "rsqrt":  # T5: 1/sqrt(step) after warm-up, continuous at the end of warm-up; no horizon
+        return max(cfg.min_lr, cfg.lr * math.sqrt(max(1, cfg.warmup_iters) / max(1, step)))
+    horizon = cfg.lr_decay_iters or cfg.max_iters
+    if not horizon:
+        return cfg.lr
+    if step >= horizon:
         return cfg.min_lr
-    progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+    progress = (step - cfg.warmup_iters) / max(1, horizon - cfg.warmup_iters)
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
+    return cfg.min_lr + shape * (cfg.lr - cfg.min_lr)
+
+
+def to_device(batch, device):
+    """Move a batch; on CUDA through pinned memory, so the copy is asynchronous and overlaps the running step."""
+    cuda = device.startswith("cuda")
+    return {k: (v.pin_memory() if cuda else v).to(device, non_blocking=cuda) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+def chunk(batch, n):
+    """Split a step's batch (leading dim B * n) into n micro-batches."""
+    parts = {k: v.chunk(n) for k, v in batch.items()}
+    return [{k: parts[k][i] for k in batch} for i in range(n)]
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def optimizer_step(run, batch, draw_next=None):
+    """One optimizer step on `batch` (batch_size * grad_accum rows): forward and backward per micro-batch, then clip and
+    update. Returns the step's loss.
+
+    Each loss term is averaged over the whole step, not per micro-batch: `denominators` counts the step's targets once,
+    up front, and each micro-batch's loss is its sum divided by that count. Accumulation is then exactly one big batch,
+    also when micro-batches hold different numbers of targets (MLM's random 15%, T5's padding), where the mean of the
+    micro-batch means would be wrong. The loss is read back once per step (one host sync) and checked before the update,
+    so a NaN never reaches the weights. draw_next() prepares the next batch while the device is still busy."""
+    denominators = run.objective.denominators(batch)
+    loss_sum = 0.0
+    for micro in chunk(batch, run.cfg.grad_accum):
+        with run.autocast:
+            loss, _ = run.objective.loss(run.train_model, to_device(micro, run.device), denominators)
+        run.scaler.scale(loss).backward()
+        loss_sum = loss_sum + loss.detach()
+    if draw_next is not None:
+        draw_next()
+    step_loss = float(loss_sum)
+    if not math.isfinite(step_loss):
+        run.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(f"loss is {step_loss}")
+    if run.cfg.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the fp16-scaled ones
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return step_loss
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -533,21 +757,23 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, flag="--resume"):
+    """The checkpoint at `path`; errors name the flag the user gave it with."""
     if not os.path.exists(path):
-        raise UsageError(f"--resume: no checkpoint at {path}")
+        raise UsageError(f"{flag}: no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UsageError(f"{path} is not a readable checkpoint ({e.__class__.__name__}); it may be corrupt") from None
+        raise UsageError(f"{flag}: {path} is not a readable checkpoint ({e.__class__.__name__}); it may be corrupt") \
+            from None
     if not isinstance(ckpt, dict) or not {"model", "model_config", "tokenizer", "step"} <= set(ckpt):
-        raise UsageError(f"{path} is not a checkpoint written by train.py")
+        raise UsageError(f"{flag}: {path} is not a checkpoint written by train.py")
     return ckpt
 
 
-def load_for_inference(path, device="cpu"):
-    """(model in eval mode, tokenizer, checkpoint dict) from a train.py checkpoint. Used by gpt.py's sampler."""
-    ckpt = load_checkpoint(path)
+def load_for_inference(path, device="cpu", flag="--ckpt"):
+    """(model in eval mode, tokenizer, checkpoint dict) from a train.py checkpoint: what the model files' samplers use."""
+    ckpt = load_checkpoint(path, flag)
     mod = model_module(ckpt["train_config"]["model"])
     model = mod.Model(mod.Config(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
@@ -558,29 +784,36 @@ def load_for_inference(path, device="cpu"):
 # Evaluation, logging, plotting
 
 
+def eval_view(split, max_tokens, spread, min_piece=1):
+    """The part of a split an eval scores, as a list of Splits. All of it when it fits in max_tokens; otherwise the
+    leading max_tokens (val: the same slice every time), or, with spread, up to 32 equal slices (each at least
+    min_piece tokens) at evenly spaced offsets, so the train estimate covers every document, not only the first ones."""
+    n = len(split.tokens)
+    if not max_tokens or max_tokens >= n:
+        return [split]
+    if not spread:
+        return [split.slice(0, max_tokens)]
+    k = max(1, min(32, max_tokens // max(1, min_piece)))
+    sizes = [max_tokens * (i + 1) // k - max_tokens * i // k for i in range(k)]  # they add up to max_tokens exactly
+    return [split.slice(i * n // k, i * n // k + size) for i, size in enumerate(sizes)]
+
+
 @torch.no_grad()
-def evaluate(model, objective, split, cfg, device, autocast, max_tokens=None):
-    """Score the model on `split` (all of it unless max_tokens) in a fixed order: the same numbers on every run."""
+def evaluate(model, objective, pieces, rows, device, autocast):
+    """Score the model on every piece (eval_view), in a fixed order: the same numbers on every run. A stateful objective
+    (XLNet's memory) starts from a clean state: reset() before the first batch."""
     model.eval()
+    if hasattr(objective, "reset"):
+        objective.reset()
     sums = {}
-    rows = cfg.eval_batch_size or max(cfg.batch_size, 16384 // objective.block_size)  # no backward: big batches are cheap
-    for batch in objective.eval_batches(split, rows, max_tokens):
-        with autocast:
-            _, stats = objective.loss(model, to_device(batch, device))
-        for k, v in stats.items():
-            sums[k] = sums.get(k, 0.0) + (v.item() if torch.is_tensor(v) else v)
+    for piece in pieces:
+        for batch in objective.eval_batches(piece, rows):
+            with autocast:
+                _, stats = objective.loss(model, to_device(batch, device))
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + (v.item() if torch.is_tensor(v) else v)
     model.train()
     return objective.summarize(sums)
-
-
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def chunk(batch, n):
-    """Split a step's batch (leading dim B * n) into n micro-batches."""
-    parts = {k: v.chunk(n) for k, v in batch.items()}
-    return [{k: parts[k][i] for k in batch} for i in range(n)]
 
 
 def fmt_time(s):
@@ -588,266 +821,47 @@ def fmt_time(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def fmt_metrics(metrics):
+    """'1.2345 nats/tok 2.3456 bpb 0.4567 acc': the loss gets its unit, every other metric its name."""
+    return " ".join(f"{v:.4f} {'nats/tok' if k == 'loss' else k}" for k, v in metrics.items())
+
+
 def plot_metrics(rows, path, title):
+    """loss.png: train (per step and at evals) and val loss; beside it bits per byte where the objective reports it, else
+    the objective's other metrics (accuracies ...)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tr = [r for r in rows if r["kind"] == "train"]
     ev = [r for r in rows if r["kind"] == "eval"]
-    fig, axes = plt.subplots(1, 2 if ev and "val_bpb" in ev[0] else 1, figsize=(11, 4), squeeze=False)
+    extra = sorted({k[4:] for r in ev for k in r if k.startswith("val_") and k != "val_loss"})
+    extra = ["bpb"] if "bpb" in extra else extra
+    fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(11, 4), squeeze=False)
     ax = axes[0][0]
     if tr:
         ax.plot([r["step"] for r in tr], [r["loss"] for r in tr], color="tab:blue", alpha=0.35, lw=1,
                 label="train (batch)")
     if ev:
         ax.plot([r["step"] for r in ev], [r["train_loss"] for r in ev], "o-", color="tab:blue", label="train (eval)")
-        ax.plot([r["step"] for r in ev], [r["val_loss"] for r in ev], "o-", color="tab:orange", label="val (held-out works)")
+        ax.plot([r["step"] for r in ev], [r["val_loss"] for r in ev], "o-", color="tab:orange", label="val (held out)")
     ax.set(xlabel="step", ylabel="loss (nats/token)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
-    if axes.shape[1] > 1:
+    if extra:
         ax = axes[0][1]
-        ax.plot([r["step"] for r in ev], [r["train_bpb"] for r in ev], "o-", color="tab:blue", label="train")
-        ax.plot([r["step"] for r in ev], [r["val_bpb"] for r in ev], "o-", color="tab:orange", label="val")
-        ax.set(xlabel="step", ylabel="bits per byte", title="tokenizer-independent: bits per UTF-8 byte")
+        for i, name in enumerate(extra):
+            for part, style in (("train", "o--"), ("val", "o-")):
+                pts = [(r["step"], r[f"{part}_{name}"]) for r in ev if f"{part}_{name}" in r]
+                ax.plot(*zip(*pts), style, color=f"C{i}", label=f"{part} {name}")
+        ax.set(xlabel="step", ylabel="bits per byte" if extra == ["bpb"] else "",
+               title="tokenizer-independent: bits per UTF-8 byte" if extra == ["bpb"] else "metrics")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=100)
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The loop
-
-
-class Interrupted(Exception):
-    pass
-
-
-class NonFiniteLoss(Exception):
-    pass
-
-
-def optimizer_step(train_model, model, objective, optimizer, scaler, autocast, batch, cfg, device):
-    """One optimizer step on `batch` (batch_size * grad_accum rows): forward and backward per micro-batch, then clip and
-    update. Returns the step's mean loss. The loss is read back once per step (one host sync, not one per micro-batch)
-    and checked before the update, so a NaN never reaches the weights."""
-    loss_sum = 0.0
-    for micro in chunk(batch, cfg.grad_accum):
-        with autocast:
-            loss, _ = objective.loss(train_model, to_device(micro, device))
-        scaler.scale(loss / cfg.grad_accum).backward()  # mean over the step = mean of the micro-batch means
-        loss_sum = loss_sum + loss.detach()
-    step_loss = loss_sum.item() / cfg.grad_accum
-    if not math.isfinite(step_loss):
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLoss(f"loss is {step_loss}")
-    if cfg.grad_clip > 0:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return step_loss
-
-
-def train(argv=None, on_step=None):
-    """Run training as `python train.py argv...` would. on_step(step, loss) is called after every optimizer step (tests
-    and notebooks use it to watch or interrupt a run). Returns the list of metric rows."""
-    cfg, model_kwargs, explicit = resolve_config(argv or [])
-    mod = model_module(cfg.model)
-    cfg.out_dir = cfg.out_dir or os.path.join("out", cfg.model)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-
-    # --- everything that can be wrong with the input is checked before anything is written ---
-    ckpt = None
-    if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        saved = ckpt["model_config"]
-        for key, value in model_kwargs.items():
-            if key in explicit and saved.get(key) != value:
-                if key == "block_size" and value > saved[key]:
-                    raise UsageError(f"--block-size {value} is larger than the checkpoint's position table "
-                                     f"({saved[key]} positions)")
-                raise UsageError(f"--resume: --{key.replace('_', '-')} {value!r} does not match the checkpoint's "
-                                 f"{saved.get(key)!r}")
-        saved_train = ckpt["train_config"]
-        for key in ("model", "tokenizer", "data", "val_docs", "vocab_size"):
-            if key in explicit and getattr(cfg, key) != saved_train[key]:
-                raise UsageError(f"--resume: --{key.replace('_', '-')} {getattr(cfg, key)!r} does not match the "
-                                 f"checkpoint's {saved_train[key]!r}")
-        # the run continues with the settings it was started with; only flags given now change them (e.g. a longer
-        # --max-iters). Falling back to the preset instead would silently change lr or schedule mid-run.
-        for key, value in saved_train.items():
-            if key not in explicit and key not in ("resume", "overwrite", "bench", "out_dir"):
-                setattr(cfg, key, value)
-        model_kwargs = {k: v for k, v in saved.items() if k != "vocab_size"}
-    elif os.path.exists(ckpt_path) and not cfg.bench and not cfg.overwrite:
-        raise UsageError(f"{cfg.out_dir} already holds a run (ckpt.pt); pass --resume to continue it, --overwrite to "
-                         f"replace it, or --out-dir to start another")
-    device = pick_device(cfg.device)  # after a resume has restored the run's own --device/--dtype
-    dtype = pick_dtype(cfg.dtype, device)
-    try:
-        model_cfg_probe = mod.Config(vocab_size=1, **model_kwargs)
-    except (TypeError, ValueError) as e:
-        raise UsageError(str(e)) from None
-    tokens_per_micro = cfg.batch_size * model_cfg_probe.block_size
-    if cfg.tokens_per_step:
-        if cfg.tokens_per_step % tokens_per_micro:
-            raise UsageError(f"--tokens-per-step {cfg.tokens_per_step} is not a multiple of batch_size x block_size = "
-                             f"{cfg.batch_size} x {model_cfg_probe.block_size} = {tokens_per_micro}")
-        cfg.grad_accum = cfg.tokens_per_step // tokens_per_micro
-    for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "log_interval"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-
-    tokenizer, splits, data_key = prepare_data(cfg, ckpt["tokenizer"] if ckpt else None)
-    for part, split in splits.items():
-        if len(split.tokens) < model_cfg_probe.block_size + 1:
-            raise UsageError(f"the {part} split has {len(split.tokens)} tokens, fewer than block_size + 1 = "
-                             f"{model_cfg_probe.block_size + 1}; use a smaller --block-size or more data")
-    if ckpt and ckpt.get("data_key") not in (None, data_key):
-        raise UsageError("--resume: the corpus changed since the checkpoint was written (its files' contents differ)")
-
-    # --- build ---
-    torch.manual_seed(cfg.seed)
-    model_cfg = mod.Config(vocab_size=tokenizer.n_vocab, **model_kwargs)
-    model = mod.Model(model_cfg).to(device)
-    objective = mod.Objective(model_cfg, tokenizer.token_bytes().to(device))
-    optimizer = make_optimizer(model, cfg, device)
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=(dtype == "fp16"))
-    autocast = torch.autocast(device.split(":")[0], dtype=TORCH_DTYPES[dtype]) if dtype != "fp32" \
-        else contextlib.nullcontext()
-    batch_gen = torch.Generator().manual_seed(cfg.seed)  # owns the batch order: saved and restored with the run
-    step, rows = 0, []
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        batch_gen.set_state(ckpt["rng"]["batch"])
-        if device.startswith("cuda") and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        rows = [r for r in _read_metrics(cfg.out_dir) if r["step"] <= step]
-    train_model = torch.compile(model) if cfg.compile else model
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
-    peak, peak_how = peak_flops(device, dtype)
-    flops_per_token = model.flops_per_token() if hasattr(model, "flops_per_token") else None
-
-    print(f"model {cfg.model} preset {cfg.preset}: {model.num_params() / 1e6:.2f}M parameters | {json.dumps(model_kwargs)}")
-    print(f"data {cfg.data or DEFAULT_DATA}: train {len(splits['train'].doc_names)} docs {len(splits['train'].tokens):,} "
-          f"tokens | val {len(splits['val'].doc_names)} docs {len(splits['val'].tokens):,} tokens "
-          f"({', '.join(splits['val'].doc_names)}) | tokenizer {cfg.tokenizer} ({tokenizer.n_vocab} ids)")
-    print(f"device {device} {dtype}{' +compile' if cfg.compile else ''} | tokens per step = batch {cfg.batch_size} x "
-          f"block {model_cfg.block_size} x grad_accum {cfg.grad_accum} = {tokens_per_step:,}"
-          + (f" | resuming at step {step}" if ckpt else ""))
-    if peak:
-        print(f"MFU is relative to {peak / 1e12:.2f} TFLOP/s ({peak_how})")
-
-    if cfg.bench:
-        return _bench(cfg, train_model, model, objective, optimizer, scaler, autocast, splits, batch_gen, device,
-                      tokens_per_step, peak, flops_per_token)
-
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    _atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
-    val_tokens = len(splits["val"].tokens)
-    eval_train_tokens = cfg.eval_train_tokens or val_tokens
-
-    def log_row(row):
-        rows.append(row)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def checkpoint():
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "step": step, "model_config": asdict(model_cfg), "train_config": asdict(cfg),
-            "tokenizer": tokenizer.identity(), "data_key": data_key,
-            "rng": {"torch": torch.get_rng_state(), "batch": batch_gen.get_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None},
-        })
-
-    stop = {"signal": None}
-
-    def request_stop(signum, frame):
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt  # second Ctrl-C: give up at once
-        stop["signal"] = signal.Signals(signum).name
-        print(f"\n{stop['signal']}: finishing this step, then saving a checkpoint (press again to abort)", flush=True)
-
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    t_start, t_last, steps_timed = time.time(), time.time(), 0
-    resumed_at = step if ckpt else None
-    try:
-        while True:
-            if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and step != resumed_at:
-                t_eval = time.time()
-                val = evaluate(model, objective, splits["val"], cfg, device, autocast)
-                tr = evaluate(model, objective, splits["train"], cfg, device, autocast, max_tokens=eval_train_tokens)
-                row = {"kind": "eval", "step": step, **{f"train_{k}": v for k, v in tr.items()},
-                       **{f"val_{k}": v for k, v in val.items()}, "time": time.time() - t_start}
-                log_row(row)
-                print(f"eval step {step}: " + " | ".join(
-                    f"{part} " + " ".join(f"{v:.4f} {'nats/tok' if k == 'loss' else k}" for k, v in m.items())
-                    for part, m in (("train", tr), ("val", val))) + f" ({time.time() - t_eval:.1f}s)", flush=True)
-                checkpoint()
-                plot_metrics(rows, os.path.join(cfg.out_dir, "loss.png"), f"{cfg.model} / {cfg.preset}")
-                t_last += time.time() - t_eval  # evals do not count toward ms/step
-            if step >= cfg.max_iters:
-                break
-
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = objective.train_batch(splits["train"], cfg.batch_size * cfg.grad_accum, batch_gen)
-            try:
-                step_loss = optimizer_step(train_model, model, objective, optimizer, scaler, autocast, batch, cfg, device)
-            except NonFiniteLoss as e:
-                raise NonFiniteLoss(f"{e} at step {step}") from None
-            step += 1
-            steps_timed += 1
-
-            if step % cfg.log_interval == 0 or step == cfg.max_iters:
-                now = time.time()
-                ms = (now - t_last) * 1000 / steps_timed
-                tok_s = tokens_per_step / (ms / 1000)
-                mfu = flops_per_token * tok_s / peak if peak and flops_per_token else None
-                log_row({"kind": "train", "step": step, "loss": step_loss, "lr": lr, "tok_s": tok_s, "ms": ms,
-                         "mfu": mfu, "time": now - t_start})
-                print(f"step {step}/{cfg.max_iters} | loss {step_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
-                      f"{ms:.0f} ms/step | MFU {'n/a' if mfu is None else f'{mfu:.1%}'} | "
-                      f"ETA {fmt_time((cfg.max_iters - step) * ms / 1000)}", flush=True)
-                t_last, steps_timed = now, 0
-            if on_step is not None:
-                on_step(step, step_loss)
-            if stop["signal"]:
-                raise Interrupted
-    except Interrupted:
-        checkpoint()
-        print(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with: python train.py "
-              f"--model {cfg.model} --out-dir {cfg.out_dir} --resume")
-        return rows
-    except NonFiniteLoss as e:
-        kept = f"the last good checkpoint ({ckpt_path}) is kept" if os.path.exists(ckpt_path) else "no checkpoint yet"
-        raise UsageError(f"{e}; stopping. {kept}. Try a lower --lr or --grad-clip") from None
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-    print(f"done: {step} steps in {fmt_time(time.time() - t_start)}; wrote {ckpt_path}, {metrics_path}, "
-          f"{os.path.join(cfg.out_dir, 'loss.png')}")
-    if cfg.sample_tokens > 0 and hasattr(model, "generate"):
-        prompt = tokenizer.encode(cfg.prompt) or [tokenizer.eot_id]
-        g = torch.Generator(device=device).manual_seed(cfg.seed)
-        out = model.generate(torch.tensor([prompt], device=device), cfg.sample_tokens, temperature=cfg.temperature,
-                             top_k=cfg.top_k or None, generator=g)
-        print("-" * 80 + "\n" + tokenizer.decode(out[0].tolist()) + "\n" + "-" * 80)
-    return rows
 
 
 def _read_metrics(out_dir):
@@ -858,28 +872,496 @@ def _read_metrics(out_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _bench(cfg, train_model, model, objective, optimizer, scaler, autocast, splits, batch_gen, device, tokens_per_step,
-           peak, flops_per_token):
+# ----------------------------------------------------------------------------------------------------------------------
+# A time budget (--max-time). The step count is what makes a schedule: warm-up, then decay to the floor at the last
+# step. So rather than stopping a run when time is up (which would cut the decay short), the loop measures how long a
+# step and an evaluation take on this machine, early, and fixes the step count that fits, as Cramming (Geiping &
+# Goldstein 2023, §4) fits its schedule to a budget. It measures inside warm-up, where the learning rate does not depend
+# on the step count yet; the decision is printed and saved in the checkpoint, so a resumed run keeps it.
+
+
+@dataclass
+class Budget:
+    seconds: float  # the whole run's budget, start-up included
+    spent_before: float = 0.0  # seconds spent by the run before this process resumed it
+    eval_seconds: float = 0.0  # how long an evaluation took (the one at step 0)
+    decided: int = 0  # the step count, once fixed
+    step_times: list = field(default_factory=list)
+
+    WARM_UP_STEPS = 3  # the first steps of a process are slower (allocations, caches); not timed
+    MARGIN = 0.97  # plan for 97% of what is left: step times drift by a few percent over a run
+
+    def ready(self):
+        """Enough steps timed: at least 10, and 2 seconds' worth or 50 of them."""
+        n, total = len(self.step_times), sum(self.step_times)
+        return not self.decided and n >= 10 and (total >= 2.0 or n >= 50)
+
+    def decide(self, step, elapsed, cfg):
+        """The largest step count whose remaining steps and evaluations fit in what is left of the budget."""
+        times = sorted(self.step_times)
+        per_step = times[len(times) // 2]  # the median: one step slowed by the OS does not shrink the run
+        left = (self.seconds - self.spent_before - elapsed) * self.MARGIN
+
+        def cost(n):  # remaining steps + the evaluations at multiples of eval_interval in (step, n], and at n
+            evals = n // cfg.eval_interval - step // cfg.eval_interval + (n % cfg.eval_interval != 0)
+            return (n - step) * per_step + evals * self.eval_seconds
+
+        n = step + max(0, int(left / per_step))
+        while n > step and cost(n) > left:
+            n -= max(1, int((cost(n) - left) / per_step / 2))
+        if cfg.max_iters:
+            n = min(n, cfg.max_iters)
+        self.decided = max(n, step)
+        return per_step
+
+    def state(self, elapsed):
+        return {"seconds": self.seconds, "spent": self.spent_before + elapsed, "eval_seconds": self.eval_seconds,
+                "decided": self.decided}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Setting up a run: everything that can be wrong with the input is checked before anything is written.
+
+
+@dataclass
+class Run:
+    """Everything a training run holds, built by setup(), advanced by loop()."""
+    cfg: TrainConfig
+    mod: object
+    model_cfg: object
+    demo_cfg: object
+    tokenizer: object
+    splits: dict
+    data_key: str
+    device: str
+    dtype: str
+    model: torch.nn.Module
+    train_model: torch.nn.Module  # the model, or its torch.compile wrapper
+    objective: object  # draws training batches; keeps the state of a stateful objective
+    eval_objective: object  # a second instance for evaluation: state never leaks between training and evaluation
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: object
+    batch_gen: torch.Generator  # owns the batch order: saved and restored with the run
+    budget: Budget = None
+    step: int = 0
+    evaluated: bool = False  # has the eval at `step` run? (a run stopped on an eval step resumes with it)
+    rows: list = field(default_factory=list)
+    ckpt_path: str = ""
+    resumed: dict = None  # the checkpoint resumed from
+    t_start: float = 0.0  # when setup() began: budgets and logged times count from there, as a stopwatch would
+    next_batch: dict = None  # drawn while the previous step still runs
+    resume_point: tuple = None  # (batch generator state, objective state) from before next_batch was drawn
+
+    @property
+    def tokens_per_step(self):
+        return self.cfg.batch_size * self.cfg.grad_accum * self.objective.tokens_per_row
+
+
+def _restore_settings(s, ckpt):
+    """--resume: the run continues with the settings it was started with; only flags given now change them (a longer
+    --max-iters, say). Falling back to the preset instead would silently change lr or schedule mid-run."""
+    saved = ckpt["model_config"]
+    for key, value in s.model.items():
+        if key in s.explicit and saved.get(key) != value:
+            if key == "block_size" and value > saved[key]:
+                raise UsageError(f"--block-size {value} is larger than the checkpoint's position table "
+                                 f"({saved[key]} positions)")
+            raise UsageError(f"--resume: --{key.replace('_', '-')} {value!r} does not match the checkpoint's "
+                             f"{saved.get(key)!r}")
+    saved_train = ckpt["train_config"]
+    for key in ("model", "tokenizer", "data", "val_docs", "vocab_size"):
+        if key in s.explicit and getattr(s.cfg, key) != saved_train[key]:
+            raise UsageError(f"--resume: --{key.replace('_', '-')} {getattr(s.cfg, key)!r} does not match the "
+                             f"checkpoint's {saved_train[key]!r}")
+    for key, value in saved_train.items():
+        if key not in s.explicit and key not in ("resume", "overwrite", "bench", "out_dir") and hasattr(s.cfg, key):
+            setattr(s.cfg, key, value)
+    s.model = {k: v for k, v in saved.items() if k not in DERIVED}
+    s.demo = {**ckpt.get("demo_config", {}), **{k: v for k, v in s.demo.items() if k in s.explicit}}
+
+
+def _weights_to_start_from(s, mod):
+    """--init-from: (model config kwargs, state dict, tokenizer identity or None) from our ckpt.pt or a Hugging Face
+    directory. The architecture comes from the weights; flags may change what does not change a parameter's shape."""
+    path = s.cfg.init_from
+    if os.path.isdir(path):
+        if not hasattr(mod.Model, "from_pretrained"):
+            raise UsageError(f"--init-from {path}: {s.cfg.model} cannot read Hugging Face directories")
+        try:
+            hf = mod.Model.from_pretrained(path)
+        except (OSError, KeyError, ValueError) as e:
+            raise UsageError(f"--init-from {path}: {e}") from None
+        return {k: v for k, v in asdict(hf.config).items() if k not in DERIVED}, hf.state_dict(), None, \
+            hf.config.vocab_size
+    ckpt = load_checkpoint(path, "--init-from")
+    if ckpt["train_config"]["model"] != s.cfg.model:
+        raise UsageError(f"--init-from {path}: a {ckpt['train_config']['model']} checkpoint, not {s.cfg.model}")
+    if "tokenizer" in s.explicit and s.cfg.tokenizer != ckpt["train_config"]["tokenizer"]:
+        raise UsageError(f"--init-from: --tokenizer {s.cfg.tokenizer!r} does not match the checkpoint's "
+                         f"{ckpt['train_config']['tokenizer']!r} (the weights belong to its ids)")
+    s.cfg.tokenizer = ckpt["train_config"]["tokenizer"]
+    return {k: v for k, v in ckpt["model_config"].items() if k not in DERIVED}, ckpt["model"], ckpt["tokenizer"], None
+
+
+def setup(argv):
+    """Resolve the settings, check them, read the data and build the model, objective and optimizer; restore a resumed
+    run's state. Nothing is written to the run directory here."""
+    t_start = time.time()
+    s = resolve_config(argv or [])
+    cfg, mod = s.cfg, model_module(s.cfg.model)
+    cfg.out_dir = cfg.out_dir or os.path.join("out", cfg.model)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+
+    ckpt = init = None
+    if cfg.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        _restore_settings(s, ckpt)
+    elif os.path.exists(ckpt_path) and not cfg.bench and not cfg.overwrite:
+        raise UsageError(f"{cfg.out_dir} already holds a run (ckpt.pt); pass --resume to continue it, --overwrite to "
+                         f"replace it, or --out-dir to start another")
+    if cfg.init_from and not cfg.resume:
+        init_kwargs, init_state, init_tok, init_vocab = _weights_to_start_from(s, mod)
+        s.model = {**init_kwargs, **{k: v for k, v in s.model.items() if k in s.explicit}}
+        init = (init_state, init_vocab)
+    device = pick_device(cfg.device)  # after a resume has restored the run's own --device/--dtype
+    dtype = pick_dtype(cfg.dtype, device)
+    if cfg.schedule not in SCHEDULES:
+        raise UsageError(f"unknown --schedule {cfg.schedule!r}; choose from: {', '.join(SCHEDULES)}")
+    for name in ("batch_size", "grad_accum", "eval_interval", "log_interval"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    budget_s = parse_duration(cfg.max_time)
+    if cfg.max_iters < (0 if budget_s else 1):
+        raise UsageError("--max-iters must be at least 1 (0 = no cap is only meaningful with --max-time)")
+    try:
+        mod.Config(vocab_size=1, **s.model)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+    tok_ident = ckpt["tokenizer"] if ckpt else (init_tok if init else None)
+    tokenizer, splits, data_key = prepare_data(cfg, special_tokens_of(mod), tok_ident)
+    if ckpt and ckpt.get("data_key") not in (None, data_key):
+        raise UsageError("--resume: the corpus changed since the checkpoint was written (its files' contents differ)")
+    if init and init[1] is not None and init[1] != tokenizer.n_vocab:
+        raise UsageError(f"--init-from {cfg.init_from}: its vocabulary has {init[1]:,} ids, --tokenizer {cfg.tokenizer} "
+                         f"has {tokenizer.n_vocab:,} (with the model's special tokens)")
+
+    torch.manual_seed(cfg.seed)
+    model_cfg = mod.Config(vocab_size=tokenizer.n_vocab, **s.model)
+    model = mod.Model(model_cfg).to(device)
+    if init:
+        try:
+            model.load_state_dict(init[0])
+        except RuntimeError as e:
+            raise UsageError(f"--init-from {cfg.init_from}: its weights do not fit this model "
+                             f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
+    objective, eval_objective = mod.Objective(model_cfg, tokenizer), mod.Objective(model_cfg, tokenizer)
+    if cfg.tokens_per_step:
+        per_micro = cfg.batch_size * objective.tokens_per_row
+        if cfg.tokens_per_step % per_micro:
+            raise UsageError(f"--tokens-per-step {cfg.tokens_per_step} is not a multiple of batch_size x tokens per row "
+                             f"= {cfg.batch_size} x {objective.tokens_per_row} = {per_micro}")
+        cfg.grad_accum = cfg.tokens_per_step // per_micro
+    for part, split in splits.items():
+        if len(split.tokens) < objective.raw_tokens_per_row:
+            raise UsageError(f"the {part} split has {len(split.tokens):,} tokens, fewer than the "
+                             f"{objective.raw_tokens_per_row:,} one row needs; use a smaller --block-size or more data")
+    optimizer, decay_line = make_optimizer(model, cfg, device)
+    kind = device.split(":")[0]
+    run = Run(cfg=cfg, mod=mod, model_cfg=model_cfg, demo_cfg=mod.DemoConfig(**s.demo) if hasattr(mod, "DemoConfig")
+              else None, tokenizer=tokenizer, splits=splits, data_key=data_key, device=device, dtype=dtype, model=model,
+              train_model=torch.compile(model) if cfg.compile else model, objective=objective,
+              eval_objective=eval_objective, optimizer=optimizer,
+              scaler=torch.amp.GradScaler(kind, enabled=(dtype == "fp16")),
+              autocast=torch.autocast(kind, dtype=TORCH_DTYPES[dtype]) if dtype != "fp32" else contextlib.nullcontext(),
+              batch_gen=torch.Generator().manual_seed(cfg.seed), ckpt_path=ckpt_path, resumed=ckpt, t_start=t_start)
+    if budget_s and not cfg.bench:
+        spent = ckpt.get("budget", {}) if ckpt else {}
+        run.budget = Budget(budget_s, spent_before=spent.get("spent", 0.0), eval_seconds=spent.get("eval_seconds", 0.0),
+                            decided=spent.get("decided", 0))
+        if run.budget.decided:
+            cfg.max_iters = run.budget.decided
+    elif not cfg.lr_decay_iters and not cfg.resume:
+        cfg.lr_decay_iters = cfg.max_iters  # the horizon is fixed now and saved: a longer resumed run keeps it
+    if ckpt:
+        _restore_state(run, ckpt)
+    print(f"model {cfg.model} preset {cfg.preset}: {_num_params(model) / 1e6:.2f}M parameters | {json.dumps(s.model)}"
+          + (f" | weights from {cfg.init_from}" if init else ""))
+    print(f"data {cfg.data or DEFAULT_DATA}: train {len(splits['train'].doc_names)} docs {len(splits['train'].tokens):,} "
+          f"tokens | val {len(splits['val'].doc_names)} docs {len(splits['val'].tokens):,} tokens "
+          f"({', '.join(splits['val'].doc_names[:6])}{', ...' if len(splits['val'].doc_names) > 6 else ''}) | "
+          f"tokenizer {cfg.tokenizer} ({tokenizer.n_vocab} ids)")
+    print(f"device {device} {dtype}{' +compile' if cfg.compile else ''} | tokens per step = batch {cfg.batch_size} x "
+          f"{objective.tokens_per_row} per row x grad_accum {cfg.grad_accum} = {run.tokens_per_step:,} | {decay_line}")
+    return run
+
+
+def _num_params(model):
+    return model.num_params() if hasattr(model, "num_params") else sum(p.numel() for p in model.parameters())
+
+
+def _restore_state(run, ckpt):
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.step, run.evaluated = ckpt["step"], ckpt.get("evaluated", True)
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    run.batch_gen.set_state(ckpt["rng"]["batch"])
+    if run.device.startswith("cuda") and ckpt["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
+    if ckpt.get("objective") is not None:
+        run.objective.load_state_dict(ckpt["objective"])
+    run.rows = [r for r in _read_metrics(run.cfg.out_dir) if r["step"] <= run.step]
+    cfg, horizon = run.cfg, run.cfg.lr_decay_iters
+    note = ""
+    if cfg.schedule in ("cosine", "linear") and horizon and cfg.max_iters > horizon:
+        note = (f"; the {cfg.schedule} schedule keeps its horizon: lr reaches its floor {cfg.min_lr:g} at step {horizon} "
+                f"and stays there (to re-warm on purpose, start a new run with --init-from)")
+    print(f"resuming at step {run.step} of {cfg.max_iters or '(budget not yet fixed)'}{note}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluating and checkpointing a run
+
+
+def run_eval(run):
+    """Val and a train estimate (eval_view): one metrics row and a line on stdout."""
+    t = time.time()
+    cfg = run.cfg
+    rows = cfg.eval_batch_size or max(cfg.batch_size, 16384 // run.objective.tokens_per_row)  # no backward: big batches
+    min_piece = run.objective.raw_tokens_per_row
+    val_view = eval_view(run.splits["val"], cfg.eval_tokens, spread=False, min_piece=min_piece)
+    train_tokens = cfg.eval_train_tokens or sum(len(p.tokens) for p in val_view)
+    train_view = eval_view(run.splits["train"], train_tokens, spread=True, min_piece=min_piece)
+    val = evaluate(run.model, run.eval_objective, val_view, rows, run.device, run.autocast)
+    tr = evaluate(run.model, run.eval_objective, train_view, rows, run.device, run.autocast)
+    seconds = time.time() - t
+    log_row(run, {"kind": "eval", "step": run.step, **{f"train_{k}": v for k, v in tr.items()},
+                  **{f"val_{k}": v for k, v in val.items()}, "time": run_time(run)})
+    print(f"eval step {run.step}: train {fmt_metrics(tr)} | val {fmt_metrics(val)} ({seconds:.1f}s)", flush=True)
+
+
+def checkpoint(run):
+    cuda = run.device.startswith("cuda")
+    save_checkpoint(run.ckpt_path, {
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+        "step": run.step, "evaluated": run.evaluated, "model_config": asdict(run.model_cfg),
+        "train_config": asdict(run.cfg), "demo_config": asdict(run.demo_cfg) if run.demo_cfg else {},
+        "tokenizer": run.tokenizer.identity(), "data_key": run.data_key,
+        "rng": {"torch": torch.get_rng_state(), "batch": run.resume_point[0],
+                "cuda": torch.cuda.get_rng_state(run.device) if cuda else None},
+        "objective": run.resume_point[1],
+        "budget": run.budget.state(run_time(run)) if run.budget else {},
+    })
+
+
+def log_row(run, row):
+    run.rows.append(row)
+    with open(os.path.join(run.cfg.out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def run_time(run):
+    return time.time() - run.t_start
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+class Interrupted(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Ctrl-C / SIGTERM set a flag; the loop finishes its step, saves and returns. A second one aborts at once."""
+    stop = {"signal": None}
+
+    def request_stop(signum, frame):
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(signum).name
+        print(f"\n{stop['signal']}: finishing this step, then saving a checkpoint (press again to abort)", flush=True)
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def loop(run, on_step=None):
+    """Evaluate when due, then one optimizer step, until max_iters. Returns the metric rows."""
+    cfg = run.cfg
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    _atomic_write_text(os.path.join(cfg.out_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in run.rows))
+    stateful = hasattr(run.objective, "state_dict")
+
+    def draw_next():  # the next step's batch, and what a checkpoint must save to draw it again after a resume
+        run.resume_point = (run.batch_gen.get_state(), copy.deepcopy(run.objective.state_dict()) if stateful else None)
+        run.next_batch = run.objective.train_batch(run.splits["train"], cfg.batch_size * cfg.grad_accum, run.batch_gen)
+
+    draw_next()
+    peak, flops = None, getattr(run.model, "flops_per_token", lambda: None)()
+    timed, t_log = [], time.time()
+    with stop_on_signals() as stop:
+        try:
+            while True:
+                if (run.step % cfg.eval_interval == 0 or run.step == cfg.max_iters) and not run.evaluated:
+                    t_eval = time.time()
+                    run_eval(run)
+                    run.evaluated = True
+                    checkpoint(run)
+                    plot_metrics(run.rows, os.path.join(cfg.out_dir, "loss.png"), f"{cfg.model} / {cfg.preset}")
+                    if run.budget and not run.budget.eval_seconds:
+                        run.budget.eval_seconds = time.time() - t_eval
+                    t_log += time.time() - t_eval  # evals do not count toward tokens/s
+                if cfg.max_iters and run.step >= cfg.max_iters:
+                    break
+
+                lr = lr_at(run.step, cfg)
+                for group in run.optimizer.param_groups:
+                    group["lr"] = lr
+                t = time.perf_counter()
+                batch, tokens = run.next_batch, run.objective.count_tokens(run.next_batch)
+                try:
+                    loss = optimizer_step(run, batch, draw_next)
+                except NonFiniteLoss as e:
+                    raise NonFiniteLoss(f"{e} at step {run.step}") from None
+                run.step, run.evaluated = run.step + 1, False
+                timed.append((time.perf_counter() - t, tokens))
+                if run.budget and not run.budget.decided:
+                    if run.step > Budget.WARM_UP_STEPS:
+                        run.budget.step_times.append(timed[-1][0])
+                    if run.budget.ready():
+                        decide_budget(run)
+
+                if run.step % cfg.log_interval == 0 or run.step == cfg.max_iters:
+                    wall = time.time() - t_log
+                    if peak is None and flops:
+                        peak = _peak_for_mfu(run, timed)
+                    log_step(run, loss, lr, timed, peak, flops, wall)
+                    timed, t_log = [], time.time()
+                if on_step is not None:
+                    on_step(run.step, loss)
+                if stop["signal"]:
+                    raise Interrupted
+        except Interrupted:
+            checkpoint(run)
+            print(f"stopped at step {run.step}; checkpoint saved to {run.ckpt_path}; continue with: python train.py "
+                  f"--model {cfg.model} --out-dir {cfg.out_dir} --resume")
+            return run.rows
+        except NonFiniteLoss as e:
+            kept = f"the last good checkpoint ({run.ckpt_path}) is kept" if os.path.exists(run.ckpt_path) else \
+                "no checkpoint yet"
+            raise UsageError(f"{e}; stopping. {kept}. Try a lower --lr or --grad-clip") from None
+
+    print(f"done: {run.step} steps in {fmt_time(run_time(run))}; wrote {run.ckpt_path}, "
+          f"{os.path.join(cfg.out_dir, 'metrics.jsonl')}, {os.path.join(cfg.out_dir, 'loss.png')}")
+    if run.demo_cfg is not None:
+        run.mod.demo(run.model, run.tokenizer, run.demo_cfg, run.device)
+    return run.rows
+
+
+def decide_budget(run):
+    cfg, b = run.cfg, run.budget
+    per_step = b.decide(run.step, run_time(run), cfg)
+    cfg.max_iters = b.decided
+    if not cfg.lr_decay_iters:
+        cfg.lr_decay_iters = b.decided
+    print(f"budget {fmt_time(b.seconds)}: {per_step * 1000:.0f} ms/step (median of {len(b.step_times)}) and "
+          f"{b.eval_seconds:.1f}s per eval -> {b.decided} steps; the {cfg.schedule} schedule reaches its floor at step "
+          f"{cfg.lr_decay_iters}", flush=True)
+
+
+def _peak_for_mfu(run, timed):
+    """The device's peak for MFU, 0 if unknown. On a CPU it is measured (~0.1 s, then cached per machine) only for a run
+    planned to last a minute or more; a short run (a test, a trial) never pays for it."""
+    per_step = sum(t for t, _ in timed) / len(timed)
+    planned = per_step * run.cfg.max_iters if run.cfg.max_iters else parse_duration(run.cfg.max_time)
+    peak, how = peak_flops(run.device, run.dtype, run.cfg.cache_dir, measure=planned >= 60)
+    if peak:
+        print(f"MFU is relative to {peak / 1e12:.2f} TFLOP/s ({how})")
+    return peak or 0
+
+
+def log_step(run, loss, lr, timed, peak, flops, wall):
+    cfg = run.cfg
+    ms = 1000 * sum(t for t, _ in timed) / len(timed)
+    tok_s = sum(n for _, n in timed) / max(1e-9, wall)
+    mfu = flops * tok_s / peak if peak and flops else None
+    log_row(run, {"kind": "train", "step": run.step, "loss": loss, "lr": lr, "tok_s": tok_s, "ms": ms, "mfu": mfu,
+                  "time": run_time(run)})
+    left = (cfg.max_iters - run.step) * ms / 1000 if cfg.max_iters else None
+    print(f"step {run.step}/{cfg.max_iters or '?'} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
+          f"{ms:.0f} ms/step | MFU {'n/a' if mfu is None else f'{mfu:.1%}'} | "
+          f"ETA {'?' if left is None else fmt_time(left)}", flush=True)
+
+
+def bench(run):
     """Time full optimizer steps (data, forward, backward, clip, AdamW) after a warm-up; nothing is written."""
-
-    def one_step():  # exactly what the training loop runs per step
-        batch = objective.train_batch(splits["train"], cfg.batch_size * cfg.grad_accum, batch_gen)
-        optimizer_step(train_model, model, objective, optimizer, scaler, autocast, batch, cfg, device)
-
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    cfg = run.cfg
+    draw = lambda: run.objective.train_batch(run.splits["train"], cfg.batch_size * cfg.grad_accum, run.batch_gen)
+    sync = torch.cuda.synchronize if run.device.startswith("cuda") else (lambda: None)
     for _ in range(5):
-        one_step()
+        optimizer_step(run, draw())
     sync()
-    t = time.perf_counter()
+    tokens, t = 0, time.perf_counter()
     for _ in range(cfg.bench_iters):
-        one_step()
+        batch = draw()
+        tokens += run.objective.count_tokens(batch)
+        optimizer_step(run, batch)
     sync()
-    ms = (time.perf_counter() - t) * 1000 / cfg.bench_iters
-    tok_s = tokens_per_step / (ms / 1000)
-    mfu = flops_per_token * tok_s / peak if peak and flops_per_token else None
-    print(f"bench: {ms:.1f} ms/step | {tok_s:,.0f} tokens/s | MFU {'n/a' if mfu is None else f'{mfu:.1%}'} | "
-          f"{cfg.bench_iters} steps of {tokens_per_step:,} tokens")
+    seconds = time.perf_counter() - t
+    ms, tok_s = seconds * 1000 / cfg.bench_iters, tokens / seconds
+    peak, how = peak_flops(run.device, run.dtype, cfg.cache_dir)
+    flops = getattr(run.model, "flops_per_token", lambda: None)()
+    mfu = flops * tok_s / peak if peak and flops else None
+    print(f"bench: {ms:.1f} ms/step | {tok_s:,.0f} tokens/s | MFU {'n/a' if mfu is None else f'{mfu:.1%}'} "
+          f"({how}) | {cfg.bench_iters} steps of {run.tokens_per_step:,} tokens")
     return [{"kind": "bench", "ms": ms, "tok_s": tok_s, "mfu": mfu}]
+
+
+def train(argv=None, on_step=None):
+    """Run training as `python train.py argv...` would. on_step(step, loss) is called after every optimizer step (tests
+    and notebooks use it to watch or interrupt a run). Returns the list of metric rows."""
+    run = setup(argv)
+    return bench(run) if run.cfg.bench else loop(run, on_step)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A finished run, for experiments and notebooks: its model, data and evaluation, in the run's own device and precision.
+
+
+@dataclass
+class FinishedRun:
+    model: torch.nn.Module
+    tokenizer: object
+    splits: dict
+    cfg: TrainConfig
+    device: str
+    autocast: object
+
+    def evaluate(self, objective, part="val", max_tokens=None):
+        """Metrics of `objective` (e.g. the run's own, with other settings) on the leading max_tokens of a split."""
+        rows = self.cfg.eval_batch_size or max(self.cfg.batch_size, 16384 // objective.tokens_per_row)
+        view = eval_view(self.splits[part], max_tokens, spread=part == "train", min_piece=objective.raw_tokens_per_row)
+        return evaluate(self.model, objective, view, rows, self.device, self.autocast)
+
+
+def open_run(ckpt_path):
+    """The run that wrote ckpt_path: model in eval mode on the run's device, tokenizer, splits, and evaluate()."""
+    model, tokenizer, ckpt = load_for_inference(ckpt_path, flag="open_run")
+    cfg = TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in {f.name for f in fields(TrainConfig)}})
+    _, splits, _ = prepare_data(cfg, list(tokenizer.specials), ckpt["tokenizer"])
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    autocast = torch.autocast(device.split(":")[0], dtype=TORCH_DTYPES[dtype]) if dtype != "fp32" \
+        else contextlib.nullcontext()
+    return FinishedRun(model.to(device), tokenizer, splits, cfg, device, autocast)
 
 
 def main(argv=None):
