@@ -608,7 +608,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    import train  # the checkpoint format and the tokenizers live in train.py, shared by every model
+    import data  # the tokenizers
+    import train  # the checkpoint format, shared by every model
 
     try:
         if args.ckpt:
@@ -618,7 +619,7 @@ def main(argv=None):
                 model = GPT.from_pretrained(args.hf).to(args.device).eval()
             except (OSError, KeyError, ValueError) as e:
                 raise train.UsageError(f"--hf {args.hf}: {e}") from None
-            tokenizer = train.gpt2_tokenizer()
+            tokenizer = data.gpt2_tokenizer()
         ids = tokenizer.encode(args.prompt)
     except train.UsageError as e:
         print(f"gpt.py: error: {e}", file=sys.stderr)

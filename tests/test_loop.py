@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import gpt
 import train
 
@@ -103,7 +104,7 @@ def test_position_tables_norm_gains_and_biases_are_not_decayed(capsys):
 
 
 def test_ignored_targets_are_neither_scored_nor_counted_nor_read_from_the_byte_table():
-    tok = train.CharTokenizer("abc")  # ids 0..2, <|endoftext|> 3
+    tok = data.CharTokenizer("abc")  # ids 0..2, <|endoftext|> 3
     obj = gpt.NextTokenObjective(gpt.GPTConfig(block_size=4, vocab_size=4, n_layer=1, n_head=1, n_embd=4), tok)
     model = gpt.GPT(gpt.GPTConfig(block_size=4, vocab_size=4, n_layer=1, n_head=1, n_embd=4))
     idx = torch.tensor([[0, 1, 2, 0]])
@@ -168,6 +169,8 @@ def test_a_second_objective_trains_evaluates_and_resumes_exactly_through_the_sam
     first = train.train(toy_args(tmp_path / "b", corpus, *common), on_step=interrupt_at(5))
     ckpt = torch.load(tmp_path / "b" / "out" / "ckpt.pt", weights_only=True)
     assert len(ckpt["objective"]["cursors"]) == 4, "the objective's state must be in the checkpoint"
+    assert ckpt["model_config"]["pad_token_id"] == data.tokenizer_from_identity(ckpt["tokenizer"]).specials[
+        "[PAD]"], "TOKEN_IDS fields come from the tokenizer"
     resumed = train.train(toy_args(tmp_path / "b", corpus, *common, "--resume"))
     assert strip(resumed) == strip(straight), "the stateful objective did not resume exactly"
     assert first[-1]["step"] == 5
@@ -185,22 +188,22 @@ def test_evaluation_state_never_leaks_into_training(tmp_path, corpus, toy):
 
 def test_model_special_tokens_sit_above_every_tokenizer_and_ordinary_text_is_unchanged(tmp_path, corpus):
     import toy_mlm
-    specials = train.special_tokens_of(toy_mlm)
+    specials = data.special_tokens_of(toy_mlm)
     assert specials == ["<|endoftext|>", "[MASK]", "[PAD]"]
     text = "Good my lord, [MASK] is here."
     docs = [(corpus / "hamlet.txt").read_text()]
     for kind in ("char", "gpt2", "bpe"):
         cfg = train.TrainConfig(tokenizer=kind, vocab_size=300, cache_dir=str(tmp_path / "cache"))
-        plain = train.build_tokenizer(cfg, docs, docs + [text], [train.EOT])
-        tok = train.build_tokenizer(cfg, docs, docs + [text], specials)
+        plain = data.build_tokenizer(cfg, docs, docs + [text], [data.EOT])
+        tok = data.build_tokenizer(cfg, docs, docs + [text], specials)
         assert tok.n_vocab == plain.n_vocab + 2 and tok.eot_id == plain.eot_id
         assert tok.specials["[MASK]"] == plain.n_vocab and tok.specials["[PAD]"] == plain.n_vocab + 1
         assert tok.encode_corpus(docs) == plain.encode_corpus(docs), f"{kind}: ordinary text encodes differently"
         ids = tok.encode(text)
         assert tok.specials["[MASK]"] in ids and tok.decode(ids) == text
-        again = train.tokenizer_from_identity(tok.identity())
+        again = data.tokenizer_from_identity(tok.identity())
         assert again.specials == tok.specials and again.encode(text) == ids, f"{kind}: identity lost the specials"
-    assert train.gpt2_tokenizer().encode("Hello world") == [15496, 995]
+    assert data.gpt2_tokenizer().encode("Hello world") == [15496, 995]
 
 
 def test_data_cache_keeps_line_starts(tmp_path):
@@ -208,10 +211,10 @@ def test_data_cache_keeps_line_starts(tmp_path):
     d.mkdir()
     (d / "a.txt").write_text("First line\n  second, indented\n\nfourth\n")
     (d / "b.txt").write_text("x\ny\n")
-    assert train._line_starts("ab\ncd", [0, 1, 2, 3, 4], np.ones(5, dtype=np.int64)).tolist() == [0, 3]
+    assert data._line_starts("ab\ncd", [0, 1, 2, 3, 4], np.ones(5, dtype=np.int64)).tolist() == [0, 3]
     for kind in ("char", "gpt2"):
         cfg = train.TrainConfig(data=str(d), val_docs="b", tokenizer=kind, cache_dir=str(tmp_path / kind))
-        tok, splits, _ = train.prepare_data(cfg)
+        tok, splits, _ = data.prepare_data(cfg)
         tr = splits["train"]
         starts = tr.line_starts.tolist()
         lines = [tok.decode(tr.tokens[a:b].tolist()) for a, b in zip(starts, starts[1:] + [len(tr.tokens)])]
@@ -224,7 +227,7 @@ def test_data_cache_keeps_line_starts(tmp_path):
 
 
 def test_split_slices_keep_their_boundaries():
-    s = train.Split("t", np.arange(100), np.array([0, 40, 70]), np.array([0, 10, 40, 55, 70, 90]), ["a", "b", "c"], 100)
+    s = data.Split("t", np.arange(100), np.array([0, 40, 70]), np.array([0, 10, 40, 55, 70, 90]), ["a", "b", "c"], 100)
     part = s.slice(50, 80)
     assert part.tokens.tolist() == list(range(50, 80))
     assert part.doc_starts.tolist() == [0, 20] and part.line_starts.tolist() == [0, 5, 20]
@@ -235,7 +238,7 @@ def test_split_slices_keep_their_boundaries():
 
 
 def test_eval_tokens_scores_a_leading_val_slice_and_a_train_estimate_spread_over_every_document():
-    split = train.Split("train", np.arange(10_000), np.array([0, 5000]), np.array([0]), ["a", "b"], 10_000)
+    split = data.Split("train", np.arange(10_000), np.array([0, 5000]), np.array([0]), ["a", "b"], 10_000)
     assert train.eval_view(split, 0, spread=False) == [split] and train.eval_view(split, 20_000, spread=True) == [split]
     (val,) = train.eval_view(split, 1000, spread=False)
     assert val.tokens.tolist() == list(range(1000)), "val must be the same leading slice every time"

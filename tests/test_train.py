@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import gpt
 import train
 
@@ -38,7 +39,7 @@ def run_main(argv):
 
 
 def test_gpt2_tokenizer_works_offline_and_matches_gpt2():
-    tok = train.gpt2_tokenizer()
+    tok = data.gpt2_tokenizer()
     assert tok.encode("Hello world") == [15496, 995], "GPT-2 encodes 'Hello world' as [15496, 995]"
     assert tok.eot_id == 50256 and tok.n_vocab == 50257
     text = "To be, or not to be: that is the question.<|endoftext|>"
@@ -46,7 +47,7 @@ def test_gpt2_tokenizer_works_offline_and_matches_gpt2():
 
 
 def test_char_tokenizer_round_trips_and_rejects_unknown_characters():
-    tok = train.CharTokenizer("ab ")
+    tok = data.CharTokenizer("ab ")
     assert tok.encode("ba ab") == [1, 0, 2, 0, 1]
     assert tok.decode(tok.encode("ba ab")) == "ba ab"
     with pytest.raises(train.UsageError, match="'z'"):
@@ -55,8 +56,8 @@ def test_char_tokenizer_round_trips_and_rejects_unknown_characters():
 
 def test_split_is_by_document_and_bundled_val_works_are_held_out(tmp_path):
     cfg = train.TrainConfig(cache_dir=str(tmp_path / "cache"))
-    tok, splits, _ = train.prepare_data(cfg)
-    assert splits["val"].doc_names == list(train.BUNDLED_VAL_DOCS)
+    tok, splits, _ = data.prepare_data(cfg)
+    assert splits["val"].doc_names == list(data.BUNDLED_VAL_DOCS)
     assert not set(splits["train"].doc_names) & set(splits["val"].doc_names), "a work is in both splits"
     assert len(splits["train"].doc_names) == 39
     with open(os.path.join(SHAKESPEARE, "julius_caesar.txt")) as f:
@@ -65,26 +66,26 @@ def test_split_is_by_document_and_bundled_val_works_are_held_out(tmp_path):
     train_text = tok.decode(splits["train"].tokens[:].tolist())
     assert tok.decode(probe) not in train_text, "held-out text leaked into the training split"
     assert splits["val"].n_bytes == sum(os.path.getsize(os.path.join(SHAKESPEARE, n + ".txt"))
-                                        for n in train.BUNDLED_VAL_DOCS)
+                                        for n in data.BUNDLED_VAL_DOCS)
 
 
 def test_token_cache_is_rebuilt_when_a_file_or_the_tokenizer_changes(tmp_path, corpus):
     cfg = train.TrainConfig(data=str(corpus), cache_dir=str(tmp_path / "cache"), val_docs="lear")
-    tok, s1, key1 = train.prepare_data(cfg)
-    _, s1b, key1b = train.prepare_data(cfg)
+    tok, s1, key1 = data.prepare_data(cfg)
+    _, s1b, key1b = data.prepare_data(cfg)
     assert key1 == key1b and np.array_equal(s1["train"].tokens, s1b["train"].tokens), "cache not reused"
     (corpus / "hamlet.txt").write_text((corpus / "hamlet.txt").read_text().replace("the", "THE"))
-    tok2, s2, key2 = train.prepare_data(cfg)
+    tok2, s2, key2 = data.prepare_data(cfg)
     assert key2 != key1, "editing a file did not invalidate the cache"
     assert "THE" in tok2.decode(s2["train"].tokens[:].tolist())
     cfg.tokenizer = "gpt2"
-    _, s3, key3 = train.prepare_data(cfg)
+    _, s3, key3 = data.prepare_data(cfg)
     assert key3 != key2 and s3["train"].tokens.dtype == np.uint16 and s3["train"].tokens.max() < 50257
 
 
 def test_documents_are_joined_by_endoftext(tmp_path, corpus):
     cfg = train.TrainConfig(data=str(corpus), cache_dir=str(tmp_path / "cache"), val_docs="lear")
-    tok, splits, _ = train.prepare_data(cfg)
+    tok, splits, _ = data.prepare_data(cfg)
     tr = splits["train"]
     assert list(tr.doc_names) == ["hamlet", "macbeth", "othello", "tempest"]
     ends = list(tr.doc_starts[1:] - 1) + [len(tr.tokens) - 1]
@@ -93,8 +94,8 @@ def test_documents_are_joined_by_endoftext(tmp_path, corpus):
 
 
 def test_eval_scores_every_target_of_the_split_exactly_once():
-    split = train.Split("val", np.arange(103, dtype=np.uint16) % 11, np.array([0]), np.array([0]), ["x"], 103)
-    obj = gpt.NextTokenObjective(gpt.GPTConfig(block_size=8, vocab_size=11), train.CharTokenizer("abcdefghij"))
+    split = data.Split("val", np.arange(103, dtype=np.uint16) % 11, np.array([0]), np.array([0]), ["x"], 103)
+    obj = gpt.NextTokenObjective(gpt.GPTConfig(block_size=8, vocab_size=11), data.CharTokenizer("abcdefghij"))
     batches = list(obj.eval_batches(split, 5))
     targets = torch.cat([b["targets"].flatten() for b in batches])
     assert torch.equal(targets, torch.from_numpy(split.tokens[1:].astype(np.int64))), "targets skipped or repeated"

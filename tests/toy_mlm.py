@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 SPECIAL_TOKENS = ("[MASK]", "[PAD]")
+TOKEN_IDS = {"pad_token_id": "[PAD]"}  # config fields train.py fills from the tokenizer
 
 
 @dataclass
@@ -21,6 +22,7 @@ class Config:
     n_embd: int = 32  # width
     n_head: int = 2  # attention heads
     mask_rate: float = 0.3  # share of real tokens to predict (at least one per row)
+    pad_token_id: int = -1  # set by train.py: the id of [PAD]
 
 
 PRESETS = {"tiny": dict(batch_size=4, max_iters=20, warmup_iters=2, eval_interval=10, lr=3e-3, eval_tokens=2048)}
@@ -50,7 +52,7 @@ class Model(nn.Module):
 class Objective:
     def __init__(self, config, tokenizer):
         self.config = config
-        self.mask_id, self.pad_id = tokenizer.specials["[MASK]"], tokenizer.specials["[PAD]"]
+        self.mask_id, self.pad_id = tokenizer.specials["[MASK]"], config.pad_token_id
         self.raw_tokens_per_row = self.tokens_per_row = config.block_size
         self.cursors = None  # per row: where its stream continues
 

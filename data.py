@@ -1,0 +1,341 @@
+"""
+The data every model trains on: text files -> documents -> a tokenizer -> one token stream per split, with where each
+document and each line begins. train.py calls prepare_data(); the model files' objectives read the Splits it returns.
+
+    tok, splits, key = prepare_data(cfg)            # cfg: data, val_docs, tokenizer, vocab_size, cache_dir
+    splits["train"].tokens                          # a uint16/uint32 memmap: documents joined by <|endoftext|>
+    splits["train"].doc_starts, .line_starts        # where each document / line begins (BERT's sentence pairs, T5)
+
+Whole documents are held out (val measures text the model never saw, not a neighbouring passage); the token streams are
+cached on disk, keyed by the files' contents and the tokenizer, and rebuilt when either changes. Tokenizers: `char` (one
+id per character, nanoGPT's shakespeare_char), `gpt2` (OpenAI's, offline from data/gpt2.tiktoken), `bpe` (trained by
+bpe.py on the train split); every model's special tokens go above the ordinary ids.
+Slides (lecture 001): "Byte Pair Encoding algorithm" (bpe.py), "Pretraining language models" (data).
+"""
+
+import contextlib
+import functools
+import glob
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import bpe
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DATA = os.path.join(ROOT, "data", "shakespeare")
+# Held-out works of the bundled corpus: whole plays, so val loss measures generalisation to unseen text, not memory of a
+# neighbouring passage. One tragedy, one comedy, one history: 384 KB, 7.6% of the 5.06 MB corpus.
+BUNDLED_VAL_DOCS = ("julius_caesar", "twelfth_night", "henry_v")
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit code 2, nothing written."""
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizers: text <-> ids, plus the plain-data identity a checkpoint records so sampling and resume rebuild the same one.
+# Special tokens sit above the ordinary vocabulary: <|endoftext|> (between documents; every model has it), then the
+# model file's SPECIAL_TOKENS in their order. Ordinary text never turns into a special token when the corpus is encoded.
+
+EOT = "<|endoftext|>"
+
+
+def special_tokens_of(mod):
+    """[EOT, then the model's own specials]: the order fixes their ids."""
+    return [EOT] + [s for s in getattr(mod, "SPECIAL_TOKENS", ()) if s != EOT]
+
+
+class CharTokenizer:
+    """One id per character of the corpus's alphabet (nanoGPT's shakespeare_char), special tokens after it.
+    CharTokenizer("ab").encode("ba") -> [1, 0]; with specials=[EOT, "[MASK]"], encode("a[MASK]") -> [0, 3]"""
+
+    def __init__(self, chars, specials=(EOT,)):
+        self.chars = "".join(chars)
+        self.itos = list(self.chars) + list(specials)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.specials = {s: len(self.chars) + i for i, s in enumerate(specials)}
+        self.n_vocab = len(self.itos)
+        self.eot_id = self.specials[EOT]
+        # longest first, so a special that is a prefix of another does not win
+        self._special_re = re.compile("|".join(map(re.escape, sorted(self.specials, key=len, reverse=True))))
+
+    def encode(self, text):
+        """Text -> ids; special-token strings in the text become their ids (a prompt may say "[MASK]")."""
+        ids, at = [], 0
+        for m in self._special_re.finditer(text):
+            ids += self.encode_ordinary(text[at:m.start()]) + [self.specials[m.group()]]
+            at = m.end()
+        return ids + self.encode_ordinary(text[at:])
+
+    def encode_ordinary(self, text):
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError:
+            unknown = sorted(set(text) - set(self.stoi))
+            raise UsageError(f"characters not in this char vocabulary: {unknown!r}") from None
+
+    def encode_corpus(self, docs):
+        return [self.encode_ordinary(d) for d in docs]
+
+    def decode(self, ids):
+        return "".join(self.itos[i] for i in ids)
+
+    @functools.cached_property
+    def token_bytes(self):
+        """(V,) UTF-8 length of each token (0 for special tokens): bits per byte, line boundaries."""
+        return torch.tensor([len(c.encode("utf-8")) for c in self.chars] + [0] * len(self.specials))
+
+    def identity(self):
+        return {"kind": "char", "chars": self.chars, "specials": list(self.specials)}
+
+
+class TiktokenTokenizer:
+    """Any tiktoken.Encoding; `gpt2` is OpenAI's GPT-2 encoding read offline from data/gpt2.tiktoken."""
+
+    def __init__(self, enc, identity):
+        self.enc, self._identity = enc, identity
+        self.n_vocab, self.eot_id = enc.n_vocab, enc.eot_token
+        self.specials = dict(enc._special_tokens)
+
+    def encode(self, text):
+        return self.enc.encode(text, allowed_special="all")
+
+    def encode_corpus(self, docs):
+        return self.enc.encode_ordinary_batch(docs, num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+    @functools.cached_property
+    def token_bytes(self):
+        special = set(self.specials.values())
+        out = []
+        for i in range(self.n_vocab):
+            try:
+                out.append(0 if i in special else len(self.enc.decode_single_token_bytes(i)))
+            except KeyError:
+                out.append(0)
+        return torch.tensor(out)
+
+    def identity(self):
+        return self._identity
+
+
+def gpt2_tokenizer(extra_specials=()):
+    """tiktoken's GPT-2 encoding, built offline from the bundled ranks (sha256-checked) and bpe.py's GPT-2 pattern.
+    extra_specials get ids 50257, 50258, ... after GPT-2's own <|endoftext|> = 50256."""
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    ranks = load_tiktoken_bpe(bpe.GPT2_FILE, expected_hash=bpe.GPT2_SHA256)
+    specials = {EOT: 50256, **{s: 50257 + i for i, s in enumerate(extra_specials)}}
+    enc = tiktoken.Encoding(name="gpt2", pat_str=bpe.GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    return TiktokenTokenizer(enc, {"kind": "gpt2", "sha256": bpe.GPT2_SHA256, "specials": list(extra_specials)})
+
+
+def bpe_tokenizer(tok):
+    """A bpe.Tokenizer trained by us; corpora are encoded through tiktoken (tests/test_bpe.py proves it gives the same
+    ids as bpe.py's own, readable encoder). The identity is the full merge list: the checkpoint alone can rebuild it."""
+    return TiktokenTokenizer(tok.to_tiktoken(), {"kind": "bpe", **tok.to_dict()})
+
+
+def train_bpe(cfg, train_docs):
+    """Train (or load from the cache) a BPE vocabulary on the TRAINING split only: the held-out works must not shape
+    the vocabulary either, or val bits per byte would flatter it."""
+    key = hashlib.sha256(json.dumps({"vocab_size": cfg.vocab_size, "pattern": bpe.GPT4_PATTERN, "specials": [EOT],
+                                     "docs": [hashlib.sha256(d.encode()).hexdigest() for d in train_docs]}
+                                    ).encode()).hexdigest()[:16]
+    path = os.path.join(cfg.cache_dir, f"bpe-{cfg.vocab_size}-{key}.txt")
+    if os.path.exists(path):
+        return bpe.Tokenizer.load(path)
+    if cfg.vocab_size <= 256:
+        raise UsageError(f"--vocab-size {cfg.vocab_size}: a byte-level BPE vocabulary has at least 256 byte tokens + 1")
+    t = time.time()
+    tok = bpe.Tokenizer(pattern="gpt4").train("".join(train_docs), cfg.vocab_size - 1)  # -1: room for <|endoftext|>
+    tok.register_special_tokens([EOT])
+    os.makedirs(cfg.cache_dir, exist_ok=True)
+    tok.save(path + ".tmp")
+    os.replace(path + ".tmp", path)
+    print(f"trained a {tok.vocab_size}-token BPE vocabulary on the train split in {time.time() - t:.1f}s -> {path}")
+    return tok
+
+
+def build_tokenizer(cfg, train_docs, all_docs, specials):
+    """A fresh tokenizer for a new run. char: the alphabet of the whole corpus, held-out works included, as nanoGPT does
+    (it gives every character an id; it tells the model nothing about the held-out text). gpt2: fixed. bpe: trained on
+    the train split only, because its merges do encode knowledge of the text. The model's specials go on top."""
+    if cfg.tokenizer == "char":
+        return CharTokenizer(sorted(set("".join(all_docs))), specials)
+    if cfg.tokenizer == "gpt2":
+        return gpt2_tokenizer(specials[1:])
+    if cfg.tokenizer == "bpe":
+        tok = train_bpe(cfg, train_docs)
+        tok.register_special_tokens(specials[1:])
+        return bpe_tokenizer(tok)
+    raise UsageError(f"unknown --tokenizer {cfg.tokenizer!r}; choose from: char, gpt2, bpe")
+
+
+def tokenizer_from_identity(ident):
+    """Rebuild the tokenizer a checkpoint recorded."""
+    if ident["kind"] == "char":
+        return CharTokenizer(ident["chars"], ident["specials"])
+    if ident["kind"] == "gpt2":
+        return gpt2_tokenizer(ident.get("specials", ()))
+    if ident["kind"] == "bpe":
+        return bpe_tokenizer(bpe.Tokenizer.from_dict({k: v for k, v in ident.items() if k != "kind"}))
+    raise UsageError(f"checkpoint uses tokenizer {ident['kind']!r}, which this checkout cannot rebuild")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: documents -> split by document -> one token stream per split (documents joined by <|endoftext|>), cached on disk
+# as a uint16/uint32 memmap and rebuilt whenever a file's contents or the tokenizer change. Where each document and each
+# line begins is kept too, for objectives that need boundaries (BERT's sentence pairs, T5, XLNet).
+
+
+@dataclass
+class Split:
+    name: str
+    tokens: np.ndarray  # 1-D memmap of token ids
+    doc_starts: np.ndarray  # index into tokens where each document begins (0 first)
+    line_starts: np.ndarray  # index of the first token of each line: the first token that starts at or after the byte
+    #                          following a newline (a BPE token such as "\n " ends the previous line)
+    doc_names: list
+    n_bytes: int  # UTF-8 bytes of the split's text
+
+    def slice(self, start, end):
+        """The tokens [start, end) as a Split of their own, boundaries shifted (a slice always begins a document and a
+        line: the part of one it cuts into). Split.slice(0, 100).tokens is tokens[:100]."""
+        def inside(starts):
+            s = np.asarray(starts[(starts > start) & (starts < end)], dtype=np.int64) - start
+            return np.concatenate([[0], s])
+        return Split(self.name, self.tokens[start:end], inside(self.doc_starts), inside(self.line_starts),
+                     self.doc_names, 0)
+
+
+def read_documents(data):
+    """{name: text} for every .txt file under a directory or matching a glob, sorted by name."""
+    path = data or DEFAULT_DATA
+    files = sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True)) if os.path.isdir(path) \
+        else sorted(glob.glob(path, recursive=True))
+    if not files:
+        raise UsageError(f"--data {path!r}: no such directory, or no .txt files in it/matching it")
+    base = path if os.path.isdir(path) else os.path.dirname(path.split("*")[0]) or "."
+    docs = {}
+    for f in files:
+        try:
+            with open(f, encoding="utf-8") as fh:
+                text = fh.read()
+        except (UnicodeDecodeError, OSError) as e:
+            raise UsageError(f"--data: cannot read {f} as UTF-8 text ({e.__class__.__name__})") from None
+        if text.strip():
+            docs[os.path.splitext(os.path.relpath(f, base))[0]] = text
+    if not docs:
+        raise UsageError(f"--data {path!r}: the .txt files found hold no text")
+    return docs
+
+
+def split_documents(docs, val_docs):
+    """(train names, val names). Whole documents are held out; a single document is split 90/10 by position."""
+    names = list(docs)
+    if val_docs:
+        val = [v.strip() for v in val_docs.split(",") if v.strip()]
+        missing = [v for v in val if v not in docs]
+        if missing:
+            raise UsageError(f"--val-docs: no document named {missing[0]!r} (documents: {', '.join(names[:8])}, ...)")
+    elif all(v in docs for v in BUNDLED_VAL_DOCS):
+        val = list(BUNDLED_VAL_DOCS)
+    elif len(names) >= 2:
+        val = names[len(names) // 20::10] or names[-1:]  # every 10th, starting mid-stride: deterministic, spread out
+    else:
+        return names, []
+    train = [n for n in names if n not in val]
+    if not train:
+        raise UsageError("--val-docs holds out every document; nothing is left to train on")
+    return train, val
+
+
+def prepare_data(cfg, specials=(EOT,), tokenizer_ident=None):
+    """Tokenise (or load from cache) the corpus. Returns (tokenizer, {"train": Split, "val": Split}, cache key)."""
+    docs = read_documents(cfg.data)
+    train_names, val_names = split_documents(docs, cfg.val_docs)
+    texts = {"train": [docs[n] for n in train_names], "val": [docs[n] for n in val_names]}
+    if not val_names:  # one document: hold out its last 10% (by position: the only split a single text allows)
+        (name, text), = docs.items()
+        cut = text.rfind("\n", 0, int(len(text) * 0.9)) + 1 or int(len(text) * 0.9)
+        texts = {"train": [text[:cut]], "val": [text[cut:]]}
+        train_names, val_names = [name + "[:90%]"], [name + "[90%:]"]
+        print(f"note: one document only: validating on its last 10% ({len(text) - cut:,} characters)")
+    if tokenizer_ident is not None:
+        tok = tokenizer_from_identity(tokenizer_ident)
+    else:
+        tok = build_tokenizer(cfg, texts["train"], list(docs.values()), list(specials))
+    key = hashlib.sha256(json.dumps({
+        "tokenizer": tok.identity(), "train": train_names, "val": val_names, "format": 3,
+        "content": [hashlib.sha256(t.encode()).hexdigest() for part in ("train", "val") for t in texts[part]],
+    }, sort_keys=True).encode()).hexdigest()[:16]
+    cache = os.path.join(cfg.cache_dir, key)
+    if not os.path.exists(os.path.join(cache, "meta.json")):
+        _write_cache(cache, tok, texts, {"train": train_names, "val": val_names})
+    with open(os.path.join(cache, "meta.json")) as f:
+        meta = json.load(f)
+    splits = {}
+    for part in ("train", "val"):
+        m = meta[part]
+        splits[part] = Split(part, _memmap(os.path.join(cache, f"{part}.bin"), meta["dtype"]),
+                             _memmap(os.path.join(cache, f"{part}.docs.bin"), "int64"),
+                             _memmap(os.path.join(cache, f"{part}.lines.bin"), "int64"), m["doc_names"], m["n_bytes"])
+    return tok, splits, key
+
+
+def _memmap(path, dtype):
+    return np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype=dtype)
+
+
+def _line_starts(text, ids, token_bytes):
+    """Token index of each line's first token in one document: '\\n' bytes -> byte offsets -> the first token starting
+    at or after each. _line_starts("ab\\ncd", [0, 1, 2, 3, 4], ones) -> [0, 3] (char tokens: one byte each)."""
+    raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    line_bytes = np.concatenate([[0], np.flatnonzero(raw == 10) + 1])  # a line starts after each newline
+    token_starts = np.concatenate([[0], np.cumsum(token_bytes[np.asarray(ids, dtype=np.int64)])[:-1]])
+    idx = np.unique(np.searchsorted(token_starts, line_bytes, side="left"))
+    return idx[idx < len(ids)]
+
+
+def _write_cache(cache, tok, texts, names):
+    """Tokenise each split into <part>.bin, a batch of documents at a time, appending to the files as we go: memory
+    holds one batch of token lists, never the whole stream (a Python int costs ~36 bytes; GPT-2's 9B tokens would not
+    fit). Document and line starts go to <part>.docs.bin and <part>.lines.bin (int64)."""
+    os.makedirs(cache, exist_ok=True)
+    dtype = np.uint16 if tok.n_vocab <= 2**16 else np.uint32
+    meta = {"dtype": np.dtype(dtype).name, "tokenizer": tok.identity()}
+    token_bytes = tok.token_bytes.numpy()
+    for part in ("train", "val"):
+        docs, n = texts[part], 0
+        paths = [os.path.join(cache, f"{part}{ext}") for ext in (".bin", ".docs.bin", ".lines.bin")]
+        with contextlib.ExitStack() as stack:
+            out, doc_out, line_out = (stack.enter_context(open(p + ".tmp", "wb")) for p in paths)
+            for i in range(0, len(docs), 256):
+                for text, ids in zip(docs[i:i + 256], tok.encode_corpus(docs[i:i + 256])):
+                    np.array([n], dtype=np.int64).tofile(doc_out)
+                    lines = np.append(_line_starts(text, ids, token_bytes), len(ids))  # <|endoftext|>: a line of its own
+                    (lines + n).astype(np.int64).tofile(line_out)
+                    arr = np.array(ids + [tok.eot_id], dtype=dtype)  # documents end with <|endoftext|>, as in GPT-2's data
+                    arr.tofile(out)
+                    n += len(arr)
+        for p in paths:
+            os.replace(p + ".tmp", p)
+        meta[part] = {"doc_names": names[part], "n_tokens": n, "n_bytes": sum(len(t.encode("utf-8")) for t in docs)}
+    atomic_write_text(os.path.join(cache, "meta.json"), json.dumps(meta))  # written last: marks the cache complete
+
+
+def atomic_write_text(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
