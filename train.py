@@ -420,14 +420,24 @@ def optimizer_step(run, batch, draw_next=None):
     micro-batch means would be wrong. The loss is read back once per step (one host sync) and checked before the update,
     so a NaN never reaches the weights. draw_next() prepares the next batch while the device is still busy."""
     denominators = run.objective.denominators(batch)
-    loss_sum = 0.0
-    for micro in chunk(batch, run.cfg.grad_accum):
-        with run.autocast:
-            loss, _ = run.objective.loss(run.train_model, to_device(micro, run.device), denominators)
-        run.scaler.scale(loss).backward()
-        loss_sum = loss_sum + loss.detach()
+    world = run.dist.world
+    micro_batches = chunk(batch, run.cfg.grad_accum)
+    share = len(micro_batches) // world  # under torchrun each process takes its own run of micro-batches
+    mine = micro_batches[run.dist.rank * share:(run.dist.rank + 1) * share]
+    loss_sum = torch.zeros((), device=run.device)
+    for i, micro in enumerate(mine):
+        # DDP all-reduces the gradients after every backward unless told not to: only the last micro-batch syncs
+        last = i == len(mine) - 1
+        with contextlib.nullcontext() if last or world == 1 else run.train_model.no_sync():
+            with run.autocast:
+                loss, _ = run.objective.loss(run.train_model, to_device(micro, run.device), denominators)
+            # DDP averages the processes' gradients; each loss is already its share of the whole step: scale back up
+            run.scaler.scale(loss * world).backward()
+        loss_sum = loss_sum + loss.detach().float()
     if draw_next is not None:
         draw_next()
+    if world > 1:
+        torch.distributed.all_reduce(loss_sum)  # the step's loss: the sum of every process's shares
     step_loss = float(loss_sum)
     if not math.isfinite(step_loss):
         run.optimizer.zero_grad(set_to_none=True)
@@ -615,6 +625,48 @@ class Budget:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Many processes: `torchrun --standalone --nproc_per_node=N train.py ...` (DistributedDataParallel; NCCL on GPUs, gloo on
+# CPUs). Every process draws the same step batch from the same seeded generator and trains on its own run of
+# micro-batches (grad_accum / N of them); DDP sums the gradients. So the optimizer sees the same global batch whatever N
+# is, and one process reproduces a run of N (tests/test_ddp.py). Process 0 alone evaluates, logs, plots and checkpoints;
+# the others wait at a barrier.
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def any(self, run, *flags):
+        """Whether any process raised each flag (one small all-reduce under torchrun): all stop at the same step."""
+        if self.world == 1:
+            return flags
+        t = torch.tensor([float(f) for f in flags], device=run.device)
+        torch.distributed.all_reduce(t)
+        return tuple(bool(x > 0) for x in t.tolist())
+
+
+def init_distributed():
+    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; join the process group. Without them: one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Dist()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), local)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Setting up a run: everything that can be wrong with the input is checked before anything is written.
 
 
@@ -638,6 +690,7 @@ class Run:
     scaler: torch.amp.GradScaler
     autocast: object
     batch_gen: torch.Generator  # owns the batch order: saved and restored with the run
+    dist: Dist = field(default_factory=Dist)
     budget: Budget = None
     step: int = 0
     evaluated: bool = False  # has the eval at `step` run? (a run stopped on an eval step resumes with it)
@@ -700,7 +753,7 @@ def _weights_to_start_from(s, mod):
         None
 
 
-def setup(argv):
+def setup(argv, dist=Dist()):
     """Resolve the settings, check them, read the data and build the model, objective and optimizer; restore a resumed
     run's state. Nothing is written to the run directory here."""
     t_start = time.time()
@@ -721,6 +774,8 @@ def setup(argv):
         s.model = {**init_kwargs, **{k: v for k, v in s.model.items() if k in s.explicit}}
         init = (init_state, init_vocab)
     device = pick_device(cfg.device)  # after a resume has restored the run's own --device/--dtype
+    if dist.world > 1 and device == "cuda":
+        device = f"cuda:{dist.local_rank}"
     dtype = pick_dtype(cfg.dtype, device)
     if cfg.schedule not in SCHEDULES:
         raise UsageError(f"unknown --schedule {cfg.schedule!r}; choose from: {', '.join(SCHEDULES)}")
@@ -759,15 +814,23 @@ def setup(argv):
             raise UsageError(f"--tokens-per-step {cfg.tokens_per_step} is not a multiple of batch_size x tokens per row "
                              f"= {cfg.batch_size} x {objective.tokens_per_row} = {per_micro}")
         cfg.grad_accum = cfg.tokens_per_step // per_micro
+    if cfg.grad_accum % dist.world:
+        raise UsageError(f"grad_accum {cfg.grad_accum} does not split over {dist.world} processes: each takes "
+                         f"grad_accum / {dist.world} micro-batches of the same global batch")
     for part, split in splits.items():
         if len(split.tokens) < objective.raw_tokens_per_row:
             raise UsageError(f"the {part} split has {len(split.tokens):,} tokens, fewer than the "
                              f"{objective.raw_tokens_per_row:,} one row needs; use a smaller --block-size or more data")
     optimizer, decay_line = make_optimizer(model, cfg, device)
     kind = device.split(":")[0]
+    train_model = torch.compile(model) if cfg.compile else model
+    if dist.world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[dist.local_rank]
+                                                                if kind == "cuda" else None)
+        torch.manual_seed(cfg.seed + dist.rank)  # the same init everywhere (above), but each process its own dropout
     run = Run(cfg=cfg, mod=mod, model_cfg=model_cfg, demo_cfg=mod.DemoConfig(**s.demo) if hasattr(mod, "DemoConfig")
               else None, tokenizer=tokenizer, splits=splits, data_key=data_key, device=device, dtype=dtype, model=model,
-              train_model=torch.compile(model) if cfg.compile else model, objective=objective,
+              train_model=train_model, objective=objective, dist=dist,
               eval_objective=eval_objective, optimizer=optimizer,
               scaler=torch.amp.GradScaler(kind, enabled=(dtype == "fp16")),
               autocast=torch.autocast(kind, dtype=TORCH_DTYPES[dtype]) if dtype != "fp32" else contextlib.nullcontext(),
@@ -788,7 +851,8 @@ def setup(argv):
           f"tokens | val {len(splits['val'].doc_names)} docs {len(splits['val'].tokens):,} tokens "
           f"({', '.join(splits['val'].doc_names[:6])}{', ...' if len(splits['val'].doc_names) > 6 else ''}) | "
           f"tokenizer {cfg.tokenizer} ({tokenizer.n_vocab} ids)")
-    print(f"device {device} {dtype}{' +compile' if cfg.compile else ''} | tokens per step = batch {cfg.batch_size} x "
+    print(f"device {device} {dtype}{' +compile' if cfg.compile else ''}"
+          f"{f' x {dist.world} processes' if dist.world > 1 else ''} | tokens per step = batch {cfg.batch_size} x "
           f"{objective.tokens_per_row} per row x grad_accum {cfg.grad_accum} = {run.tokens_per_step:,} | {decay_line}")
     return run
 
@@ -802,7 +866,8 @@ def _restore_state(run, ckpt):
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scaler.load_state_dict(ckpt["scaler"])
     run.step, run.evaluated = ckpt["step"], ckpt.get("evaluated", True)
-    torch.set_rng_state(ckpt["rng"]["torch"])
+    ranks = ckpt["rng"].get("torch_ranks") or []
+    torch.set_rng_state(ranks[run.dist.rank] if len(ranks) == run.dist.world > 1 else ckpt["rng"]["torch"])
     run.batch_gen.set_state(ckpt["rng"]["batch"])
     if run.device.startswith("cuda") and ckpt["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
@@ -839,13 +904,20 @@ def run_eval(run):
 
 
 def checkpoint(run):
+    """Every process calls it (dropout's random state is per process); process 0 writes."""
     cuda = run.device.startswith("cuda")
+    ranks = None
+    if run.dist.world > 1:
+        ranks = [None] * run.dist.world
+        torch.distributed.all_gather_object(ranks, torch.get_rng_state())
+    if not run.dist.main:
+        return
     save_checkpoint(run.ckpt_path, {
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
         "step": run.step, "evaluated": run.evaluated, "model_config": asdict(run.model_cfg),
         "train_config": asdict(run.cfg), "demo_config": asdict(run.demo_cfg) if run.demo_cfg else {},
         "tokenizer": run.tokenizer.identity(), "data_key": run.data_key,
-        "rng": {"torch": torch.get_rng_state(), "batch": run.resume_point[0],
+        "rng": {"torch": torch.get_rng_state(), "torch_ranks": ranks, "batch": run.resume_point[0],
                 "cuda": torch.cuda.get_rng_state(run.device) if cuda else None},
         "objective": run.resume_point[1],
         "budget": run.budget.state(run_time(run)) if run.budget else {},
@@ -854,6 +926,8 @@ def checkpoint(run):
 
 def log_row(run, row):
     run.rows.append(row)
+    if not run.dist.main:
+        return
     with open(os.path.join(run.cfg.out_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -891,9 +965,10 @@ def stop_on_signals():
 
 def loop(run, on_step=None):
     """Evaluate when due, then one optimizer step, until max_iters. Returns the metric rows."""
-    cfg = run.cfg
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    atomic_write_text(os.path.join(cfg.out_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in run.rows))
+    cfg, main = run.cfg, run.dist.main
+    if main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        atomic_write_text(os.path.join(cfg.out_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in run.rows))
     stateful = hasattr(run.objective, "state_dict")
 
     def draw_next():  # the next step's batch, and what a checkpoint must save to draw it again after a resume
@@ -908,10 +983,13 @@ def loop(run, on_step=None):
             while True:
                 if (run.step % cfg.eval_interval == 0 or run.step == cfg.max_iters) and not run.evaluated:
                     t_eval = time.time()
-                    run_eval(run)
+                    if main:
+                        run_eval(run)
                     run.evaluated = True
                     checkpoint(run)
-                    plot_metrics(run.rows, os.path.join(cfg.out_dir, "loss.png"), f"{cfg.model} / {cfg.preset}")
+                    if main:
+                        plot_metrics(run.rows, os.path.join(cfg.out_dir, "loss.png"), f"{cfg.model} / {cfg.preset}")
+                    run.dist.barrier()
                     if run.budget and not run.budget.eval_seconds:
                         run.budget.eval_seconds = time.time() - t_eval
                     t_log += time.time() - t_eval  # evals do not count toward tokens/s
@@ -929,11 +1007,14 @@ def loop(run, on_step=None):
                     raise NonFiniteLoss(f"{e} at step {run.step}") from None
                 run.step, run.evaluated = run.step + 1, False
                 timed.append((time.perf_counter() - t, tokens))
+                budget_ready = False
                 if run.budget and not run.budget.decided:
                     if run.step > Budget.WARM_UP_STEPS:
                         run.budget.step_times.append(timed[-1][0])
-                    if run.budget.ready():
-                        decide_budget(run)
+                    budget_ready = main and run.budget.ready()  # process 0 decides for all
+                stop_now, budget_ready = run.dist.any(run, stop["signal"] is not None, budget_ready)
+                if budget_ready:
+                    decide_budget(run)
 
                 if run.step % cfg.log_interval == 0 or run.step == cfg.max_iters:
                     wall = time.time() - t_log
@@ -943,7 +1024,7 @@ def loop(run, on_step=None):
                     timed, t_log = [], time.time()
                 if on_step is not None:
                     on_step(run.step, loss)
-                if stop["signal"]:
+                if stop_now:
                     raise Interrupted
         except Interrupted:
             checkpoint(run)
@@ -957,14 +1038,18 @@ def loop(run, on_step=None):
 
     print(f"done: {run.step} steps in {fmt_time(run_time(run))}; wrote {run.ckpt_path}, "
           f"{os.path.join(cfg.out_dir, 'metrics.jsonl')}, {os.path.join(cfg.out_dir, 'loss.png')}")
-    if run.demo_cfg is not None:
+    if run.demo_cfg is not None and main:
         run.mod.demo(run.model, run.tokenizer, run.demo_cfg, run.device)
     return run.rows
 
 
 def decide_budget(run):
     cfg, b = run.cfg, run.budget
-    per_step = b.decide(run.step, run_time(run), cfg)
+    per_step = b.decide(run.step, run_time(run), cfg) if run.dist.main else 0.0
+    if run.dist.world > 1:
+        decided = [b.decided]
+        torch.distributed.broadcast_object_list(decided, src=0)
+        b.decided = decided[0]
     cfg.max_iters = b.decided
     if not cfg.lr_decay_iters:
         cfg.lr_decay_iters = b.decided
@@ -978,7 +1063,7 @@ def _peak_for_mfu(run, timed):
     planned to last a minute or more; a short run (a test, a trial) never pays for it."""
     per_step = sum(t for t, _ in timed) / len(timed)
     planned = per_step * run.cfg.max_iters if run.cfg.max_iters else parse_duration(run.cfg.max_time)
-    peak, how = peak_flops(run.device, run.dtype, run.cfg.cache_dir, measure=planned >= 60)
+    peak, how = peak_flops(run.device, run.dtype, run.cfg.cache_dir, measure=planned >= 60 and run.dist.main)
     if peak:
         print(f"MFU is relative to {peak / 1e12:.2f} TFLOP/s ({how})")
     return peak or 0
@@ -988,7 +1073,7 @@ def log_step(run, loss, lr, timed, peak, flops, wall):
     cfg = run.cfg
     ms = 1000 * sum(t for t, _ in timed) / len(timed)
     tok_s = sum(n for _, n in timed) / max(1e-9, wall)
-    mfu = flops * tok_s / peak if peak and flops else None
+    mfu = flops * tok_s / (peak * run.dist.world) if peak and flops else None
     log_row(run, {"kind": "train", "step": run.step, "loss": loss, "lr": lr, "tok_s": tok_s, "ms": ms, "mfu": mfu,
                   "time": run_time(run)})
     left = (cfg.max_iters - run.step) * ms / 1000 if cfg.max_iters else None
@@ -1024,8 +1109,15 @@ def bench(run):
 def train(argv=None, on_step=None):
     """Run training as `python train.py argv...` would. on_step(step, loss) is called after every optimizer step (tests
     and notebooks use it to watch or interrupt a run). Returns the list of metric rows."""
-    run = setup(argv)
-    return bench(run) if run.cfg.bench else loop(run, on_step)
+    dist = init_distributed()
+    if not dist.main:
+        sys.stdout = open(os.devnull, "w")  # one log: process 0's (errors still reach stderr)
+    try:
+        run = setup(argv, dist)
+        return bench(run) if run.cfg.bench else loop(run, on_step)
+    finally:
+        if dist.world > 1:
+            torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1064,7 +1156,8 @@ def main(argv=None):
     try:
         train(sys.argv[1:] if argv is None else argv)
     except UsageError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike; one says so
+            print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
