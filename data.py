@@ -13,13 +13,13 @@ bpe.py on the train split); every model's special tokens go above the ordinary i
 Slides (lecture 001): "Byte Pair Encoding algorithm" (bpe.py), "Pretraining language models" (data).
 """
 
-import contextlib
 import functools
 import glob
 import hashlib
 import json
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 
@@ -218,50 +218,63 @@ class Split:
                      self.doc_names, 0)
 
 
-def read_documents(data):
-    """{name: text} for every .txt file under a directory or matching a glob, sorted by name."""
+def list_documents(data):
+    """{name: path} for every .txt file under a directory or matching a glob, sorted by name (the name is the path
+    relative to the directory, without .txt)."""
     path = data or DEFAULT_DATA
     files = sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True)) if os.path.isdir(path) \
         else sorted(glob.glob(path, recursive=True))
     if not files:
         raise UsageError(f"--data {path!r}: no such directory, or no .txt files in it/matching it")
     base = path if os.path.isdir(path) else os.path.dirname(path.split("*")[0]) or "."
-    docs = {}
-    for f in files:
-        try:
-            with open(f, encoding="utf-8") as fh:
-                text = fh.read()
-        except (UnicodeDecodeError, OSError) as e:
-            raise UsageError(f"--data: cannot read {f} as UTF-8 text ({e.__class__.__name__})") from None
-        if text.strip():
-            docs[os.path.splitext(os.path.relpath(f, base))[0]] = text
+    return {os.path.splitext(os.path.relpath(f, base))[0]: f for f in files}
+
+
+def read_text(path):
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except (UnicodeDecodeError, OSError) as e:
+        raise UsageError(f"--data: cannot read {path} as UTF-8 text ({e.__class__.__name__})") from None
+
+
+def read_documents(data):
+    """{name: text} for every non-empty .txt file under a directory or matching a glob, sorted by name."""
+    docs = {name: text for name, f in list_documents(data).items() if (text := read_text(f)).strip()}
     if not docs:
-        raise UsageError(f"--data {path!r}: the .txt files found hold no text")
+        raise UsageError(f"--data {data or DEFAULT_DATA!r}: the .txt files found hold no text")
     return docs
 
 
-def split_documents(docs, val_docs):
-    """(train names, val names). Whole documents are held out; a single document is split 90/10 by position."""
-    names = list(docs)
+def split_documents(names, val_docs, val_every=10):
+    """(train names, val names). Whole documents are held out: the named ones, else the bundled held-out works, else
+    every val_every-th (starting mid-stride: deterministic, spread out). A single document is not split here (its
+    caller holds out its last 10% by position). split_documents(["a", "b", "c"], "b") -> (["a", "c"], ["b"])"""
+    names = list(names)
+    known = set(names)
     if val_docs:
         val = [v.strip() for v in val_docs.split(",") if v.strip()]
-        missing = [v for v in val if v not in docs]
+        missing = [v for v in val if v not in known]
         if missing:
             raise UsageError(f"--val-docs: no document named {missing[0]!r} (documents: {', '.join(names[:8])}, ...)")
-    elif all(v in docs for v in BUNDLED_VAL_DOCS):
+    elif all(v in known for v in BUNDLED_VAL_DOCS):
         val = list(BUNDLED_VAL_DOCS)
     elif len(names) >= 2:
-        val = names[len(names) // 20::10] or names[-1:]  # every 10th, starting mid-stride: deterministic, spread out
+        val = names[len(names) // (2 * val_every)::val_every] or names[-1:]
     else:
         return names, []
-    train = [n for n in names if n not in val]
+    held = set(val)
+    train = [n for n in names if n not in held]
     if not train:
         raise UsageError("--val-docs holds out every document; nothing is left to train on")
     return train, val
 
 
 def prepare_data(cfg, specials=(EOT,), tokenizer_ident=None):
-    """Tokenise (or load from cache) the corpus. Returns (tokenizer, {"train": Split, "val": Split}, cache key)."""
+    """Tokenise (or load from cache) the corpus. Returns (tokenizer, {"train": Split, "val": Split}, cache key).
+    A directory written by `python data.py prepare` is read as it is (big corpora: see prepare())."""
+    if cfg.data and os.path.exists(os.path.join(cfg.data, PREPARED)):
+        return _read_prepared(cfg, specials, tokenizer_ident)
     docs = read_documents(cfg.data)
     train_names, val_names = split_documents(docs, cfg.val_docs)
     texts = {"train": [docs[n] for n in train_names], "val": [docs[n] for n in val_names]}
@@ -281,20 +294,34 @@ def prepare_data(cfg, specials=(EOT,), tokenizer_ident=None):
     }, sort_keys=True).encode()).hexdigest()[:16]
     cache = os.path.join(cfg.cache_dir, key)
     if not os.path.exists(os.path.join(cache, "meta.json")):
-        _write_cache(cache, tok, texts, {"train": train_names, "val": val_names})
+        os.makedirs(cache, exist_ok=True)
+        meta = {"dtype": _dtype_for(tok), "tokenizer": tok.identity()}
+        for part, names in (("train", train_names), ("val", val_names)):
+            writer = StreamWriter(cache, part, tok, meta["dtype"])
+            for i in range(0, len(texts[part]), 256):
+                writer.add(texts[part][i:i + 256])
+            meta[part] = {**writer.commit(), "doc_names": names}
+        atomic_write_text(os.path.join(cache, "meta.json"), json.dumps(meta))  # written last: marks the cache complete
     with open(os.path.join(cache, "meta.json")) as f:
         meta = json.load(f)
-    splits = {}
-    for part in ("train", "val"):
-        m = meta[part]
-        splits[part] = Split(part, _memmap(os.path.join(cache, f"{part}.bin"), meta["dtype"]),
-                             _memmap(os.path.join(cache, f"{part}.docs.bin"), "int64"),
-                             _memmap(os.path.join(cache, f"{part}.lines.bin"), "int64"), m["doc_names"], m["n_bytes"])
-    return tok, splits, key
+    return tok, {part: _split(cache, part, meta) for part in ("train", "val")}, key
 
 
-def _memmap(path, dtype):
-    return np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype=dtype)
+def _split(directory, part, meta):
+    m = meta[part]
+    names = m["doc_names"] if m.get("doc_names") is not None else [f"#{i}" for i in range(m["docs"])]
+    return Split(part, _memmap(os.path.join(directory, f"{part}.bin"), meta["dtype"], m["tokens"]),
+                 _memmap(os.path.join(directory, f"{part}.docs.bin"), "int64", m["docs"]),
+                 _memmap(os.path.join(directory, f"{part}.lines.bin"), "int64", m["lines"]), names, m["n_bytes"])
+
+
+def _dtype_for(tok):
+    return "uint16" if tok.n_vocab <= 2**16 else "uint32"
+
+
+def _memmap(path, dtype, n):
+    """The first n items of a binary file (a prepare that was interrupted may have written past its last commit)."""
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype=dtype)
 
 
 def _line_starts(text, ids, token_bytes):
@@ -307,31 +334,162 @@ def _line_starts(text, ids, token_bytes):
     return idx[idx < len(ids)]
 
 
-def _write_cache(cache, tok, texts, names):
-    """Tokenise each split into <part>.bin, a batch of documents at a time, appending to the files as we go: memory
-    holds one batch of token lists, never the whole stream (a Python int costs ~36 bytes; GPT-2's 9B tokens would not
-    fit). Document and line starts go to <part>.docs.bin and <part>.lines.bin (int64)."""
-    os.makedirs(cache, exist_ok=True)
-    dtype = np.uint16 if tok.n_vocab <= 2**16 else np.uint32
-    meta = {"dtype": np.dtype(dtype).name, "tokenizer": tok.identity()}
-    token_bytes = tok.token_bytes.numpy()
+class StreamWriter:
+    """Appends tokenised documents to <directory>/<part>.bin (the token stream, each document followed by
+    <|endoftext|>, as in GPT-2's data), <part>.docs.bin and <part>.lines.bin (int64: where each document and line
+    begins). Memory holds one batch of documents, never the stream: a Python int costs ~36 bytes, and GPT-2's 9B tokens
+    would not fit. commit() flushes and returns the counts so far; a writer opened with those counts truncates the files
+    to them and continues, which is how an interrupted `prepare` resumes exactly where it last committed."""
+
+    EXTS = (".bin", ".docs.bin", ".lines.bin")
+
+    def __init__(self, directory, part, tok, dtype, committed=None):
+        self.tok, self.dtype, self.token_bytes = tok, np.dtype(dtype), tok.token_bytes.numpy()
+        c = committed or {"tokens": 0, "docs": 0, "lines": 0, "n_bytes": 0}
+        self.counts = {k: c[k] for k in ("tokens", "docs", "lines", "n_bytes")}
+        sizes = (c["tokens"] * self.dtype.itemsize, c["docs"] * 8, c["lines"] * 8)
+        self.files = []
+        for ext, size in zip(self.EXTS, sizes):
+            path = os.path.join(directory, part + ext)
+            with open(path, "ab") as f:
+                f.truncate(size)  # drop what an interrupted run wrote after its last commit
+            self.files.append(open(path, "ab"))
+
+    def add(self, texts):
+        """Tokenise and append a batch of documents (the tokenizer encodes a batch on all cores); empty ones are
+        skipped, as read_documents skips empty files."""
+        out, doc_out, line_out = self.files
+        texts = [t for t in texts if t.strip()]
+        for text, ids in zip(texts, self.tok.encode_corpus(texts)):
+            n = self.counts["tokens"]
+            np.array([n], dtype=np.int64).tofile(doc_out)
+            lines = np.append(_line_starts(text, ids, self.token_bytes), len(ids))  # <|endoftext|>: a line of its own
+            (lines + n).astype(np.int64).tofile(line_out)
+            np.array(ids + [self.tok.eot_id], dtype=self.dtype).tofile(out)
+            self.counts["tokens"] += len(ids) + 1
+            self.counts["docs"] += 1
+            self.counts["lines"] += len(lines)
+            self.counts["n_bytes"] += len(text.encode("utf-8"))
+
+    def commit(self):
+        for f in self.files:
+            f.flush()
+            os.fsync(f.fileno())
+        return dict(self.counts)
+
+    def close(self):
+        for f in self.files:
+            f.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Big corpora: `python data.py prepare` streams a corpus into a directory that --data then points at. The in-memory path
+# above reads every file into memory before tokenising (fine for the bundled 6 MB); this one never holds more than a
+# batch of documents, commits every --commit-every documents, and resumes from its last commit when run again.
+
+PREPARED = "prepared.json"
+
+
+def _sources(data, text_column):
+    """(names or None, number of documents, documents(start) -> iterator of texts from document `start` on).
+    A directory or glob of .txt files (one document each), or a `datasets` dataset saved with save_to_disk (optional
+    package; one document per record of text_column)."""
+    if data and os.path.exists(os.path.join(data, "dataset_info.json")):
+        try:
+            import datasets
+        except ImportError:
+            raise UsageError(f"--data {data} is a Hugging Face `datasets` directory; pip install datasets to read it") \
+                from None
+        ds = datasets.load_from_disk(data)
+        if text_column not in ds.column_names:
+            raise UsageError(f"--text-column {text_column!r}: the dataset has columns {ds.column_names}")
+        return None, len(ds), lambda start, idx: (ds[int(i)][text_column] for i in idx[start:])
+    files = list_documents(data)
+    paths = list(files.values())
+    return list(files), len(paths), lambda start, idx: (read_text(paths[i]) for i in idx[start:])
+
+
+def prepare(data, out, tokenizer="gpt2", val_docs="", val_every=10, commit_every=1000, text_column="text"):
+    """Tokenise a corpus into `out` (train/val .bin, .docs.bin, .lines.bin and prepared.json), resumably.
+    Returns the prepared.json contents."""
+    names, n, documents = _sources(data, text_column)
+    if names is not None:
+        train_names, val_names = split_documents(names, val_docs, val_every)
+        index = {name: i for i, name in enumerate(names)}
+        order = {"train": [index[x] for x in train_names], "val": [index[x] for x in val_names]}
+    else:
+        val = set(range(val_every // 2, n, val_every))
+        order = {"train": [i for i in range(n) if i not in val], "val": sorted(val)}
+    if not order["val"] or not order["train"]:
+        raise UsageError(f"--data {data}: {n} document(s) cannot be split into train and val documents")
+    meta_path = os.path.join(out, PREPARED)
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta["source"] != {"data": data, "order": _digest(order), "tokenizer": tokenizer}:
+            raise UsageError(f"{out} holds a prepare of other data or settings; choose another output directory")
+        tok = tokenizer_from_identity(meta["tokenizer"])
+    else:
+        if tokenizer == "char":  # one streaming pass for the alphabet
+            chars = set()
+            for text in documents(0, list(range(n))):
+                chars |= set(text)
+            tok = CharTokenizer(sorted(chars))
+        elif tokenizer == "gpt2":
+            tok = gpt2_tokenizer()
+        else:
+            raise UsageError(f"prepare: --tokenizer {tokenizer!r}: choose char or gpt2 (a BPE vocabulary is trained "
+                             f"on text in memory: use the in-memory path for it)")
+        meta = {"source": {"data": data, "order": _digest(order), "tokenizer": tokenizer}, "dtype": _dtype_for(tok),
+                "tokenizer": tok.identity(), "done": False,
+                **{part: {"tokens": 0, "docs": 0, "lines": 0, "n_bytes": 0, "read": 0,
+                          "doc_names": None if names is None else [names[i] for i in order[part]]}
+                   for part in ("train", "val")}}
+        os.makedirs(out, exist_ok=True)
+        atomic_write_text(meta_path, json.dumps(meta))
+    t0, batch_size = time.time(), max(1, min(64, commit_every))
     for part in ("train", "val"):
-        docs, n = texts[part], 0
-        paths = [os.path.join(cache, f"{part}{ext}") for ext in (".bin", ".docs.bin", ".lines.bin")]
-        with contextlib.ExitStack() as stack:
-            out, doc_out, line_out = (stack.enter_context(open(p + ".tmp", "wb")) for p in paths)
-            for i in range(0, len(docs), 256):
-                for text, ids in zip(docs[i:i + 256], tok.encode_corpus(docs[i:i + 256])):
-                    np.array([n], dtype=np.int64).tofile(doc_out)
-                    lines = np.append(_line_starts(text, ids, token_bytes), len(ids))  # <|endoftext|>: a line of its own
-                    (lines + n).astype(np.int64).tofile(line_out)
-                    arr = np.array(ids + [tok.eot_id], dtype=dtype)  # documents end with <|endoftext|>, as in GPT-2's data
-                    arr.tofile(out)
-                    n += len(arr)
-        for p in paths:
-            os.replace(p + ".tmp", p)
-        meta[part] = {"doc_names": names[part], "n_tokens": n, "n_bytes": sum(len(t.encode("utf-8")) for t in docs)}
-    atomic_write_text(os.path.join(cache, "meta.json"), json.dumps(meta))  # written last: marks the cache complete
+        writer = StreamWriter(out, part, tok, meta["dtype"], meta[part])
+        read, start, batch = meta[part]["read"], meta[part]["read"], []
+        for text in documents(start, order[part]):
+            batch.append(text)
+            read += 1
+            if len(batch) == batch_size or read == len(order[part]):
+                writer.add(batch)
+                batch = []
+                if read // commit_every > (read - batch_size) // commit_every or read == len(order[part]):
+                    meta[part] = {**meta[part], **writer.commit(), "read": read}
+                    atomic_write_text(meta_path, json.dumps(meta))  # the resumable unit: a commit
+                rate = (read - start) / max(1e-9, time.time() - t0)
+                print(f"\rprepare {part}: {read:,}/{len(order[part]):,} documents, {writer.counts['tokens']:,} "
+                      f"tokens, {rate:,.0f} documents/s", end="", flush=True)
+        writer.close()
+        print()
+    meta["done"] = True
+    atomic_write_text(meta_path, json.dumps(meta))
+    return meta
+
+
+def _digest(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_prepared(cfg, specials, tokenizer_ident):
+    """A prepared directory: its tokenizer (with this model's special tokens on top; the stream holds none of them)."""
+    with open(os.path.join(cfg.data, PREPARED)) as f:
+        meta = json.load(f)
+    if not meta["done"]:
+        raise UsageError(f"--data {cfg.data}: its prepare did not finish; run the same `python data.py prepare` "
+                         f"command again to resume it")
+    if meta["source"]["tokenizer"] != cfg.tokenizer:
+        raise UsageError(f"--data {cfg.data} was prepared with --tokenizer {meta['source']['tokenizer']}, not "
+                         f"{cfg.tokenizer}")
+    base = meta["tokenizer"]
+    ident = tokenizer_ident or ({**base, "specials": list(specials)} if base["kind"] == "char" else
+                                {**base, "specials": list(specials[1:])})
+    tok = tokenizer_from_identity(ident)
+    key = _digest({"prepared": {k: meta[k] for k in ("source", "train", "val", "tokenizer")}, "ident": ident})
+    return tok, {part: _split(cfg.data, part, meta) for part in ("train", "val")}, key
 
 
 def atomic_write_text(path, text):
@@ -339,3 +497,35 @@ def atomic_write_text(path, text):
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="data.py", description="Prepare a big corpus for train.py: tokenise it once, "
+                                "streaming, into a directory that --data then points at. Resumable: run the same "
+                                "command again after an interruption.")
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("prepare", help="tokenise a corpus into OUT (train/val .bin + boundaries + prepared.json)")
+    q.add_argument("--data", required=True, help="a directory or glob of .txt files (one document each), or a "
+                                                 "`datasets` directory written by save_to_disk")
+    q.add_argument("--out", required=True, help="output directory; give it to train.py as --data")
+    q.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "char"])
+    q.add_argument("--val-docs", default="", help="comma-separated document names to hold out")
+    q.add_argument("--val-every", type=int, default=10, help="else hold out every N-th document (default 10)")
+    q.add_argument("--commit-every", type=int, default=1000, help="documents between resumable commits")
+    q.add_argument("--text-column", default="text", help="the text column of a `datasets` dataset")
+    args = p.parse_args(argv)
+    try:
+        meta = prepare(args.data, args.out, args.tokenizer, args.val_docs, args.val_every, args.commit_every,
+                       args.text_column)
+    except UsageError as e:
+        print(f"data.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    print(f"prepared {args.out}: train {meta['train']['tokens']:,} tokens in {meta['train']['docs']:,} documents, "
+          f"val {meta['val']['tokens']:,} in {meta['val']['docs']:,}; train with --data {args.out} --tokenizer "
+          f"{args.tokenizer}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1012,9 +1012,6 @@ def loop(run, on_step=None):
                     if run.step > Budget.WARM_UP_STEPS:
                         run.budget.step_times.append(timed[-1][0])
                     budget_ready = main and run.budget.ready()  # process 0 decides for all
-                stop_now, budget_ready = run.dist.any(run, stop["signal"] is not None, budget_ready)
-                if budget_ready:
-                    decide_budget(run)
 
                 if run.step % cfg.log_interval == 0 or run.step == cfg.max_iters:
                     wall = time.time() - t_log
@@ -1024,6 +1021,9 @@ def loop(run, on_step=None):
                     timed, t_log = [], time.time()
                 if on_step is not None:
                     on_step(run.step, loss)
+                stop_now, budget_ready = run.dist.any(run, stop["signal"] is not None, budget_ready)
+                if budget_ready:
+                    decide_budget(run)
                 if stop_now:
                     raise Interrupted
         except Interrupted:
