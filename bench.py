@@ -1,0 +1,139 @@
+"""
+Benchmarks, as commands that print figures (never as timed tests).
+
+    python bench.py models                                   # every model's default preset, naive vs fused attention
+    python bench.py models --models gpt --presets gpt2 --compile both --device cuda     # GPT-2 124M on a GPU
+    python bench.py attention --lengths 256,512,1024,2048    # one attention layer, naive vs fused, forward + backward
+
+`models` runs train.py's own --bench (full optimizer steps: data, forward, backward, clipping, AdamW) for each
+combination and prints one table: ms/step, tokens/s, MFU and, on CUDA, peak memory. `attention` times one causal
+self-attention layer of gpt.py at growing sequence lengths: the readable path materialises the (T, T) score matrix
+(memory grows as T^2), the fused kernel (torch.nn.functional.scaled_dot_product_attention: FlashAttention or
+memory-efficient attention on GPUs, no Triton) never does. MFU needs a known peak: GPUs from train.GPU_PEAK_BF16 (an
+unknown GPU prints none rather than a wrong one), CPUs from a measured matmul (train.peak_flops).
+"""
+
+import argparse
+import contextlib
+import io
+import time
+
+import torch
+
+import train
+
+
+def bench_models(args):
+    rows = []
+    for model in args.models.split(","):
+        mod = train.model_module(model)
+        presets = args.presets.split(",") if args.presets else [mod.DEFAULT_PRESET]
+        for preset in presets:
+            for attn in args.attn.split(","):
+                for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
+                    argv = ["--model", model, "--preset", preset, "--bench", "--bench-iters", str(args.iters),
+                            "--device", args.device, "--attn", attn, "--compile" if compiled else "--no-compile"]
+                    argv += ["--dtype", args.dtype] if args.dtype else []
+                    argv += ["--data", args.data] if args.data else []
+                    argv += ["--cache-dir", args.cache_dir] if args.cache_dir else []
+                    if torch.cuda.is_available():
+                        torch.cuda.reset_peak_memory_stats()
+                    quiet = io.StringIO()
+                    try:
+                        with contextlib.redirect_stdout(quiet):
+                            result = train.train(argv)[0]
+                    except train.UsageError as e:
+                        print(f"{model}/{preset}/{attn}: skipped ({e})")
+                        continue
+                    mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+                    rows.append((model, preset, attn, "on" if compiled else "off", result, mem))
+                    print(_row(*rows[-1]), flush=True)
+    return rows
+
+
+def _row(model, preset, attn, compiled, r, mem):
+    mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
+    return (f"{model:<8}{preset:<14}{attn:<7}{compiled:<9}{r['ms']:>10.1f}{r['tok_s']:>14,.0f}{mfu:>8}"
+            f"{'n/a' if mem is None else f'{mem:.2f} GiB':>12}")
+
+
+def bench_attention(args):
+    """Forward + backward of one gpt.CausalSelfAttention, naive vs sdpa, at each length; returns rows."""
+    import gpt
+
+    device = train.pick_device(args.device)
+    dtype = train.TORCH_DTYPES[train.pick_dtype(args.dtype or "auto", device)]
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    print(f"one causal self-attention layer, batch {args.batch}, {args.n_head} heads, width {args.n_embd}, {device} "
+          f"{dtype}; forward + backward")
+    print(f"{'T':>6}{'naive ms':>11}{'fused ms':>11}{'speed-up':>10}{'naive mem':>12}{'fused mem':>12}")
+    rows = []
+    for T in (int(t) for t in args.lengths.split(",")):
+        cfg = gpt.GPTConfig(block_size=T, n_layer=1, n_head=args.n_head, n_embd=args.n_embd, dropout=0.0)
+        result = {}
+        for attn in ("naive", "sdpa"):
+            torch.manual_seed(0)
+            layer = gpt.CausalSelfAttention(gpt.GPTConfig(**{**cfg.__dict__, "attn": attn}), 0).to(device)
+            x = torch.randn(args.batch, T, args.n_embd, device=device, requires_grad=True)
+            pos = torch.arange(T, device=device)
+            autocast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 \
+                else contextlib.nullcontext()
+
+            def step():
+                with autocast:
+                    y = layer(x, pos)
+                y.float().sum().backward()
+
+            for _ in range(3):
+                step()
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            for _ in range(args.iters):
+                step()
+            sync()
+            result[attn] = ((time.perf_counter() - t) * 1000 / args.iters,
+                            torch.cuda.max_memory_allocated() / 2**20 if cuda else None)
+        (tn, mn), (tf, mf) = result["naive"], result["sdpa"]
+        mem = lambda m: "n/a" if m is None else f"{m:.0f} MiB"
+        print(f"{T:>6}{tn:>11.2f}{tf:>11.2f}{tn / tf:>9.1f}x{mem(mn):>12}{mem(mf):>12}", flush=True)
+        rows.append((T, tn, tf, mn, mf))
+    if not cuda:
+        print("memory: measured on CUDA only (torch.cuda.max_memory_allocated)")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("models", help="train.py --bench for each model / preset / attention path / compile")
+    m.add_argument("--models", default=",".join(train.MODELS), help="comma-separated --model names")
+    m.add_argument("--presets", default="", help="comma-separated presets (default: each model's DEFAULT_PRESET)")
+    m.add_argument("--attn", default="naive,sdpa", help="attention paths to compare")
+    m.add_argument("--compile", default="off", choices=["off", "on", "both"], help="torch.compile the model")
+    m.add_argument("--iters", type=int, default=20, help="timed steps per combination (after 5 warm-up steps)")
+    m.add_argument("--device", default="auto")
+    m.add_argument("--dtype", default="", help="override the presets' precision")
+    m.add_argument("--data", default="", help="corpus (default: each preset's, i.e. the bundled Shakespeare)")
+    m.add_argument("--cache-dir", default="", help="train.py's token cache (default: data/cache)")
+    a = sub.add_parser("attention", help="one attention layer: time and memory, naive vs fused, over lengths")
+    a.add_argument("--lengths", default="256,512,1024,2048")
+    a.add_argument("--batch", type=int, default=8)
+    a.add_argument("--n-head", type=int, default=12)
+    a.add_argument("--n-embd", type=int, default=768)
+    a.add_argument("--iters", type=int, default=10)
+    a.add_argument("--device", default="auto")
+    a.add_argument("--dtype", default="")
+    args = p.parse_args(argv)
+    if args.command == "models":
+        print(f"{'model':<8}{'preset':<14}{'attn':<7}{'compile':<9}{'ms/step':>10}{'tokens/s':>14}{'MFU':>8}"
+              f"{'peak mem':>12}")
+        return bench_models(args)
+    return bench_attention(args)
+
+
+if __name__ == "__main__":
+    main()
