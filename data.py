@@ -13,6 +13,7 @@ bpe.py on the train split); every model's special tokens go above the ordinary i
 Slides (lecture 001): "Byte Pair Encoding algorithm" (bpe.py), "Pretraining language models" (data).
 """
 
+import dataclasses
 import functools
 import glob
 import hashlib
@@ -30,9 +31,11 @@ import bpe
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(ROOT, "data", "shakespeare")
-# Held-out works of the bundled corpus: whole plays, so val loss measures generalisation to unseen text, not memory of a
-# neighbouring passage. One tragedy, one comedy, one history: 384 KB, 7.6% of the 5.06 MB corpus.
+# Held-out works of the bundled corpora: whole works, so val loss measures generalisation to unseen text, not memory of a
+# neighbouring passage. Shakespeare: one tragedy, one comedy, one history (384 KB, 7.6% of 5.06 MB). Milton: Paradise
+# Regained (93 KB of 726 KB), verse like Paradise Lost, which stays in training.
 BUNDLED_VAL_DOCS = ("julius_caesar", "twelfth_night", "henry_v")
+BUNDLED_VAL = {"shakespeare": BUNDLED_VAL_DOCS, "milton": ("paradise_regained",)}
 
 
 class UsageError(Exception):
@@ -257,8 +260,8 @@ def split_documents(names, val_docs, val_every=10):
         missing = [v for v in val if v not in known]
         if missing:
             raise UsageError(f"--val-docs: no document named {missing[0]!r} (documents: {', '.join(names[:8])}, ...)")
-    elif all(v in known for v in BUNDLED_VAL_DOCS):
-        val = list(BUNDLED_VAL_DOCS)
+    elif any(all(v in known for v in group) for group in BUNDLED_VAL.values()):
+        val = [v for group in BUNDLED_VAL.values() if all(v in known for v in group) for v in group]
     elif len(names) >= 2:
         val = names[len(names) // (2 * val_every)::val_every] or names[-1:]
     else:
@@ -268,6 +271,80 @@ def split_documents(names, val_docs, val_every=10):
     if not train:
         raise UsageError("--val-docs holds out every document; nothing is left to train on")
     return train, val
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Several corpora at once (continued pretraining with replay): --data milton:0.75,shakespeare:0.25 trains on a mixture,
+# each row drawn from a corpus with these probabilities, and evaluates on every corpus named, a weight of 0 included
+# (evaluated, never trained on). One tokenizer serves all of them, built from all of them.
+
+
+@dataclass
+class Domain:
+    name: str
+    path: str
+    weight: float
+    splits: dict = None  # {"train": Split, "val": Split}
+
+
+def parse_data(spec):
+    """--data -> [Domain]. A path or glob is one corpus of weight 1; "a:0.75,b:0.25" is a mixture, where a name without
+    a path separator that is not a file or directory is one of the bundled corpora (data/<name>).
+    parse_data("milton:3,shakespeare:1") -> [Domain("milton", "data/milton", 0.75), Domain("shakespeare", ..., 0.25)]"""
+    spec = spec or DEFAULT_DATA
+
+    def resolve(path):
+        if not os.path.exists(path) and os.sep not in path and os.path.isdir(os.path.join(ROOT, "data", path)):
+            return os.path.join(ROOT, "data", path)  # a bundled corpus by name
+        return path
+
+    parts = [p.rsplit(":", 1) for p in spec.split(",")]
+    if len(parts) == 1 and (len(parts[0]) == 1 or not re.fullmatch(r"[0-9.eE+-]+", parts[0][1])):
+        return [Domain(os.path.basename(os.path.normpath(spec.split("*")[0])) or "data", resolve(spec), 1.0)]
+    domains = []
+    for p in parts:
+        if len(p) != 2:
+            raise UsageError(f"--data {spec!r}: a mixture is name:weight,name:weight (e.g. milton:0.75,shakespeare:0.25)")
+        path, weight = p
+        try:
+            weight = float(weight)
+        except ValueError:
+            raise UsageError(f"--data {spec!r}: weight {weight!r} of {path!r} is not a number") from None
+        if weight < 0:
+            raise UsageError(f"--data {spec!r}: weights must be >= 0")
+        path = resolve(path)
+        domains.append(Domain(os.path.basename(os.path.normpath(path)), path, weight))
+    total = sum(d.weight for d in domains)
+    if total <= 0:
+        raise UsageError(f"--data {spec!r}: at least one corpus needs a weight above 0")
+    names = [d.name for d in domains]
+    if len(set(names)) < len(names):
+        raise UsageError(f"--data {spec!r}: two corpora are called {max(names, key=names.count)!r}")
+    for d in domains:
+        d.weight /= total
+    return domains
+
+
+def prepare_domains(cfg, specials=(EOT,), tokenizer_ident=None):
+    """(tokenizer, [Domain with its splits], cache key) for --data; one corpus goes straight to prepare_data."""
+    domains = parse_data(cfg.data)
+    if len(domains) == 1:
+        tok, domains[0].splits, key = prepare_data(dataclasses.replace(cfg, data=domains[0].path), specials,
+                                                   tokenizer_ident)
+        return tok, domains, key
+    if tokenizer_ident is None:  # one tokenizer built from every corpus (BPE: from their train splits)
+        train_texts, all_texts = [], []
+        for d in domains:
+            docs = read_documents(d.path)
+            train_names, _ = split_documents(docs, "")
+            train_texts += [docs[n] for n in train_names]
+            all_texts += list(docs.values())
+        tokenizer_ident = build_tokenizer(cfg, train_texts, all_texts, list(specials)).identity()
+    keys = []
+    for d in domains:
+        tok, d.splits, key = prepare_data(dataclasses.replace(cfg, data=d.path, val_docs=""), specials, tokenizer_ident)
+        keys.append(key)
+    return tok, domains, _digest({"domains": [(d.name, d.weight) for d in domains], "keys": keys})
 
 
 def prepare_data(cfg, specials=(EOT,), tokenizer_ident=None):

@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from data import (DEFAULT_DATA, UsageError, atomic_write_text, prepare_data, special_tokens_of,
+from data import (DEFAULT_DATA, UsageError, atomic_write_text, prepare_domains, special_tokens_of,
                   tokenizer_from_identity)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -69,7 +69,7 @@ def opt(default, help):
     return field(default=default, metadata={"help": help})
 
 
-SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
+SCHEDULES = ("cosine", "linear", "rsqrt", "constant", "wsd")
 
 
 @dataclass
@@ -98,7 +98,9 @@ class TrainConfig:
     lr: float = opt(1e-3, "peak learning rate")
     min_lr: float = opt(1e-4, "floor of the decay")
     schedule: str = opt("cosine", "after warm-up: cosine | linear (decay to --min-lr at the horizon) | rsqrt "
-                                  "(lr * sqrt(warmup / step), T5) | constant")
+                                  "(lr * sqrt(warmup / step), T5) | constant | wsd (constant, then a linear cooldown "
+                                  "to --min-lr over the last --cooldown of the steps)")
+    cooldown: float = opt(0.2, "wsd: the share of the steps after warm-up spent decaying to --min-lr")
     warmup_iters: int = opt(100, "linear warm-up steps")
     lr_decay_iters: int = opt(0, "the decay's horizon: lr reaches --min-lr at this step (0 = max_iters, fixed when the "
                                  "run starts; a resumed run keeps it)")
@@ -311,11 +313,13 @@ def _cpu_name():
         return platform.processor() or platform.machine()
 
 
-def peak_flops(device, dtype, cache_dir, measure=True):
+def peak_flops(device, dtype, cache_dir, measure=True, remeasure=False):
     """(FLOP/s or None, how it was obtained). GPUs: the datasheet; an unknown GPU gets None (no MFU rather than a wrong
     one). CPUs have no datasheet number that means anything, so we time the best case ourselves, once per machine and
     dtype, and cache it in cache_dir: the best of 5 square matmuls of the first size (256 ... 2048) that takes 5 ms, i.e.
-    MFU is relative to what this CPU actually reaches. measure=False only reads the cache. Never in an emulated dtype."""
+    MFU is relative to what this CPU actually reaches. measure=False only reads the cache; remeasure=True (--bench)
+    measures again and keeps the best ever seen, so a probe that ran on a busy machine is corrected by a quiet one.
+    Never in an emulated dtype."""
     kind = device.split(":")[0]
     if kind == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -330,7 +334,7 @@ def peak_flops(device, dtype, cache_dir, measure=True):
     path = os.path.join(cache_dir, "cpu_peak.json")
     cached = json.load(open(path)) if os.path.exists(path) else {}
     how = f"best {dtype} matmul on this CPU, measured once and cached in {path}"
-    if machine in cached:
+    if machine in cached and not remeasure:
         return cached[machine], how
     if not measure:
         return None, "not measured yet"
@@ -344,7 +348,7 @@ def peak_flops(device, dtype, cache_dir, measure=True):
             best = min(best, time.perf_counter() - t)
         if best > 5e-3:
             break
-    cached[machine] = 2 * n**3 / best
+    cached[machine] = max(2 * n**3 / best, cached.get(machine, 0.0))
     os.makedirs(cache_dir, exist_ok=True)
     atomic_write_text(path, json.dumps(cached, indent=1))
     return cached[machine], how
@@ -374,7 +378,7 @@ def make_optimizer(model, cfg, device):
 
 def lr_at(step, cfg):
     """Linear warm-up from 0 to lr over warmup_iters, then the schedule; the decaying ones reach min_lr at the horizon
-    (lr_decay_iters, or max_iters) and stay there. A horizon of 0 (a budgeted run that has not measured its speed yet)
+    (lr_decay_iters, or max_iters) and stay there; wsd holds the peak until its cooldown. A horizon of 0 (a budgeted run that has not measured its speed yet)
     holds the peak. With lr=1e-3, min_lr=1e-4, warmup=100, horizon 2000, cosine:
     lr_at(50) = 5e-4, lr_at(1050) = 5.5e-4, lr_at(2000) = lr_at(5000) = 1e-4."""
     if step < cfg.warmup_iters:
@@ -388,6 +392,11 @@ def lr_at(step, cfg):
         return cfg.lr
     if step >= horizon:
         return cfg.min_lr
+    if cfg.schedule == "wsd":  # warm-up, stable, decay (Hägele et al. 2024 §3; Ibrahim et al. 2024 §7.2's "infinite")
+        decay_start = horizon - round(cfg.cooldown * (horizon - cfg.warmup_iters))
+        if step < decay_start:
+            return cfg.lr
+        return cfg.lr + (cfg.min_lr - cfg.lr) * (step - decay_start) / max(1, horizon - decay_start)
     progress = (step - cfg.warmup_iters) / max(1, horizon - cfg.warmup_iters)
     shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
     return cfg.min_lr + shape * (cfg.lr - cfg.min_lr)
@@ -678,7 +687,7 @@ class Run:
     model_cfg: object
     demo_cfg: object
     tokenizer: object
-    splits: dict
+    domains: list  # data.Domain: name, weight, splits {"train", "val"}; one unless --data names a mixture
     data_key: str
     device: str
     dtype: str
@@ -700,6 +709,10 @@ class Run:
     t_start: float = 0.0  # when setup() began: budgets and logged times count from there, as a stopwatch would
     next_batch: dict = None  # drawn while the previous step still runs
     resume_point: tuple = None  # (batch generator state, objective state) from before next_batch was drawn
+
+    @property
+    def splits(self):
+        return self.domains[0].splits
 
     @property
     def tokens_per_step(self):
@@ -791,7 +804,7 @@ def setup(argv, dist=Dist()):
         raise UsageError(str(e)) from None
 
     tok_ident = ckpt["tokenizer"] if ckpt else (init_tok if init else None)
-    tokenizer, splits, data_key = prepare_data(cfg, special_tokens_of(mod), tok_ident)
+    tokenizer, domains, data_key = prepare_domains(cfg, special_tokens_of(mod), tok_ident)
     if ckpt and ckpt.get("data_key") not in (None, data_key):
         raise UsageError("--resume: the corpus changed since the checkpoint was written (its files' contents differ)")
     if init and init[1] is not None and init[1] != tokenizer.n_vocab:
@@ -817,10 +830,16 @@ def setup(argv, dist=Dist()):
     if cfg.grad_accum % dist.world:
         raise UsageError(f"grad_accum {cfg.grad_accum} does not split over {dist.world} processes: each takes "
                          f"grad_accum / {dist.world} micro-batches of the same global batch")
-    for part, split in splits.items():
-        if len(split.tokens) < objective.raw_tokens_per_row:
-            raise UsageError(f"the {part} split has {len(split.tokens):,} tokens, fewer than the "
-                             f"{objective.raw_tokens_per_row:,} one row needs; use a smaller --block-size or more data")
+    for d in domains:
+        for part, split in d.splits.items():
+            if len(split.tokens) < objective.raw_tokens_per_row:
+                where = f"{d.name}'s {part}" if len(domains) > 1 else f"the {part}"
+                raise UsageError(f"{where} split has {len(split.tokens):,} tokens, fewer than the "
+                                 f"{objective.raw_tokens_per_row:,} one row needs; use a smaller --block-size or more "
+                                 f"data")
+    if len(domains) > 1 and hasattr(objective, "state_dict"):
+        raise UsageError(f"--data {cfg.data}: {cfg.model}'s objective keeps per-row streams across steps; it trains on "
+                         f"one corpus at a time")
     optimizer, decay_line = make_optimizer(model, cfg, device)
     kind = device.split(":")[0]
     train_model = torch.compile(model) if cfg.compile else model
@@ -829,7 +848,7 @@ def setup(argv, dist=Dist()):
                                                                 if kind == "cuda" else None)
         torch.manual_seed(cfg.seed + dist.rank)  # the same init everywhere (above), but each process its own dropout
     run = Run(cfg=cfg, mod=mod, model_cfg=model_cfg, demo_cfg=mod.DemoConfig(**s.demo) if hasattr(mod, "DemoConfig")
-              else None, tokenizer=tokenizer, splits=splits, data_key=data_key, device=device, dtype=dtype, model=model,
+              else None, tokenizer=tokenizer, domains=domains, data_key=data_key, device=device, dtype=dtype, model=model,
               train_model=train_model, objective=objective, dist=dist,
               eval_objective=eval_objective, optimizer=optimizer,
               scaler=torch.amp.GradScaler(kind, enabled=(dtype == "fp16")),
@@ -847,10 +866,13 @@ def setup(argv, dist=Dist()):
         _restore_state(run, ckpt)
     print(f"model {cfg.model} preset {cfg.preset}: {_num_params(model) / 1e6:.2f}M parameters | {json.dumps(s.model)}"
           + (f" | weights from {cfg.init_from}" if init else ""))
-    print(f"data {cfg.data or DEFAULT_DATA}: train {len(splits['train'].doc_names)} docs {len(splits['train'].tokens):,} "
-          f"tokens | val {len(splits['val'].doc_names)} docs {len(splits['val'].tokens):,} tokens "
-          f"({', '.join(splits['val'].doc_names[:6])}{', ...' if len(splits['val'].doc_names) > 6 else ''}) | "
-          f"tokenizer {cfg.tokenizer} ({tokenizer.n_vocab} ids)")
+    for d in domains:
+        tr, va = d.splits["train"], d.splits["val"]
+        print(f"data {d.path if len(domains) > 1 else cfg.data or DEFAULT_DATA}"
+              f"{f' (weight {d.weight:.2f})' if len(domains) > 1 else ''}: train {len(tr.doc_names)} docs "
+              f"{len(tr.tokens):,} tokens | val {len(va.doc_names)} docs {len(va.tokens):,} tokens "
+              f"({', '.join(va.doc_names[:6])}{', ...' if len(va.doc_names) > 6 else ''})")
+    print(f"tokenizer {cfg.tokenizer} ({tokenizer.n_vocab} ids)")
     print(f"device {device} {dtype}{' +compile' if cfg.compile else ''}"
           f"{f' x {dist.world} processes' if dist.world > 1 else ''} | tokens per step = batch {cfg.batch_size} x "
           f"{objective.tokens_per_row} per row x grad_accum {cfg.grad_accum} = {run.tokens_per_step:,} | {decay_line}")
@@ -876,7 +898,7 @@ def _restore_state(run, ckpt):
     run.rows = [r for r in _read_metrics(run.cfg.out_dir) if r["step"] <= run.step]
     cfg, horizon = run.cfg, run.cfg.lr_decay_iters
     note = ""
-    if cfg.schedule in ("cosine", "linear") and horizon and cfg.max_iters > horizon:
+    if cfg.schedule in ("cosine", "linear", "wsd") and horizon and cfg.max_iters > horizon:
         note = (f"; the {cfg.schedule} schedule keeps its horizon: lr reaches its floor {cfg.min_lr:g} at step {horizon} "
                 f"and stays there (to re-warm on purpose, start a new run with --init-from)")
     print(f"resuming at step {run.step} of {cfg.max_iters or '(budget not yet fixed)'}{note}")
@@ -887,20 +909,37 @@ def _restore_state(run, ckpt):
 
 
 def run_eval(run):
-    """Val and a train estimate (eval_view): one metrics row and a line on stdout."""
+    """Val and a train estimate (eval_view) of every corpus: one metrics row and a line on stdout. With a mixture, each
+    corpus gets val_<name>_<metric> (and train_<name>_... if it is trained on), and val_<metric> / train_<metric> are
+    the averages weighted as the mixture is."""
     t = time.time()
     cfg = run.cfg
     rows = cfg.eval_batch_size or max(cfg.batch_size, 16384 // run.objective.tokens_per_row)  # no backward: big batches
     min_piece = run.objective.raw_tokens_per_row
-    val_view = eval_view(run.splits["val"], cfg.eval_tokens, spread=False, min_piece=min_piece)
-    train_tokens = cfg.eval_train_tokens or sum(len(p.tokens) for p in val_view)
-    train_view = eval_view(run.splits["train"], train_tokens, spread=True, min_piece=min_piece)
-    val = evaluate(run.model, run.eval_objective, val_view, rows, run.device, run.autocast)
-    tr = evaluate(run.model, run.eval_objective, train_view, rows, run.device, run.autocast)
+    score = lambda pieces: evaluate(run.model, run.eval_objective, pieces, rows, run.device, run.autocast)
+    results = {}
+    for d in run.domains:
+        val_view = eval_view(d.splits["val"], cfg.eval_tokens, spread=False, min_piece=min_piece)
+        train_tokens = cfg.eval_train_tokens or sum(len(p.tokens) for p in val_view)
+        train_view = eval_view(d.splits["train"], train_tokens, spread=True, min_piece=min_piece)
+        val = score(val_view)
+        results[d.name] = (score(train_view) if d.weight > 0 else None, val)
+    if len(run.domains) == 1:
+        tr, val = results[run.domains[0].name]
+        line = f"train {fmt_metrics(tr)} | val {fmt_metrics(val)}"
+    else:
+        mix = lambda i: {k: sum(d.weight * results[d.name][i][k] for d in run.domains if d.weight > 0)
+                         for k in results[run.domains[0].name][1]}
+        tr, val = mix(0), mix(1)
+        for d in run.domains:
+            tr.update({f"{d.name}_{k}": v for k, v in (results[d.name][0] or {}).items()})
+            val.update({f"{d.name}_{k}": v for k, v in results[d.name][1].items()})
+        line = "train " + fmt_metrics({k: v for k, v in tr.items() if k in results[run.domains[0].name][1]}) + " | " + \
+            " | ".join(f"val {d.name} {fmt_metrics(results[d.name][1])}" for d in run.domains)
     seconds = time.time() - t
     log_row(run, {"kind": "eval", "step": run.step, **{f"train_{k}": v for k, v in tr.items()},
                   **{f"val_{k}": v for k, v in val.items()}, "time": run_time(run)})
-    print(f"eval step {run.step}: train {fmt_metrics(tr)} | val {fmt_metrics(val)} ({seconds:.1f}s)", flush=True)
+    print(f"eval step {run.step}: {line} ({seconds:.1f}s)", flush=True)
 
 
 def checkpoint(run):
@@ -934,6 +973,18 @@ def log_row(run, row):
 
 def run_time(run):
     return time.time() - run.t_start
+
+
+def draw_train_batch(run, rows):
+    """One step's rows from the objective, all drawn from the loop's generator. With a mixture, each row's corpus is
+    drawn first (multinomial with the mixture's weights), then each corpus's rows, then they are stacked."""
+    if len(run.domains) == 1:
+        return run.objective.train_batch(run.splits["train"], rows, run.batch_gen)
+    weights = torch.tensor([d.weight for d in run.domains])
+    counts = torch.bincount(torch.multinomial(weights, rows, replacement=True, generator=run.batch_gen),
+                            minlength=len(run.domains)).tolist()
+    parts = [run.objective.train_batch(d.splits["train"], n, run.batch_gen) for d, n in zip(run.domains, counts) if n]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -973,11 +1024,11 @@ def loop(run, on_step=None):
 
     def draw_next():  # the next step's batch, and what a checkpoint must save to draw it again after a resume
         run.resume_point = (run.batch_gen.get_state(), copy.deepcopy(run.objective.state_dict()) if stateful else None)
-        run.next_batch = run.objective.train_batch(run.splits["train"], cfg.batch_size * cfg.grad_accum, run.batch_gen)
+        run.next_batch = draw_train_batch(run, cfg.batch_size * cfg.grad_accum)
 
     draw_next()
     peak, flops = None, getattr(run.model, "flops_per_token", lambda: None)()
-    timed, t_log = [], time.time()
+    timed, t_log, last_plot = [], time.time(), time.time()
     with stop_on_signals() as stop:
         try:
             while True:
@@ -987,8 +1038,9 @@ def loop(run, on_step=None):
                         run_eval(run)
                     run.evaluated = True
                     checkpoint(run)
-                    if main:
-                        plot_metrics(run.rows, os.path.join(cfg.out_dir, "loss.png"), f"{cfg.model} / {cfg.preset}")
+                    if main and (run.step == cfg.max_iters or time.time() - last_plot > PLOT_EVERY):
+                        plot(run)
+                        last_plot = time.time()
                     run.dist.barrier()
                     if run.budget and not run.budget.eval_seconds:
                         run.budget.eval_seconds = time.time() - t_eval
@@ -1028,6 +1080,8 @@ def loop(run, on_step=None):
                     raise Interrupted
         except Interrupted:
             checkpoint(run)
+            if main:
+                plot(run)
             print(f"stopped at step {run.step}; checkpoint saved to {run.ckpt_path}; continue with: python train.py "
                   f"--model {cfg.model} --out-dir {cfg.out_dir} --resume")
             return run.rows
@@ -1041,6 +1095,13 @@ def loop(run, on_step=None):
     if run.demo_cfg is not None and main:
         run.mod.demo(run.model, run.tokenizer, run.demo_cfg, run.device)
     return run.rows
+
+
+PLOT_EVERY = 60  # seconds: loss.png is redrawn at an eval at most this often (a drawing costs ~1 s), and at the end
+
+
+def plot(run):
+    plot_metrics(run.rows, os.path.join(run.cfg.out_dir, "loss.png"), f"{run.cfg.model} / {run.cfg.preset}")
 
 
 def decide_budget(run):
@@ -1085,7 +1146,7 @@ def log_step(run, loss, lr, timed, peak, flops, wall):
 def bench(run):
     """Time full optimizer steps (data, forward, backward, clip, AdamW) after a warm-up; nothing is written."""
     cfg = run.cfg
-    draw = lambda: run.objective.train_batch(run.splits["train"], cfg.batch_size * cfg.grad_accum, run.batch_gen)
+    draw = lambda: draw_train_batch(run, cfg.batch_size * cfg.grad_accum)
     sync = torch.cuda.synchronize if run.device.startswith("cuda") else (lambda: None)
     for _ in range(5):
         optimizer_step(run, draw())
@@ -1098,7 +1159,7 @@ def bench(run):
     sync()
     seconds = time.perf_counter() - t
     ms, tok_s = seconds * 1000 / cfg.bench_iters, tokens / seconds
-    peak, how = peak_flops(run.device, run.dtype, cfg.cache_dir)
+    peak, how = peak_flops(run.device, run.dtype, cfg.cache_dir, remeasure=run.dist.main)
     flops = getattr(run.model, "flops_per_token", lambda: None)()
     mfu = flops * tok_s / peak if peak and flops else None
     print(f"bench: {ms:.1f} ms/step | {tok_s:,.0f} tokens/s | MFU {'n/a' if mfu is None else f'{mfu:.1%}'} "
@@ -1128,15 +1189,21 @@ def train(argv=None, on_step=None):
 class FinishedRun:
     model: torch.nn.Module
     tokenizer: object
-    splits: dict
+    corpora: dict  # {corpus name: {"train": Split, "val": Split}}: one, or each corpus of a mixture
     cfg: TrainConfig
     device: str
     autocast: object
 
-    def evaluate(self, objective, part="val", max_tokens=None):
-        """Metrics of `objective` (e.g. the run's own, with other settings) on the leading max_tokens of a split."""
+    @property
+    def splits(self):
+        return next(iter(self.corpora.values()))
+
+    def evaluate(self, objective, part="val", max_tokens=None, corpus=None):
+        """Metrics of `objective` (e.g. the run's own, with other settings) on the leading max_tokens of a split (of
+        `corpus`, by default the first)."""
         rows = self.cfg.eval_batch_size or max(self.cfg.batch_size, 16384 // objective.tokens_per_row)
-        view = eval_view(self.splits[part], max_tokens, spread=part == "train", min_piece=objective.raw_tokens_per_row)
+        split = (self.corpora[corpus] if corpus else self.splits)[part]
+        view = eval_view(split, max_tokens, spread=part == "train", min_piece=objective.raw_tokens_per_row)
         return evaluate(self.model, objective, view, rows, self.device, self.autocast)
 
 
@@ -1144,12 +1211,12 @@ def open_run(ckpt_path):
     """The run that wrote ckpt_path: model in eval mode on the run's device, tokenizer, splits, and evaluate()."""
     model, tokenizer, ckpt = load_for_inference(ckpt_path, flag="open_run")
     cfg = TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in {f.name for f in fields(TrainConfig)}})
-    _, splits, _ = prepare_data(cfg, list(tokenizer.specials), ckpt["tokenizer"])
+    _, domains, _ = prepare_domains(cfg, list(tokenizer.specials), ckpt["tokenizer"])
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     autocast = torch.autocast(device.split(":")[0], dtype=TORCH_DTYPES[dtype]) if dtype != "fp32" \
         else contextlib.nullcontext()
-    return FinishedRun(model.to(device), tokenizer, splits, cfg, device, autocast)
+    return FinishedRun(model.to(device), tokenizer, {d.name: d.splits for d in domains}, cfg, device, autocast)
 
 
 def main(argv=None):

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -75,8 +76,8 @@ def test_resume_with_more_steps_keeps_the_schedule_and_does_not_rewarm(tmp_path,
 
 def test_schedules_have_their_shapes():
     base = dict(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
-    cos, lin, rsqrt, const = (train.TrainConfig(schedule=s, **base) for s in train.SCHEDULES)
-    for cfg in (cos, lin, rsqrt, const):
+    cos, lin, rsqrt, const, wsd = (train.TrainConfig(schedule=s, **base) for s in train.SCHEDULES)
+    for cfg in (cos, lin, rsqrt, const, wsd):
         assert train.lr_at(0, cfg) < train.lr_at(5, cfg) < train.lr_at(9, cfg) < 1.0 == train.lr_at(10, cfg), \
             f"{cfg.schedule}: warm-up must rise linearly to the peak"
     assert train.lr_at(60, cos) == pytest.approx(0.55) and train.lr_at(60, lin) == pytest.approx(0.55)
@@ -85,6 +86,9 @@ def test_schedules_have_their_shapes():
     assert train.lr_at(110, cos) == train.lr_at(110, lin) == 0.1 == train.lr_at(500, lin)
     assert train.lr_at(40, rsqrt) == pytest.approx(0.5) and train.lr_at(1000, rsqrt) == 0.1, "rsqrt: sqrt(10/40)"
     assert train.lr_at(1000, const) == 1.0
+    # wsd with cooldown 0.2: the peak until step 90 (= 110 - 0.2 * 100), then a straight line to the floor at 110
+    assert train.lr_at(50, wsd) == train.lr_at(89, wsd) == train.lr_at(90, wsd) == 1.0
+    assert train.lr_at(100, wsd) == pytest.approx(0.55) and train.lr_at(110, wsd) == 0.1 == train.lr_at(300, wsd)
 
 
 def test_position_tables_norm_gains_and_biases_are_not_decayed(capsys):
@@ -271,23 +275,48 @@ def test_eval_tokens_caps_what_an_evaluation_reads(tmp_path, corpus, capsys):
 # The time budget
 
 
-def test_a_time_budget_fixes_the_step_count_records_it_and_decays_to_the_floor_by_then(tmp_path, corpus, capsys):
-    rows = train.train(gpt_args(tmp_path, corpus, "--max-time", "3s", "--max-iters", "0", "--warmup-iters", "60",
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """train.py's clock, made deterministic: a step takes exactly 10 ms and an evaluation 50 ms, whatever the machine
+    and its load, and nothing else takes time. The budget's decisions are then the same on every machine."""
+    clock = types.SimpleNamespace(t=1000.0)
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock.t, perf_counter=lambda: clock.t))
+    step, run_eval = train.optimizer_step, train.run_eval
+
+    def timed_step(*a, **k):
+        out = step(*a, **k)
+        clock.t += 0.010
+        return out
+
+    def timed_eval(*a, **k):
+        run_eval(*a, **k)
+        clock.t += 0.050
+
+    monkeypatch.setattr(train, "optimizer_step", timed_step)
+    monkeypatch.setattr(train, "run_eval", timed_eval)
+    return clock
+
+
+def test_a_time_budget_fixes_the_step_count_records_it_and_decays_to_the_floor_by_then(tmp_path, corpus, capsys,
+                                                                                     fake_clock):
+    rows = train.train(gpt_args(tmp_path, corpus, "--max-time", "1s", "--max-iters", "0", "--warmup-iters", "60",
                                 "--log-interval", "1", "--eval-interval", "100000", "--lr", "1e-2", "--min-lr", "1e-3"))
     out = capsys.readouterr().out
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     n = ckpt["budget"]["decided"]
-    assert n > 60 and ckpt["step"] == n and ckpt["train_config"]["max_iters"] == n, "the decision must be recorded"
+    # decided after 3 untimed + 50 timed steps, 0.58 s in (the step-0 eval included): 97% of the 0.42 s left, less the
+    # final eval's 0.05 s, is 35 steps of 10 ms
+    assert n == 53 + 35 and ckpt["step"] == n and ckpt["train_config"]["max_iters"] == n, "decision not recorded"
     assert f"-> {n} steps" in out
-    assert ckpt["budget"]["spent"] < 3.0 * 1.25, f"the run took {ckpt['budget']['spent']:.1f}s of a 3s budget"
+    assert ckpt["budget"]["spent"] <= 1.0, f"the run took {ckpt['budget']['spent']:.2f}s of its 1s budget"
     lrs = [r["lr"] for r in rows if r["kind"] == "train"]
     cfg = train.TrainConfig(**ckpt["train_config"])
-    assert train.lr_at(n, cfg) == 1e-3 and lrs[-1] == pytest.approx(1e-3, rel=1e-3), "no decay to the floor by the end"
-    assert lrs[-1] < lrs[len(lrs) // 2] < lrs[60], "the lr must decay over the budgeted steps"
+    assert train.lr_at(n, cfg) == 1e-3 and lrs[-1] == pytest.approx(1e-3, rel=0.05), "no decay to the floor by the end"
+    assert lrs[-1] < lrs[75] < lrs[59], "the lr must decay over the budgeted steps"
 
 
-def test_a_budgeted_run_resumes_with_its_decision_and_the_same_losses(tmp_path, corpus):
-    common = ("--max-time", "3s", "--max-iters", "0", "--warmup-iters", "60", "--log-interval", "1", "--eval-interval",
+def test_a_budgeted_run_resumes_with_its_decision_and_the_same_losses(tmp_path, corpus, fake_clock):
+    common = ("--max-time", "1s", "--max-iters", "0", "--warmup-iters", "60", "--log-interval", "1", "--eval-interval",
               "100000", "--dropout", "0.1")
     first = train.train(gpt_args(tmp_path / "a", corpus, *common), on_step=interrupt_at(70))
     ckpt = torch.load(tmp_path / "a" / "out" / "ckpt.pt", weights_only=True)
