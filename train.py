@@ -1,14 +1,17 @@
 """
-One training loop for every model in this repository: GPT now; BERT, T5, ELECTRA and XLNet plug into the same loop.
+One training loop for every model in this repository (MODELS below): each plugs into the same loop.
 
     python train.py --model gpt                      # char-level GPT on the bundled Shakespeare, CPU, about 4 minutes
     python train.py --model gpt --help               # every flag, generated from the config dataclasses
     python train.py --model gpt --resume             # continue out/gpt from its checkpoint
     python train.py --model gpt --max-time 90s       # as good a model as 90 seconds of this machine allow
+    python train.py --model gpt --data milton:0.75,shakespeare:0.25 --init-from out/gpt/ckpt.pt   # continue, replay
+    torchrun --standalone --nproc_per_node=4 train.py --model gpt --preset gpt2 --data PREPARED   # 4 GPUs
     python train.py --model gpt --preset nanogpt-cpu --bench   # ms/step, tokens/s, MFU; writes nothing
 
-The file follows the order of a run: configuration -> tokenizer -> data -> device and precision -> model, objective and
-optimizer -> evaluation and checkpoints -> the loop itself (`loop`, one screen) -> the end-of-run demo.
+The file follows the order of a run: configuration -> (tokenizer and data: data.py) -> device and precision ->
+optimisation -> checkpoints -> evaluation -> the time budget -> many processes -> setting a run up -> the loop itself
+(`loop`, one screen) -> the end-of-run demo.
 
 What the loop owns, the same for every objective: the device and precision, tokenizers (with each model's special
 tokens), reading the corpus and splitting it by document, batching, AdamW, the learning-rate schedule, gradient
@@ -17,6 +20,7 @@ What a model file owns, looked up in MODELS (nothing else here is model-specific
   Config          a dataclass of the architecture's settings                     (each field becomes a --flag)
   PRESETS         named sizes and recipes, and DEFAULT_PRESET                     (--preset; keys may set any config)
   SPECIAL_TOKENS  token strings the objective needs ([CLS], [MASK], ...), added above every tokenizer's ordinary ids
+  TOKEN_IDS       optional {config field: special token}: config fields the loop fills with those tokens' ids
   Model           the nn.Module, built from a Config. Optional: no_weight_decay() -> parameter names,
                   flops_per_token(), num_params(), from_pretrained(path) for --init-from a Hugging Face directory
   Objective       built as Objective(model_config, tokenizer); turns token data into batches and scores them:
@@ -27,6 +31,8 @@ What a model file owns, looked up in MODELS (nothing else here is model-specific
                     eval_batches(split, batch_size) -> iterator of dicts          (deterministic; covers `split`)
                     denominators(batch) -> {term: count}   the counts each loss term is averaged over, for a whole step
                     loss(model, batch, denominators=None) -> (loss, dict of sums)  summarize(sums) -> named metrics
+                    (loss() calls model(...) itself, once per micro-batch, never a submodule or method: under torchrun
+                    `model` is the DistributedDataParallel wrapper, which syncs gradients only through its forward)
                   Optional, for objectives with state across steps (XLNet's memory): state_dict(), load_state_dict(),
                   and reset(), which the loop calls at the start of every evaluation on a separate eval instance.
   DemoConfig, demo(model, tokenizer, demo_config, device)   optional: what the run shows when it ends (GPT samples)
@@ -76,7 +82,9 @@ SCHEDULES = ("cosine", "linear", "rsqrt", "constant", "wsd")
 class TrainConfig:
     model: str = opt("gpt", f"which model file to train: {', '.join(MODELS)}")
     preset: str = opt("", "named size/recipe from the model file (default: its DEFAULT_PRESET)")
-    data: str = opt("", "directory or glob of UTF-8 .txt files, one document each (default: bundled Shakespeare)")
+    data: str = opt("", "directory or glob of UTF-8 .txt files, one document each, or a `python data.py prepare` "
+                        "directory, or a mixture such as milton:0.75,shakespeare:0.25 (bundled corpora by name; "
+                        "every corpus named is evaluated, weight 0 included) (default: bundled Shakespeare)")
     val_docs: str = opt("", "comma-separated document names to hold out (default: the bundled held-out works, "
                             "else every 10th document)")
     tokenizer: str = opt("char", "char | gpt2 | bpe")
