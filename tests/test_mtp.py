@@ -322,3 +322,47 @@ def test_flops_count_the_extra_heads_and_configs_reject_bad_values():
         with pytest.raises(ValueError, match=match):
             config(**bad)
 
+
+def test_the_comparison_trains_through_the_loop_at_equal_compute_and_writes_its_table_and_figure(tmp_path, corpus,
+                                                                                                    capsys):
+    import gpt
+
+    png = tmp_path / "mtp.png"
+    results = gpt.mtp_compare_main([
+        "--variants", "parallel-2,sequential-4", "--iters", "6", "--block-size", "16", "--batch-size", "2",
+        "--evals", "1", "--eval-tokens", "256", "--prompts", "2", "--prompt-len", "4", "--data", str(corpus),
+        "--out-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"), "--png", str(png)])
+    out = capsys.readouterr().out
+    assert list(results) == ["next-token", "parallel-2", "sequential-4"], "the next-token baseline always runs first"
+    base = results["next-token"]
+    for name in ("parallel-2", "sequential-4"):
+        r = results[name]
+        assert r["steps"] < base["steps"], f"{name}: dearer steps must buy fewer of them at equal compute"
+        assert r["train_flops"] == pytest.approx(base["train_flops"], rel=0.15), f"{name}: not equal compute"
+        assert r["exact"] == "2/2", f"{name}: speculative decoding differed from greedy"
+        assert 0 <= r["acceptance"] <= 1 and r["tokens_per_pass"] >= 1
+    assert results["sequential-4"]["weight"] == pytest.approx(0.1), "DeepSeek-V3's lambda 0.3 over D = 3"
+    assert "head4_loss" in results["sequential-4"] and "head2_loss" in results["parallel-2"]
+    for name in results:
+        assert any(line.startswith(name) for line in out.splitlines()), f"no table row for {name}"
+    assert png.stat().st_size > 10_000, "the figure was not written"
+    # and a checkpoint it wrote samples with --speculative from the command line, greedy and exact
+    ckpt = str(tmp_path / "runs" / "parallel-2" / "ckpt.pt")
+    gpt.main(["--ckpt", ckpt, "--prompt", "the ", "--max-new-tokens", "8", "--speculative"])
+    fast = capsys.readouterr()
+    gpt.main(["--ckpt", ckpt, "--prompt", "the ", "--max-new-tokens", "8", "--temperature", "0"])
+    assert fast.out == capsys.readouterr().out, "--speculative must print greedy decoding's text"
+    assert "drafts kept" in fast.err
+    with pytest.raises(SystemExit) as e:  # a plain GPT has nothing to draft with
+        gpt.main(["--ckpt", str(tmp_path / "runs" / "next-token" / "ckpt.pt"), "--speculative"])
+    assert e.value.code == 2 and "--mtp-heads" in capsys.readouterr().err
+
+
+def test_the_comparison_rejects_bad_input_with_one_line_and_exit_code_2(tmp_path, capsys):
+    import gpt
+
+    with pytest.raises(SystemExit) as e:
+        gpt.main(["mtp-compare", "--variants", "parallel-3", "--out-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "parallel-3" in err, err
+    assert not (tmp_path / "runs").exists(), "nothing may be written on bad input"
