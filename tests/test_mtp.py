@@ -285,19 +285,22 @@ def test_speculative_bookkeeping_with_perfect_and_with_wrong_drafts(mode, monkey
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_drafts_are_what_the_training_forward_predicts_given_those_drafts(mode):
+@pytest.mark.parametrize("pos", ["learned", "t5"])
+def test_drafts_are_what_the_training_forward_predicts_given_those_drafts(mode, pos):
     """draft() (the decoding path) and forward(future=...) (the training path) are the same heads: fed the text, greedy's
     next token g and the drafts themselves as the tokens ahead, the forward's head k+1 at the last position picks
-    draft k."""
+    draft k. Drafting from the first P positions of a longer pass (as decoding does after rejected drafts) is the same
+    as drafting from a pass over those P tokens: T5's bias must be cut to the P x P corner."""
     D, P = 3, 10
-    m = model_with(seed=16, mtp=mode, mtp_heads=D).double()
+    m = model_with(seed=16, mtp=mode, mtp_heads=D, pos=pos).double()
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0.0, 0.3)  # larger weights: drafts that vary from head to head
-        idx = torch.randint(0, V, (2, P), generator=torch.Generator().manual_seed(17))
-        z, x, pos, bias = m.hidden_states(idx)
-        g = m.unembed(x)[:, -1:].argmax(dim=-1)
-        drafts = m.draft(z, x, torch.cat([idx, g], dim=1), pos, bias)  # (B, D)
+        idx = torch.randint(0, V, (2, P + 4), generator=torch.Generator().manual_seed(17))
+        z, x, pos_, bias = m.hidden_states(idx)  # a longer pass: P tokens, then 4 rejected ones
+        idx = idx[:, :P]
+        g = m.unembed(x)[:, P - 1:P].argmax(dim=-1)
+        drafts = m.draft(z[:, :P], x[:, :P], torch.cat([idx, g], dim=1), pos_[:P], bias)  # (B, D)
         text = torch.cat([idx, g, drafts], dim=1)  # (B, P + 1 + D)
         future = torch.stack([text[:, k:k + P] for k in range(1, D + 1)], dim=1)  # (B, D, P): the token k ahead
         logits, _ = m(idx, future=future)
