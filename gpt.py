@@ -12,6 +12,14 @@ Papers
   learned encoding".
   Positions: `--pos` swaps GPT-2's learned table for any scheme of positions.py (sinusoidal, Shaw, T5 bias, ALiBi, RoPE,
   or none); each scheme's equation and paper are there, this file only decides where each one enters the model.
+  Multi-token prediction (slides "Multi-token prediction", both of them), off by default (`--mtp-heads 0`):
+  - Gloeckle et al. 2024, "Better & Faster Large Language Models via Multi-token Prediction" §2: a shared trunk f_s, n
+    independent heads f_h_i (one Transformer layer each) and the shared unembedding f_u,
+    P(x_t+i | x_t:1) = softmax(f_u(f_h_i(f_s(x_t:1)))), trained on the sum of the n heads' losses; at inference the
+    next-token head alone, or the others as drafts for self-speculative decoding (their §3.2; Stern et al. 2018).
+  - DeepSeek-AI 2024, "DeepSeek-V3 Technical Report" §2.2, eq. (21)-(25): sequential MTP modules; depth k combines the
+    previous depth's hidden state at position i with the embedding of token i+k, so every prediction keeps the causal
+    chain. `--mtp sequential`.
 
 Faithful to OpenAI's released model (github.com/openai/gpt-2, src/model.py) and therefore to Hugging Face's
 GPT2LMHeadModel, which tests/test_gpt.py uses as an oracle: same parameter names (wte, wpe, h.i.ln_1, attn.c_attn, ...),
@@ -21,14 +29,19 @@ Run
   python train.py --model gpt                               # train a small char-level GPT on Shakespeare (CPU, minutes)
   python gpt.py --ckpt out/gpt/ckpt.pt --prompt "ROMEO:"    # sample from the checkpoint that run wrote
   python train.py --model gpt --pos rope                    # the same model with rotary positions instead of wpe
+  python train.py --model gpt --mtp-heads 3                 # also predict 2, 3 and 4 tokens ahead (Gloeckle's n = 4)
+  python gpt.py mtp-compare                                 # next-token vs multi-token prediction at equal compute
 
 Legend
   B batch size, T sequence length (time), C n_embd (channels), H n_head, hs = C // H head size, V vocabulary size,
   L n_layer. idx: (B, T) token ids. logits: (B, T, V). pos: (T,) absolute positions of the T new tokens; T_k keys.
+  D mtp_heads, the extra tokens predicted at each position; n = 1 + D (Gloeckle's n: every token predicted, the next
+  one included). Head i (i = 1..n) predicts the token i places ahead; DeepSeek's depth k = i - 1.
 """
 
 import argparse
 import math
+import os
 import sys
 from dataclasses import dataclass
 
@@ -71,6 +84,9 @@ class GPTConfig:
     shaw_max_distance: int = 16  # Shaw et al.'s clipping distance k (their §4.3: no gain beyond k = 2..4; 16 is safe)
     t5_num_buckets: int = 32  # T5's defaults: 32 buckets, all for the past in a causal decoder ...
     t5_max_distance: int = 128  # ... the last one shared by every offset >= 128
+    mtp_heads: int = 0  # D: extra future tokens predicted at each position (0 = plain GPT; Gloeckle's n = 1 + D)
+    mtp: str = "parallel"  # parallel: Gloeckle et al.'s heads on one trunk | sequential: DeepSeek-V3's chained modules
+    mtp_weight: float = 1.0  # w in loss = L_1 + w * (L_2 + ... + L_n): 1 is Gloeckle's plain sum; DeepSeek's lambda / D
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
@@ -84,6 +100,12 @@ class GPTConfig:
                              f"{self.n_embd // self.n_head} must be even")
         if self.pos == "sinusoidal" and self.n_embd % 2:
             raise ValueError(f"pos='sinusoidal' needs an even n_embd (sin/cos pairs), got {self.n_embd}")
+        if self.mtp not in ("parallel", "sequential"):
+            raise ValueError(f"mtp must be 'parallel' or 'sequential', got {self.mtp!r}")
+        if self.mtp_heads < 0:
+            raise ValueError(f"mtp_heads must be >= 0 (extra tokens predicted), got {self.mtp_heads}")
+        if self.mtp_heads and self.mtp == "parallel" and self.n_layer < 1:
+            raise ValueError("mtp='parallel' makes the last block the next-token head: it needs n_layer >= 1")
 
     @property
     def padded_vocab_size(self):
@@ -268,6 +290,38 @@ class Block(nn.Module):
         return x
 
 
+class MTPModule(nn.Module):
+    """DeepSeek-V3's multi-token prediction module at depth k (§2.2, eq. 21-22; the second "Multi-token prediction"
+    slide): h'_i = M_k [RMSNorm(h^(k-1)_i); RMSNorm(Emb(t_(i+k)))], then h^k = TRM_k(h'), one Transformer block.
+
+    h^(k-1) is the previous depth's hidden state (depth 0: the main model's last block, before its final norm) and
+    t_(i+k) the true token k places after position i, embedded with the shared embedding. So the prediction of token
+    i+k+1 at depth k sees exactly the tokens up to i+k: the causal chain of next-token prediction, one step further per
+    depth. No position vector is added to the embedding: h^(k-1) already carries the position.
+    """
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        C = config.n_embd
+        self.hnorm = nn.RMSNorm(C, eps=config.layer_norm_epsilon)  # RMSNorm(h^(k-1)_i)
+        self.enorm = nn.RMSNorm(C, eps=config.layer_norm_epsilon)  # RMSNorm(Emb(t_(i+k)))
+        self.proj = nn.Linear(2 * C, C, bias=False)  # M_k, a (C, 2C) matrix
+        self.block = Block(config, layer_idx)  # TRM_k
+        # The shared output head is our tied lm_head; like the main model's, it needs a final norm in front (pre-LN
+        # blocks leave the residual stream unnormalised). DeepSeek-V3's released modules have a norm of their own there.
+        self.ln_f = nn.LayerNorm(C, eps=config.layer_norm_epsilon, bias=config.bias)
+
+    def forward(self, h_prev, emb, pos, bias=None):
+        """h_prev (B, T, C): depth k-1's hidden states; emb (B, T, C): embeddings of the tokens k ahead -> h^k."""
+        # Trap: eq. (21) puts h first; the engines that load DeepSeek-V3's released MTP weights (vLLM, SGLang: eh_proj)
+        # concatenate the embedding first. The same model up to a permutation of M_k's columns; we follow the paper.
+        # Trap: autocast has no rule for RMSNorm (it has one for LayerNorm), so a bf16 h_prev would meet fp32 gains:
+        # a slow unfused path and a warning. Normalise in the gains' dtype; the projection is autocast as usual.
+        h_prev, emb = h_prev.to(self.hnorm.weight.dtype), emb.to(self.enorm.weight.dtype)
+        h = self.proj(torch.cat([self.hnorm(h_prev), self.enorm(emb)], dim=-1))  # (B, T, 2C) -> (B, T, C)
+        return self.block(h, pos, bias)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The model
 
@@ -299,6 +353,14 @@ class GPT(nn.Module):
         # Weight tying (Press & Wolf 2017), as in GPT-2: the output projection IS the input embedding matrix, so a token's
         # logit is the dot product of the final hidden state with that token's embedding. One tensor, two uses.
         self.lm_head.weight = self.transformer.wte.weight
+        if config.mtp_heads:
+            # Multi-token prediction: the extra heads, one block each, numbered after the model's own blocks. A plain
+            # GPT has no `mtp` at all: its state-dict keys are GPT-2's.
+            # parallel (Gloeckle et al. §2): the last block h[L-1] is head 1, the next-token head f_h_1, and these are
+            #   f_h_2 .. f_h_n, each reading the trunk f_s = h[0..L-2]; all share f_u = ln_f + lm_head.
+            # sequential (DeepSeek-V3 §2.2): the whole model is the main model; module k reads depth k-1's states.
+            make = Block if config.mtp == "parallel" else MTPModule
+            self.mtp = nn.ModuleList([make(config, config.n_layer + k) for k in range(config.mtp_heads)])
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -331,12 +393,44 @@ class GPT(nn.Module):
 
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward): 6 per weight (Kaplan et al. 2020, eq. 2.1, with the lm_head
-        matmul counted and wpe's lookup not) plus the attention scores and mixing, 12 * L * T * C (PaLM, App. B)."""
+        matmul counted and wpe's lookup not) plus the attention scores and mixing, 12 * L * T * C (PaLM, App. B).
+        Multi-token prediction adds its D blocks (in num_params, one more attention each) and D more lm_head matmuls."""
         c = self.config
-        return 6 * self.num_params(non_embedding=True) + 6 * c.padded_vocab_size * c.n_embd + 12 * c.n_layer * c.block_size * c.n_embd
+        heads, blocks = 1 + c.mtp_heads, c.n_layer + c.mtp_heads
+        return 6 * self.num_params(non_embedding=True) + 6 * heads * c.padded_vocab_size * c.n_embd + \
+            12 * blocks * c.block_size * c.n_embd
 
-    def forward(self, idx, targets=None, cache=None):
-        """idx (B, T) token ids -> logits (B, T, V); with targets (B, T) also the mean cross-entropy (-100 = ignore)."""
+    def forward(self, idx, targets=None, cache=None, future=None):
+        """idx (B, T) token ids -> logits (B, T, V); with targets (B, T) also the mean cross-entropy (-100 = ignore).
+
+        Multi-token prediction (mtp_heads = D > 0): with future (B, D, T), future[:, k-1, t] the token k places after
+        position t (-100 past the end of the text), every head runs and logits are (B, 1 + D, T, V): [:, i] predicts
+        the token i + 1 places ahead, [:, 0] is the next-token head. The sequential modules read `future` (depth k
+        embeds the token k ahead: teacher forcing); the parallel heads never do. targets are then (B, 1 + D, T) and the
+        loss is L_1 + mtp_weight * (L_2 + ... + L_n), each a mean. Without `future` only the next-token head runs: that
+        is inference, with or without a KV cache, exactly as in a plain GPT.
+        """
+        z, x, pos, bias = self.hidden_states(idx, cache)
+        logits = self.unembed(x)  # (B, T, V)
+        if future is not None:
+            if not self.config.mtp_heads:
+                raise ValueError("future tokens are for multi-token prediction; this model has mtp_heads=0")
+            if cache is not None:
+                raise ValueError("the multi-token heads are for training and drafting; they run without a KV cache")
+            logits = torch.stack([logits, *self.mtp_logits(z, x, future, pos, bias)], dim=1)  # (B, 1 + D, T, V)
+        loss = None
+        if targets is not None:
+            ce = lambda lg, tg: F.cross_entropy(lg.float().flatten(0, 1), tg.flatten(), ignore_index=-100)
+            loss = ce(logits, targets) if future is None else \
+                ce(logits[:, 0], targets[:, 0]) + self.config.mtp_weight * sum(
+                    ce(logits[:, i], targets[:, i]) for i in range(1, logits.size(1)))
+        return logits, loss
+
+    def hidden_states(self, idx, cache=None):
+        """The residual stream of idx (B, T), for the heads to read: (z, x, pos, bias).
+        x (B, T, C) leaves the last block (before ln_f); z (B, T, C) enters it, i.e. the output of the shared trunk f_s
+        of parallel multi-token prediction (whose next-token head f_h_1 is that last block). pos (T,) and bias
+        (T5/ALiBi's (H, T, T_k) or None) are what the heads' own attention needs."""
         B, T = idx.size()
         past = cache.length if cache is not None else 0
         # Only the learned table has a last row. Every other scheme is a formula of the position (or of the distance),
@@ -362,24 +456,44 @@ class GPT(nn.Module):
         bias = None
         if "pos_bias" in self.transformer:  # T5 / ALiBi: one (H, T, T_k) bias, computed once and shared by all layers
             bias = self.transformer.pos_bias(pos, torch.arange(past + T, device=idx.device))
+        z = x  # ends as the input of the last block (the embeddings if there is no block)
         for block in self.transformer.h:
-            x = block(x, pos, bias, cache)
+            z, x = x, block(x, pos, bias, cache)
         if cache is not None:
             cache.length += T
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, V_padded)
+        return z, x, pos, bias
+
+    def unembed(self, x, norm=None):
+        """f_u: a final norm (ln_f unless given), then the output projection tied to wte: (B, T, C) -> (B, T, V)."""
+        logits = self.lm_head((norm or self.transformer.ln_f)(x))  # (B, T, V_padded)
         if self.config.padded_vocab_size != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]  # padding rows are never predicted, trained on or sampled
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-        return logits, loss
+        return logits
+
+    def mtp_logits(self, z, x, future, pos, bias):
+        """The D extra heads' logits: a list of (B, T, V), [k-1] for the token k + 1 places ahead (slides "Multi-token
+        prediction"). z, x, pos, bias from hidden_states; future (B, D, T) as in forward."""
+        if self.config.mtp == "parallel":
+            # Gloeckle et al. §2: P(x_t+i | x_t:1) = softmax(f_u(f_h_i(f_s(x_t:1)))). Each head is its own Transformer
+            # layer on the trunk's states z, so at position t it sees x_1..x_t only, like the next-token head.
+            return [self.unembed(head(z, pos, bias)) for head in self.mtp]
+        out, h = [], x  # h^0: the main model's last hidden state, before ln_f (DeepSeek-V3 eq. 21)
+        for k, module in enumerate(self.mtp, start=1):
+            # Depth k at position t embeds the true token t + k (DeepSeek-V3 eq. 21) and predicts token t + k + 1.
+            # Trap: past the end of the text there is no token t + k (-100). Embed id 0 there instead: the targets of
+            # those positions are past the end too (-100, never scored), and causal attention keeps whatever it embeds
+            # from reaching any earlier position, at this depth or a deeper one.
+            emb = self.transformer.wte(future[:, k - 1].clamp(min=0))  # (B, T, C)
+            h = module(h, emb, pos, bias)  # h^k (B, T, C)
+            out.append(self.unembed(h, module.ln_f))
+        return out
 
     # ------------------------------------------------------------------------------------------------------------------
     # Sampling
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None,
+                 speculative=False, stats=None):
         """Append max_new_tokens sampled tokens to idx (B, T) and return (B, T + max_new_tokens).
 
         temperature 0 is greedy decoding; top_k keeps the k most likely tokens; top_p keeps the smallest set whose
@@ -389,7 +503,13 @@ class GPT(nn.Module):
         cached keys are stale (also for relative schemes: the hidden states of the kept tokens were computed while they
         could still see the tokens that fell out). From then on each step re-encodes the last block_size tokens,
         exactly as without cache.
+        speculative (greedy only, a model with mtp_heads > 0): self-speculative decoding, see speculative_greedy; the
+        same tokens as greedy decoding. stats: a dict it fills with its counts (passes, drafted, accepted, ...).
         """
+        if speculative:
+            if temperature != 0:
+                raise ValueError("speculative decoding here verifies greedy choices: it needs temperature=0")
+            return self.speculative_greedy(idx, max_new_tokens, stats)
         was_training = self.training
         self.eval()
         cache = None
@@ -406,6 +526,80 @@ class GPT(nn.Module):
             idx = torch.cat((idx, next_id), dim=1)
         self.train(was_training)
         return idx
+
+    @torch.no_grad()
+    def speculative_greedy(self, idx, max_new_tokens, stats=None):
+        """Greedy decoding that drafts with the multi-token heads and verifies with the next-token head: exactly the
+        tokens of generate(temperature=0), in fewer passes of the model wherever the drafts are right (Gloeckle et al.
+        §3.2, self-speculative decoding; the verification is Stern et al. 2018's blockwise parallel decoding).
+
+        Each pass feeds the text plus a block [g, d_2, ..., d_n]: g is greedy's next token (known from the last pass),
+        d_i the head-i draft of the token i places ahead. The pass gives greedy's choice after every block token: draft
+        d_i stands if greedy chose it after the block tokens before it and every earlier draft stood (the longest
+        agreeing prefix is kept). The same pass gives greedy's token after the last kept one (the next g, for free) and
+        the hidden states the heads draft the next block from. So a pass adds 1 + (drafts kept) tokens; plain greedy
+        decoding adds 1. Rows of a batch move together: a step keeps the fewest drafts any row agrees on (still exact).
+
+        Every pass recomputes the window (no KV cache: a cache would have to roll back rejected drafts, and the
+        sequential modules' states lag k positions behind the text). Once text + block outgrow block_size it steps as
+        plain greedy decoding does: one token per pass, on the last block_size tokens.
+        stats (optional dict) accumulates passes, drafted, accepted, and drafted_at / accepted_at: per draft position
+        (d_2 .. d_n), how often it was checked (every earlier draft stood) and how often it stood.
+        """
+        D, T_max = self.config.mtp_heads, self.config.block_size
+        if not D:
+            raise ValueError("speculative decoding drafts with the multi-token heads; this model has mtp_heads=0")
+        was_training = self.training
+        self.eval()
+        st = stats if stats is not None else {}
+        for key, zero in (("passes", 0), ("drafted", 0), ("accepted", 0), ("drafted_at", [0] * D),
+                          ("accepted_at", [0] * D)):
+            st.setdefault(key, zero)
+        end = idx.size(1) + max_new_tokens
+        block = None  # (B, 1 + D): greedy's next token g, then the drafts of the D tokens after it
+        while idx.size(1) < end:
+            if idx.size(1) + 1 + D > T_max:  # no room for a block: plain greedy steps from here (sliding window)
+                logits, _ = self(idx[:, -T_max:])
+                idx = torch.cat([idx, logits[:, -1:].argmax(dim=-1)], dim=1)
+                st["passes"] += 1
+                continue
+            n = idx.size(1)
+            text = idx if block is None else torch.cat([idx, block], dim=1)  # (B, n) at the start, else (B, n + 1 + D)
+            z, x, pos, bias = self.hidden_states(text)
+            greedy = self.unembed(x).argmax(dim=-1)  # (B, len(text)): greedy's choice of the token after each position
+            st["passes"] += 1
+            if block is not None:
+                # block[:, j] (j >= 1) was drafted for the position after block[:, j-1]; greedy chose greedy[:, n+j-1]
+                stood = (block[:, 1:] == greedy[:, n:n + D]).long().cumprod(dim=1)  # (B, D): 1 up to the first miss
+                kept = int(stood.sum(dim=1).min())
+                idx = torch.cat([idx, block[:, :1 + kept]], dim=1)  # g always stands: it was greedy's own choice
+                st["drafted"] += D
+                st["accepted"] += kept
+                for j in range(min(kept + 1, D)):
+                    st["drafted_at"][j] += 1
+                    st["accepted_at"][j] += int(j < kept)
+            p = idx.size(1)  # tokens kept so far; greedy's choice after the last of them comes free with this pass
+            g = greedy[:, p - 1:p]  # (B, 1)
+            block = torch.cat([g, self.draft(z[:, :p], x[:, :p], torch.cat([idx, g], dim=1), pos[:p], bias)], dim=1)
+        self.train(was_training)
+        return idx[:, :end]
+
+    def draft(self, z, x, text, pos, bias):
+        """The extra heads' greedy guesses for the D tokens after text's last token, from the last of P positions:
+        (B, D). z, x (B, P, C): hidden_states of text[:, :P]; text (B, P + 1) ends with greedy's next token g; pos,
+        bias: hidden_states' for at least P positions."""
+        P = z.size(1)
+        if bias is not None:
+            bias = bias[..., :P, :P]  # T5/ALiBi: the (H, P, P) corner for these positions
+        if self.config.mtp == "parallel":
+            # head i at the last position drafts the token i places ahead; it attends to all P positions, so runs on all
+            return torch.cat([self.unembed(head(z, pos, bias)[:, -1:]).argmax(dim=-1) for head in self.mtp], dim=1)
+        h = x
+        for k, module in enumerate(self.mtp, start=1):
+            # depth k embeds the token k places after each position: the text, then g, then the drafts made so far
+            h = module(h, self.transformer.wte(text[:, k:k + P]), pos, bias)  # (B, P, C)
+            text = torch.cat([text, self.unembed(h[:, -1:], module.ln_f).argmax(dim=-1)], dim=1)
+        return text[:, P + 1:]
 
     # ------------------------------------------------------------------------------------------------------------------
     # Hugging Face format: load OpenAI's GPT-2 (or any GPT2LMHeadModel directory) and write ours back out.
@@ -431,6 +625,8 @@ class GPT(nn.Module):
             for name, param in model.state_dict().items():
                 if name == "lm_head.weight":
                     continue  # tied to wte
+                if name.startswith("mtp."):
+                    continue  # multi-token heads asked for with mtp_heads=...: GPT-2 has none; they keep their init
                 key = name.removeprefix("transformer.")
                 if key not in sd:
                     raise KeyError(f"{path}: missing weight {key!r}")
@@ -447,7 +643,8 @@ class GPT(nn.Module):
 
     def export_hf(self, path):
         """Write a directory that transformers' GPT2LMHeadModel.from_pretrained(path) loads (config.json +
-        model.safetensors). The inverse of from_pretrained."""
+        model.safetensors). The inverse of from_pretrained. Multi-token heads are left out: inference uses the
+        next-token model alone (both papers discard the extra heads there), and GPT-2's format has no place for them."""
         c = self.config
         if c.pos != "learned":
             raise ValueError(f"export_hf: the HF GPT-2 format has learned absolute positions (wpe) only; this model "
@@ -463,8 +660,8 @@ class GPT(nn.Module):
         )
         sd = {}
         for name, w in self.state_dict().items():
-            if name == "lm_head.weight":
-                continue  # tied: HF re-ties it from wte
+            if name == "lm_head.weight" or name.startswith("mtp."):
+                continue  # tied: HF re-ties it from wte; the multi-token heads (see above)
             if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
                 w = w.t()
             if name == "transformer.wte.weight":
@@ -509,62 +706,106 @@ class NextTokenObjective:
     Windows may cross document boundaries: documents are joined with an end-of-text token, so the model learns where a
     work ends instead of being told. Reports bits per byte, which does not depend on the tokenizer. A target of -100 is
     ignored (not scored, not counted), as in F.cross_entropy.
+
+    Multi-token prediction (mtp_heads = D > 0; slide "Multi-token prediction"): each row draws D more tokens, targets
+    become (B, n, T) with n = 1 + D (row i - 1: the token i places ahead, -100 past the end of the text), and the loss
+    is L_1 + mtp_weight * (L_2 + ... + L_n), each L_i the mean over head i's real targets. With mtp_weight = 1 that is
+    Gloeckle et al.'s L_n (§2), the plain sum over the n heads; DeepSeek-V3 weights its MTP losses by lambda / D
+    (eq. 25). The metrics keep "loss" and "bpb" for the next token alone, so every run compares with a plain GPT, and
+    add head2_loss .. headn_loss.
     """
 
     def __init__(self, config, tokenizer):
         self.block_size = config.block_size
+        self.n_ahead = 1 + config.mtp_heads  # n: tokens predicted at every position, the next one included
+        self.mtp_weight = config.mtp_weight
         self.token_bytes = tokenizer.token_bytes  # (V,) UTF-8 length of each token, for bits per byte
-        self.raw_tokens_per_row = config.block_size + 1  # T inputs and T targets overlap in all but one token
+        # T inputs; head n's last target is T + n tokens in. Plain GPT: T + 1 (inputs and targets share all but one)
+        self.raw_tokens_per_row = config.block_size + self.n_ahead
         self.tokens_per_row = config.block_size
 
     def train_batch(self, split, batch_size, generator):
         """batch_size random windows from split.tokens (a 1-D numpy array), positions drawn from `generator`."""
-        T = self.block_size
-        starts = torch.randint(len(split.tokens) - T, (batch_size,), generator=generator)
-        return self._windows(split.tokens, starts.tolist(), T)
+        starts = torch.randint(len(split.tokens) - self.raw_tokens_per_row + 1, (batch_size,), generator=generator)
+        return self._windows(split.tokens, starts.tolist(), self.block_size, self.n_ahead)
 
     def eval_batches(self, split, batch_size):
-        """Every target of the split exactly once, in order: consecutive non-overlapping windows (deterministic)."""
+        """Every target of the split exactly once, in order: consecutive non-overlapping windows (deterministic).
+        (Every next-token target; head i scores the token i places after each of those positions that has one.)"""
         T, n = self.block_size, len(split.tokens) - 1  # n targets: tokens[1:]
         starts = list(range(0, n - T + 1, T))
         for i in range(0, len(starts), batch_size):
-            yield self._windows(split.tokens, starts[i:i + batch_size], T)
+            yield self._windows(split.tokens, starts[i:i + batch_size], T, self.n_ahead)
         tail = n - len(starts) * T  # the last partial window, so no target is skipped
         if tail > 0:
-            yield self._windows(split.tokens, [len(starts) * T], tail)
+            yield self._windows(split.tokens, [len(starts) * T], tail, self.n_ahead)
 
     @staticmethod
-    def _windows(tokens, starts, T):
-        rows = np.stack([tokens[s:s + T + 1] for s in starts]).astype(np.int64)  # (B, T+1)
+    def _windows(tokens, starts, T, n_ahead=1):
+        """Rows of T inputs and their targets: the token after each input, or with n_ahead = n > 1, (B, n, T): row
+        i - 1 holds the token i places after each input, -100 where the text has ended.
+        _windows(np.array([5, 6, 7, 8]), [0], 2) -> idx [[5, 6]], targets [[6, 7]]
+        _windows(np.array([5, 6, 7, 8]), [1], 2, n_ahead=2) -> idx [[6, 7]], targets [[[7, 8], [8, -100]]]"""
+        rows = np.full((len(starts), T + n_ahead), -100, dtype=np.int64)  # (B, T + n)
+        for r, s in enumerate(starts):
+            piece = tokens[s:s + T + n_ahead]
+            rows[r, :len(piece)] = piece
         rows = torch.from_numpy(rows)
-        return {"idx": rows[:, :-1], "targets": rows[:, 1:]}
+        if n_ahead == 1:
+            return {"idx": rows[:, :-1], "targets": rows[:, 1:]}
+        return {"idx": rows[:, :T], "targets": torch.stack([rows[:, i:i + T] for i in range(1, n_ahead + 1)], dim=1)}
 
     @staticmethod
     def count_tokens(batch):
         return batch["idx"].numel()
 
     @staticmethod
-    def denominators(batch):
-        """What the loss is averaged over: the real targets (not -100) of the whole batch."""
-        return {"nll": int((batch["targets"] != -100).sum())}
+    def _terms(targets):
+        """(targets as (B, n, T), the name of each head's loss term): "nll" for the next token, as in a plain GPT."""
+        heads = targets if targets.dim() == 3 else targets[:, None]
+        return heads, ["nll"] + [f"nll_head{i}" for i in range(2, heads.size(1) + 1)]
+
+    @classmethod
+    def denominators(cls, batch):
+        """What each loss term is averaged over: the real targets (not -100) of the whole batch, per head."""
+        heads, names = cls._terms(batch["targets"])
+        return {name: int((heads[:, i] != -100).sum()) for i, name in enumerate(names)}
 
     def loss(self, model, batch, denominators=None):
-        """(sum of the target log-losses / denominators["nll"], dict of sums to aggregate over an evaluation).
-        Without denominators, the mean over this batch's real targets."""
+        """(the loss: each head's sum of target log-losses / its denominator, weighted; dict of sums to aggregate over
+        an evaluation). Without denominators, the means over this batch's real targets."""
         denominators = denominators or self.denominators(batch)
-        logits, _ = model(batch["idx"])
-        targets = batch["targets"]
-        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        heads, names = self._terms(batch["targets"])
+        if len(names) == 1:
+            logits, _ = model(batch["idx"])
+            logits = logits[:, None]  # (B, 1, T, V)
+        else:
+            # One call of the model's forward runs every head (DistributedDataParallel syncs gradients through the
+            # wrapped module's forward only). The sequential modules read heads 1..D's targets: the true tokens ahead.
+            logits, _ = model(batch["idx"], future=heads[:, :-1])  # (B, n, T, V)
+        total, stats = 0.0, {}
+        for i, name in enumerate(names):
+            targets = heads[:, i]  # (B, T)
+            nll = F.cross_entropy(logits[:, i].float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                  reduction="sum")
+            total = total + (1.0 if i == 0 else self.mtp_weight) * nll / max(1, denominators[name])
+            stats[name] = nll.detach()
+            if i:
+                stats[f"tokens_head{i + 1}"] = (targets != -100).sum()
+        targets = heads[:, 0]
         real = targets != -100
-        stats = {"nll": nll.detach(), "tokens": real.sum(),
-                 "bytes": self.token_bytes.to(targets.device)[targets[real]].sum()}  # never index with -100
-        return nll / max(1, denominators["nll"]), stats
+        stats.update(tokens=real.sum(), bytes=self.token_bytes.to(targets.device)[targets[real]].sum())  # not with -100
+        return total, stats
 
     @staticmethod
     def summarize(sums):
-        """Named metrics from summed stats: loss in nats/token and bits per byte."""
-        return {"loss": float(sums["nll"]) / float(sums["tokens"]),
-                "bpb": float(sums["nll"]) / (math.log(2) * float(sums["bytes"]))}
+        """Named metrics from summed stats: next-token loss in nats/token and bits per byte; with multi-token prediction
+        also head i's loss (nats/token) on the token i places ahead."""
+        metrics = {"loss": float(sums["nll"]) / float(sums["tokens"]),
+                   "bpb": float(sums["nll"]) / (math.log(2) * float(sums["bytes"]))}
+        for i in sorted(int(k.removeprefix("nll_head")) for k in sums if k.startswith("nll_head")):
+            metrics[f"head{i}_loss"] = float(sums[f"nll_head{i}"]) / float(sums[f"tokens_head{i}"])
+        return metrics
 
 
 Model, Config, Objective = GPT, GPTConfig, NextTokenObjective  # what train.py's registry looks up
@@ -593,9 +834,190 @@ def demo(model, tokenizer, cfg, device, seed=1337):
     print("-" * 80 + "\n" + tokenizer.decode(out[0].tolist()) + "\n" + "-" * 80)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Experiment: does predicting more than one token help? `python gpt.py mtp-compare` trains next-token prediction and
+# multi-token prediction at equal training compute with train.py, on the bundled Shakespeare, and compares them.
+
+MTP_VARIANTS = {  # name -> (mtp, mtp_heads); the number in the name is n, the tokens predicted at each position
+    "next-token": ("parallel", 0),
+    "parallel-2": ("parallel", 1), "parallel-4": ("parallel", 3),  # Gloeckle et al.'s heads
+    "sequential-2": ("sequential", 1), "sequential-4": ("sequential", 3),  # DeepSeek-V3's modules (it uses n = 2)
+}
+DEEPSEEK_LAMBDA = 0.3  # DeepSeek-V3's MTP loss weight for its first 10T tokens (§4.2), 0.1 after
+
+
+def mtp_weight_of(mtp, mtp_heads, override=0.0):
+    """Each paper's own weight w of an extra head's loss: Gloeckle et al. sum all heads (w = 1); DeepSeek-V3 scales the
+    mean of its D depths by lambda (eq. 25): w = lambda / D. mtp_weight_of("sequential", 3) -> 0.1"""
+    if override:
+        return override
+    return 1.0 if mtp == "parallel" else DEEPSEEK_LAMBDA / mtp_heads
+
+
+def mtp_compare(args):
+    """Train each variant with train.py (in-process, its flags spelled out), then report next-token val loss and bits
+    per byte, each head's val loss, and how many drafts self-speculative decoding keeps. Returns {variant: results}.
+
+    Equal compute (--equal flops, the default): every run has the same model, batch and schedule shape, and the same
+    training FLOPs. MTP's extra heads make its steps dearer (flops_per_token counts them), so a variant trains
+    iters * F_next / F_variant steps: fewer tokens, the same compute. What inference costs is equal anyway: the
+    next-token path is the same L-block GPT. --equal steps gives every run the same steps and tokens instead, as in
+    DeepSeek-V3's ablation (§4.5.1), where MTP costs more training compute.
+    """
+    import train
+
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in MTP_VARIANTS]
+    if unknown or not variants:
+        raise train.UsageError(f"--variants: unknown {','.join(unknown) or '(none)'}; choose from "
+                               f"{','.join(MTP_VARIANTS)}")
+    if args.equal not in ("flops", "steps"):
+        raise train.UsageError(f"--equal {args.equal!r}: choose flops or steps")
+    if args.iters < 1 or args.batch_size < 1 or args.block_size < 2 or args.prompt_len < 1 or args.evals < 1:
+        raise train.UsageError("--iters, --batch-size, --prompt-len, --evals must be >= 1 and --block-size >= 2")
+    if args.prompt_len >= args.block_size:
+        raise train.UsageError(f"--prompt-len {args.prompt_len} leaves no room to generate in --block-size "
+                               f"{args.block_size}")
+    variants = ["next-token"] + [v for v in variants if v != "next-token"]  # the baseline first: it fixes the budget
+    results, flops_next = {}, None
+    for name in variants:
+        mtp, heads = MTP_VARIANTS[name]
+        weight = mtp_weight_of(mtp, heads, args.mtp_weight) if heads else 0.0
+        if flops_next is None:
+            steps = args.iters
+        else:
+            config = GPTConfig(**{**results["next-token"]["config"], "mtp": mtp, "mtp_heads": heads})
+            with torch.device("meta"):  # shapes only, for flops_per_token
+                flops = GPT(config).flops_per_token()
+            steps = args.iters if args.equal == "steps" else max(1, round(args.iters * flops_next / flops))
+        print(f"=== {name}: {steps} steps ===", flush=True)
+        out_dir = os.path.join(args.out_dir, name)
+        argv = ["--model", "gpt", "--preset", "char-cpu", "--n-layer", "4", "--n-head", "4", "--n-embd", "128",
+                "--dropout", "0", "--bias", "--attn", "naive", "--pos", "learned", "--dtype", "auto", "--tokenizer",
+                "char", "--block-size", str(args.block_size), "--batch-size", str(args.batch_size), "--grad-accum", "1",
+                "--max-iters", str(steps), "--eval-interval", str(max(1, steps // args.evals)),
+                "--warmup-iters", str(max(1, steps // 10)), "--lr", "3e-3", "--min-lr", "3e-4", "--schedule", "cosine",
+                "--weight-decay", "0.1", "--beta2", "0.99", "--eval-tokens", str(args.eval_tokens),
+                "--eval-train-tokens", str(min(4096, args.eval_tokens)), "--log-interval", str(max(1, steps // 4)),
+                "--seed", str(args.seed),
+                "--out-dir", out_dir, "--overwrite", "--sample-tokens", "0", "--cache-dir", args.cache_dir,
+                "--mtp", mtp, "--mtp-heads", str(heads), "--mtp-weight", str(weight or 1.0)]
+        if args.data:
+            argv += ["--data", args.data]
+        rows = train.train(argv)
+        run = train.open_run(os.path.join(out_dir, "ckpt.pt"))
+        flops = run.model.flops_per_token()
+        flops_next = flops_next or flops
+        tokens_per_step = args.batch_size * args.block_size
+        evals = [r for r in rows if r["kind"] == "eval"]
+        results[name] = dict(config=vars(run.model.config).copy(), n=1 + heads, weight=weight, steps=steps,
+                             train_flops=steps * tokens_per_step * flops,
+                             curve=[(r["step"] * tokens_per_step * flops, r["val_loss"]) for r in evals],
+                             **{k.removeprefix("val_"): v for k, v in evals[-1].items() if k.startswith("val_")})
+        if heads:
+            results[name].update(speculate(run.model, run.splits["val"].tokens, args.prompts, args.prompt_len,
+                                           args.block_size - args.prompt_len))
+    print_mtp_table(results, args)
+    plot_mtp(results, args)
+    return results
+
+
+def speculate(model, tokens, prompts, prompt_len, new_tokens):
+    """Self-speculative greedy decoding from `prompts` evenly spaced prompts of the text `tokens`: the acceptance rate
+    (drafts kept / drafts made), per draft position (kept / checked), tokens per pass, and whether every output equals
+    plain greedy decoding."""
+    stats, exact = {}, 0
+    starts = [i * (len(tokens) - prompt_len) // prompts for i in range(prompts)]
+    for s in starts:
+        prompt = torch.tensor(tokens[s:s + prompt_len].astype(np.int64))[None]  # (1, prompt_len)
+        fast = model.generate(prompt, new_tokens, temperature=0, speculative=True, stats=stats)
+        exact += torch.equal(fast, model.generate(prompt, new_tokens, temperature=0))
+    return dict(acceptance=stats["accepted"] / max(1, stats["drafted"]),
+                acceptance_at=[a / max(1, d) for a, d in zip(stats["accepted_at"], stats["drafted_at"])],
+                tokens_per_pass=prompts * new_tokens / stats["passes"], exact=f"{exact}/{prompts}")
+
+
+def print_mtp_table(results, args):
+    heads = max(r["n"] for r in results.values())
+    what = "training FLOPs" if args.equal == "flops" else "steps"
+    print(f"\nnext-token vs multi-token prediction at equal {what}: batches of {args.batch_size} x {args.block_size} "
+          f"characters; val = the first {args.eval_tokens:,} held-out characters; speculative decoding from "
+          f"{args.prompts} val prompts of {args.prompt_len} characters")
+    head = (f"{'variant':<14}{'n':>3}{'w':>6}{'steps':>7}{'TFLOP':>7}{'val loss':>10}{'val bpb':>9}"
+            + "".join(f"{f'head{i}':>8}" for i in range(2, heads + 1)) + f"{'accept':>8}{'tok/pass':>10}{'exact':>7}")
+    print(head + "\n" + "-" * len(head))
+    for name, r in results.items():
+        cells = "".join(f"{r[f'head{i}_loss']:>8.4f}" if f"head{i}_loss" in r else f"{'-':>8}"
+                        for i in range(2, heads + 1))
+        spec = f"{r['acceptance']:>8.1%}{r['tokens_per_pass']:>10.2f}{r['exact']:>7}" if "acceptance" in r else \
+            f"{'-':>8}{1:>10.2f}{'-':>7}"
+        weight = f"{r['weight']:.2f}" if r["weight"] else "-"
+        print(f"{name:<14}{r['n']:>3}{weight:>6}{r['steps']:>7}{r['train_flops'] / 1e12:>7.2f}"
+              f"{r['loss']:>10.4f}{r['bpb']:>9.4f}{cells}{spec}")
+    print("val loss / bpb: the next-token head alone (what inference uses); headi: its loss on the token i places "
+          "ahead; accept: drafts kept; tok/pass: tokens per forward pass; exact: outputs equal to greedy decoding")
+
+
+def plot_mtp(results, args):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    color = {name: f"C{i}" for i, name in enumerate(results)}  # one colour per variant in both panels
+    for name, r in results.items():
+        xs, ys = zip(*[(f / 1e12, v) for f, v in r["curve"] if f > 0])
+        ax.plot(xs, ys, "o-", color=color[name], label=f"{name} ({r['steps']} steps)")
+    ax.set(xlabel="training compute (TFLOP)", ylabel="next-token val loss (nats/char)",
+           title=f"next-token loss at equal {'compute' if args.equal == 'flops' else 'steps'}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    spec = {name: r for name, r in results.items() if "acceptance_at" in r}
+    width = 0.8 / max(1, len(spec))
+    for j, (name, r) in enumerate(spec.items()):
+        at = r["acceptance_at"]
+        bx.bar([i + 2 + (j - (len(spec) - 1) / 2) * width for i in range(len(at))], at, width, color=color[name],
+               label=f"{name}: {r['acceptance']:.0%} kept, {r['tokens_per_pass']:.2f} tokens/pass")
+    bx.set(xlabel="draft of the token i places ahead", ylabel="kept, when every earlier draft was",
+           title="self-speculative decoding (greedy, exact)", ylim=(0, 1))
+    bx.set_xticks(range(2, 2 + max([len(r["acceptance_at"]) for r in spec.values()], default=0)))
+    bx.grid(alpha=0.3, axis="y")
+    bx.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
+    fig.savefig(args.png, dpi=100)
+    plt.close(fig)
+    print(f"wrote {args.png}")
+
+
+def mtp_compare_main(argv):
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = argparse.ArgumentParser(prog="gpt.py mtp-compare", description="Next-token vs multi-token prediction at equal "
+                                "training compute: val loss, bits per byte, and self-speculative decoding.")
+    p.add_argument("--variants", default=",".join(MTP_VARIANTS),
+                   help="comma-separated, from: " + ", ".join(MTP_VARIANTS))
+    p.add_argument("--iters", type=int, default=1000, help="the next-token run's steps; the others get equal compute")
+    p.add_argument("--equal", default="flops", help="flops (fewer steps for dearer MTP steps) | steps (the same steps)")
+    p.add_argument("--block-size", type=int, default=64, help="training window (characters)")
+    p.add_argument("--batch-size", type=int, default=32, help="windows per step")
+    p.add_argument("--mtp-weight", type=float, default=0.0, help="w for every variant (default: each paper's own: "
+                   "1 for parallel heads, 0.3 / D for sequential modules)")
+    p.add_argument("--evals", type=int, default=4, help="evaluations per run, besides the one at step 0")
+    p.add_argument("--eval-tokens", type=int, default=65536, help="held-out characters scored at each evaluation")
+    p.add_argument("--prompts", type=int, default=8, help="val prompts for speculative decoding")
+    p.add_argument("--prompt-len", type=int, default=16, help="characters per prompt; generation fills the window")
+    p.add_argument("--data", default="", help="corpus directory (default: the bundled Shakespeare)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--out-dir", default=os.path.join("out", "mtp"), help="one run directory per variant here")
+    p.add_argument("--cache-dir", default=os.path.join(here, "data", "cache"), help="train.py's token cache")
+    p.add_argument("--png", default=os.path.join(here, "assets", "mtp_compare.png"), help="the figure")
+    return mtp_compare(p.parse_args(argv))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Sample from a GPT: a checkpoint written by train.py (--ckpt) or a Hugging "
-                                            "Face GPT-2 directory such as OpenAI's released weights (--hf).")
+                                            "Face GPT-2 directory such as OpenAI's released weights (--hf). "
+                                            "`gpt.py mtp-compare --help`: the multi-token prediction experiment.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="path to ckpt.pt (e.g. out/gpt/ckpt.pt)")
     src.add_argument("--hf", help="a GPT2LMHeadModel directory (config.json + model.safetensors or pytorch_model.bin); "
@@ -607,10 +1029,19 @@ def main(argv=None):
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
+    p.add_argument("--speculative", action="store_true", help="greedy decoding that drafts with the multi-token "
+                   "heads (a checkpoint trained with --mtp-heads): the same text, fewer passes")
+    argv = sys.argv[1:] if argv is None else argv
     import data  # the tokenizers
     import train  # the checkpoint format, shared by every model
 
+    if argv[:1] == ["mtp-compare"]:
+        try:
+            return mtp_compare_main(argv[1:])
+        except train.UsageError as e:
+            print(f"gpt.py: error: {e}", file=sys.stderr)
+            sys.exit(2)
+    args = p.parse_args(argv)
     try:
         if args.ckpt:
             model, tokenizer, _ = train.load_for_inference(args.ckpt, device=args.device, flag="--ckpt")
@@ -626,9 +1057,17 @@ def main(argv=None):
         sys.exit(2)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     idx = torch.tensor([ids or [tokenizer.eot_id]], dtype=torch.long, device=args.device)
-    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         generator=g)
+    if args.speculative and not getattr(model.config, "mtp_heads", 0):
+        print("gpt.py: error: --speculative drafts with multi-token heads; this model has none (train with "
+              "--mtp-heads N)", file=sys.stderr)
+        sys.exit(2)
+    stats = {}
+    out = model.generate(idx, args.max_new_tokens, temperature=0 if args.speculative else args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, generator=g, speculative=args.speculative, stats=stats)
     print(tokenizer.decode(out[0].tolist()))
+    if args.speculative:
+        print(f"speculative greedy: {stats['accepted']}/{stats['drafted']} drafts kept, {args.max_new_tokens} tokens "
+              f"in {stats['passes']} passes", file=sys.stderr)
 
 
 if __name__ == "__main__":
