@@ -328,11 +328,12 @@ def test_flops_count_the_extra_heads_and_configs_reject_bad_values():
 
 def test_the_comparison_trains_through_the_loop_at_equal_compute_and_writes_its_table_and_figure(tmp_path, corpus,
                                                                                                     capsys):
+    import experiments
     import gpt
 
     png = tmp_path / "mtp.png"
-    results = gpt.mtp_compare_main([
-        "--variants", "parallel-2,sequential-4", "--iters", "6", "--block-size", "16", "--batch-size", "2",
+    results = experiments.main([
+        "mtp", "--variants", "parallel-2,sequential-4", "--iters", "6", "--block-size", "16", "--batch-size", "2",
         "--evals", "1", "--eval-tokens", "256", "--prompts", "2", "--prompt-len", "4", "--data", str(corpus),
         "--out-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"), "--png", str(png)])
     out = capsys.readouterr().out
@@ -362,10 +363,10 @@ def test_the_comparison_trains_through_the_loop_at_equal_compute_and_writes_its_
 
 
 def test_the_comparison_rejects_bad_input_with_one_line_and_exit_code_2(tmp_path, capsys):
-    import gpt
+    import experiments
 
     with pytest.raises(SystemExit) as e:
-        gpt.main(["mtp-compare", "--variants", "parallel-3", "--out-dir", str(tmp_path / "runs")])
+        experiments.main(["mtp", "--variants", "parallel-3", "--out-dir", str(tmp_path / "runs")])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "parallel-3" in err, err
     assert not (tmp_path / "runs").exists(), "nothing may be written on bad input"
