@@ -55,6 +55,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import UsageError
 from hf_io import read_hf_dir, write_hf_dir
 from positions import rel_shift, relative_distances, relative_sinusoid, transformer_xl_score
 
@@ -136,12 +137,12 @@ PRESETS = {
     # characters per step. Naive attention: at this size the fused kernel gains nothing on a CPU (see gpt.py).
     "plm-cpu": dict(d_model=128, n_layer=4, n_head=4, d_inner=512, seq_len=64, mem_len=64, partial_k=6, dropout=0.0,
                     attn="naive", tokenizer="char", batch_size=32, lr=2e-3, min_lr=2e-4, warmup_iters=100,
-                    max_iters=1500, eval_interval=500, eval_tokens=131072, weight_decay=0.01, beta2=0.99),
+                    max_iters=2000, eval_interval=500, eval_tokens=65536, weight_decay=0.01, beta2=0.99),
     # Transformer-XL's training phase with the same model: left to right, every token a target, memory carried over.
     # What `python xlnet.py two-phase` trains (fewer steps: it measures evaluation, not the best model).
     "txl-cpu": dict(d_model=128, n_layer=4, n_head=4, d_inner=512, seq_len=64, mem_len=64, objective="lm",
                     dropout=0.0, attn="naive", tokenizer="char", batch_size=32, lr=2e-3, min_lr=2e-4,
-                    warmup_iters=100, max_iters=600, eval_interval=300, eval_tokens=65536, weight_decay=0.01,
+                    warmup_iters=100, max_iters=800, eval_interval=400, eval_tokens=32768, weight_decay=0.01,
                     beta2=0.99),
     # The smallest thing that still is an XLNet: for tests and for trying flags in seconds.
     "tiny": dict(d_model=32, n_layer=2, n_head=2, d_inner=64, seq_len=16, mem_len=16, partial_k=4, dropout=0.0,
@@ -200,8 +201,8 @@ def attention_masks(perm_mask, attention_mask, mlen):
 
     The query stream g obeys perm_mask and the padding exactly. The content stream h is the same except that a position
     always sees itself (XLNet eq. 4: h_{z_t} attends to z_<=t, g_{z_t} to z_<t). Memory is never masked: it is the past
-    of every position. With mlen = 0, T = 2, perm_mask = [[1, 1], [0, 1]] (position 1 comes first in the order):
-    mask_g = [[1, 1], [0, 1]], mask_h = [[0, 1], [0, 0]].
+    of every position. With mlen = 0, T = 2, perm_mask = [[1, 0], [1, 1]] (both targets, position 1 first in the order):
+    mask_g = [[1, 0], [1, 1]], mask_h = [[0, 0], [1, 0]].
     """
     data_mask = None
     if attention_mask is not None:
@@ -513,7 +514,8 @@ class XLNet(nn.Module):
             d_inner=hf["d_inner"], ff_activation=hf.get("ff_activation", "gelu"),
             layer_norm_eps=hf.get("layer_norm_eps", 1e-12), dropout=0.0,
             initializer_range=hf.get("initializer_range", 0.02), mem_len=hf.get("mem_len") or 0,
-            clamp_len=hf.get("clamp_len", -1), pad_token_id=hf.get("pad_token_id") or -1), **overrides})
+            clamp_len=hf.get("clamp_len", -1),
+            pad_token_id=-1 if hf.get("pad_token_id") is None else hf["pad_token_id"]), **overrides})
         model = cls(config)
         with torch.no_grad():
             for name, param in model.state_dict().items():
@@ -675,7 +677,7 @@ class PermutationLMObjective:
         rows (B,) the row ids for the memory."""
         B, T, P = len(segments), self.T, self.config.num_predict
         batch = {"rows": torch.tensor(rows, dtype=torch.long),
-                 "input_ids": torch.full((B, T), self.config.pad_token_id, dtype=torch.long),
+                 "input_ids": torch.full((B, T), max(self.config.pad_token_id, 0), dtype=torch.long),  # pads masked
                  "attention_mask": torch.zeros(B, T, dtype=torch.long),
                  "perm_mask": torch.zeros(B, T, T, dtype=torch.bool),
                  "target_mapping": torch.zeros(B, P, T),
@@ -702,7 +704,8 @@ class PermutationLMObjective:
             self.cursors = [(offset + i * n // batch_size) % n for i in range(batch_size)]
             self.mems = [None] * batch_size
         if len(self.cursors) != batch_size:
-            raise ValueError(f"the objective holds {len(self.cursors)} streams, asked for {batch_size} rows")
+            raise UsageError(f"this run reads {len(self.cursors)} streams (batch_size x grad_accum), each with its own "
+                             f"memory; it cannot continue with {batch_size} rows per step")
         segments = []
         for i in range(batch_size):
             if self.cursors[i] + T > n:
@@ -846,16 +849,16 @@ def two_phase(model, tokens, rows=8, seg_len=None, mem_len=None):
     eval_sliding_window(model, tokens[:rows * 4], rows, window)
     results = []
     for name, context, run in (
-            (f"with memory (T={seg_len}, M={M})", f"{M}..{M + seg_len - 1} direct", lambda: eval_with_memory(
+            (f"with memory (T={seg_len}, M={M})", f"{M}..{M + seg_len - 1} + recurrence", lambda: eval_with_memory(
                 model, tokens, rows, seg_len)),
-            (f"sliding window (W={window})", f"up to {window - 1}", lambda: eval_sliding_window(
+            (f"sliding window (W={window})", f"{window - 1}", lambda: eval_sliding_window(
                 model, tokens, rows, window))):
         nll, count, seconds = run()
         results.append({"name": name, "context": context, "loss": nll / count, "ms_per_token": 1000 * seconds / count,
                         "tokens": count})
-    print(f"{'evaluation':<32} {'context (tokens)':<18} {'loss (nats/tok)':>15} {'ms/token':>9} {'tokens':>7}")
+    print(f"{'evaluation':<28} {'context (tokens)':<20} {'loss (nats/tok)':>15} {'ms/token':>9} {'tokens':>7}")
     for r in results:
-        print(f"{r['name']:<32} {r['context']:<18} {r['loss']:>15.4f} {r['ms_per_token']:>9.3f} {r['tokens']:>7}")
+        print(f"{r['name']:<28} {r['context']:<20} {r['loss']:>15.4f} {r['ms_per_token']:>9.3f} {r['tokens']:>7}")
     print(f"memory is {results[1]['ms_per_token'] / results[0]['ms_per_token']:.0f}x cheaper per token; loss "
           f"{results[0]['loss'] - results[1]['loss']:+.4f} nats/token against the window")
     return results
@@ -1030,7 +1033,7 @@ def load_checkpoint_model(path, flag="--ckpt"):
 
     ckpt = train.load_checkpoint(path, flag)
     if ckpt["train_config"]["model"] != "xlnet":
-        raise train.UsageError(f"{flag}: {path} is a {ckpt['train_config']['model']} checkpoint, not xlnet")
+        raise UsageError(f"{flag}: {path} is a {ckpt['train_config']['model']} checkpoint, not xlnet")
     return train.open_run(path)
 
 
@@ -1080,18 +1083,16 @@ def main(argv=None):
     f.add_argument("--text", default=DEMO_TEXT)
     f.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    import train
-
     try:
         if args.cmd == "views" and not 2 <= args.k <= 40:
-            raise train.UsageError(f"--k {args.k}: K must be in 2..40 (the line has 88 characters)")
+            raise UsageError(f"--k {args.k}: K must be in 2..40 (a line of 89 characters)")
         if args.cmd == "two-phase":
             if args.tokens < 2 * args.rows or args.rows < 1:
-                raise train.UsageError(f"--tokens {args.tokens} / --rows {args.rows}: need at least 2 tokens per row")
+                raise UsageError(f"--tokens {args.tokens} / --rows {args.rows}: need at least 2 tokens per row")
             if args.seq_len < 0 or (args.mem_len is not None and args.mem_len < 1):
-                raise train.UsageError("--seq-len must be >= 1 and --mem-len >= 1 (memory is what is measured)")
+                raise UsageError("--seq-len must be >= 1 and --mem-len >= 1 (memory is what is measured)")
         return {"views": cmd_views, "two-phase": cmd_two_phase, "fill": cmd_fill}[args.cmd](args)
-    except train.UsageError as e:
+    except UsageError as e:
         print(f"xlnet.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 
