@@ -924,7 +924,7 @@ def plot_views(slide, real, path):
     ax.imshow(grid, cmap=colors, vmin=0, vmax=3)
     ax.set_xticks(range(5), ["mem", "x1", "x2", "x3", "x4"])
     ax.set_yticks(range(4), [f"position-{i + 1} view" for i in order])
-    ax.set_title("the slide: order 3 -> 2 -> 4 -> 1\n(query stream)", fontsize=10)
+    ax.set_title("the slide: order 3 -> 2 -> 4 -> 1\n(query streams; blue = memory)", fontsize=10)
     chars, rank, is_target, mask_g, targets = real
     grid = np.array([[2 if j == i else 0 if mask_g[i, j] else 1 for j in range(len(chars))] for i in targets])
     ax = axes[1]
@@ -932,7 +932,7 @@ def plot_views(slide, real, path):
     ax.set_xticks(range(len(chars)), ["\\n" if c == "\n" else "␣" if c == " " else c for c in chars], fontsize=7)
     ax.set_yticks(range(len(targets)), [f"{n}. {chars[i]!r}@{i}" for n, i in enumerate(targets, 1)], fontsize=8)
     ax.set_title("one sampled order on a held-out line: rows = the targets in factorization order\n"
-                 "green = what its query stream may read, orange = the token it predicts, grey = hidden, blue = memory",
+                 "green = what its query stream may read, orange = the token it predicts, grey = hidden",
                  fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
