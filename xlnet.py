@@ -10,9 +10,9 @@ Papers
            partial prediction: predict only the last 1/K of each order (eq. 5; K = 6 or 7);
       §2.4 Transformer-XL inside: relative positional encoding and segment recurrence with memory (eq. for h^(m));
       §2.5 relative segment encodings (s_ij, b, the (q_i + b) . s_ij term).
-  - Dai et al. 2019, "Transformer-XL": §3.2 segment-level recurrence (memory = the previous segment's layer inputs,
-      gradient stopped), §3.3 the relative attention score A^rel with terms (a)-(d), §4 the evaluation speed-up over the
-      vanilla model's sliding window.
+  - Dai et al. 2019, "Transformer-XL": §3.1 the vanilla model (separate segments; evaluation by a window sliding one
+      token at a time), §3.2 segment-level recurrence (memory = the previous segment's layer inputs, gradient stopped),
+      §3.3 the relative attention score A^rel with terms (a)-(d), §4 the evaluation speed-up over the sliding window.
   Slides (lecture 001): "Transformer-XL" (vanilla model: train phase / evaluation phase; segment-level recurrence +
   relative positional embeddings: training phase / evaluation phase), "XLNet" (autoregressive model for masked LM using
   permutations; relative position embeddings; two-stream self-attention; "Split View of the Query Stream
@@ -84,11 +84,10 @@ class XLNetConfig:
     mem_len: int = 64  # M: layer inputs of earlier segments kept as memory (0 = no memory)
     clamp_len: int = -1  # clamp relative distances to +-clamp_len (-1 = no clamp; the released models')
     attn: str = "naive"  # "naive": the score written as the equations; "sdpa": the fused kernel. Tested equal.
-    query_stream: str = "gather"  # "all": g attends at every position, target_mapping moves queries there and back
-    #                               (the released code); "gather": only at the P target positions (fast). Tested equal.
+    query_stream: str = "gather"  # gather: g attends at the P targets only (fast) | all: at every position (released)
     seq_len: int = 64  # T: tokens per training segment; each batch row continues its own stream segment by segment
     objective: str = "plm"  # plm: permutation LM (XLNet) | lm: left-to-right, every token a target (Transformer-XL)
-    partial_k: int = 6  # K of §2.3: predict the last 1/K of each order, seq_len // K targets (85 of 512 in the original)
+    partial_k: int = 6  # K of §2.3: predict the last 1/K of each order: seq_len // K targets (original: 85 of 512)
     perm_size: int = 0  # permute the order within blocks of this many positions (original: 256); 0 = the whole segment
     max_span: int = 5  # targets come in spans of 1..max_span tokens, P(n) ~ 1/n (original _sample_mask: max_gram 5)
     mask_alpha: int = 6  # a span of n tokens is placed in a context of mask_alpha * n tokens (original: 6)
@@ -129,8 +128,8 @@ class XLNetConfig:
         return self.seq_len if self.objective == "lm" else self.seq_len // self.partial_k
 
 
-# A preset sets model sizes and, where a recipe goes with them, training settings (train.py applies each key to whichever
-# config declares it). Measured on the 2-core CPU this project is developed on (see README "XLNet").
+# A preset sets model sizes and, where a recipe goes with them, training settings (train.py applies each key to
+# whichever config declares it). Measured on the 2-core CPU this project is developed on (see README "XLNet").
 PRESETS = {
     # The CPU default: char-level Shakespeare. 64-character segments with 64 characters of memory: every segment sees
     # the previous one. K = 6: 10 targets per segment, in spans, the last 10 of a random order. 32 rows x 64 = 2,048
@@ -229,8 +228,9 @@ def segment_matrix(token_type_ids, mlen):
 
 def gather_shift(x, q_pos, klen):
     """rel_shift for queries at any positions: x (B, H, P, R) holds P queries' scores against the distance list
-    klen-1 ... -(qlen-1) (R = klen + qlen - 1), q_pos (B, P) each query's position in the segment. Returns (B, H, P, klen):
-    out[..., p, j] = x[..., p, j + qlen - 1 - q_pos[p]], the score against key j's distance mlen + q_pos[p] - j. With
+    klen-1 ... -(qlen-1) (R = klen + qlen - 1), q_pos (B, P) each query's position in the segment. Returns
+    (B, H, P, klen): out[..., p, j] = x[..., p, j + qlen - 1 - q_pos[p]], the score against key j's distance
+    mlen + q_pos[p] - j. With
     q_pos = 0 .. qlen-1 this is positions.rel_shift (tested). qlen 2, klen 3 (one memory slot), distances [2, 1, 0, -1]:
     a query at position 0 is at distances 1, 0, -1 from keys 0, 1, 2, so x = [[0, 1, 2, 3]] -> [[1, 2, 3]].
     """
@@ -312,10 +312,10 @@ class RelativeAttention(nn.Module):
             prob = self.dropout(F.softmax(score, dim=-1))  # (B, H, Tq, Tk)
             return prob @ v
         # The fused path: sdpa computes softmax(q'.k * scale + bias) v. The content term is a plain dot product with
-        # q' = q + r_w_bias; the position and segment terms depend on (i, j) through i - j and s_ij, not on a key vector,
-        # so they go in as the float bias, computed here as in the naive path (this materialises (Tq, Tk) after all; the
-        # kernel still avoids storing the probabilities). Trap: under autocast q + r_w_bias is promoted to fp32, and sdpa
-        # wants q, k, v and the bias in one dtype.
+        # q' = q + r_w_bias; the position and segment terms depend on (i, j) through i - j and s_ij, not on a key
+        # vector, so they go in as the float bias, computed here as in the naive path (this materialises (Tq, Tk) after
+        # all; the kernel still avoids storing the probabilities). Trap: under autocast q + r_w_bias is promoted to
+        # fp32, and sdpa wants q, k, v and the bias in one dtype.
         bias = position((q + self.r_r_bias[:, None, :]) @ r.transpose(-2, -1))  # (B, H, Tq, Tk)
         if seg_mat is not None:
             bias = bias + self.segment_score(q, seg_mat)
@@ -631,7 +631,7 @@ class PermutationLMObjective:
         self.cursors = None  # per row: where its stream continues
         self.mems = None  # per row: None (no memory yet) or a list of n_layer (M, C) tensors
 
-    # -- state ----------------------------------------------------------------------------------------------------------
+    # -- state -----------------------------------------------------------------------------------------------------
 
     def state_dict(self):
         return {"cursors": self.cursors, "mems": self.mems}
@@ -657,7 +657,7 @@ class PermutationLMObjective:
         for i, r in enumerate(rows):
             self.mems[r] = [m[i] for m in new_mems]
 
-    # -- batches --------------------------------------------------------------------------------------------------------
+    # -- batches ---------------------------------------------------------------------------------------------------
 
     def sample(self, length, has_memory, generator):
         """(rank, is_target) for one segment of `length` real tokens."""
@@ -731,7 +731,7 @@ class PermutationLMObjective:
             segments = [split.tokens[(r * per_row + s) * T:(r * per_row + s + 1) * T] for r in active]
             yield self.make_batch(segments, active, [self.has_memory(r) for r in active], g)
 
-    # -- scoring --------------------------------------------------------------------------------------------------------
+    # -- scoring ---------------------------------------------------------------------------------------------------
 
     @staticmethod
     def count_tokens(batch):
@@ -745,8 +745,9 @@ class PermutationLMObjective:
     def forward(self, model, batch):
         """Logits (B, P, V) of the targets, reading and then updating the rows' memory."""
         rows = batch["rows"].tolist()
+        mems = self.memory(rows, batch["input_ids"].device)
         logits, new_mems = model(batch["input_ids"], perm_mask=batch["perm_mask"],
-                                 target_mapping=batch["target_mapping"], mems=self.memory(rows, batch["input_ids"].device),
+                                 target_mapping=batch["target_mapping"], mems=mems,
                                  attention_mask=batch["attention_mask"])
         self.remember(rows, new_mems)
         return logits
@@ -899,7 +900,7 @@ def text_views(text, partial_k=6, seed=0):
     mask_g, _ = query_views(rank, is_target)
     targets = sorted(is_target.nonzero()[:, 0].tolist(), key=lambda i: int(rank[i]))
     lines = [f"A line of a held-out play, K = {partial_k}: {len(targets)} targets of {len(text)} characters, in spans; "
-             f"every other character is context that all of them see.",
+             f"the other characters are context that every target sees.",
              f"  order of the targets: {' -> '.join(f'{text[i]!r}@{i}' for i in targets)}"]
     for step, i in enumerate(targets, 1):
         seen = "".join("?" if j == i else ("_" if mask_g[i, j] else ("¶" if text[j] == "\n" else text[j]))

@@ -187,7 +187,8 @@ def run_with_grads(model, seg, mems):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("fast", [dict(attn="sdpa"), dict(query_stream="gather"), dict(attn="sdpa", query_stream="gather")])
+@pytest.mark.parametrize("fast", [dict(attn="sdpa"), dict(query_stream="gather"),
+                                  dict(attn="sdpa", query_stream="gather")])
 def test_fused_and_gathered_paths_equal_the_readable_one_in_outputs_and_gradients(fast):
     torch.manual_seed(0)
     readable = redraw(XLNet(small_config(attn="naive", query_stream="all")), std=0.1)
@@ -416,6 +417,10 @@ def test_trains_and_resumes_exactly_with_its_memory_through_train_py(tmp_path, c
     assert [r["step"] for r in evals] == [0, 8, 16] and {"val_loss", "val_acc"} <= set(evals[0])
     assert "val_bpb" not in evals[0], "a permutation LM reports its own metrics, not bits per byte"
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3, "the tiny XLNet did not learn"
+    run = train.open_run(str(tmp_path / "a" / "out" / "ckpt.pt"))
+    fresh = run.evaluate(xlnet.PermutationLMObjective(run.model.config), "val", 2048)
+    assert fresh["loss"] == pytest.approx(evals[-1]["val_loss"], abs=1e-6), \
+        "the evaluation after training must equal one by a fresh objective: no training memory in it"
 
     def stop_at(step, loss):
         if step == 5:
