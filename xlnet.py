@@ -1,0 +1,1102 @@
+"""
+XLNet: permutation language modeling with two-stream attention and Transformer-XL memory, in one file.
+
+Papers
+  - Yang et al. 2019, "XLNet: Generalized Autoregressive Pretraining for Language Understanding":
+      §2.2 the permutation LM objective: maximise E_z [ sum_t log p(x_{z_t} | x_{z_<t}) ] over factorization orders z
+           (eq. 3); only the order is permuted, never the sequence: every token keeps its position;
+      §2.3 two-stream self-attention (eq. 4): a content stream h (sees its own token, like any Transformer) and a query
+           stream g (knows its position, never its own token), both per layer, sharing every weight;
+           partial prediction: predict only the last 1/K of each order (eq. 5; K = 6 or 7);
+      §2.4 Transformer-XL inside: relative positional encoding and segment recurrence with memory (eq. for h^(m));
+      §2.5 relative segment encodings (s_ij, b, the (q_i + b) . s_ij term).
+  - Dai et al. 2019, "Transformer-XL": §3.1 the vanilla model (separate segments; evaluation by a window sliding one
+      token at a time), §3.2 segment-level recurrence (memory = the previous segment's layer inputs, gradient stopped),
+      §3.3 the relative attention score A^rel with terms (a)-(d), §4 the evaluation speed-up over the sliding window.
+  Slides (lecture 001): "Transformer-XL" (vanilla model: train phase / evaluation phase; segment-level recurrence +
+  relative positional embeddings: training phase / evaluation phase), "XLNet" (autoregressive model for masked LM using
+  permutations; relative position embeddings; two-stream self-attention; "Split View of the Query Stream
+  (Factorization order: 3 -> 2 -> 4 -> 1)", the position-3/2/4/1 views).
+
+Faithful to the released model (github.com/zihangdai/xlnet, modeling.py, data_utils.py) and to Hugging Face's
+XLNetLMHeadModel, which tests/test_xlnet.py uses as an oracle: the same parameter names and shapes (q, k, v, o, r of
+shape (C, H, hs); r_w_bias, r_r_bias, r_s_bias, seg_embed per layer; mask_emb; lm_loss tied to word_embedding, with a
+bias), post-LayerNorm with eps 1e-12, no LayerNorm on the embeddings, perm_mask with Hugging Face's meaning (1 = may not
+attend), target_mapping, mems. The objective follows the original data pipeline: span-based targets (_sample_mask),
+non-targets first in the order, the factorization order permuted within blocks (_local_perm), the content stream fed
+the real tokens, never a <mask>.
+
+Run
+  python train.py --model xlnet                    # permutation LM on char-level Shakespeare (CPU, a few minutes)
+  python xlnet.py views                            # which tokens each target may see, for one order: text + PNG
+  python xlnet.py two-phase                        # Transformer-XL's evaluation with memory vs the sliding window
+  python xlnet.py fill --ckpt out/xlnet/ckpt.pt --text "Friends, Romans, countrymen"   # fill blanks in any order
+
+Memory and the loop: the objective (not the model) keeps each batch row's memory between steps, row i continuing row i,
+and saves it with its stream cursors in every checkpoint, so a resumed run continues exactly (stronger than resetting
+memory on resume, which would change the losses); evaluation uses a separate objective whose memory starts empty.
+
+Legend
+  B batch rows, T tokens per segment (the query length, qlen), M memory length (mlen), Tk = M + T keys (klen),
+  R = Tk + T - 1 relative distances, P predictions per row (num_predict), C d_model, H n_head, hs = C // H head size,
+  F d_inner, V vocabulary, L n_layer. rank[i]: position i's place in the factorization order (0 = first).
+  perm_mask[b, i, j] = 1: position i may NOT attend to position j.
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import UsageError
+from hf_io import read_hf_dir, write_hf_dir
+from positions import rel_shift, relative_distances, relative_sinusoid, transformer_xl_score
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config and presets
+
+OBJECTIVES = ("plm", "lm")
+ACTIVATIONS = {"gelu": lambda x: F.gelu(x),  # Hugging Face's "gelu": the exact erf form
+               "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # the tanh form the original TF code computes
+               "relu": F.relu}
+
+
+@dataclass
+class XLNetConfig:
+    vocab_size: int = 32000  # V (train.py sets it from the tokenizer; the released models have 32,000)
+    d_model: int = 128  # C: width of both streams
+    n_layer: int = 4  # L: layers, each with its own attention and feed-forward, shared by the two streams
+    n_head: int = 4  # H: heads; hs = d_model / n_head
+    d_inner: int = 512  # F: feed-forward width (4C, as in the released models)
+    ff_activation: str = "gelu"  # gelu (exact erf, Hugging Face's) | gelu_new (tanh, the original TF code) | relu
+    layer_norm_eps: float = 1e-12  # the released models' (TF's layer_norm default), not 1e-5
+    dropout: float = 0.0  # on embeddings, the sinusoid, attention probabilities and outputs (released: 0.1)
+    initializer_range: float = 0.02  # std of every weight at init
+    mem_len: int = 64  # M: layer inputs of earlier segments kept as memory (0 = no memory)
+    clamp_len: int = -1  # clamp relative distances to +-clamp_len (-1 = no clamp; the released models')
+    attn: str = "naive"  # "naive": the score written as the equations; "sdpa": the fused kernel. Tested equal.
+    query_stream: str = "gather"  # gather: g attends at the P targets only (fast) | all: at every position (released)
+    seq_len: int = 64  # T: tokens per training segment; each batch row continues its own stream segment by segment
+    objective: str = "plm"  # plm: permutation LM (XLNet) | lm: left-to-right, every token a target (Transformer-XL)
+    partial_k: int = 6  # K of §2.3: predict the last 1/K of each order: seq_len // K targets (original: 85 of 512)
+    perm_size: int = 0  # permute the order within blocks of this many positions (original: 256); 0 = the whole segment
+    max_span: int = 5  # targets come in spans of 1..max_span tokens, P(n) ~ 1/n (original _sample_mask: max_gram 5)
+    mask_alpha: int = 6  # a span of n tokens is placed in a context of mask_alpha * n tokens (original: 6)
+    pad_token_id: int = -1  # set by train.py: <pad>, for the short last segment of an evaluation
+    mask_token_id: int = -1  # set by train.py: <mask>, a placeholder where a token is unknown (never attended to)
+
+    def __post_init__(self):
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        if self.attn not in ("naive", "sdpa"):
+            raise ValueError(f"attn must be 'naive' or 'sdpa', got {self.attn!r}")
+        if self.query_stream not in ("all", "gather"):
+            raise ValueError(f"query_stream must be 'all' or 'gather', got {self.query_stream!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.ff_activation not in ACTIVATIONS:
+            raise ValueError(f"ff_activation must be one of {', '.join(ACTIVATIONS)}, got {self.ff_activation!r}")
+        if self.mem_len < 0:
+            raise ValueError(f"mem_len must be >= 0 (0 = no memory), got {self.mem_len}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
+        if not 2 <= self.partial_k <= self.seq_len:
+            raise ValueError(f"partial_k (K) must be in 2..seq_len={self.seq_len}: seq_len // K targets per segment, "
+                             f"at least one, and at least one non-target for every target to see; got {self.partial_k}")
+        if self.perm_size < 0 or (self.perm_size and self.seq_len % self.perm_size):
+            raise ValueError(f"seq_len={self.seq_len} cannot be split into blocks of perm_size={self.perm_size}: the "
+                             f"order is permuted within blocks, so perm_size must divide seq_len (0 = whole segment)")
+        if self.max_span < 1 or self.mask_alpha < 1:
+            raise ValueError(f"max_span and mask_alpha must be >= 1, got {self.max_span} and {self.mask_alpha}")
+
+    @property
+    def d_head(self):
+        return self.d_model // self.n_head
+
+    @property
+    def num_predict(self):
+        """P: targets per segment. 'lm' predicts every token; 'plm' the last seq_len // K of the order."""
+        return self.seq_len if self.objective == "lm" else self.seq_len // self.partial_k
+
+
+# A preset sets model sizes and, where a recipe goes with them, training settings (train.py applies each key to
+# whichever config declares it). Measured on the 2-core CPU this project is developed on (see README "XLNet").
+PRESETS = {
+    # The CPU default: char-level Shakespeare. 64-character segments with 64 characters of memory: every segment sees
+    # the previous one. K = 6: 10 targets per segment, in spans, the last 10 of a random order. 32 rows x 64 = 2,048
+    # characters per step. Naive attention: at this size the fused kernel gains nothing on a CPU (see gpt.py).
+    "plm-cpu": dict(d_model=128, n_layer=4, n_head=4, d_inner=512, seq_len=64, mem_len=64, partial_k=6, dropout=0.0,
+                    attn="naive", tokenizer="char", batch_size=32, lr=2e-3, min_lr=2e-4, warmup_iters=100,
+                    max_iters=2000, eval_interval=500, eval_tokens=65536, weight_decay=0.01, beta2=0.99),
+    # Transformer-XL's training phase with the same model: left to right, every token a target, memory carried over.
+    # What `python xlnet.py two-phase` trains (fewer steps: it measures evaluation, not the best model).
+    "txl-cpu": dict(d_model=128, n_layer=4, n_head=4, d_inner=512, seq_len=64, mem_len=64, objective="lm",
+                    dropout=0.0, attn="naive", tokenizer="char", batch_size=32, lr=2e-3, min_lr=2e-4,
+                    warmup_iters=100, max_iters=800, eval_interval=400, eval_tokens=32768, weight_decay=0.01,
+                    beta2=0.99),
+    # The smallest thing that still is an XLNet: for tests and for trying flags in seconds.
+    "tiny": dict(d_model=32, n_layer=2, n_head=2, d_inner=64, seq_len=16, mem_len=16, partial_k=4, dropout=0.0,
+                 batch_size=4, max_iters=20, warmup_iters=5, eval_interval=10, eval_tokens=2048, lr=3e-3),
+    # XLNet-Base sizes (the released xlnet-base-cased: 12 layers, 768 wide, 12 heads, 3072 inner) with the paper's
+    # pretraining settings where they carry over (Table 7: sequence 512, memory 384, K = 6, dropout 0.1, weight decay
+    # 0.01, linear decay; the original permutes within 256-position blocks). The batch is BERT-Base's 256 x 512 tokens
+    # (the paper's XLNet-Base comparison uses BERT's data and budget); lr and steps are a single-GPU guess, not
+    # measured (this project has only run on CPUs). Bring your own corpus (--data).
+    "xlnet-base": dict(d_model=768, n_layer=12, n_head=12, d_inner=3072, seq_len=512, mem_len=384, partial_k=6,
+                       perm_size=256, dropout=0.1, attn="sdpa", tokenizer="gpt2", batch_size=16,
+                       tokens_per_step=131072, lr=4e-4, min_lr=4e-5, schedule="linear", warmup_iters=10000,
+                       max_iters=500000, eval_interval=5000, weight_decay=0.01, beta2=0.999),
+}
+DEFAULT_PRESET = "plm-cpu"
+
+# <pad> fills the short last segment of an evaluation; <mask> stands where a token is unknown (the demo's blanks). Both
+# get ids above the tokenizer's ordinary ones. Neither is ever attended to: perm_mask hides every target position's
+# token and attention_mask every pad, so the content stream never sees a <mask> (tested).
+SPECIAL_TOKENS = ("<pad>", "<mask>")
+TOKEN_IDS = {"pad_token_id": "<pad>", "mask_token_id": "<mask>"}  # config fields train.py fills from the tokenizer
+
+# The score of a masked (query, key) pair, as in the released code (score - 1e30 * mask). Not -inf: a query that may see
+# nothing at all then gets a uniform average instead of NaN -- a leak of everything, which is why the objective never
+# builds such a query (every target sees at least one non-target or the memory). fp16 cannot hold 1e30.
+MASKED = -1e30
+MASKED_FP16 = -65500.0
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def heads(x, w):
+    """x (B, T, C) projected by w (C, H, hs), the released layout, into (B, H, T, hs): one matmul for all heads."""
+    return torch.einsum("btc,chd->bhtd", x, w)
+
+
+def relative_encoding(qlen, klen, d_model, clamp_len=-1):
+    """R: (R, C) sinusoids of the distances klen-1 ... -(qlen-1) (positions.relative_sinusoid, [sin | cos] layout).
+
+    Bidirectional (XLNet attends to keys on both sides): a query at position i of the segment sits at absolute position
+    mlen + i, so it is at distance mlen + i - j from key j, which ranges over klen-1 (the oldest memory from the last
+    query) down to -(qlen-1) (the last key from the first query). The released code lists one more distance, klen, that
+    no pair uses (its rel_shift drops it; positions.rel_shift pads instead). clamp_len > 0 clips distances.
+    relative_encoding(2, 3, 4) -> the sinusoids of [2, 1, 0, -1], shape (4, 4)
+    """
+    d = relative_distances(qlen, klen, bidirectional=True)  # (R,)
+    if clamp_len > 0:
+        d = d.clamp(-clamp_len, clamp_len)
+    return relative_sinusoid(d, d_model)  # (R, C), float32
+
+
+def attention_masks(perm_mask, attention_mask, mlen):
+    """(mask_h, mask_g): (B, T, mlen + T) bool, True where a query may NOT attend to a key; (None, None) if nothing is
+    masked (every position sees every position: XLNet is bidirectional without a perm_mask).
+
+    The query stream g obeys perm_mask and the padding exactly. The content stream h is the same except that a position
+    always sees itself (XLNet eq. 4: h_{z_t} attends to z_<=t, g_{z_t} to z_<t). Memory is never masked: it is the past
+    of every position. With mlen = 0, T = 2, perm_mask = [[1, 0], [1, 1]] (both targets, position 1 first in the order):
+    mask_g = [[1, 0], [1, 1]], mask_h = [[0, 0], [1, 0]].
+    """
+    data_mask = None
+    if attention_mask is not None:
+        data_mask = (attention_mask == 0)[:, None, :]  # (B, 1, T): padding, as a key, is hidden from every query
+    if perm_mask is not None:
+        pm = perm_mask > 0  # (B, T, T)
+        data_mask = pm if data_mask is None else data_mask | pm
+    if data_mask is None:
+        return None, None
+    B, T = data_mask.size(0), data_mask.size(-1)
+    mask_g = F.pad(data_mask.expand(B, T, T), (mlen, 0), value=False)  # (B, T, Tk): memory columns first, all visible
+    self_key = torch.eye(T, dtype=torch.bool, device=mask_g.device)
+    mask_h = mask_g & ~F.pad(self_key, (mlen, 0), value=False)  # ... and the content stream sees itself
+    return mask_h, mask_g
+
+
+def segment_matrix(token_type_ids, mlen):
+    """(B, T, mlen + T) bool: True where query i and key j are in DIFFERENT segments (XLNet §2.5: only same/different
+    matters, s_ij = s+ or s-). Memory counts as segment 0, as in the released code. With token types [0, 1] and one
+    memory slot: [[F, F, T], [T, T, F]]."""
+    cat = F.pad(token_type_ids, (mlen, 0), value=0)  # (B, Tk)
+    return token_type_ids[:, :, None] != cat[:, None, :]
+
+
+def gather_shift(x, q_pos, klen):
+    """rel_shift for queries at any positions: x (B, H, P, R) holds P queries' scores against the distance list
+    klen-1 ... -(qlen-1) (R = klen + qlen - 1), q_pos (B, P) each query's position in the segment. Returns
+    (B, H, P, klen): out[..., p, j] = x[..., p, j + qlen - 1 - q_pos[p]], the score against key j's distance
+    mlen + q_pos[p] - j. With
+    q_pos = 0 .. qlen-1 this is positions.rel_shift (tested). qlen 2, klen 3 (one memory slot), distances [2, 1, 0, -1]:
+    a query at position 0 is at distances 1, 0, -1 from keys 0, 1, 2, so x = [[0, 1, 2, 3]] -> [[1, 2, 3]].
+    """
+    B, H, P, R = x.shape
+    qlen = R - klen + 1
+    idx = torch.arange(klen, device=x.device)[None, None, :] + (qlen - 1 - q_pos)[:, :, None]  # (B, P, klen)
+    return x.gather(-1, idx[:, None].expand(B, H, P, klen))
+
+
+@dataclass
+class QueryRows:
+    """The query stream's fast path: for each of the P predictions, its position and its rows of the masks."""
+    pos: torch.Tensor  # (B, P) position of each prediction (0 for an empty target_mapping row)
+    present: torch.Tensor  # (B, P) 1.0, or 0.0 for an empty row (whose attention output is 0, as in the released code)
+    mask: torch.Tensor  # (B, P, Tk) bool or None: the query stream's mask at those positions
+    seg: torch.Tensor  # (B, P, Tk) bool or None: segment_matrix at those positions
+
+
+def query_rows(target_mapping, mask_g, seg_mat):
+    """QueryRows from a target_mapping whose rows are one-hot (or empty), else None: a row that mixes positions
+    needs the released formulation (query_stream "all")."""
+    tm = target_mapping
+    if not (bool(((tm == 0) | (tm == 1)).all()) and bool((tm.sum(-1) <= 1).all())):
+        return None
+    pos = tm.argmax(-1)  # (B, P)
+    rows = lambda m: None if m is None else m.gather(1, pos[:, :, None].expand(-1, -1, m.size(-1)))  # (B, P, Tk)
+    return QueryRows(pos, tm.sum(-1), rows(mask_g), rows(seg_mat))
+
+
+class RelativeAttention(nn.Module):
+    """Two-stream relative multi-head attention, post-LayerNorm (the released `rel_attn` block).
+
+    The score of query i against key j sums three terms, each with a learned per-head bias vector in place of a query
+    where the query's position would have been (Transformer-XL §3.3, XLNet §2.5):
+        content   (q_i + r_w_bias) . k_j                  terms (a) + (c) of A^rel
+        position  (q_i + r_r_bias) . W_r R_{i-j}          terms (b) + (d): R the sinusoid of the distance
+        segment   (q_i + r_s_bias) . seg_embed[s_ij]      s_ij = same or different segment
+    scaled by 1/sqrt(hs). Both streams use the same weights and the same keys and values: the content stream h (and the
+    memory), i.e. g only ever reads content, never another query.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        C, H, hs = config.d_model, config.n_head, config.d_head
+        self.n_head, self.attn, self.scale = H, config.attn, 1.0 / math.sqrt(hs)
+        # the released layout (C, H, hs): q_head = einsum("ibh,hnd->ibnd", x, q) in the original
+        self.q, self.k, self.v, self.o, self.r = (nn.Parameter(torch.empty(C, H, hs)) for _ in range(5))
+        self.r_w_bias = nn.Parameter(torch.empty(H, hs))  # content bias, "u" of Transformer-XL
+        self.r_r_bias = nn.Parameter(torch.empty(H, hs))  # position bias, "v" of Transformer-XL
+        self.r_s_bias = nn.Parameter(torch.empty(H, hs))  # segment bias, "b" of XLNet §2.5
+        self.seg_embed = nn.Parameter(torch.empty(2, H, hs))  # s+ (same segment) and s- (different), per layer
+        self.layer_norm = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+        self.p_drop = config.dropout
+
+    def segment_score(self, q, seg_mat):
+        """(B, H, T, Tk): (q_i + r_s_bias) . seg_embed[s_ij], the one of two vectors that s_ij picks."""
+        both = torch.einsum("bhtd,shd->bhts", q + self.r_s_bias[:, None, :], self.seg_embed)  # (B, H, T, 2)
+        return torch.where(seg_mat[:, None], both[..., 1:], both[..., :1])
+
+    def attend(self, q, k, v, r, seg_mat, mask, q_pos=None):
+        """q (B, H, Tq, hs) queries; k, v (B, H, Tk, hs); r (H, R, hs) = W_r R; seg_mat and mask (B, Tq, Tk) bool or
+        None. The queries are the T positions in order, or, with q_pos (B, Tq), at those positions (the query stream's
+        fast path). Returns (B, H, Tq, hs)."""
+        Tk = k.size(-2)
+        position = (lambda x: rel_shift(x, Tk)) if q_pos is None else (lambda x: gather_shift(x, q_pos, Tk))
+        if self.attn == "naive":
+            # The readable path: the score as the equations, then masked softmax.
+            if q_pos is None:
+                score = transformer_xl_score(q, k, r, self.r_w_bias, self.r_r_bias)  # (B, H, T, Tk): content + position
+            else:
+                score = ((q + self.r_w_bias[:, None, :]) @ k.transpose(-2, -1)  # (B, H, Tq, Tk) the same two terms
+                         + position((q + self.r_r_bias[:, None, :]) @ r.transpose(-2, -1)))
+            if seg_mat is not None:
+                score = score + self.segment_score(q, seg_mat)
+            score = score * self.scale
+            if mask is not None:
+                score = score.masked_fill(mask[:, None], MASKED_FP16 if score.dtype == torch.float16 else MASKED)
+            prob = self.dropout(F.softmax(score, dim=-1))  # (B, H, Tq, Tk)
+            return prob @ v
+        # The fused path: sdpa computes softmax(q'.k * scale + bias) v. The content term is a plain dot product with
+        # q' = q + r_w_bias; the position and segment terms depend on (i, j) through i - j and s_ij, not on a key
+        # vector, so they go in as the float bias, computed here as in the naive path (this materialises (Tq, Tk) after
+        # all; the kernel still avoids storing the probabilities). Trap: under autocast q + r_w_bias is promoted to
+        # fp32, and sdpa wants q, k, v and the bias in one dtype.
+        bias = position((q + self.r_r_bias[:, None, :]) @ r.transpose(-2, -1))  # (B, H, Tq, Tk)
+        if seg_mat is not None:
+            bias = bias + self.segment_score(q, seg_mat)
+        bias = bias * self.scale
+        if mask is not None:
+            bias = bias.masked_fill(mask[:, None], MASKED_FP16 if k.dtype == torch.float16 else MASKED)
+        q_content = (q + self.r_w_bias[:, None, :]).to(k.dtype)
+        return F.scaled_dot_product_attention(q_content, k, v, attn_mask=bias.to(k.dtype),
+                                              dropout_p=self.p_drop if self.training else 0.0)
+
+    def post_attention(self, x, y):
+        """Project the heads back to C, dropout, add the residual, LayerNorm (post-LN, as in the released model)."""
+        return self.layer_norm(x + self.dropout(torch.einsum("bhtd,chd->btc", y, self.o)))
+
+    def forward(self, h, g, mask_h, mask_g, r, seg_mat=None, mems=None, target_mapping=None, queries=None):
+        """h (B, T, C) content stream; g (B, P, C) query stream or None; r (R, C) relative sinusoid; mems (B, M, C) or
+        None; target_mapping (B, P, T): prediction p sits at position t where it is 1; queries: QueryRows for the fast
+        path, or None. Returns (h', g')."""
+        cat = h if mems is None else torch.cat([mems, h], dim=1)  # (B, Tk, C): memory first, then the segment
+        k, v = heads(cat, self.k), heads(cat, self.v)  # (B, H, Tk, hs): keys and values come from content only
+        r = torch.einsum("rc,chd->hrd", r, self.r)  # (H, R, hs): W_r R for every distance, shared by the batch
+        h_out = self.post_attention(h, self.attend(heads(h, self.q), k, v, r, seg_mat, mask_h))
+        if g is None:
+            return h_out, None
+        q_g = heads(g, self.q)  # (B, H, P, hs)
+        if queries is not None:  # fast path: attend only at the P target positions
+            y_g = self.attend(q_g, k, v, r, queries.seg, queries.mask, q_pos=queries.pos)
+            y_g = y_g * queries.present[:, None, :, None]  # (B, H, P, hs); an empty prediction row reads nothing
+        else:  # the released formulation: move each prediction's query to its position ...
+            q_g = torch.einsum("bpt,bhpd->bhtd", target_mapping, q_g)  # (B, H, T, hs)
+            y_g = self.attend(q_g, k, v, r, seg_mat, mask_g)  # ... attend there, with that position's mask ...
+            y_g = torch.einsum("bpt,bhtd->bhpd", target_mapping, y_g)  # ... and back: (B, H, P, hs)
+        return h_out, self.post_attention(g, y_g)
+
+
+class FeedForward(nn.Module):
+    """Position-wise C -> F -> C with GELU, dropout, residual and post-LayerNorm (the released `ff` block)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.layer_1 = nn.Linear(config.d_model, config.d_inner)
+        self.layer_2 = nn.Linear(config.d_inner, config.d_model)
+        self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+        # Trap: the original TF code computes GELU with the tanh approximation; Hugging Face's config says "gelu" and
+        # computes the exact erf form. ~1e-3 apart per activation; we follow the config's name as Hugging Face reads it.
+        self.act = ACTIVATIONS[config.ff_activation]
+
+    def forward(self, x):
+        y = self.dropout(self.act(self.layer_1(x)))
+        return self.layer_norm(x + self.dropout(self.layer_2(y)))
+
+
+class Layer(nn.Module):
+    """One XLNet layer: two-stream attention, then the same feed-forward applied to each stream."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.rel_attn = RelativeAttention(config)
+        self.ff = FeedForward(config)
+
+    def forward(self, h, g, mask_h, mask_g, r, seg_mat=None, mems=None, target_mapping=None, queries=None):
+        h, g = self.rel_attn(h, g, mask_h, mask_g, r, seg_mat, mems, target_mapping, queries)
+        return self.ff(h), (self.ff(g) if g is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class XLNetModel(nn.Module):
+    """The stack without the output layer (Hugging Face's `transformer.` prefix): word embedding (no position embedding,
+    no LayerNorm: positions enter every layer's attention as relative distances), the query stream's start vector
+    mask_emb (the trainable w of XLNet §2.3: the same for every target, so g starts knowing nothing but, through the
+    distances, its position), L layers, and the memory."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.word_embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.mask_emb = nn.Parameter(torch.empty(1, 1, config.d_model))
+        self.layer = nn.ModuleList([Layer(config) for _ in range(config.n_layer)])
+        self.dropout = nn.Dropout(config.dropout)
+
+    def cache_mem(self, h, prev):
+        """The memory the next segment attends to: the last mem_len layer inputs of [previous memory; this segment],
+        detached (Transformer-XL §3.2: SG(h_{tau-1}), no gradient flows into the past). (B, M, C), or None if mem_len
+        is 0. With mem_len 3, memory [a, b] and h = [c, d] -> [b, c, d]."""
+        if not self.config.mem_len:
+            return None
+        cat = h if prev is None else torch.cat([prev, h], dim=1)
+        return cat[:, -self.config.mem_len:].detach()
+
+    def forward(self, input_ids, token_type_ids=None, perm_mask=None, target_mapping=None, mems=None,
+                attention_mask=None):
+        """(output, new_mems): output (B, P, C) from the query stream when target_mapping is given, else (B, T, C)
+        from the content stream; new_mems one (B, M, C) tensor per layer (None if mem_len is 0)."""
+        B, T = input_ids.shape
+        mlen = mems[0].size(1) if mems is not None else 0
+        mask_h, mask_g = attention_masks(perm_mask, attention_mask, mlen)
+        seg_mat = segment_matrix(token_type_ids, mlen) if token_type_ids is not None else None
+        h = self.dropout(self.word_embedding(input_ids))  # (B, T, C): content stream = the real tokens, never <mask>
+        g = queries = None
+        if target_mapping is not None:  # query stream: one row per prediction, all starting from w
+            g = self.dropout(self.mask_emb.expand(B, target_mapping.size(1), -1))  # (B, P, C)
+            if self.config.query_stream == "gather":
+                queries = query_rows(target_mapping, mask_g, seg_mat)  # None if target_mapping is not one-hot
+        r = self.dropout(relative_encoding(T, mlen + T, self.config.d_model, self.config.clamp_len)
+                         .to(device=h.device, dtype=h.dtype))  # (R, C)
+        new_mems = [] if self.config.mem_len else None
+        for i, layer in enumerate(self.layer):
+            mem = mems[i] if mems is not None else None
+            if new_mems is not None:
+                new_mems.append(self.cache_mem(h, mem))  # each layer's INPUT is what the next segment remembers
+            h, g = layer(h, g, mask_h, mask_g, r, seg_mat, mem, target_mapping, queries)
+        return self.dropout(g if g is not None else h), new_mems
+
+
+class XLNet(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = XLNetModel(config)
+        self.lm_loss = nn.Linear(config.d_model, config.vocab_size)  # the released name, with a bias
+        self.lm_loss.weight = self.transformer.word_embedding.weight  # tied: a logit is h . e(token) + b(token)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # The released models: every weight ~ N(0, initializer_range), the three bias vectors, seg_embed and mask_emb
+        # included; Linear biases 0, LayerNorm gain 1.
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, RelativeAttention):
+            for p in (module.q, module.k, module.v, module.o, module.r, module.r_w_bias, module.r_r_bias,
+                      module.r_s_bias, module.seg_embed):
+                nn.init.normal_(p, 0.0, std)
+        elif isinstance(module, XLNetModel):
+            nn.init.normal_(module.mask_emb, 0.0, std)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # the tied embedding counts once
+
+    def no_weight_decay(self):
+        """The three attention bias vectors of every layer: biases, not weights (the original optimizer excludes every
+        name containing "bias" or "LayerNorm"; train.py already skips vectors, so only these 2-D ones need naming)."""
+        return {n for n, _ in self.named_parameters() if n.endswith(("r_w_bias", "r_r_bias", "r_s_bias"))}
+
+    def flops_per_token(self):
+        """Training FLOPs per token (forward + backward = 3 forwards), an estimate for MFU. Per layer and token: the
+        content stream's projections (q, o on T rows; k, v on the Tk rows of memory + segment) and feed-forward; the
+        query stream's q, o and feed-forward on P/T of the rows; W_r on R/T rows; and attention for both streams, every
+        query row: scores (Tk), positions (R) and mixing (Tk), on T rows for h and on P rows for g (T with
+        query_stream "all", as in the released code). Plus the output layer on the predictions."""
+        c = self.config
+        T, Tk = c.seq_len, c.seq_len + c.mem_len
+        R, P, C = Tk + T - 1, c.num_predict, c.d_model
+        g_rows = P if c.query_stream == "gather" else T
+        per_layer = (2 * C * C + 2 * C * C * Tk / T + 2 * C * c.d_inner + P / T * (2 * C * C + 2 * C * c.d_inner)
+                     + R / T * C * C + (1 + g_rows / T) * (2 * Tk + R) * C)
+        return 3 * 2 * (c.n_layer * per_layer + P / T * c.vocab_size * C)
+
+    def forward(self, input_ids, token_type_ids=None, perm_mask=None, target_mapping=None, mems=None,
+                attention_mask=None):
+        """logits, mems = model(input_ids (B, T), ...).
+
+        token_type_ids (B, T): segment ids (only same/different matters). perm_mask (B, T, T): 1 where position i may
+        not attend to position j (Hugging Face's meaning). target_mapping (B, P, T): one-hot rows, prediction p is the
+        token at the position where row p is 1; then logits are (B, P, V) from the query stream, else (B, T, V) from the
+        content stream. mems: the list returned for the previous segment (one (B, M, C) tensor per layer, detached),
+        or None. attention_mask (B, T): 1 for real tokens, 0 for padding. Returns the new mems (None if mem_len is 0).
+        """
+        out, new_mems = self.transformer(input_ids, token_type_ids, perm_mask, target_mapping, mems, attention_mask)
+        return self.lm_loss(out), new_mems
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Hugging Face format: our parameter names ARE XLNetLMHeadModel's, so loading is a checked copy. Its memory layout
+    # is (M, B, C), time first, as in the TF original; ours is (B, M, C) like every other tensor here.
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides):
+        """Load an XLNetLMHeadModel directory (config.json + model.safetensors or pytorch_model.bin; e.g. the released
+        xlnet-base-cased), without transformers. overrides: any XLNetConfig field, e.g. mem_len=384, attn="sdpa"."""
+        hf, sd = read_hf_dir(path)
+        if hf.get("model_type", "xlnet") != "xlnet":
+            raise ValueError(f"{path}: a {hf.get('model_type')!r} checkpoint, not XLNet")
+        for key, ok in (("attn_type", "bi"), ("bi_data", False), ("same_length", False)):
+            if hf.get(key, ok) != ok:
+                raise ValueError(f"{path}: {key}={hf[key]!r} is not supported here (the released models use {ok!r})")
+        if hf.get("reuse_len"):
+            raise ValueError(f"{path}: reuse_len={hf['reuse_len']} is not supported (memory keeps whole segments)")
+        config = XLNetConfig(**{**dict(
+            vocab_size=hf["vocab_size"], d_model=hf["d_model"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+            d_inner=hf["d_inner"], ff_activation=hf.get("ff_activation", "gelu"),
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-12), dropout=0.0,
+            initializer_range=hf.get("initializer_range", 0.02), mem_len=hf.get("mem_len") or 0,
+            clamp_len=hf.get("clamp_len", -1),
+            pad_token_id=-1 if hf.get("pad_token_id") is None else hf["pad_token_id"]), **overrides})
+        model = cls(config)
+        with torch.no_grad():
+            for name, param in model.state_dict().items():
+                if name == "lm_loss.weight":
+                    continue  # tied to the word embedding
+                if name not in sd:
+                    raise KeyError(f"{path}: missing weight {name!r}")
+                if sd[name].shape != param.shape:
+                    raise ValueError(f"{path}: {name} has shape {tuple(sd[name].shape)}, expected {tuple(param.shape)}")
+                param.copy_(sd[name])
+        return model
+
+    def export_hf(self, path):
+        """Write a directory that transformers' XLNetLMHeadModel.from_pretrained(path) loads. The inverse of
+        from_pretrained. mem_len 0 (no memory) is written as null, which Hugging Face reads as "keep everything"."""
+        c = self.config
+        hf_config = dict(
+            architectures=["XLNetLMHeadModel"], model_type="xlnet", vocab_size=c.vocab_size, d_model=c.d_model,
+            n_layer=c.n_layer, n_head=c.n_head, d_head=c.d_head, d_inner=c.d_inner, ff_activation=c.ff_activation,
+            untie_r=True, attn_type="bi", initializer_range=c.initializer_range, layer_norm_eps=c.layer_norm_eps,
+            dropout=c.dropout, mem_len=c.mem_len or None, reuse_len=None, bi_data=False, clamp_len=c.clamp_len,
+            same_length=False, tie_word_embeddings=True, use_mems_eval=True, use_mems_train=False,
+            **({"pad_token_id": c.pad_token_id} if c.pad_token_id >= 0 else {}),
+        )
+        write_hf_dir(path, hf_config, {k: v.float() for k, v in self.state_dict().items() if k != "lm_loss.weight"})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The objective: permutation language modeling with partial prediction (XLNet §2.2-2.3), as the original data pipeline
+# builds it (data_utils.py: _sample_mask, _local_perm), on consecutive segments of one stream per batch row.
+#
+# Which tokens are predicted (the targets) is decided first, in spans; then a factorization order in which every
+# non-target comes before every target: the targets are "the last 1/K of the order" (§2.3, eq. 5), and the non-targets
+# form the context x_{z<=c} that every target sees. Among the targets the order is random. Non-targets see each other
+# (the original gives them all rank -1: they are never predicted, so their mutual order does not matter, and letting
+# them see all of the context makes the representations the targets read richer).
+
+
+def sample_targets(length, num_predict, generator, max_span=5, alpha=6):
+    """(length,) bool, exactly num_predict True: the positions to predict, mostly in spans (the original _sample_mask).
+
+    Walk left to right: draw a span length n in 1..max_span with P(n) ~ 1/n, reserve a context of alpha * n tokens,
+    put the span at a random offset inside it (a span never ends on the last token, as in the original), move past the
+    context. Stop at num_predict; if the walk ends short, add single random positions until there are num_predict.
+    alpha = 6: about one token in six is a target, i.e. K = 6. The original aligns each span's start to a word piece;
+    its loop then counts tokens, not words (it tests seg[beg] where seg[end] was meant), so a span is n tokens, as here.
+    sample_targets(12, 2, g) -> e.g. tensor([F, F, F, T, T, F, F, F, F, F, F, F]) (a span of 2)
+    """
+    mask = torch.zeros(length, dtype=torch.bool)
+    p = 1.0 / torch.arange(1, max_span + 1, dtype=torch.float)  # P(n) ~ 1/n: short spans are the most common
+    count = cur = 0
+    while cur < length and count < num_predict:
+        n = min(int(torch.multinomial(p, 1, generator=generator)) + 1, num_predict - count)
+        context = n * alpha
+        left = int(torch.randint(context, (1,), generator=generator))
+        beg = cur + left
+        if beg + n >= length:
+            break
+        mask[beg:beg + n] = True
+        count += n
+        cur = beg + n + context - left
+    while count < num_predict:
+        i = int(torch.randint(length, (1,), generator=generator))
+        if not mask[i]:
+            mask[i] = True
+            count += 1
+    return mask
+
+
+def sample_order(length, perm_size, generator):
+    """rank (length,): each position's place in a random factorization order, permuted within consecutive blocks of
+    perm_size positions (the original _local_perm: blocks keep their order and share one shuffle; perm_size = length is
+    one uniformly random order). With perm_size 2 and the shuffle [1, 0]: sample_order(4, 2, g) -> [1, 0, 3, 2]."""
+    shuffle = torch.randperm(perm_size, generator=generator)  # (perm_size,)
+    blocks = torch.arange(length).view(-1, perm_size)  # (length / perm_size, perm_size): row b = block b's ranks
+    return blocks[:, shuffle].reshape(-1)  # position (b, o) gets rank b * perm_size + shuffle[o]
+
+
+def permutation_mask(rank, is_target):
+    """perm_mask (T, T) bool from an order and its targets: position i may NOT attend to position j iff j is a target
+    that does not come before i in the order, with every non-target placed before every target (rank -1).
+
+    So a target sees every non-target and the targets earlier in the order, and not itself (its query stream; the
+    content stream sees itself anyway); a non-target sees every non-target and no target. Targets at positions 0 and 2
+    with rank[2] < rank[0]: permutation_mask(tensor([1, 3, 0]), tensor([T, F, T])) ->
+    [[1, 0, 0], [1, 0, 1], [1, 0, 1]]  (position 0 sees 1 and 2; 1 sees neither target; 2 sees only 1)
+    """
+    r = torch.where(is_target, rank, -1)
+    return is_target[None, :] & (r[None, :] >= r[:, None])
+
+
+class PermutationLMObjective:
+    """Batches of consecutive segments, one stream per row, scored by the permutation LM loss on the targets.
+
+    State (saved in every checkpoint by train.py, so a resumed run continues exactly): where each row's stream goes on
+    (`cursors`), and each row's memory (`mems`: per row, one (M, C) tensor per layer). Row i at step t+1 continues row i
+    at step t and reads only its own memory; gradient accumulation splits a step's rows into micro-batches, and the
+    batch carries the row ids ("rows") so each micro-batch finds its rows' memory. Evaluation runs on a separate
+    instance (train.py) whose memory starts empty at every eval_batches() call (and at reset()).
+
+    objective "lm" is Transformer-XL's training phase in XLNet's terms: the identity order, every token a target, so
+    the query stream at position t predicts x_t from x_<t and the memory (position 0 of a row's first segment has
+    nothing to see and is not predicted).
+    """
+
+    EVAL_SEED = 1234  # evaluation draws its targets and orders from its own generator, the same every time
+
+    def __init__(self, config, tokenizer=None):
+        self.config = config
+        self.T = config.seq_len
+        self.raw_tokens_per_row = self.tokens_per_row = config.seq_len
+        self.perm_size = config.perm_size or config.seq_len
+        self.cursors = None  # per row: where its stream continues
+        self.mems = None  # per row: None (no memory yet) or a list of n_layer (M, C) tensors
+
+    # -- state -----------------------------------------------------------------------------------------------------
+
+    def state_dict(self):
+        return {"cursors": self.cursors, "mems": self.mems}
+
+    def load_state_dict(self, state):
+        self.cursors, self.mems = state["cursors"], state["mems"]
+
+    def reset(self):
+        self.cursors = self.mems = None
+
+    def has_memory(self, row):
+        return self.config.mem_len > 0 and self.mems is not None and self.mems[row] is not None
+
+    def memory(self, rows, device):
+        """The memory of these rows, as the model takes it: n_layer tensors (len(rows), M, C), or None."""
+        if not self.has_memory(rows[0]):
+            return None
+        return [torch.stack([self.mems[r][layer] for r in rows]).to(device) for layer in range(self.config.n_layer)]
+
+    def remember(self, rows, new_mems):
+        if new_mems is None:
+            return
+        for i, r in enumerate(rows):
+            self.mems[r] = [m[i] for m in new_mems]
+
+    # -- batches ---------------------------------------------------------------------------------------------------
+
+    def sample(self, length, has_memory, generator):
+        """(rank, is_target) for one segment of `length` real tokens."""
+        if self.config.objective == "lm":
+            is_target = torch.ones(length, dtype=torch.bool)
+            is_target[0] = has_memory  # the first token of a stream has no context to be predicted from
+            return torch.arange(length), is_target
+        c = self.config
+        is_target = sample_targets(length, length // c.partial_k, generator, c.max_span, c.mask_alpha)
+        return sample_order(length, self.perm_size if length % self.perm_size == 0 else length, generator), is_target
+
+    def make_batch(self, segments, rows, has_memory, generator):
+        """Rows of token ids (each <= T long; shorter ones are padded) -> the model's inputs and the targets.
+
+        input_ids (B, T) the real tokens (the content stream never sees a <mask>), attention_mask (B, T), perm_mask
+        (B, T, T) bool, target_mapping (B, P, T), target_ids (B, P) with -100 where a row has fewer than P targets,
+        rows (B,) the row ids for the memory."""
+        B, T, P = len(segments), self.T, self.config.num_predict
+        batch = {"rows": torch.tensor(rows, dtype=torch.long),
+                 "input_ids": torch.full((B, T), max(self.config.pad_token_id, 0), dtype=torch.long),  # pads masked
+                 "attention_mask": torch.zeros(B, T, dtype=torch.long),
+                 "perm_mask": torch.zeros(B, T, T, dtype=torch.bool),
+                 "target_mapping": torch.zeros(B, P, T),
+                 "target_ids": torch.full((B, P), -100, dtype=torch.long)}
+        for b, seg in enumerate(segments):
+            ids = torch.from_numpy(np.asarray(seg, dtype=np.int64))
+            n = len(ids)
+            batch["input_ids"][b, :n] = ids
+            batch["attention_mask"][b, :n] = 1
+            rank, is_target = self.sample(n, has_memory[b], generator)
+            batch["perm_mask"][b, :n, :n] = permutation_mask(rank, is_target)
+            where = is_target.nonzero()[:, 0]  # (P_b,) target positions, left to right (the original's order)
+            batch["target_mapping"][b, torch.arange(len(where)), where] = 1.0
+            batch["target_ids"][b, :len(where)] = ids[where]
+        return batch
+
+    def train_batch(self, split, batch_size, generator):
+        """The next segment of every row's stream. The first call spreads the rows evenly over the split from a random
+        offset (the original's batchify: row i reads its own contiguous part of the corpus); a stream that reaches the
+        end of the split continues from its start."""
+        n, T = len(split.tokens), self.T
+        if self.cursors is None:
+            offset = int(torch.randint(n, (1,), generator=generator))
+            self.cursors = [(offset + i * n // batch_size) % n for i in range(batch_size)]
+            self.mems = [None] * batch_size
+        if len(self.cursors) != batch_size:
+            raise UsageError(f"this run reads {len(self.cursors)} streams (batch_size x grad_accum), each with its own "
+                             f"memory; it cannot continue with {batch_size} rows per step")
+        segments = []
+        for i in range(batch_size):
+            if self.cursors[i] + T > n:
+                self.cursors[i] = 0
+            segments.append(split.tokens[self.cursors[i]:self.cursors[i] + T])
+            self.cursors[i] += T
+        return self.make_batch(segments, list(range(batch_size)), [self.has_memory(i) for i in range(batch_size)],
+                               generator)
+
+    def eval_batches(self, split, batch_size):
+        """Every token of `split` once, as consecutive segments: the split is cut into up to batch_size contiguous
+        parts, one per row, each read segment by segment with its memory (Transformer-XL's evaluation phase), from
+        empty memory. Targets and orders come from a fixed seed: the same batches every time. The last segment is
+        padded."""
+        T, n = self.T, len(split.tokens)
+        n_seg = -(-n // T)
+        rows = min(batch_size, n_seg)
+        per_row = -(-n_seg // rows)  # segments per row; the last row may have fewer
+        self.mems = [None] * rows  # a new text: no memory
+        g = torch.Generator().manual_seed(self.EVAL_SEED)
+        for s in range(per_row):
+            active = [r for r in range(rows) if r * per_row + s < min((r + 1) * per_row, n_seg)]
+            segments = [split.tokens[(r * per_row + s) * T:(r * per_row + s + 1) * T] for r in active]
+            yield self.make_batch(segments, active, [self.has_memory(r) for r in active], g)
+
+    # -- scoring ---------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def count_tokens(batch):
+        return int(batch["attention_mask"].sum())
+
+    @staticmethod
+    def denominators(batch):
+        """The loss is averaged over the predicted tokens of the whole step."""
+        return {"plm": int((batch["target_ids"] != -100).sum())}
+
+    def forward(self, model, batch):
+        """Logits (B, P, V) of the targets, reading and then updating the rows' memory."""
+        rows = batch["rows"].tolist()
+        mems = self.memory(rows, batch["input_ids"].device)
+        logits, new_mems = model(batch["input_ids"], perm_mask=batch["perm_mask"],
+                                 target_mapping=batch["target_mapping"], mems=mems,
+                                 attention_mask=batch["attention_mask"])
+        self.remember(rows, new_mems)
+        return logits
+
+    def loss(self, model, batch, denominators=None):
+        """(sum of -log p(target | what its order lets it see) / denominators["plm"], sums for an evaluation)."""
+        denominators = denominators or self.denominators(batch)
+        logits = self.forward(model, batch)
+        labels = batch["target_ids"]
+        nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        real = labels != -100
+        correct = (logits.argmax(-1) == labels)[real].sum()
+        return nll / max(1, denominators["plm"]), {"nll": nll.detach(), "targets": real.sum(), "correct": correct}
+
+    @staticmethod
+    def summarize(sums):
+        """loss in nats per predicted token, and how often the most likely token is the right one."""
+        n = max(1.0, float(sums["targets"]))
+        return {"loss": float(sums["nll"]) / n, "acc": float(sums["correct"]) / n}
+
+
+Model, Config, Objective = XLNet, XLNetConfig, PermutationLMObjective  # what train.py's registry looks up
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Transformer-XL's two phases (slides "Transformer-XL"): evaluating a left-to-right LM on a long text.
+#   vanilla model: a window of the last W tokens slides by one token per prediction, and everything in it is recomputed
+#                  every time: W token computations per predicted token;
+#   with memory:   the text is read a segment of T tokens at a time; each layer's inputs of the previous segments stay
+#                  in memory (M of them) and are attended to, not recomputed: about one token computation per token,
+#                  with a direct context of M to M + T - 1 tokens, and longer ones through the memory's own memory.
+# Both here use the same XLNet in the identity order (the query stream at t predicts x_t from x_<t).
+
+
+def split_streams(tokens, rows):
+    """The text cut into `rows` contiguous streams of equal length (the remainder dropped), (rows, n // rows)."""
+    n = len(tokens) // rows
+    return torch.from_numpy(np.asarray(tokens[:n * rows], dtype=np.int64)).view(rows, n)
+
+
+@torch.no_grad()
+def eval_with_memory(model, tokens, rows, seg_len):
+    """Transformer-XL's evaluation phase: each stream read seg_len tokens at a time, memory carried over (mem_len from
+    the model's config). Every token but each stream's first is predicted. Returns (sum of nll, predictions, seconds
+    spent in the model)."""
+    cfg = XLNetConfig(**{**model.config.__dict__, "seq_len": seg_len, "objective": "lm"})
+    objective = PermutationLMObjective(cfg)
+    streams = split_streams(tokens, rows)
+    objective.mems = [None] * rows
+    nll, count, seconds = 0.0, 0, 0.0
+    for s in range(0, streams.size(1), seg_len):  # a short last segment is padded (and the padding masked)
+        batch = objective.make_batch(list(streams[:, s:s + seg_len].numpy()), list(range(rows)),
+                                     [objective.has_memory(r) for r in range(rows)], None)
+        t = time.perf_counter()
+        logits = objective.forward(model, batch)
+        seconds += time.perf_counter() - t
+        nll += float(F.cross_entropy(logits.flatten(0, 1), batch["target_ids"].flatten(), ignore_index=-100,
+                                     reduction="sum"))
+        count += int((batch["target_ids"] != -100).sum())
+    return nll, count, seconds
+
+
+@torch.no_grad()
+def eval_sliding_window(model, tokens, rows, window):
+    """The vanilla model's evaluation phase: for every token but each stream's first, one forward pass over the (up to)
+    `window` tokens ending at it, predicting only it; the windows of `rows` streams go through the model together.
+    Early windows are shorter and left-padded (padding is masked; relative distances make the offset irrelevant).
+    Returns (sum of nll, predictions, seconds spent in the model)."""
+    streams = split_streams(tokens, rows)
+    n = streams.size(1)
+    is_target = torch.ones(window, dtype=torch.bool)
+    is_target[0] = False
+    perm_mask = permutation_mask(torch.arange(window), is_target).expand(rows, window, window)  # causal
+    target_mapping = torch.zeros(rows, 1, window)
+    target_mapping[:, 0, -1] = 1.0  # predict the last token of each window
+    pad = max(model.config.pad_token_id, 0)
+    nll, count, seconds = 0.0, 0, 0.0
+    for t in range(1, n):
+        lo = max(0, t + 1 - window)
+        ids = F.pad(streams[:, lo:t + 1], (window - (t + 1 - lo), 0), value=pad)  # (rows, window), right-aligned
+        attention_mask = (torch.arange(window) >= window - (t + 1 - lo)).long().expand(rows, window)
+        start = time.perf_counter()
+        logits, _ = model(ids, perm_mask=perm_mask, target_mapping=target_mapping, attention_mask=attention_mask)
+        seconds += time.perf_counter() - start
+        nll += float(F.cross_entropy(logits[:, 0], streams[:, t], reduction="sum"))
+        count += rows
+    return nll, count, seconds
+
+
+def two_phase(model, tokens, rows=8, seg_len=None, mem_len=None):
+    """Both evaluations on the same held-out tokens. The sliding window is as long as the longest attention span with
+    memory (mem_len + seg_len), so it never sees less. Returns a list of result dicts and prints the table."""
+    model.eval()
+    seg_len = seg_len or model.config.seq_len
+    if mem_len is not None:
+        model.config.mem_len = mem_len
+    M = model.config.mem_len
+    window = M + seg_len
+    eval_with_memory(model, tokens[:rows * 2 * seg_len], rows, seg_len)  # warm-up: first calls allocate
+    eval_sliding_window(model, tokens[:rows * 4], rows, window)
+    results = []
+    for name, context, run in (
+            (f"with memory (T={seg_len}, M={M})", f"{M}..{M + seg_len - 1} + recurrence", lambda: eval_with_memory(
+                model, tokens, rows, seg_len)),
+            (f"sliding window (W={window})", f"{window - 1}", lambda: eval_sliding_window(
+                model, tokens, rows, window))):
+        nll, count, seconds = run()
+        results.append({"name": name, "context": context, "loss": nll / count, "ms_per_token": 1000 * seconds / count,
+                        "tokens": count})
+    print(f"{'evaluation':<28} {'context (tokens)':<20} {'loss (nats/tok)':>15} {'ms/token':>9} {'tokens':>7}")
+    for r in results:
+        print(f"{r['name']:<28} {r['context']:<20} {r['loss']:>15.4f} {r['ms_per_token']:>9.3f} {r['tokens']:>7}")
+    print(f"memory is {results[1]['ms_per_token'] / results[0]['ms_per_token']:.0f}x cheaper per token; loss "
+          f"{results[0]['loss'] - results[1]['loss']:+.4f} nats/token against the window")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The order views (slide "Split View of the Query Stream (Factorization order: 3 -> 2 -> 4 -> 1)"): for one order, what
+# each prediction may see. Computed with the same masks the model uses (attention_masks), not drawn by hand.
+
+
+def query_views(rank, is_target, mlen=0):
+    """(mask_g, mask_h) for one sequence: (T, mlen + T) bool, True = hidden from that position's query / content."""
+    mask_h, mask_g = attention_masks(permutation_mask(rank, is_target)[None], None, mlen)
+    return mask_g[0], mask_h[0]
+
+
+def slide_views():
+    """The slide's example: four tokens, memory, order 3 -> 2 -> 4 -> 1, every token predicted. Lines of text."""
+    order = [3, 2, 4, 1]  # 1-based positions, as on the slide
+    rank = torch.tensor([order.index(p) for p in range(1, 5)])
+    mask_g, mask_h = query_views(rank, torch.ones(4, dtype=torch.bool), mlen=1)
+    names = ["mem", "x1", "x2", "x3", "x4"]
+    lines = ["The slide's order 3 -> 2 -> 4 -> 1 (every token predicted, one memory slot):"]
+    for p in order:
+        g = [names[j] for j in range(5) if not mask_g[p - 1, j]]
+        h = [names[j] for j in range(5) if not mask_h[p - 1, j]]
+        lines.append(f"  position-{p} view: query g{p} predicts x{p} from {', '.join(g):<16} content h{p} sees "
+                     f"{', '.join(h)}")
+    return lines, (rank, mask_g)
+
+
+def text_views(text, partial_k=6, seed=0):
+    """One order the objective samples for a line of text: its targets in order, and what each sees ('_' hidden,
+    '?' the token it predicts). Returns (lines, (ids as characters, rank, is_target, mask_g))."""
+    g = torch.Generator().manual_seed(seed)
+    is_target = sample_targets(len(text), len(text) // partial_k, g)
+    rank = sample_order(len(text), len(text), g)
+    mask_g, _ = query_views(rank, is_target)
+    targets = sorted(is_target.nonzero()[:, 0].tolist(), key=lambda i: int(rank[i]))
+    lines = [f"A line of a held-out play, K = {partial_k}: {len(targets)} targets of {len(text)} characters, in spans; "
+             f"the other characters are context that every target sees.",
+             f"  order of the targets: {' -> '.join(f'{text[i]!r}@{i}' for i in targets)}"]
+    for step, i in enumerate(targets, 1):
+        seen = "".join("?" if j == i else ("_" if mask_g[i, j] else ("¶" if text[j] == "\n" else text[j]))
+                       for j in range(len(text)))
+        lines.append(f"  {step:>2}. {text[i]!r:>5}@{i:<3} sees: {seen}")
+    return lines, (list(text), rank, is_target, mask_g, targets)
+
+
+def plot_views(slide, real, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    colors = ListedColormap(["#d9d9d9", "#74c476", "#fd8d3c", "#6baed6"])  # hidden, visible, predicted, memory
+    fig, axes = plt.subplots(1, 2, figsize=(15, 4.6), gridspec_kw={"width_ratios": [1, 4]})
+    rank, mask_g = slide
+    order = rank.argsort().tolist()
+    grid = np.array([[3 if j == 0 and not mask_g[i, j] else 2 if j == i + 1 else 0 if mask_g[i, j] else 1
+                      for j in range(5)] for i in order])
+    ax = axes[0]
+    ax.imshow(grid, cmap=colors, vmin=0, vmax=3)
+    ax.set_xticks(range(5), ["mem", "x1", "x2", "x3", "x4"])
+    ax.set_yticks(range(4), [f"position-{i + 1} view" for i in order])
+    ax.set_title("the slide: order 3 -> 2 -> 4 -> 1\n(query streams; blue = memory)", fontsize=10)
+    chars, rank, is_target, mask_g, targets = real
+    grid = np.array([[2 if j == i else 0 if mask_g[i, j] else 1 for j in range(len(chars))] for i in targets])
+    ax = axes[1]
+    ax.imshow(grid, cmap=colors, vmin=0, vmax=3, aspect="auto")
+    ax.set_xticks(range(len(chars)), ["\\n" if c == "\n" else "␣" if c == " " else c for c in chars], fontsize=7)
+    ax.set_yticks(range(len(targets)), [f"{n}. {chars[i]!r}@{i}" for n, i in enumerate(targets, 1)], fontsize=8)
+    ax.set_title("one sampled order on a held-out line: rows = the targets in factorization order\n"
+                 "green = what its query stream may read, orange = the token it predicts, grey = hidden",
+                 fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Demo: what a run shows when it ends (train.py calls demo()). XLNet fills blanks in a held-out line one at a time, in
+# a random order, each prediction seeing the context and the blanks it has already filled: the order is the model's
+# factorization order, so this is exactly the product of eq. 3 for one z, decoded greedily.
+
+
+DEMO_TEXT = "Friends, Romans, countrymen, lend me your ears;\nI come to bury Caesar, not to praise him."
+
+
+@dataclass
+class DemoConfig:
+    demo_text: str = DEMO_TEXT  # the text whose blanks the end-of-run demo fills (default: Julius Caesar, held out)
+    demo_seed: int = 0  # which blanks and which order the demo draws
+
+
+@torch.no_grad()
+def fill_blanks(model, ids, seed=0):
+    """Blank the tokens the objective would predict in ids (a list), then fill them one at a time in a sampled order
+    (left to right for objective "lm"), greedily. Returns (is_target, order of target positions, filled ids)."""
+    c = model.config
+    g = torch.Generator().manual_seed(seed)
+    n = len(ids)
+    if c.objective == "lm":
+        rank, is_target = torch.arange(n), torch.ones(n, dtype=torch.bool)
+        is_target[0] = False
+    else:
+        is_target = sample_targets(n, max(1, n // c.partial_k), g, c.max_span, c.mask_alpha)
+        rank = sample_order(n, n, g)
+    order = sorted(is_target.nonzero()[:, 0].tolist(), key=lambda i: int(rank[i]))
+    device = next(model.parameters()).device
+    x = torch.tensor(ids, device=device)
+    x[is_target] = max(c.mask_token_id, 0)  # a placeholder: perm_mask hides it from every query that is not past it
+    perm_mask = permutation_mask(rank, is_target).to(device)[None]
+    was_training = model.training
+    model.eval()
+    for i in order:
+        target_mapping = torch.zeros(1, 1, n, device=device)
+        target_mapping[0, 0, i] = 1.0
+        logits, _ = model(x[None], perm_mask=perm_mask, target_mapping=target_mapping)
+        x[i] = logits[0, 0].argmax()
+    model.train(was_training)
+    return is_target, order, x.tolist()
+
+
+def demo(model, tokenizer, cfg, device):
+    try:
+        ids = tokenizer.encode(cfg.demo_text)
+    except Exception as e:  # e.g. a character the char vocabulary lacks: say so, do not fail the finished run
+        print(f"demo skipped: {e}")
+        return
+    if len(ids) < 2:
+        return
+    is_target, order, filled = fill_blanks(model, ids, cfg.demo_seed)
+    show = lambda seq: tokenizer.decode(seq).replace("\n", " / ")
+    right = sum(filled[i] == ids[i] for i in order)
+    how = "left to right" if model.config.objective == "lm" else "in a random order"
+    print("-" * 80)
+    print(f"XLNet fills {len(order)} blanks of a held-out line one at a time, {how}, each seeing the context and the "
+          f"blanks filled before it:")
+    print("  blanks : " + "".join("_" * len(tokenizer.decode([t])) if is_target[i] else tokenizer.decode([t])
+                                  for i, t in enumerate(ids)).replace("\n", " / "))
+    print("  filled : " + show(filled))
+    print("  truth  : " + show(ids))
+    print(f"  {right}/{len(order)} blanks right; order of the blanks: {' -> '.join(str(i) for i in order[:24])}"
+          f"{' ...' if len(order) > 24 else ''}")
+    print("-" * 80)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line: views | two-phase | fill
+
+
+def held_out_line():
+    with open(os.path.join(ROOT, "data", "shakespeare", "julius_caesar.txt")) as f:
+        text = f.read()
+    start = text.index("Friends, Romans, countrymen")
+    return text[start:text.index("\n", text.index("\n", start) + 1)]  # two lines of verse
+
+
+def cmd_views(args):
+    slide_lines, slide = slide_views()
+    real_lines, real = text_views(held_out_line(), partial_k=args.k, seed=args.seed)
+    print("\n".join(slide_lines + [""] + real_lines))
+    plot_views(slide, real, args.png)
+    print(f"wrote {args.png}")
+
+
+def load_checkpoint_model(path, flag="--ckpt"):
+    import train
+
+    ckpt = train.load_checkpoint(path, flag)
+    if ckpt["train_config"]["model"] != "xlnet":
+        raise UsageError(f"{flag}: {path} is a {ckpt['train_config']['model']} checkpoint, not xlnet")
+    return train.open_run(path)
+
+
+def cmd_two_phase(args):
+    import train
+
+    path = args.ckpt
+    if not path:
+        out = os.path.join("out", "xlnet-txl")
+        path = os.path.join(out, "ckpt.pt")
+        if os.path.exists(path):
+            print(f"using {path} (remove it, or pass --ckpt, to evaluate another model)")
+        else:
+            print(f"training Transformer-XL's train phase first: python train.py --model xlnet --preset txl-cpu "
+                  f"--out-dir {out}")
+            train.train(["--model", "xlnet", "--preset", "txl-cpu", "--out-dir", out, "--demo-text", ""])
+    run = load_checkpoint_model(path)
+    model = run.model.float()
+    tokens = run.splits["val"].tokens[:args.tokens]
+    print(f"{path}: {run.cfg.preset} ({model.config.objective}), held-out text: the first {len(tokens):,} tokens of "
+          f"{', '.join(run.splits['val'].doc_names)}; {args.rows} streams side by side; fp32 on {run.device}")
+    return two_phase(model, tokens, args.rows, args.seq_len, args.mem_len)
+
+
+def cmd_fill(args):
+    run = load_checkpoint_model(args.ckpt)
+    demo(run.model, run.tokenizer, DemoConfig(args.text, args.seed), run.device)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="xlnet.py", description="XLNet's pictures and experiments (training: "
+                                "python train.py --model xlnet)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    v = sub.add_parser("views", help="which tokens each target may see, for one factorization order (text + PNG)")
+    v.add_argument("--k", type=int, default=6, help="K: predict the last 1/K of the order")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--png", default=os.path.join(ROOT, "assets", "xlnet_order_views.png"))
+    t = sub.add_parser("two-phase", help="Transformer-XL's evaluation with memory vs the vanilla sliding window")
+    t.add_argument("--ckpt", default="", help="an xlnet checkpoint (default: train --preset txl-cpu into "
+                                              "out/xlnet-txl first, or reuse it)")
+    t.add_argument("--tokens", type=int, default=4096, help="held-out tokens to score")
+    t.add_argument("--rows", type=int, default=8, help="streams evaluated side by side")
+    t.add_argument("--seq-len", type=int, default=0, help="segment length with memory (default: the model's)")
+    t.add_argument("--mem-len", type=int, default=None, help="memory length (default: the model's)")
+    f = sub.add_parser("fill", help="fill blanks of a text in a random order with a trained checkpoint")
+    f.add_argument("--ckpt", default=os.path.join("out", "xlnet", "ckpt.pt"))
+    f.add_argument("--text", default=DEMO_TEXT)
+    f.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "views" and not 2 <= args.k <= 40:
+            raise UsageError(f"--k {args.k}: K must be in 2..40 (a line of 89 characters)")
+        if args.cmd == "two-phase":
+            if args.tokens < 2 * args.rows or args.rows < 1:
+                raise UsageError(f"--tokens {args.tokens} / --rows {args.rows}: need at least 2 tokens per row")
+            if args.seq_len < 0 or (args.mem_len is not None and args.mem_len < 1):
+                raise UsageError("--seq-len must be >= 1 and --mem-len >= 1 (memory is what is measured)")
+        return {"views": cmd_views, "two-phase": cmd_two_phase, "fill": cmd_fill}[args.cmd](args)
+    except UsageError as e:
+        print(f"xlnet.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
