@@ -81,6 +81,12 @@ CASES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    """The processes these tests start (finding tests, grading) run torch: one thread each, as on a shared 2-core CPU."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
 def snapshot():
     """sha256 of every file of the project that an assignment reads (outputs, caches and git internals aside)."""
     digests = {}
@@ -210,6 +216,17 @@ def test_prune_tests_keeps_helpers_and_the_chosen_tests_only():
     assert "test_a" not in pruned and "parametrize" not in pruned, "the dropped test or its decorator is still there"
     assert "def helper" in pruned and "def test_b" in pruned, "a helper or the kept test was removed"
     compile(pruned, "t.py", "exec")
+
+
+def test_a_test_that_needs_a_target_only_through_shared_state_is_found():
+    # The decode test never calls merge: it decodes with the tokenizer that the round-trip test before it trained (with
+    # merge) and cached in test_bpe's module-level _cache. Only re-running the whole module finds that it needs merge.
+    decode = "tests/test_bpe.py::test_decode_never_crashes_and_replaces_invalid_utf8"
+    _, targets = assignment.resolve(["bpe.py:merge"])
+    tests = ["tests/test_bpe.py::test_round_trip_random_bytes", decode]
+    report = assignment.find_tests(targets, tests, log=lambda msg: None)
+    assert report["hits"]["bpe.py:merge"] == ["tests/test_bpe.py"], "the probe did not record the module reaching merge"
+    assert decode in report["exercised"]["bpe.py:merge"], "a dependence through cached module state was missed"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
