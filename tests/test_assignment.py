@@ -116,16 +116,16 @@ def made(tmp_path_factory):
     return make
 
 
-def submission(d, manifest, bodies=None):
-    """A submission in `d`: the student copy's target files with the reference bodies filled back in, except `bodies`
-    (target -> body). Only the target files: grading takes nothing else from a submission."""
+def submission(d, student, manifest, bodies=None):
+    """A submission in `d`: the student copy's target files, each blank body filled with the reference body, or with
+    `bodies[target]` where given. Only the target files: grading takes nothing else from a submission."""
     for path in manifest["files"]:
-        source = assignment.read(os.path.join(ROOT, path))
+        reference, source = assignment.read(os.path.join(ROOT, path)), assignment.read(str(student / path))
         for t in manifest["targets"]:
             t_path, qualname = t["target"].split(":", 1)
             if t_path == path:
-                source = assignment.put_body(source, qualname, (bodies or {}).get(t["target"],
-                                                                                  assignment.body_of(source, qualname)))
+                body = (bodies or {}).get(t["target"]) or assignment.body_of(reference, qualname)
+                source = assignment.put_body(source, qualname, body)
         assignment.write(str(d / path), source)
     return d
 
@@ -244,8 +244,8 @@ def test_ready_made_assignment_fails_until_filled_passes_with_the_reference_and_
 
     # graded in one process (torch imported once): as handed out, with the reference bodies, with one wrong body
     wrong_target, body = CASES[name]["wrong"]
-    reference_sub = submission(tmp_path / "reference", manifest)
-    wrong_sub = submission(tmp_path / "wrong", manifest, {wrong_target: body})
+    reference_sub = submission(tmp_path / "reference", student, manifest)
+    wrong_sub = submission(tmp_path / "wrong", student, manifest, {wrong_target: body})
     fresh, filled, wrong = assignment.grade_all([student, reference_sub, wrong_sub], key, isolate=False)
 
     # 1. as handed out: every test fails, because of a NotImplementedError (not an import or collection error)
@@ -284,7 +284,7 @@ def test_hidden_tests_and_points_count_only_when_grading_with_the_key(made, tmp_
     assert "## 3. `merge` (bpe.py)" in text and 'Slide: "Byte Pair Encoding algorithm"' in text and "1 hidden" in text
 
     # a submission whose merge is wrong and whose tests were edited to pass: the key's tests grade it
-    sub = submission(tmp_path, manifest, {"bpe.py:merge": CASES["tokenization"]["wrong"][1]})
+    sub = submission(tmp_path, student, manifest, {"bpe.py:merge": CASES["tokenization"]["wrong"][1]})
     (sub / "tests").mkdir()
     (sub / "tests" / "test_bpe.py").write_text("def test_ties_go_to_the_smallest_pair():\n    pass\n")
     g = assignment.grade(str(sub), str(key))  # in a process of its own, as the command line does
