@@ -873,12 +873,39 @@ def grade_all(submissions, key=None, timeout=3600, isolate=True):
                     nodeid, outcome = json.loads(line)
                     outcomes[nodeid] = outcome
             results.append(score(manifest, outcomes, submission, key, missing, timed_out[run_dir], seconds[run_dir],
-                                 logs[run_dir]))
+                                 logs[run_dir], _unwritten(submission, manifest, missing)))
     return results
 
 
-def score(manifest, outcomes, submission, key, missing, timed_out, seconds, log_tail):
-    """The scores from the outcomes: per target, its tests passed / total (and points, if given)."""
+def _unwritten(submission, manifest, missing):
+    """{target: why} for the targets a submission has not written: the body is still the single `raise
+    NotImplementedError(...)` it was handed out with, or the file is missing or does not parse."""
+    out = {}
+    for t in manifest["targets"]:
+        path, qualname = t["target"].split(":", 1)
+        if path in missing:
+            out[t["target"]] = "file missing"
+            continue
+        try:
+            fn = find_function(ast.parse(read(os.path.join(submission, path))), qualname)
+        except SyntaxError:
+            out[t["target"]] = f"{path} does not parse"
+            continue
+        except LookupError:
+            out[t["target"]] = "function missing"
+            continue
+        body = fn.body[1:] if _docstring(fn) is not None else fn.body
+        call = body[0].exc if len(body) == 1 and isinstance(body[0], ast.Raise) else None
+        name = call.func if isinstance(call, ast.Call) else call
+        if isinstance(name, ast.Name) and name.id == "NotImplementedError":
+            out[t["target"]] = "not implemented"
+    return out
+
+
+def score(manifest, outcomes, submission, key, missing, timed_out, seconds, log_tail, unwritten):
+    """The scores from the outcomes: per target, its tests passed / total (and points, if given), and its state: not
+    implemented (still the blank body), or waiting for others (written, but every failing test of it stops at another
+    target's blank body). unwritten: {target: why}, from _unwritten."""
     hidden = set(manifest["hidden"]) if isinstance(manifest["hidden"], list) else set()
     result = lambda n: outcomes.get(n, ["not run" + (" (time limit)" if timed_out else ""), "", False])
     graded = sorted({n for t in manifest["targets"] for n in t["tests"]})
@@ -893,8 +920,8 @@ def score(manifest, outcomes, submission, key, missing, timed_out, seconds, log_
         passed = [n for n in ids if tests[n]["outcome"] == "passed"]
         blanks = {tests[n]["blank"] for n in ids if tests[n]["outcome"] != "passed"}
         # what a grader wants to know at a glance: not started, or only waiting for another function
-        if ids and not passed and blanks == {t["target"]}:
-            state = "not implemented"
+        if t["target"] in unwritten:
+            state = unwritten[t["target"]]
         elif ids and len(passed) < len(ids) and None not in blanks and t["target"] not in blanks:
             state = "waits for " + ", ".join(sorted(b.split(":", 1)[1] for b in blanks))
         else:

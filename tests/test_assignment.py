@@ -255,6 +255,7 @@ def test_ready_made_assignment_fails_until_filled_passes_with_the_reference_and_
         assert v["outcome"] == "failed" and v["not_implemented"], \
             f"{name}: {n} does not fail with NotImplementedError: {v}"
     assert not fresh["other_tests"]["problems"], f"{name}: collection errors or failures outside the graded tests"
+    assert {t["state"] for t in fresh["targets"]} == {"not implemented"}, "grading does not see the blank bodies"
 
     # 2. the reference bodies copied back: the target files are the reference files, and every test passes
     for path in manifest["files"]:
@@ -262,6 +263,7 @@ def test_ready_made_assignment_fails_until_filled_passes_with_the_reference_and_
             f"{path}: the student copy differs from the reference in more than the bodies"
     failing = [n for n, v in filled["tests"].items() if v["outcome"] != "passed"]
     assert filled["passed"] == filled["total"] == fresh["total"], f"{name}: fail with the reference bodies: {failing}"
+    assert {t["state"] for t in filled["targets"]} == {""}, "a written target is reported as not implemented"
 
     # 3. one deliberately wrong body: its target loses tests, every other test still passes
     for t in wrong["targets"]:
