@@ -83,7 +83,7 @@ CASES = {
 
 @pytest.fixture(autouse=True)
 def _one_thread(monkeypatch):
-    """The processes these tests start (finding tests, grading) run torch: one thread each, as on a shared 2-core CPU."""
+    """The processes these tests start (finding tests, grading) run torch: one thread each, as on a shared CPU."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
