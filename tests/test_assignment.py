@@ -105,6 +105,7 @@ def made(tmp_path_factory):
 
     def make(name):
         if name not in cache:
+            assert name in CASES, f"ready-made assignment {name!r} needs an entry in CASES: a few fast tests, a wrong body"
             d = tmp_path_factory.mktemp(name)
             case = CASES[name]
             before = snapshot()
