@@ -105,7 +105,7 @@ def made(tmp_path_factory):
 
     def make(name):
         if name not in cache:
-            assert name in CASES, f"ready-made assignment {name!r} needs an entry in CASES: a few fast tests, a wrong body"
+            assert name in CASES, f"ready-made {name!r} needs an entry in CASES: a few fast tests and a wrong body"
             d = tmp_path_factory.mktemp(name)
             case = CASES[name]
             before = snapshot()
