@@ -224,8 +224,9 @@ def test_a_test_that_needs_a_target_only_through_shared_state_is_found():
     # merge) and cached in test_bpe's module-level _cache. Only re-running the whole module finds that it needs merge.
     decode = "tests/test_bpe.py::test_decode_never_crashes_and_replaces_invalid_utf8"
     _, targets = assignment.resolve(["bpe.py:merge"])
-    tests = ["tests/test_bpe.py::test_round_trip_random_bytes", decode]
-    report = assignment.find_tests(targets, tests, log=lambda msg: None)
+    tests = ["tests/test_bpe.py::test_round_trip_random_bytes", decode, "tests/test_bpe.py::test_ties*"]
+    report = assignment.find_tests(targets, tests, skip=["*::test_ties_*"], log=lambda msg: None)
+    assert sorted(report["reference"]) == sorted(tests[:2]), "--tests / --skip did not select the tests"
     assert report["hits"]["bpe.py:merge"] == ["tests/test_bpe.py"], "the probe did not record the module reaching merge"
     assert decode in report["exercised"]["bpe.py:merge"], "a dependence through cached module state was missed"
 
