@@ -874,7 +874,10 @@ def grade_all(submissions, key=None, timeout=3600, isolate=True):
             outcomes = {}
             if os.path.exists(results_path):
                 for line in open(results_path).read().splitlines():
-                    nodeid, outcome = json.loads(line)
+                    try:
+                        nodeid, outcome = json.loads(line)
+                    except ValueError:
+                        continue  # the last line of a run killed at the time limit may be cut short
                     outcomes[nodeid] = outcome
             results.append(score(manifest, outcomes, submission, key, missing, timed_out[run_dir], seconds[run_dir],
                                  logs[run_dir], _unwritten(submission, manifest, missing)))
