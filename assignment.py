@@ -1,0 +1,1083 @@
+"""
+assignment.py - course assignments from the reference code: blank chosen functions, keep the tests they need, grade.
+
+What it is
+    The project's third use, after reading it beside the slides and running it: homework. Given targets such as
+    `bpe.py:merge gpt.py:CausalSelfAttention.forward`, `make` writes a copy of the project in which the body of each
+    target is `raise NotImplementedError(...)` naming the slide it implements. Its docstring (with the worked example),
+    its signature and every other line of the project stay as they are; the body is found on the syntax tree (`ast`), so
+    the reference files carry no markers and read exactly as before. The copy keeps the tests that exercise the targets
+    (with the fixtures and helpers they use) and gets a task list, ASSIGNMENT.md: what to implement, in which order,
+    which slide, which tests, how to run them. `python -m pytest` in the copy is the autograder; `grade` prints the
+    score per target (tests passed / total) as text and JSON, from the instructor's copy of the tests ("the key"), which
+    may hold hidden tests the students never see.
+
+Which tests exercise a target: the definition, and how it is computed
+    A test exercises target X if it passes on the reference code and fails when X alone raises NotImplementedError.
+    That is measured, not guessed, in a throw-away copy of the project:
+      1. a probe line goes at the top of every target's body, and the test suite runs once; each probe records which
+         test module reached it (while the module was imported, in a fixture, or in a test);
+      2. for each target X, the test modules that reached X run again with X's probe raising NotImplementedError; the
+         tests that passed in 1 and fail now are X's tests.
+    Step 2 re-runs whole modules, not only the tests that called X, because tests in one module share state: a test
+    can depend on X without calling it, through a tokenizer an earlier test trained with X and cached. A module that
+    never reached X cannot change when X does. Cost: the suite once, then per target the modules that reach it.
+    Tests that exercise no target are left out (they would pass anyway); a test that exercises several targets counts
+    for each of them. A target that some module calls while being imported is refused: blanking it would turn every
+    test of that module into an import error.
+
+Run
+    python assignment.py list                                  # the ready-made assignments, their targets and slides
+    python assignment.py make tokenization                     # -> out/assignments/tokenization and ...-key
+    python assignment.py make bpe.py:merge positions.py:apply_rope --out out/assignments/mine
+    python assignment.py make positions --hidden "tests/test_positions.py::test_t5_*" --points apply_rope=40
+    python assignment.py make training --skip "tests/test_loop.py::test_a_*budget*"   # tests that time themselves
+    python assignment.py grade SUBMISSION --key out/assignments/positions-key [--json scores.json | --json -]
+    In a student copy: `python -m pytest` runs the tests, `python assignment.py grade .` prints the score per target.
+
+Legend
+    target    "file.py:qualname": a function or method of a project file, e.g. "bpe.py:merge", "gpt.py:KVCache.update"
+    node id   a test as pytest names it: "tests/test_bpe.py::test_gpt2_parity_on_adversarial_text[a]"
+    student copy   what students get: blanked targets, the visible tests, ASSIGNMENT.md, assignment.json
+    key       the instructor's copy: the student copy plus the hidden tests; grading runs the key's tests on the
+              submission's target files, never the tests a student may have edited
+
+Trap: nothing at module level here may import a project module (bpe, gpt, ...): the helper processes this file starts
+run pytest on a copy of the project, and a reference module already in sys.modules would silently replace the copy's.
+"""
+
+import argparse
+import ast
+import contextlib
+import fnmatch
+import glob
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import tokenize
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass(frozen=True)
+class Target:
+    spec: str  # "file.py:qualname", a function or method of a top-level project file
+    slide: str  # the lecture slide it implements, by title ("" where no slide shows it: then the docstring is the spec)
+    note: str = ""  # one line for ASSIGNMENT.md: what the docstring does not say, or where to look
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ready-made assignments: one named list each, in the order students should implement the targets (later ones may use
+# earlier ones). Adding one for a new model file is one more entry (e.g. "bert-masking": [Target("bert.py:...", ...)]);
+# tests/test_assignment.py checks that every target here exists and has tests.
+
+ASSIGNMENTS = {
+    # Lecture "Byte Pair Encoding algorithm": the training loop of the slide, then encoding with the learned merges.
+    # train_fast stays as given: the tests compare the students' train_plain with it.
+    "tokenization": [
+        Target("bpe.py:count_pairs", "Byte Pair Encoding algorithm",
+               "the counting step: called once per chunk, accumulating into one dict"),
+        Target("bpe.py:best_pair", "Byte Pair Encoding algorithm",
+               "ties must go to the smallest pair (a, b), so the result depends on the counts only"),
+        Target("bpe.py:merge", "Byte Pair Encoding algorithm",
+               "mind overlapping occurrences: merge([9, 9, 9], (9, 9), 256) is [256, 9]"),
+        Target("bpe.py:train_plain", "Byte Pair Encoding algorithm",
+               "the slide's loop over count_pairs, best_pair and merge; chunks come from split_chunks"),
+        Target("bpe.py:Tokenizer._encode_chunk", "Byte Pair Encoding algorithm",
+               "encoding replays the learned merges, earliest first; keep the per-chunk cache (self._cache)"),
+        Target("bpe.py:Tokenizer.encode_ordinary", "Word structure and subword models",
+               "pre-split with self._regex, then encode each chunk's UTF-8 bytes"),
+    ],
+    # Lecture "Positional embeddings": one scheme per slide. The shared helpers _angles / _inverse_frequencies and the
+    # matrix form rope_matrix stay as given (the RoPE tests use the matrix form as the oracle for the element-wise one).
+    "positions": [
+        Target("positions.py:_sinusoid_at", "Positional encoding",
+               "the sinusoid at the given positions, (T, d): sin in even, cos in odd columns; sinusoidal() and "
+               "SinusoidalAbsolute call it (formula in sinusoidal's docstring; _angles gives pos * frequency)"),
+        Target("positions.py:t5_relative_bucket", "Relative encoding",
+               "T5's buckets: half exact, half log-spaced up to max_distance; see the docstring for both directions"),
+        Target("positions.py:alibi_slopes", "Attention with Linear Biases (ALiBi)",
+               "powers of two: the geometric sequence; other head counts: the paper's interleaving rule"),
+        Target("positions.py:_linear_bias", "Attention with Linear Biases (ALiBi)",
+               "ALiBi's bias (H, Tq, Tk) = -slope_h * |q_pos[i] - k_pos[j]|, used by alibi_bias and ALiBi.forward"),
+        Target("positions.py:apply_rope", "Rotary encoding",
+               "the element-wise form ('More efficient form' slide) on interleaved pairs; must equal rope_matrix"),
+    ],
+    # Lecture "Transformers for pretraining" (decoder only: no looking at future words), "GPT1", "GPT-2" (pre-LN).
+    "gpt": [
+        Target("positions.py:causal_mask", "Transformers for pretraining",
+               "decoder-only: a query sees keys at its own position and before; compare positions, not tril"),
+        Target("gpt.py:KVCache.update", "",
+               "not on the slides: generation keeps the keys and values of earlier tokens instead of recomputing them"),
+        Target("gpt.py:CausalSelfAttention.forward", "Transformers for pretraining",
+               "both paths (the naive equation and F.scaled_dot_product_attention) must agree; rope rotates q and k "
+               "before the cache, shaw adds self.shaw.score_bias / value_term, t5 and alibi arrive as `bias`"),
+        Target("gpt.py:MLP.forward", "GPT1", "C -> 4C -> C with GPT-2's tanh-approximated GELU (self.gelu)"),
+        Target("gpt.py:Block.forward", "GPT-2", "pre-LN: x + attn(ln_1(x)), then x + mlp(ln_2(x))"),
+    ],
+    # Lecture "Pretraining language models" (implementation and training details) and "GPT-2" (larger batches).
+    "training": [
+        Target("train.py:lr_at", "Pretraining language models",
+               "linear warm-up, then cosine (or linear, rsqrt, constant) decay to min_lr at the horizon"),
+        Target("train.py:make_optimizer", "Pretraining language models",
+               "AdamW, weight decay on weight matrices only (not biases, norm gains, model.no_weight_decay()); it "
+               "returns the optimizer and the one line the log prints about the two groups"),
+        Target("train.py:chunk", "GPT-2", "split one step's batch into grad_accum micro-batches"),
+        Target("train.py:optimizer_step", "GPT-2",
+               "accumulation that equals one big batch: every micro-batch's loss over the step's denominators; then "
+               "draw_next(), NonFiniteLoss before a NaN reaches the weights, clipping, the scaler's step"),
+    ],
+}
+ABOUT = {  # optional one-line summary per ready-made assignment, for ASSIGNMENT.md and `list`
+    "tokenization": "byte-level BPE: the slide's training loop, then encoding text with the learned merges",
+    "positions": "positional encodings: the sinusoid, T5's relative buckets, ALiBi and RoPE",
+    "gpt": "the GPT block: causal self-attention with its KV cache, the MLP, the pre-LN block",
+    "training": "the training loop's pieces: warm-up + cosine schedule, AdamW's weight-decay groups, accumulation",
+}
+
+# What a copy of the project holds: top-level files, tests/ and data/ (minus caches); never the git history, compiled
+# files (a reference .pyc is the reference body), run outputs or this project's own tests of assignment.py.
+TOP_LEVEL = ("*.py", "pytest.ini", "requirements.txt", ".gitignore")
+SKIP_DIRS = {"__pycache__", ".pytest_cache", ".hypothesis", "cache", "out", ".git"}
+SELF_TEST = "tests/test_assignment.py"  # tests of this file: never run to find an assignment's tests, never copied
+MANIFEST = "assignment.json"
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit code 2, nothing written (the project's convention, see data.UsageError)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Source surgery: find a function on the syntax tree, and replace the lines of its body (below the docstring)
+
+
+def find_function(tree, qualname):
+    """The FunctionDef of `qualname` ("merge", "KVCache.update") among the module's top-level definitions.
+
+    find_function(ast.parse("class A:\\n  def f(self): pass"), "A.f").name -> 'f'
+    """
+    scope, node = tree.body, None
+    for part in qualname.split("."):
+        found = [n for n in scope if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                 and n.name == part]
+        if len(found) != 1:
+            raise LookupError(f"{'no' if not found else 'more than one'} definition of {part!r}")
+        node = found[0]
+        scope = node.body
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        raise LookupError(f"{qualname} is a class, not a function")
+    return node
+
+
+def _docstring(fn):
+    first = fn.body[0]
+    const = first.value if isinstance(first, ast.Expr) else None
+    return first if isinstance(const, ast.Constant) and isinstance(const.value, str) else None
+
+
+def _header_end(lines, fn):
+    """1-based line of the colon that ends `def ...(...) -> ...:`; the signature may span several lines."""
+    source = "".join(lines[fn.lineno - 1:])
+    depth = 0
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.OP and tok.string in "([{":
+            depth += 1
+        elif tok.type == tokenize.OP and tok.string in ")]}":
+            depth -= 1
+        elif tok.type == tokenize.OP and tok.string == ":" and depth == 0:
+            return fn.lineno + tok.start[0] - 1
+    raise LookupError("no ':' after the signature")
+
+
+def body_span(lines, fn):
+    """(first, last, indent): the 1-based lines of `fn`'s body below its docstring, comments included, and its indent.
+
+    For
+        def merge(ids, pair, new_id):
+            \"\"\"doc\"\"\"
+            a, b = pair          <- first
+            ...
+            return out           <- last (or the last comment line indented inside the body after it)
+    Trap: comments are not in the syntax tree; the ones between the docstring and the first statement and after the last
+    statement (indented deeper than the def) belong to the body and go with it: they often say how it works.
+    """
+    doc = _docstring(fn)
+    if doc is not None and len(fn.body) == 1:
+        raise LookupError("has a docstring and nothing else: there is no body to blank")
+    start = (doc.end_lineno if doc is not None else _header_end(lines, fn)) + 1
+    first_stmt = fn.body[1] if doc is not None else fn.body[0]
+    if first_stmt.lineno < start:
+        raise LookupError("its body starts on the line of its signature or docstring; put it on lines of its own")
+    end = fn.end_lineno
+    def_indent = fn.col_offset
+    i = end  # 0-based index of the line after `end`
+    while i < len(lines):
+        stripped = lines[i].strip()
+        indent = len(lines[i]) - len(lines[i].lstrip())
+        if stripped.startswith("#") and indent > def_indent:
+            end = i + 1
+        elif stripped:
+            break
+        i += 1
+    return start, end, " " * first_stmt.col_offset
+
+
+def stub_line(spec, slide, indent):
+    """The line a blanked body becomes (two lines past 120 characters), naming the slide the function implements.
+
+    stub_line("bpe.py:merge", "Byte Pair Encoding algorithm", "    ")
+        -> '    raise NotImplementedError(\\'merge: yours to implement (slide "Byte Pair Encoding algorithm")\\')\\n'
+    """
+    name = spec.split(":", 1)[1]
+    message = repr(f'{name}: yours to implement (slide "{slide}")' if slide else f"{name}: yours to implement")
+    line = f"{indent}raise NotImplementedError({message})\n"
+    return line if len(line) <= 121 else f"{indent}raise NotImplementedError(\n{indent}    {message})\n"
+
+
+def rewrite_bodies(source, replacements):
+    """Replace the bodies (below the docstring) of several functions of one file. `replacements` maps a qualname to a
+    function (lines of the old body, indent) -> lines of the new body. Everything else stays byte for byte."""
+    lines = source.splitlines(keepends=True)
+    tree = ast.parse(source)
+    spans = []
+    for qualname, new_body in replacements.items():
+        start, end, indent = body_span(lines, find_function(tree, qualname))
+        spans.append((start, end, indent, new_body))
+    spans.sort()
+    for (s1, e1, *_), (s2, *_) in zip(spans, spans[1:]):
+        if s2 <= e1:
+            raise LookupError("two targets are nested in one another: blank the outer one only")
+    for start, end, indent, new_body in reversed(spans):  # bottom-up, so earlier line numbers stay valid
+        lines[start - 1:end] = new_body(lines[start - 1:end], indent)
+    return "".join(lines)
+
+
+def blank(source, targets):
+    """`source` with each target's body replaced by its NotImplementedError line. targets: Target of this file."""
+    return rewrite_bodies(source, {t.spec.split(":", 1)[1]: (lambda old, ind, t=t: [stub_line(t.spec, t.slide, ind)])
+                                   for t in targets})
+
+
+def body_of(source, qualname):
+    """The lines of `qualname`'s body below its docstring (what `blank` removes), as one string."""
+    lines = source.splitlines(keepends=True)
+    start, end, _ = body_span(lines, find_function(ast.parse(source), qualname))
+    return "".join(lines[start - 1:end])
+
+
+def put_body(source, qualname, body):
+    """`source` with `qualname`'s body (below its docstring) replaced by `body`: what a student does. The tests use it
+    to copy reference bodies back (the result is the reference file, byte for byte) and to plant wrong implementations.
+    A body that is not indented as the function's is dedented and re-indented to it (so it may come from a string).
+
+    put_body("def f(x):\\n    return x\\n", "f", "return 2 * x") -> "def f(x):\\n    return 2 * x\\n"
+    """
+    def new_body(old, indent):
+        margins = {len(line) - len(line.lstrip()) for line in body.splitlines() if line.strip()}
+        if min(margins, default=0) == len(indent) and not body.startswith("\n"):
+            return [body if body.endswith("\n") else body + "\n"]
+        lines = textwrap.dedent(body).strip("\n").splitlines()
+        return [textwrap.indent("\n".join(lines), indent) + "\n"]
+
+    return rewrite_bodies(source, {qualname: new_body})
+
+
+def _probe_line(spec, indent):
+    return f"{indent}__import__('_assignment_probe').enter({spec!r})\n"
+
+
+def instrument(source, targets):
+    """`source` with a probe call as the first line of each target's body (the body itself kept): see PROBE."""
+    return rewrite_bodies(source, {t.spec.split(":", 1)[1]: (lambda old, ind, t=t: [_probe_line(t.spec, ind)] + old)
+                                   for t in targets})
+
+
+# The probe module, written into the throw-away copy that `find_tests` runs. The copy's targets call enter() first
+# thing; in the run that blanks target X, X's call raises. Test subprocesses (`python gpt.py ...`) read the same
+# settings from the environment and append what they reach to the same file.
+PROBE = '''"""Written by assignment.py into a throw-away copy of the project; never part of an assignment."""
+import os
+
+blank = os.environ.get("ASSIGNMENT_BLANK", "")  # the target that raises in this run ("" in the reference run)
+context = os.environ.get("ASSIGNMENT_CONTEXT", "")  # the test module running now, "import:<module>" while importing one
+_seen = set()
+
+
+def enter(target):
+    if target == blank:
+        raise NotImplementedError(target + ": blanked by assignment.py to find the tests that need it")
+    if (context, target) not in _seen:
+        _seen.add((context, target))
+        path = os.environ.get("ASSIGNMENT_HITS")
+        if path:
+            with open(path, "a") as f:
+                f.write(context + "\\t" + target + "\\n")
+'''
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Targets and copies of the project
+
+
+def resolve(items):
+    """Ready-made names and "file.py:qualname" specs -> (name, [Target]) in order, without repeats; checked against the
+    reference files. A spec that a ready-made list also names gets that list's slide and note."""
+    known = {t.spec: t for targets in ASSIGNMENTS.values() for t in targets}
+    targets, names = [], []
+    for item in items:
+        if item in ASSIGNMENTS:
+            names.append(item)
+            new = ASSIGNMENTS[item]
+        elif ":" in item:
+            names.append(item.split(":", 1)[1].split(".")[-1])
+            new = [known.get(item, Target(item, ""))]
+        else:
+            raise UsageError(f"{item!r} is neither a ready-made assignment ({', '.join(ASSIGNMENTS)}) nor a target "
+                             f"like bpe.py:merge")
+        targets += [t for t in new if t.spec not in {u.spec for u in targets}]
+    if not targets:
+        raise UsageError("give a ready-made assignment or at least one target")
+    for t in targets:
+        path, qualname = t.spec.split(":", 1)
+        full = os.path.join(ROOT, path)
+        if os.path.dirname(path) or not path.endswith(".py") or not os.path.isfile(full):
+            raise UsageError(f"{t.spec}: {path} is not a .py file at the top of the project")
+        if path == "assignment.py":
+            raise UsageError(f"{t.spec}: assignment.py cannot blank itself")
+        try:
+            source = read(full)
+            body_span(source.splitlines(keepends=True), find_function(ast.parse(source), qualname))
+        except LookupError as e:
+            raise UsageError(f"{t.spec}: {e}") from None
+    return "+".join(names), targets
+
+
+def read(path):
+    with open(path, encoding="utf-8", newline="") as f:  # newline="": keep the file's line endings exactly
+        return f.read()
+
+
+def write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+
+
+def by_file(targets):
+    files = {}
+    for t in targets:
+        files.setdefault(t.spec.split(":", 1)[0], []).append(t)
+    return files
+
+
+def copy_project(dst, with_tests):
+    """Copy the project's top-level files, data/ and (with_tests) tests/ into dst: a few MB, no caches or outputs."""
+    os.makedirs(dst, exist_ok=True)
+    for name in sorted(os.listdir(ROOT)):
+        src = os.path.join(ROOT, name)
+        if os.path.isfile(src) and any(fnmatch.fnmatch(name, p) for p in TOP_LEVEL):
+            shutil.copy2(src, os.path.join(dst, name))
+    ignore = lambda d, names: [n for n in names if n in SKIP_DIRS or n.endswith(".pyc")]
+    if os.path.isdir(os.path.join(ROOT, "data")):
+        shutil.copytree(os.path.join(ROOT, "data"), os.path.join(dst, "data"), ignore=ignore)
+    if with_tests:
+        for name in sorted(os.listdir(os.path.join(ROOT, "tests"))):
+            rel = f"tests/{name}"
+            if name.endswith(".py") and rel != SELF_TEST:
+                write(os.path.join(dst, rel), read(os.path.join(ROOT, rel)))
+
+
+def _selected(nodeid, patterns):
+    """Does a --tests/--hidden pattern match the node id, or the node id of its test function (without [params])?"""
+    return any(fnmatch.fnmatchcase(nodeid, p) or fnmatch.fnmatchcase(nodeid.split("[")[0], p) for p in patterns)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Finding each target's tests (the two steps of the header), in a helper process that runs pytest sessions in-process
+
+
+def _results_plugin(outcomes, probe=None, select=None, stream=None):
+    """A pytest plugin that records every test's outcome into `outcomes` (node id -> [outcome, first line of the
+    failure, whether a NotImplementedError caused it]), and into `stream` as JSON lines [node id, outcome] when given;
+    with the probe module, it tells the probe which test module is running. select: keep only these node ids."""
+    import pytest
+
+    def module_of(nodeid):
+        return nodeid.split("::")[0]
+
+    class Results:
+        def pytest_collection_modifyitems(self, config, items):
+            if select is not None:
+                keep = [it for it in items if select(it.nodeid)]
+                config.hook.pytest_deselected(items=[it for it in items if not select(it.nodeid)])
+                items[:] = keep
+
+        @pytest.hookimpl(hookwrapper=True)
+        def pytest_make_collect_report(self, collector):
+            is_module = isinstance(collector, pytest.Module)
+            if probe is not None and is_module:  # the module's import (and what it imports) happens in here
+                probe.context = os.environ["ASSIGNMENT_CONTEXT"] = "import:" + module_of(collector.nodeid)
+            yield
+            if probe is not None and is_module:
+                probe.context = os.environ["ASSIGNMENT_CONTEXT"] = ""
+
+        @pytest.hookimpl(hookwrapper=True)
+        def pytest_runtest_protocol(self, item, nextitem):
+            if probe is not None:
+                probe.context = os.environ["ASSIGNMENT_CONTEXT"] = module_of(item.nodeid)
+            yield
+
+        @pytest.hookimpl(hookwrapper=True)
+        def pytest_fixture_setup(self, fixturedef, request):
+            # a fixture shared by the whole session may be created by one module's test and used by every other
+            wide = probe is not None and fixturedef.scope in ("session", "package")
+            if wide:
+                saved, probe.context = probe.context, "*"
+                os.environ["ASSIGNMENT_CONTEXT"] = "*"
+            yield
+            if wide:
+                probe.context = os.environ["ASSIGNMENT_CONTEXT"] = saved
+
+        def pytest_runtest_logreport(self, report):
+            entry = outcomes.setdefault(report.nodeid, ["passed", "", False])
+            if report.failed and entry[0] == "passed":
+                entry[:] = ["failed" if report.when == "call" else "error", _first_line(report), _unimplemented(report)]
+            elif report.skipped and entry[0] == "passed":
+                entry[:] = ["skipped", "", False]
+            if stream is not None and report.when == "teardown":
+                stream.write(json.dumps([report.nodeid, entry]) + "\n")
+                stream.flush()
+
+        def pytest_collectreport(self, report):
+            if report.failed:
+                entry = outcomes[report.nodeid or "<collection>"] = ["collection error", _first_line(report), False]
+                if stream is not None:
+                    stream.write(json.dumps([report.nodeid or "<collection>", entry]) + "\n")
+                    stream.flush()
+
+    return Results()
+
+
+def _unimplemented(report):
+    """Did the failure come from a NotImplementedError? Also where the test reports it in its output only (a doctest
+    run, a subprocess), not as the exception that failed it."""
+    return any("NotImplementedError" in text for text in [str(report.longrepr)] + [c for _, c in report.sections])
+
+
+def _first_line(report):
+    crash = getattr(report.longrepr, "reprcrash", None)
+    text = crash.message if crash is not None else str(report.longrepr)
+    lines = [line for line in text.splitlines() if line.strip()]
+    line = (lines[0] if crash is not None else lines[-1]) if lines else ""
+    return line[:300]
+
+
+def _no_shrinking():
+    """Hypothesis shrinks a failing example to a minimal one by re-running the test many times: helpful to a student
+    reading a failure, wasted when only pass/fail counts (finding tests, grading). Tests created after this call run
+    without it (their own settings, e.g. max_examples, still apply). Does nothing where hypothesis is not installed."""
+    try:
+        from hypothesis import Phase, settings
+    except ImportError:
+        return
+    settings.register_profile("assignment", phases=[Phase.explicit, Phase.reuse, Phase.generate])
+    settings.load_profile("assignment")
+
+
+def _pytest_session(args, plugin, workdir):
+    """One pytest session, in this process, on the project copy in `workdir`; its output goes to stdout (the log).
+    Modules loaded from a copy of the project (this one's or one before it, all under the same temporary directory)
+    are dropped from sys.modules first, so every session imports them afresh: fresh module state, no stale code."""
+    import pytest
+
+    tmp_root = os.path.dirname(workdir)
+    for name, mod in list(sys.modules.items()):
+        path = getattr(mod, "__file__", None)  # None for built-in modules (sys, ...)
+        if path and name != "_assignment_probe" and os.path.abspath(path).startswith(tmp_root + os.sep):
+            del sys.modules[name]
+    # Two settings that only change speed, measured on the 2-core CPU: native tracebacks (pytest's own formatting parses
+    # the source of every frame: ~0.6 s per failing test through torch), and no unraisable-exception plugin (it runs the
+    # garbage collector five times per session: ~0.5 s with torch loaded).
+    return pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception", "--tb=native", "--rootdir",
+                        workdir, "-W", "ignore::pytest.PytestAssertRewriteWarning", *args], plugins=[plugin])
+
+
+def _find_tests_child(workdir, spec_path):
+    """The helper process: step 1 (the reference run, probes on), then step 2 (one run per target); a JSON report."""
+    spec = json.load(open(spec_path))
+    os.chdir(workdir)
+    sys.path[:] = [workdir] + [p for p in sys.path if os.path.abspath(p or ".") != ROOT]
+    os.environ["PYTHONPATH"] = workdir + os.pathsep + os.environ.get("PYTHONPATH", "")
+    hits_path = os.environ["ASSIGNMENT_HITS"] = spec["hits"]
+    import _assignment_probe as probe
+
+    _no_shrinking()
+    patterns, skip = spec["tests"], spec["skip"]
+    select = (lambda nodeid: (not patterns or _selected(nodeid, patterns)) and not _selected(nodeid, skip)) \
+        if patterns or skip else None
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+
+    # collect only the test modules the patterns can match: each module collected is imported, in every session
+    files = sorted({f for p in patterns for f in glob.glob(p.split("::")[0]) if f.endswith(".py")}) or ["tests"]
+    t0 = time.time()
+    reference = {}
+    _pytest_session(files, _results_plugin(reference, probe, select), workdir)
+    passed = {n for n, o in reference.items() if o[0] == "passed"}
+    log(f"  reference run: {len(reference)} tests, {len(passed)} pass ({time.time() - t0:.0f} s)")
+    hits = {}
+    if os.path.exists(hits_path):
+        for line in open(hits_path).read().splitlines():
+            context, target = line.split("\t")
+            hits.setdefault(target, set()).add(context)
+    report = {"reference": reference, "hits": {t: sorted(c) for t, c in hits.items()}, "exercised": {}, "runs": {}}
+    os.environ["ASSIGNMENT_HITS"] = ""  # step 1 said who reaches what; the blanked runs record nothing
+    for target in spec["targets"]:
+        contexts = hits.get(target, set())
+        if any(c.startswith("import:") for c in contexts) or not contexts:
+            continue  # refused or unreached: the parent explains
+        t1 = time.time()
+        # "*": reached by a session-wide fixture; "": outside any test module (conftest, pytest's start): every module
+        modules = {n.split("::")[0] for n in reference} if contexts & {"*", ""} else contexts
+        keep = lambda nodeid, modules=modules: nodeid.split("::")[0] in modules and (select is None or select(nodeid))
+        probe.blank = os.environ["ASSIGNMENT_BLANK"] = target
+        blanked = {}
+        _pytest_session(sorted(modules), _results_plugin(blanked, probe, keep), workdir)
+        probe.blank = os.environ["ASSIGNMENT_BLANK"] = ""
+        report["exercised"][target] = sorted(n for n in passed if n in blanked and blanked[n][0] != "passed")
+        report["runs"][target] = {"modules": sorted(modules), "tests": len(blanked), "seconds": time.time() - t1}
+        log(f"  {target} blanked: re-ran {len(blanked)} tests of {len(modules)} module(s), "
+            f"{len(report['exercised'][target])} fail ({time.time() - t1:.0f} s)")
+    with open(spec["report"], "w") as f:
+        json.dump(report, f)
+
+
+def find_tests(targets, tests=(), skip=(), log=print):
+    """The two steps of the header, in a helper process. Returns {"exercised": {target spec: node ids of its tests},
+    "reference": {node id: outcome}, "hits": {target: test modules that reach it}, "runs": what step 2 re-ran}.
+    tests: patterns restricting which reference tests are considered (all by default); skip: patterns of tests never
+    considered."""
+    with tempfile.TemporaryDirectory(prefix="assignment-find-") as tmp:
+        workdir = os.path.join(os.path.realpath(tmp), "project")
+        copy_project(workdir, with_tests=True)
+        for path, ts in by_file(targets).items():
+            write(os.path.join(workdir, path), instrument(read(os.path.join(ROOT, path)), ts))
+        write(os.path.join(workdir, "_assignment_probe.py"), PROBE)
+        spec_path, report_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "report.json")
+        with open(spec_path, "w") as f:
+            json.dump({"targets": [t.spec for t in targets], "tests": list(tests), "skip": list(skip),
+                       "report": report_path,
+                       "hits": os.path.join(tmp, "hits.tsv")}, f)
+        log_path = os.path.join(tmp, "pytest.log")
+        with open(log_path, "w") as out:  # pytest's own output goes to the log; the progress lines to `log`
+            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_find_tests", workdir, spec_path],
+                                    stdout=out, stderr=subprocess.PIPE, text=True, cwd=workdir)
+            said = []  # the progress lines, and a traceback if the helper process fails
+            for line in proc.stderr:
+                said.append(line.rstrip("\n"))
+                log(said[-1])
+            proc.wait()
+        if proc.returncode != 0 or not os.path.exists(report_path):
+            tail = read(log_path).splitlines()[-20:] + said[-20:]
+            raise RuntimeError("finding the tests failed; the last lines of its output:\n" + "\n".join(tail))
+        report = json.load(open(report_path))
+    for t in targets:
+        contexts = report["hits"].get(t.spec, [])
+        imported = sorted(c[len("import:"):] for c in contexts if c.startswith("import:"))
+        if imported:
+            raise UsageError(f"{t.spec} runs while {imported[0]} is imported: blanked, it would make every test of "
+                             f"that module an import error")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# make: the student copy, the key, ASSIGNMENT.md
+
+
+def prune_tests(source, keep):
+    """A test module with only the test functions named in `keep` (and everything that is not a test: imports,
+    fixtures, helpers). Removed: each other `def test_*` with its decorators, and the blank lines after it."""
+    lines = source.splitlines(keepends=True)
+    drop = []
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test") \
+                and node.name not in keep:
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            end = node.end_lineno
+            while end < len(lines) and not lines[end].strip():
+                end += 1
+            drop.append((start, end))
+    for start, end in reversed(drop):
+        del lines[start - 1:end]
+    return "".join(lines)
+
+
+def _check_out_dir(path, flag):
+    path = os.path.abspath(path)
+    inside = lambda d: path == d or path.startswith(d + os.sep)
+    if inside(os.path.join(ROOT, "tests")) or inside(os.path.join(ROOT, "data")) or path == ROOT:
+        raise UsageError(f"{flag} {path}: not inside the project's tests/ or data/, or the project itself")
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise UsageError(f"{flag} {path} exists and is not empty; remove it or choose another directory")
+    return path
+
+
+def _parse_points(specs, targets):
+    points = {}
+    for item in specs or ():
+        name, _, value = item.rpartition("=")
+        matches = [t.spec for t in targets if name in (t.spec, t.spec.split(":", 1)[1],
+                                                       t.spec.split(":", 1)[1].split(".")[-1])]
+        try:
+            value = float(value)
+        except ValueError:
+            raise UsageError(f"--points {item}: expected TARGET=NUMBER, e.g. merge=10") from None
+        if len(matches) != 1:
+            raise UsageError(f"--points {item}: {name!r} names {'no target' if not matches else 'several targets'} "
+                             f"of this assignment")
+        points[matches[0]] = value
+    return points
+
+
+def make(items, out=None, key=None, hidden=(), points=None, tests=(), skip=(), log=print):
+    """Write the student copy (`out`) and the key (`key`, default out + "-key") for the targets `items` names.
+    hidden: node-id patterns of tests kept out of the student copy; points: ["merge=10", ...]; tests: patterns
+    restricting the reference tests considered; skip: patterns of tests never used. Returns the key's manifest. Reads
+    the project; writes `out` and `key` only."""
+    name, targets = resolve(items)
+    out = _check_out_dir(out or os.path.join(ROOT, "out", "assignments", name), "--out")
+    key = _check_out_dir(key or out + "-key", "--key")
+    if key == out:
+        raise UsageError("--key must differ from --out: the key holds the hidden tests")
+    points = _parse_points(points, targets)
+    log(f"finding the tests of {len(targets)} target(s): the suite once, then the modules each target reaches")
+    t0 = time.time()
+    report = find_tests(targets, tests, skip, log=log)
+
+    reference = report["reference"]
+    broken = sorted(n for n, o in reference.items() if o[0] not in ("passed", "skipped"))
+    for n in broken:
+        log(f"  left out, fails on the reference code: {n} ({reference[n][1]})")
+    tests_of = {t.spec: report["exercised"].get(t.spec, []) for t in targets}
+    for t in targets:
+        if not tests_of[t.spec]:
+            why = "no test reaches it" if t.spec not in report["hits"] else "no test fails without it"
+            log(f"  warning: {t.spec} has no tests ({why}); it will not be graded")
+    graded = sorted({n for ns in tests_of.values() for n in ns})
+    hidden_ids = sorted(n for n in graded if _selected(n, hidden))
+    for p in hidden or ():
+        if not any(_selected(n, [p]) for n in graded):
+            raise UsageError(f"--hidden {p!r} matches none of this assignment's {len(graded)} tests")
+    # a test function is kept whole (all its parametrized cases); hiding one case hides the function
+    function = lambda nodeid: nodeid.split("[")[0]
+    hidden_functions = {function(n) for n in hidden_ids}
+    hidden_ids = [n for n in graded if function(n) in hidden_functions]
+
+    manifest = {
+        "assignment": name,
+        "about": ABOUT.get(name, ""),
+        "targets": [{"target": t.spec, "slide": t.slide, "note": t.note, "points": points.get(t.spec),
+                     "tests": tests_of[t.spec]} for t in targets],
+        "files": sorted(by_file(targets)),
+        "hidden": hidden_ids,
+        "made_from": {"tests_considered": list(tests) or "all", "skipped": list(skip), "reference_failures": broken,
+                      "seconds": round(time.time() - t0, 1)},
+    }
+    for d, functions, visible in ((out, {function(n) for n in graded} - hidden_functions, True),
+                                  (key, {function(n) for n in graded}, False)):
+        _write_copy(d, targets, functions)
+        m = dict(manifest)
+        if visible:  # the student copy names no hidden test, it only says how many there are
+            hid = set(hidden_ids)
+            m["targets"] = [dict(t, tests=[n for n in t["tests"] if n not in hid],
+                                 hidden_tests=sum(n in hid for n in t["tests"])) for t in manifest["targets"]]
+            m["hidden"] = len(hidden_ids)
+            del m["made_from"]
+        write(os.path.join(d, MANIFEST), json.dumps(m, indent=1) + "\n")
+        write(os.path.join(d, "ASSIGNMENT.md"), handout(m, d))
+    log(f"wrote {out} (for students: {len(graded) - len(hidden_ids)} tests) and {key} (for grading, with "
+        f"{len(hidden_ids)} hidden) in {time.time() - t0:.0f} s")
+    return manifest
+
+
+def _write_copy(d, targets, functions):
+    """A copy of the project with the targets blanked and, of the test modules, only the test functions in `functions`
+    (node ids without parameters); conftest.py and helper modules are kept whole, modules left without tests dropped."""
+    with tempfile.TemporaryDirectory() as staging:  # build aside, then move: a failure leaves no half-written copy
+        tmp = os.path.join(staging, "copy")
+        copy_project(tmp, with_tests=False)
+        for path, ts in by_file(targets).items():
+            write(os.path.join(tmp, path), blank(read(os.path.join(ROOT, path)), ts))
+        for name in sorted(os.listdir(os.path.join(ROOT, "tests"))):
+            rel = f"tests/{name}"
+            if not name.endswith(".py") or rel == SELF_TEST:
+                continue
+            source = read(os.path.join(ROOT, rel))
+            if name.startswith("test_"):
+                keep = {f.split("::", 1)[1] for f in functions if f.startswith(rel + "::")}
+                if not keep:
+                    continue
+                source = prune_tests(source, keep)
+            write(os.path.join(tmp, rel), source)
+        os.makedirs(os.path.dirname(d), exist_ok=True)
+        if os.path.isdir(d):
+            os.rmdir(d)  # empty (checked)
+        shutil.move(tmp, d)
+
+
+def handout(manifest, d):
+    """ASSIGNMENT.md: what to implement, in which order, which slide, which tests, how to run them, how it is graded."""
+    title = manifest["assignment"]
+    lines = [f"# Assignment: {title}", ""]
+    if manifest["about"]:
+        lines += [manifest["about"][0].upper() + manifest["about"][1:] + ".", ""]
+    n_hidden = manifest["hidden"] if isinstance(manifest["hidden"], int) else len(manifest["hidden"])
+    files = ", ".join(f"`{f}`" for f in manifest["files"])
+    has_points = any(t["points"] is not None for t in manifest["targets"])
+    lines += [
+        f"Implement the functions below, in this order (later ones may use earlier ones). Each one now raises "
+        f"`NotImplementedError`. What it must do is in its docstring (most have a worked example) and in the note "
+        f"below; the slide is the one it implements. Change only their bodies, in {files}, and keep the signatures; "
+        f"you may add helper functions to these files. The rest of the project is the reference code: read it, "
+        f"call it.", "",
+        "| # | function | file | slide | tests |" + (" points |" if has_points else ""),
+        "| --- | --- | --- | --- | --- |" + (" --- |" if has_points else ""),
+    ]
+    for i, t in enumerate(manifest["targets"], 1):
+        path, qualname = t["target"].split(":", 1)
+        line = find_function(ast.parse(read(os.path.join(d, path))), qualname).lineno
+        n = len(t["tests"]) + t.get("hidden_tests", 0)
+        pts = f" {t['points']:g} |" if has_points and t["points"] is not None else (" - |" if has_points else "")
+        lines.append(f"| {i} | `{qualname}` | `{path}:{line}` | {t['slide'] or '(not on the slides)'} | {n} |{pts}")
+    lines.append("")
+    for i, t in enumerate(manifest["targets"], 1):
+        path, qualname = t["target"].split(":", 1)
+        source = read(os.path.join(d, path))
+        fn = find_function(ast.parse(source), qualname)
+        doc = (ast.get_docstring(fn) or "").split("\n\n")[0].strip()
+        signature = "".join(source.splitlines(keepends=True)[fn.lineno - 1:_header_end(source.splitlines(True), fn)])
+        lines += [f"## {i}. `{qualname}` ({path})", ""]
+        lines += ["```python", signature.rstrip(), "```", ""]
+        if doc:
+            lines += ["> " + doc.replace("\n", "\n> "), ""]
+        if t["slide"]:
+            lines.append(f"Slide: \"{t['slide']}\".")
+        if t["note"]:
+            lines.append(f"Note: {t['note']}.")
+        functions = sorted({n.split("[")[0] for n in t["tests"]})
+        if functions:
+            cases = len(t["tests"])
+            lines += ["", f"Its tests ({cases} case{'s' * (cases != 1)}"
+                      + (f", and {t['hidden_tests']} hidden" if t.get("hidden_tests") else "") + "):", "",
+                      "```bash", "python -m pytest " + " \\\n    ".join(functions), "```"]
+        elif t.get("hidden_tests"):
+            lines.append(f"Its {t['hidden_tests']} tests are hidden: they run when your work is graded.")
+        else:
+            lines.append("No test checks it: it is not graded.")
+        lines.append("")
+    lines += [
+        "## Running the tests, and grading", "",
+        "```bash",
+        "python -m pytest                 # every test of this assignment: all fail until you fill the functions in",
+        "python -m pytest -x              # stop at the first failure",
+        "python assignment.py grade .     # your score per function: tests passed / total",
+        "```", "",
+        f"Grading copies your {files} into a fresh copy of this assignment and runs the instructor's copy of the tests"
+        + (f", which also holds {n_hidden} hidden test{'s' * (n_hidden != 1)}" if n_hidden else "")
+        + ". A test that exercises several functions counts for each of them."
+        + (" A function's points are its share of passing tests times its points." if has_points else ""),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# grade: run the key's tests on a submission's target files
+
+
+def _grade_child(runs_path):
+    """The grading process: for each (run directory, results file) in runs_path, what `python -m pytest` does in that
+    directory, each outcome appended to the results file as it comes (so a run stopped at the time limit keeps the
+    outcomes it has). Several directories run one after another, each importing the project's modules afresh."""
+    runs = json.load(open(runs_path))
+    _no_shrinking()
+    path = [p for p in sys.path if os.path.abspath(p or ".") != ROOT]
+    for run_dir, results_path in runs:
+        os.chdir(run_dir)
+        sys.path[:] = [run_dir] + path  # what `python -m pytest` puts first; never this file's own project
+        with open(results_path, "a") as stream, contextlib.redirect_stdout(sys.stderr):
+            _pytest_session([], _results_plugin({}, stream=stream), run_dir)
+
+
+def grade(submission, key=None, timeout=3600):
+    """Score `submission` (a student copy, as returned): its target files are copied into a fresh copy of `key` (the
+    submission itself when no key is given: a student's self-check), whose tests then run. Returns the scores as a dict
+    (what --json writes); format_grade() turns it into text."""
+    return grade_all([submission], key, timeout)[0]
+
+
+def grade_all(submissions, key=None, timeout=3600, isolate=True):
+    """grade() for several submissions. isolate=True runs each in a process of its own (students' code cannot reach
+    another submission, and the time limit is per submission); isolate=False runs them one after another in a single
+    process, which imports torch once: for code you trust, such as this project's tests."""
+    jobs = []
+    for submission in submissions:
+        submission = os.path.abspath(submission)
+        base = os.path.abspath(key or submission)
+        manifest_path = os.path.join(base, MANIFEST)
+        if not os.path.isfile(manifest_path):
+            raise UsageError(f"{base} has no {MANIFEST}: not an assignment made by assignment.py")
+        if not os.path.isdir(submission):
+            raise UsageError(f"no submission directory {submission}")
+        manifest = json.load(open(manifest_path))
+        missing = [f for f in manifest["files"] if not os.path.isfile(os.path.join(submission, f))]
+        jobs.append((submission, base, manifest, missing))
+    results = []
+    with tempfile.TemporaryDirectory(prefix="assignment-grade-") as tmp:
+        tmp = os.path.realpath(tmp)
+        runs = []
+        for i, (submission, base, manifest, missing) in enumerate(jobs):
+            run_dir = os.path.join(tmp, f"run{i}")
+            shutil.copytree(base, run_dir, ignore=lambda d, names: [n for n in names
+                                                                    if n in SKIP_DIRS or n.endswith(".pyc")])
+            for f in manifest["files"]:
+                if f not in missing:
+                    shutil.copy2(os.path.join(submission, f), os.path.join(run_dir, f))
+            runs.append([run_dir, os.path.join(tmp, f"results{i}.jsonl")])
+        batches = [[r] for r in runs] if isolate else [runs]
+        timed_out, logs, seconds = {}, {}, {}
+        for batch in batches:
+            t0 = time.time()
+            runs_path = os.path.join(tmp, f"runs{len(logs)}.json")
+            with open(runs_path, "w") as f:
+                json.dump(batch, f)
+            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_grade", runs_path], cwd=tmp,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+            try:
+                _, err = proc.communicate(timeout=timeout)
+                stopped = False
+            except subprocess.TimeoutExpired:
+                stopped = True
+                os.killpg(proc.pid, signal.SIGKILL)  # the whole group: tests may have started processes of their own
+                _, err = proc.communicate()
+            for run_dir, _ in batch:
+                timed_out[run_dir], logs[run_dir] = stopped, err.decode(errors="replace").splitlines()[-20:]
+                seconds[run_dir] = (time.time() - t0) / len(batch)
+        for (submission, base, manifest, missing), (run_dir, results_path) in zip(jobs, runs):
+            outcomes = {}
+            if os.path.exists(results_path):
+                for line in open(results_path).read().splitlines():
+                    try:
+                        nodeid, outcome = json.loads(line)
+                    except ValueError:
+                        continue  # the last line of a run killed at the time limit may be cut short
+                    outcomes[nodeid] = outcome
+            results.append(score(manifest, outcomes, submission, key, missing, timed_out[run_dir], seconds[run_dir],
+                                 logs[run_dir], _unwritten(submission, manifest, missing)))
+    return results
+
+
+def _unwritten(submission, manifest, missing):
+    """{target: why} for the targets a submission has not written: the body is still the single `raise
+    NotImplementedError(...)` it was handed out with, or the file is missing or does not parse."""
+    out = {}
+    for t in manifest["targets"]:
+        path, qualname = t["target"].split(":", 1)
+        if path in missing:
+            out[t["target"]] = "file missing"
+            continue
+        try:
+            fn = find_function(ast.parse(read(os.path.join(submission, path))), qualname)
+        except SyntaxError:
+            out[t["target"]] = f"{path} does not parse"
+            continue
+        except LookupError:
+            out[t["target"]] = "function missing"
+            continue
+        body = fn.body[1:] if _docstring(fn) is not None else fn.body
+        call = body[0].exc if len(body) == 1 and isinstance(body[0], ast.Raise) else None
+        name = call.func if isinstance(call, ast.Call) else call
+        if isinstance(name, ast.Name) and name.id == "NotImplementedError":
+            out[t["target"]] = "not implemented"
+    return out
+
+
+def score(manifest, outcomes, submission, key, missing, timed_out, seconds, log_tail, unwritten):
+    """The scores from the outcomes: per target, its tests passed / total (and points, if given), and its state: not
+    implemented (still the blank body), or waiting for others (written, but every failing test of it stops at another
+    target's blank body). unwritten: {target: why}, from _unwritten."""
+    hidden = set(manifest["hidden"]) if isinstance(manifest["hidden"], list) else set()
+    result = lambda n: outcomes.get(n, ["not run" + (" (time limit)" if timed_out else ""), "", False])
+    graded = sorted({n for t in manifest["targets"] for n in t["tests"]})
+    by_name = {t["target"].split(":", 1)[1]: t["target"] for t in manifest["targets"]}
+    stub = lambda message: by_name.get(message.split(": yours to implement")[0].split("NotImplementedError: ")[-1]) \
+        if ": yours to implement" in message else None  # the target whose blank body raised, if one did
+    tests = {n: {"outcome": result(n)[0], "message": result(n)[1], "not_implemented": result(n)[2],
+                 "blank": stub(result(n)[1]), "hidden": n in hidden} for n in graded}
+    targets = []
+    for t in manifest["targets"]:
+        ids = t["tests"]
+        passed = [n for n in ids if tests[n]["outcome"] == "passed"]
+        blanks = {tests[n]["blank"] for n in ids if tests[n]["outcome"] != "passed"}
+        # what a grader wants to know at a glance: not started, or only waiting for another function
+        if t["target"] in unwritten:
+            state = unwritten[t["target"]]
+        elif ids and len(passed) < len(ids) and None not in blanks and t["target"] not in blanks:
+            state = "waits for " + ", ".join(sorted(b.split(":", 1)[1] for b in blanks))
+        else:
+            state = ""
+        entry = {"target": t["target"], "slide": t["slide"], "passed": len(passed), "total": len(ids),
+                 "hidden_passed": sum(n in hidden for n in passed), "hidden_total": sum(n in hidden for n in ids),
+                 "state": state}
+        if t["points"] is not None:
+            entry["points"] = t["points"]
+            entry["score"] = round(t["points"] * len(passed) / len(ids), 2) if ids else 0.0
+        targets.append(entry)
+    other = {n: o for n, o in outcomes.items() if n not in tests}
+    out = {
+        "assignment": manifest["assignment"], "submission": submission, "key": os.path.abspath(key) if key else None,
+        "targets": targets,
+        "passed": sum(v["outcome"] == "passed" for v in tests.values()), "total": len(tests),
+        "tests": tests,
+        "other_tests": {"passed": sum(o[0] == "passed" for o in other.values()), "total": len(other),
+                        "problems": {n: o[:2] for n, o in other.items() if o[0] != "passed"}},
+        "missing_files": missing, "timed_out": timed_out, "seconds": round(seconds, 1),
+    }
+    if any("points" in t for t in targets):
+        out["score"] = round(sum(t.get("score", 0.0) for t in targets), 2)
+        out["max_score"] = sum(t.get("points", 0.0) for t in targets)
+    if not outcomes:
+        out["log_tail"] = log_tail  # nothing ran: pytest's last words say why
+    return out
+
+
+def format_grade(g, max_failures=8):
+    """The scores as text: one line per target, the total, then the failing tests (by test function) and why."""
+    hidden = any(t["hidden_total"] for t in g["targets"])
+    points = "score" in g
+    width = max(len("all tests"), *(len(t["target"]) for t in g["targets"]))
+    short = lambda path: path if os.path.relpath(path).startswith("..") else os.path.relpath(path)
+    lines = [f"assignment {g['assignment']}: {short(g['submission'])}"
+             + (f" (graded with the tests of {short(g['key'])})" if g["key"] else " (graded with its own tests)"),
+             f"{'target':<{width}}  {'tests':>7}" + (f"  {'hidden':>7}" if hidden else "")
+             + (f"  {'points':>11}" if points else "")]
+
+    def row(name, passed, total, hp, ht, score, pts, note=""):
+        text = f"{name:<{width}}  {passed:>3}/{total:<3}"
+        if hidden:
+            text += f"  {hp:>3}/{ht:<3}"
+        if points:
+            text += f"  {score:>5g}/{pts:<5g}" if pts is not None else f"  {'-':>11}"
+        return (text + (f"  {note}" if note else "")).rstrip()
+
+    for t in g["targets"]:
+        lines.append(row(t["target"], t["passed"], t["total"], t["hidden_passed"], t["hidden_total"], t.get("score"),
+                         t.get("points"), t["state"]))
+    hidden_tests = [v for v in g["tests"].values() if v["hidden"]]  # each test once, whatever it exercises
+    lines.append(row("all tests", g["passed"], g["total"], sum(v["outcome"] == "passed" for v in hidden_tests),
+                     len(hidden_tests), g.get("score"), g.get("max_score")))
+    # failing test functions: real failures first (with why), then those stopped by a function not written yet
+    failing, waiting = {}, {}  # test function -> [failed cases, cases, first message]; blank target -> functions
+    for n, v in g["tests"].items():
+        f = n.split("[")[0] + (" (hidden)" if v["hidden"] else "")
+        entry = failing.setdefault(f, [0, 0, "", None])
+        entry[1] += 1
+        if v["outcome"] != "passed":
+            entry[0] += 1
+            if not entry[2] or entry[3]:  # keep a real failure's message over a NotImplementedError's
+                # a NotImplementedError seen only in the test's output (a doctest run, a subprocess): whose, unknown
+                blank = v["blank"] or ("?:a function" if v["not_implemented"] else None)
+                entry[2], entry[3] = v["message"] or v["outcome"], blank
+    wrong = [(f, e) for f, e in failing.items() if e[0] and not e[3]]
+    for f, e in failing.items():
+        if e[0] and e[3]:
+            waiting.setdefault(e[3].split(":", 1)[1], []).append(f)
+    if wrong or waiting:
+        lines.append("failing:")
+    for f, (bad, cases, message, _) in wrong[:max_failures]:
+        lines.append(f"  {f}" + (f" ({bad} of {cases} cases)" if cases > 1 else "") + f": {message[:120]}")
+    if len(wrong) > max_failures:
+        lines.append(f"  ... and {len(wrong) - max_failures} more test functions (every test is in --json)")
+    for name, functions in waiting.items():
+        lines.append(f"  {len(functions)} test function{'s' * (len(functions) != 1)} stopped at {name}, not "
+                     f"implemented yet")
+    for n, o in g["other_tests"]["problems"].items():
+        lines.append(f"  not graded, {o[0]}: {n}" + (f": {o[1][:150]}" if o[1] else ""))
+    if g["missing_files"]:
+        lines.append(f"missing from the submission (graded as handed out): {', '.join(g['missing_files'])}")
+    if g["timed_out"]:
+        lines.append("stopped at the time limit: the tests that did not run count as failed")
+    if "log_tail" in g:
+        lines += ["no test ran; pytest's last lines:"] + ["  " + x for x in g["log_tail"]]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_find_tests"]:  # the helper processes (internal)
+        return _find_tests_child(*argv[1:])
+    if argv[:1] == ["_grade"]:
+        return _grade_child(*argv[1:])
+    p = argparse.ArgumentParser(description="Course assignments from the reference code: blank chosen functions, keep "
+                                            "the tests that need them, write ASSIGNMENT.md, grade submissions.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the ready-made assignments and their targets")
+    m = sub.add_parser("make", help="write a student copy and the instructor's key")
+    m.add_argument("items", nargs="+", metavar="ASSIGNMENT_OR_TARGET",
+                   help=f"ready-made ({', '.join(ASSIGNMENTS)}) and/or targets like bpe.py:merge gpt.py:KVCache.update")
+    m.add_argument("--out", help="the student copy (default out/assignments/NAME)")
+    m.add_argument("--key", help="the instructor's copy with the hidden tests, used by grade (default OUT-key)")
+    m.add_argument("--hidden", action="append", default=[], metavar="PATTERN",
+                   help="tests kept out of the student copy and run when grading: a node id or glob, e.g. "
+                        "'tests/test_bpe.py::test_gpt2_*' (repeatable)")
+    m.add_argument("--points", action="append", default=[], metavar="TARGET=N",
+                   help="points for a target, shared by its tests, e.g. merge=10 (repeatable)")
+    m.add_argument("--tests", action="append", default=[], metavar="PATTERN",
+                   help="consider only these reference tests (node ids or globs; repeatable): quicker, fewer tests")
+    m.add_argument("--skip", action="append", default=[], metavar="PATTERN",
+                   help="never use these reference tests, e.g. ones that time themselves and fail on a busy machine: "
+                        "'tests/test_loop.py::test_a_*budget*' (repeatable)")
+    g = sub.add_parser("grade", help="score a submission per target: tests passed / total, as text and JSON")
+    g.add_argument("submission", help="a student copy with the functions filled in")
+    g.add_argument("--key", help="the instructor's copy (its tests, hidden ones included, are what runs); default: "
+                                 "the submission's own tests")
+    g.add_argument("--json", metavar="FILE", help="also write the scores as JSON to FILE ('-': print only the JSON)")
+    g.add_argument("--timeout", type=float, default=3600, help="seconds before the run is stopped (default 3600)")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "list":
+            for name, targets in ASSIGNMENTS.items():
+                print(f"{name}: {ABOUT.get(name, '')}")
+                for t in targets:
+                    print(f"  {t.spec:<40} {t.slide or '(not on the slides)'}")
+        elif args.command == "make":
+            make(args.items, args.out, args.key, args.hidden, args.points, args.tests, args.skip,
+                 log=lambda msg: print(msg, flush=True))
+        else:
+            if args.json not in (None, "-") and os.path.isdir(args.json):
+                raise UsageError(f"--json {args.json} is a directory")
+            result = grade(args.submission, args.key, args.timeout)
+            if args.json == "-":
+                print(json.dumps(result, indent=1))
+            else:
+                print(format_grade(result))
+                if args.json:
+                    write(os.path.abspath(args.json), json.dumps(result, indent=1) + "\n")
+    except UsageError as e:
+        print(f"assignment.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
