@@ -556,6 +556,14 @@ def test_bad_settings_stop_before_anything_is_written(tmp_path, corpus, capsys):
         assert not (tmp_path / "out").exists()
 
 
+def test_help_lists_every_t5_flag(capsys):
+    assert run(train.main, ["--model", "t5", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"--{f.replace('_', '-')}" in out for f in T5Config.__dataclass_fields__
+               if f not in train.derived(t5)), "every config field is a flag, and --help renders"
+    assert "--fill" in out and "text-infilling" in out
+
+
 def test_hf_path_names_the_missing_package_or_reads_t5s_vocabulary(tmp_path, capsys, monkeypatch):
     path = hf_directory(tmp_path / "hf", "relu", tied=True)
     capsys.readouterr()
