@@ -119,7 +119,7 @@ class T5Config:
     initializer_factor: float = 1.0  # multiplies every init std (T5's own knob; the parity tests draw large weights)
     share_encoder_decoder: bool = False  # T5 Table 2 "Enc-dec, shared": the decoder reuses the encoder's layers
     attn: str = "sdpa"  # naive: softmax(QK^T + bias)V written out | sdpa: the fused kernel. Tests prove them equal.
-    objective: str = "replace-spans"  # replace-spans (T5) | drop-tokens | bert-style | mass-style | prefix-lm | text-infilling | sentence-permutation (BART): see OBJECTIVES
+    objective: str = "replace-spans"  # replace-spans | drop-tokens | bert-style | mass-style | prefix-lm | text-infilling | sentence-permutation
     noise_density: float = 0.15  # corruption rate: the share of a row's tokens corrupted (T5: 0.15; BART: 0.3)
     mean_noise_span_length: float = 3.0  # mean corrupted span (T5: 3; 1 = single tokens; BART's Poisson lambda)
     inputs_length: int = 512  # S: encoder tokens of a row; the raw tokens drawn follow (512 -> 568 for replace-spans)
@@ -966,7 +966,8 @@ def fill_spans(model, tokenizer, text, max_new_tokens=32, temperature=0.0, top_k
 
 @dataclass
 class DemoConfig:
-    fill: str = "Friends, Romans, countrymen, <X> me your ears;|Thank you <X> me to your party <Y> week."  # texts whose spans the end-of-run demo fills ('|' separates them; '' = none); the first is a held-out line (Julius Caesar)
+    # The first text is a held-out line (Julius Caesar, a val play), the second the slide's example.
+    fill: str = "Friends, Romans, countrymen, <X> me your ears;|Thank you <X> me to your party <Y> week."  # texts whose spans the run fills at its end ('|' between texts; '' = none)
     fill_tokens: int = 24  # most tokens decoded for each text
     temperature: float = 0.0  # 0 = greedy decoding
 
