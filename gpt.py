@@ -179,6 +179,22 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+def prefix_lm_mask(q_pos, k_pos, prefix_len):
+    """(B, 1, Tq, Tk) bools, True where key j is visible to query i in row b: the causal mask, plus every key inside the
+    row's prefix (positions < prefix_len[b]). So the prefix attends to itself bidirectionally (an encoder over the
+    inputs) and every later token sees the whole prefix and its own past (a decoder): T5's "prefix LM" masking
+    (Raffel et al. 2020, §3.2.1 and Figure 3), one stack of parameters, as UniLM's seq2seq mask.
+    prefix_lm_mask(torch.arange(3), torch.arange(3), torch.tensor([2]))[0, 0] ->
+        [[True, True, False], [True, True, False], [True, True, True]]"""
+    visible_prefix = k_pos[None, None, :] < prefix_len.reshape(-1, 1, 1)  # (B, 1, Tk)
+    return (causal_mask(q_pos, k_pos)[None] | visible_prefix)[:, None]  # (B, 1, Tq, Tk)
+
+
+def attention_mask(q_pos, k_pos, prefix_len=None):
+    """GPT's causal mask (Tq, Tk), or with prefix_len the prefix LM's (B, 1, Tq, Tk)."""
+    return causal_mask(q_pos, k_pos) if prefix_len is None else prefix_lm_mask(q_pos, k_pos, prefix_len)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head masked self-attention (Vaswani et al. §3.2.2), GPT-2 names: c_attn makes q, k, v; c_proj mixes heads.
 
@@ -201,9 +217,9 @@ class CausalSelfAttention(nn.Module):
         hs = config.n_embd // config.n_head
         self.shaw = ShawRelative(hs, config.shaw_max_distance) if config.pos == "shaw" else None
 
-    def forward(self, x, pos, bias=None, cache=None):
+    def forward(self, x, pos, bias=None, cache=None, prefix_len=None):
         """x (B, T, C); pos (T,) absolute positions of these tokens; bias None or (H, T, T_k), added to the scaled
-        logits (T5, ALiBi); cache a KVCache or None. Returns (B, T, C)."""
+        logits (T5, ALiBi); cache a KVCache or None; prefix_len None or (B,) (see prefix_lm_mask). Returns (B, T, C)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         # (B, T, C) -> (B, H, T, hs): every head attends independently over its own hs-dim slice
@@ -224,7 +240,7 @@ class CausalSelfAttention(nn.Module):
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, H, T, T_k) scaled scores
             if bias is not None:
                 att = att + bias  # relative position, as a bias on the logits
-            allowed = causal_mask(pos, k_pos)  # (T, T_k) True where key j is not in query i's future
+            allowed = attention_mask(pos, k_pos, prefix_len)  # (T, T_k) or (B, 1, T, T_k): True where j is visible
             att = att.masked_fill(~allowed, float("-inf"))  # no peeking at the future
             att = F.softmax(att, dim=-1)  # each row: a distribution over the keys this query may see
             att = self.attn_dropout(att)
@@ -236,10 +252,10 @@ class CausalSelfAttention(nn.Module):
             # A position bias goes in as a float attn_mask, which sdpa adds to the scaled scores: the bias and the
             # causal mask become one (.., T, T_k) tensor, -inf in the future. (This materialises (T, T_k) after all;
             # the kernel still avoids storing the probabilities.) Trap: under autocast the mask must be in q's dtype.
-            if bias is None and T == T_k:
+            if bias is None and T == T_k and prefix_len is None:
                 mask = None  # the kernel's own causal masking: the fastest case, and the one training hits
             else:
-                mask = causal_mask(pos, k_pos)  # (T, T_k) True where key j is not in query i's future
+                mask = attention_mask(pos, k_pos, prefix_len)  # (T, T_k) or (B, 1, T, T_k): True where j is visible
                 if bias is not None:
                     mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -283,8 +299,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, pos, bias=None, cache=None):
-        x = x + self.attn(self.ln_1(x), pos, bias, cache)
+    def forward(self, x, pos, bias=None, cache=None, prefix_len=None):
+        x = x + self.attn(self.ln_1(x), pos, bias, cache, prefix_len)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -399,8 +415,10 @@ class GPT(nn.Module):
         return 6 * self.num_params(non_embedding=True) + 6 * heads * c.padded_vocab_size * c.n_embd + \
             12 * blocks * c.block_size * c.n_embd
 
-    def forward(self, idx, targets=None, cache=None, future=None):
+    def forward(self, idx, targets=None, cache=None, future=None, prefix_len=None):
         """idx (B, T) token ids -> logits (B, T, V); with targets (B, T) also the mean cross-entropy (-100 = ignore).
+        prefix_len (B,) makes the model a prefix LM (T5 §3.2.1, the "Prefix LM" rows of its Table 2): the first
+        prefix_len[b] positions of row b see each other both ways, the rest stay causal (prefix_lm_mask). None: GPT.
 
         Multi-token prediction (mtp_heads = D > 0): with future (B, D, T), future[:, k-1, t] the token k places after
         position t (-100 past the end of the text), every head runs and logits are (B, 1 + D, T, V): [:, i] predicts
@@ -409,7 +427,9 @@ class GPT(nn.Module):
         loss is L_1 + mtp_weight * (L_2 + ... + L_n), each a mean. Without `future` only the next-token head runs: that
         is inference, with or without a KV cache, exactly as in a plain GPT.
         """
-        z, x, pos, bias = self.hidden_states(idx, cache)
+        if future is not None and prefix_len is not None:
+            raise ValueError("multi-token heads with a prefix-LM mask: not supported (the heads are causal)")
+        z, x, pos, bias = self.hidden_states(idx, cache, prefix_len)
         logits = self.unembed(x)  # (B, T, V)
         if future is not None:
             if not self.config.mtp_heads:
@@ -425,7 +445,7 @@ class GPT(nn.Module):
                     ce(logits[:, i], targets[:, i]) for i in range(1, logits.size(1)))
         return logits, loss
 
-    def hidden_states(self, idx, cache=None):
+    def hidden_states(self, idx, cache=None, prefix_len=None):
         """The residual stream of idx (B, T), for the heads to read: (z, x, pos, bias).
         x (B, T, C) leaves the last block (before ln_f); z (B, T, C) enters it, i.e. the output of the shared trunk f_s
         of parallel multi-token prediction (whose next-token head f_h_1 is that last block). pos (T,) and bias
@@ -457,7 +477,7 @@ class GPT(nn.Module):
             bias = self.transformer.pos_bias(pos, torch.arange(past + T, device=idx.device))
         z = x  # ends as the input of the last block (the embeddings if there is no block)
         for block in self.transformer.h:
-            z, x = x, block(x, pos, bias, cache)
+            z, x = x, block(x, pos, bias, cache, prefix_len)
         if cache is not None:
             cache.length += T
         return z, x, pos, bias
