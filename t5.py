@@ -70,6 +70,7 @@ def sentinel(k):
 
 SPECIAL_TOKENS = ("<pad>", "</s>") + tuple(sentinel(k) for k in reversed(range(N_SENTINELS)))
 TOKEN_IDS = {"pad_token_id": "<pad>", "eos_token_id": "</s>", "decoder_start_token_id": "<pad>"}  # filled by train.py
+DTYPES = ("bf16", "fp32")  # never fp16: T5's activations overflow it (see the presets); train.py refuses it at start-up
 
 # The objectives, as named options (--objective). Each builds (encoder inputs, decoder targets) from R raw tokens; the
 # examples are T5's Table 3 on "Thank you for inviting me to your party last week ." (<M> the mask token).
@@ -150,7 +151,7 @@ class T5Config:
 
 # A preset sets model sizes and, where a recipe goes with them, training settings (train.py applies each key to whichever
 # config declares it). Never fp16: T5's activations overflow it (the released models produce inf/NaN in fp16, and
-# nanoT5 reports every fp16 run diverging), so the GPU presets pin bf16 and the model refuses fp16 autocast.
+# nanoT5 reports every fp16 run diverging), so the GPU presets pin bf16 and train.py refuses fp16 (DTYPES).
 PRESETS = {
     # The CPU default: characters of Shakespeare, span corruption as T5 does it. 128 encoder characters per row
     # (141 raw -> 128 inputs, 29 targets), 32 rows. 2 + 2 layers of width 128, T5's proportions (d_ff = 4 d_model,
@@ -166,27 +167,27 @@ PRESETS = {
                  batch_size=4, max_iters=20, warmup_iters=5, eval_interval=10, eval_tokens=4096),
     # T5-small (v1.0, 60M parameters with T5's vocabulary): T5 §3.1's baseline recipe as far as this loop can follow
     # it: span corruption, 512 inputs / 114 targets, 128 rows per step, 2^19 steps, inverse square-root decay after a
-    # 10^4-step warm-up, dropout 0.1. T5 used Adafactor (lr 0.01 relative to each weight's scale), which train.py does
-    # not have; with AdamW the lr is ours (not measured here: no GPU).
+    # 10^4-step warm-up, dropout 0.1. T5 used Adafactor with a relative step (lr 0.01 scaled by each weight's RMS);
+    # adamw-scale is Adam with that same scaling (train.AdamWScale). Not measured here (no GPU).
     "t5-small": dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8, dropout_rate=0.1,
                      feed_forward_proj="relu", tie_word_embeddings=True, inputs_length=512, tokenizer="gpt2",
-                     batch_size=32, tokens_per_step=128 * 626, lr=1e-3, min_lr=1e-5, schedule="rsqrt",
-                     warmup_iters=10000, max_iters=2**19, weight_decay=0.0, eval_interval=5000, dtype="bf16"),
+                     batch_size=32, tokens_per_step=128 * 626, optimizer="adamw-scale", lr=1e-2, min_lr=1e-5,
+                     schedule="rsqrt", warmup_iters=10000, max_iters=2**19, weight_decay=0.0, eval_interval=5000,
+                     dtype="bf16"),
     # T5 v1.1 small and base with nanoT5's recipe: span corruption 512 / 114, 128 rows per step, 2^16 steps, linear
-    # warm-up over 10^4 steps then cosine to 1e-5, no weight decay, clipping at 1.0, bf16 autocast, dropout 0.
-    # nanoT5's optimizer is AdamW with each update scaled by the weight's RMS ("AdamWScale", lr 2e-2), which this
-    # loop does not have; nanoT5 reports plain AdamW diverging at its settings. The lr here is for plain AdamW and
-    # is a guess, not measured (no GPU in this project's runs so far).
+    # warm-up over 10^4 steps then cosine to 1e-5, no weight decay, clipping at 1.0, bf16 autocast, dropout 0, and
+    # AdamW with each update scaled by the weight's RMS ("AdamWScale", lr 2e-2; nanoT5 reports plain AdamW diverging
+    # at its settings). Not measured here (no GPU).
     "t5-v1_1-small": dict(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6, dropout_rate=0.0,
                           feed_forward_proj="gated-gelu", tie_word_embeddings=False, inputs_length=512,
-                          tokenizer="gpt2", batch_size=64, tokens_per_step=128 * 626, lr=1e-3, min_lr=1e-5,
-                          schedule="cosine", warmup_iters=10000, max_iters=2**16, weight_decay=0.0, grad_clip=1.0,
-                          eval_interval=2000, dtype="bf16"),
+                          tokenizer="gpt2", batch_size=64, tokens_per_step=128 * 626, optimizer="adamw-scale", lr=2e-2,
+                          min_lr=1e-5, schedule="cosine", warmup_iters=10000, max_iters=2**16, weight_decay=0.0,
+                          grad_clip=1.0, eval_interval=2000, dtype="bf16"),
     "t5-v1_1-base": dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12, dropout_rate=0.0,
                          feed_forward_proj="gated-gelu", tie_word_embeddings=False, inputs_length=512,
-                         tokenizer="gpt2", batch_size=32, tokens_per_step=128 * 626, lr=1e-3, min_lr=1e-5,
-                         schedule="cosine", warmup_iters=10000, max_iters=2**16, weight_decay=0.0, grad_clip=1.0,
-                         eval_interval=2000, dtype="bf16"),
+                         tokenizer="gpt2", batch_size=32, tokens_per_step=128 * 626, optimizer="adamw-scale", lr=2e-2,
+                         min_lr=1e-5, schedule="cosine", warmup_iters=10000, max_iters=2**16, weight_decay=0.0,
+                         grad_clip=1.0, eval_interval=2000, dtype="bf16"),
 }
 DEFAULT_PRESET = "char-cpu"
 
@@ -775,7 +776,6 @@ def row_lengths(config):
 # train.py calls these methods (its docstring lists them).
 
 EVAL_SEED = 1234  # evaluation corrupts with its own generator, seeded afresh each time: the same noise at every eval
-_announced = set()
 
 
 class DenoisingObjective:
@@ -802,12 +802,13 @@ class DenoisingObjective:
                 raise UsageError(f"t5: a row of {self.raw_tokens_per_row} tokens at --noise-density "
                                  f"{config.noise_density} and --mean-noise-span-length {config.mean_noise_span_length} "
                                  f"has {spans} spans, more than the {self.n_sentinels} sentinels of the vocabulary")
-        key = (self.objective, config.inputs_length, config.noise_density, config.mean_noise_span_length)
-        if key not in _announced:
-            _announced.add(key)
-            print(f"t5 rows ({self.objective}, noise {config.noise_density:g}, mean span "
-                  f"{config.mean_noise_span_length:g}): {self.raw_tokens_per_row} raw tokens -> {self.inputs_length} "
-                  f"encoder + {self.targets_length} decoder tokens; 'per row' counts both ({self.tokens_per_row})")
+
+    def describe(self):
+        """The line train.py prints at start-up: what one row is made of."""
+        c = self.config
+        return (f"t5 rows ({self.objective}, noise {c.noise_density:g}, mean span {c.mean_noise_span_length:g}): "
+                f"{self.raw_tokens_per_row} raw tokens -> {self.inputs_length} encoder + {self.targets_length} decoder "
+                f"tokens; 'per row' counts both ({self.tokens_per_row})")
 
     # -- one row -------------------------------------------------------------------------------------------------------
 

@@ -36,6 +36,8 @@ What a model file owns, looked up in MODELS (nothing else here is model-specific
                   Optional, for objectives with state across steps (XLNet's memory): state_dict(), load_state_dict(),
                   and reset(), which the loop calls at the start of every evaluation on a separate eval instance.
   DemoConfig, demo(model, tokenizer, demo_config, device)   optional: what the run shows when it ends (GPT samples)
+  DTYPES          optional: the precisions the model trains in (T5: never fp16); others are refused at start-up
+  Objective.describe() -> str   optional: one line the log prints about what a row is
 Slides (lecture 001): "Training recipe for LLMs" and "Pretraining language models" (model, data, objective, details).
 Papers for the optimisation recipe: Loshchilov & Hutter 2019 (AdamW), Loshchilov & Hutter 2017 (cosine schedule, SGDR),
 Goyal et al. 2017 §2.2 (linear warm-up), GPT-3 (Brown et al. 2020) §2.3 and App. B (the settings the gpt2 preset uses),
@@ -112,6 +114,8 @@ class TrainConfig:
     warmup_iters: int = opt(100, "linear warm-up steps")
     lr_decay_iters: int = opt(0, "the decay's horizon: lr reaches --min-lr at this step (0 = max_iters, fixed when the "
                                  "run starts; a resumed run keeps it)")
+    optimizer: str = opt("adamw", "adamw | adamw-scale (each tensor's step scaled by its RMS, Adafactor's relative "
+                                  "step: how nanoT5 trains T5)")
     weight_decay: float = opt(0.1, "AdamW decoupled weight decay, on weight matrices only")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.99, "AdamW beta2")
@@ -182,6 +186,7 @@ def build_parser(mod, preset_name):
             value = preset.get(f.name, getattr(defaults, f.name))
             where = f" from preset {preset_name}" if f.name in preset else ""
             help = f.metadata.get("help", comments.get(f.name, "")) + (f" [{value!r}{where}]" if value not in ("", None) else "")
+            help = help.replace("%", "%%")  # argparse %-formats help texts
             if f.type is bool:
                 g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=help)
@@ -377,11 +382,44 @@ def make_optimizer(model, cfg, device):
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused: one kernel updates every tensor (same maths, tests/test_train.py checks it); on CPU it is ~3x faster than
     # the per-tensor loop, which matters for small models whose step is a few ms.
-    fused = device.split(":")[0] in ("cuda", "cpu")
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+    if cfg.optimizer == "adamw-scale":
+        optimizer = AdamWScale(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    else:
+        fused = device.split(":")[0] in ("cuda", "cpu")
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
     count = lambda ps: f"{len(ps)} tensors ({sum(p.numel() for p in ps):,} parameters)"
     return optimizer, (f"weight decay {cfg.weight_decay} on {count(decay)}; none on {count(no_decay)}: biases, norm "
                        f"gains{', ' + ', '.join(sorted(skip)) if skip else ''}")
+
+
+class AdamWScale(torch.optim.Optimizer):
+    """AdamW whose step for each tensor is multiplied by max(1e-3, RMS(tensor)): Adafactor's relative step size
+    (Shazeer & Stern 2018, §8, "parameter scaling") on top of Adam, which is how nanoT5 trains T5 (T5 itself used
+    Adafactor). The lr becomes relative to each tensor's own scale: an embedding of std 1 and a projection of std
+    d^-0.5 move by the same fraction of themselves. With RMS 1 it is exactly AdamW (tests/test_loop.py)."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, min_rms=1e-3):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_rms=min_rms))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                t = float(state["step"])
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.lerp_(p.grad, 1 - beta1)  # Adam's moments, as in AdamW
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                rms = p.float().pow(2).mean().sqrt().clamp_min(group["min_rms"])  # a tensor: no host sync per tensor
+                step = group["lr"] * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay (Loshchilov & Hutter)
+                p.sub_((m / (v.sqrt() + group["eps"] * math.sqrt(1 - beta2 ** t))) * (step * rms).to(p.dtype))
 
 
 def lr_at(step, cfg):
@@ -798,6 +836,9 @@ def setup(argv, dist=Dist()):
     if dist.world > 1 and device == "cuda":
         device = f"cuda:{dist.local_rank}"
     dtype = pick_dtype(cfg.dtype, device)
+    if dtype not in getattr(mod, "DTYPES", TORCH_DTYPES):
+        raise UsageError(f"{cfg.model} does not train in {dtype}{' (what --dtype auto picks here)' if cfg.dtype == 'auto' else ''}; "
+                         f"use --dtype {' or '.join(mod.DTYPES)}")
     if cfg.schedule not in SCHEDULES:
         raise UsageError(f"unknown --schedule {cfg.schedule!r}; choose from: {', '.join(SCHEDULES)}")
     for name in ("batch_size", "grad_accum", "eval_interval", "log_interval"):
@@ -829,6 +870,8 @@ def setup(argv, dist=Dist()):
             raise UsageError(f"--init-from {cfg.init_from}: its weights do not fit this model "
                              f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
     objective, eval_objective = mod.Objective(model_cfg, tokenizer), mod.Objective(model_cfg, tokenizer)
+    if cfg.optimizer not in ("adamw", "adamw-scale"):
+        raise UsageError(f"unknown --optimizer {cfg.optimizer!r}; choose from: adamw, adamw-scale")
     if cfg.tokens_per_step:
         per_micro = cfg.batch_size * objective.tokens_per_row
         if cfg.tokens_per_step % per_micro:
@@ -880,7 +923,8 @@ def setup(argv, dist=Dist()):
               f"{f' (weight {d.weight:.2f})' if len(domains) > 1 else ''}: train {len(tr.doc_names)} docs "
               f"{len(tr.tokens):,} tokens | val {len(va.doc_names)} docs {len(va.tokens):,} tokens "
               f"({', '.join(va.doc_names[:6])}{', ...' if len(va.doc_names) > 6 else ''})")
-    print(f"tokenizer {cfg.tokenizer} ({tokenizer.n_vocab} ids)")
+    print(f"tokenizer {cfg.tokenizer} ({tokenizer.n_vocab} ids)"
+          + (f" | {objective.describe()}" if hasattr(objective, "describe") else ""))
     print(f"device {device} {dtype}{' +compile' if cfg.compile else ''}"
           f"{f' x {dist.world} processes' if dist.world > 1 else ''} | tokens per step = batch {cfg.batch_size} x "
           f"{objective.tokens_per_row} per row x grad_accum {cfg.grad_accum} = {run.tokens_per_step:,} | {decay_line}")

@@ -445,3 +445,36 @@ def test_gpt_py_errors_name_the_flag_and_exit_2(tmp_path):
                            cwd=tmp_path)
         assert r.returncode == 2, r.stderr
         assert r.stderr.startswith(f"gpt.py: error: {flag}") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_adamw_scale_is_adamw_with_each_tensors_step_scaled_by_its_rms():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 8, generator=g) * 0.05  # RMS ~0.05: steps 20x smaller than AdamW's
+    tiny = torch.full((8,), 1e-5)  # RMS below the floor: scaled by 1e-3
+    a, b = torch.nn.Parameter(w.clone()), torch.nn.Parameter(tiny.clone())
+    scaled = train.AdamWScale([a, b], lr=1e-2, betas=(0.9, 0.99))
+    grads = [torch.randn(16, 8, generator=g), torch.randn(8, generator=g)]
+    a.grad, b.grad = grads[0].clone(), grads[1].clone()
+    scaled.step()
+    for p0, p, rms, grad in ((w, a, w.pow(2).mean().sqrt(), grads[0]), (tiny, b, 1e-3, grads[1])):
+        ref = torch.nn.Parameter(p0.clone())
+        plain = torch.optim.AdamW([ref], lr=1e-2 * float(rms), betas=(0.9, 0.99), weight_decay=0.0)
+        ref.grad = grad.clone()
+        plain.step()
+        torch.testing.assert_close(p.detach(), ref.detach(), rtol=1e-5, atol=1e-8,
+                                   msg="the first step must be AdamW's with lr x max(1e-3, RMS)")
+    one = torch.nn.Parameter(torch.ones(4))  # RMS exactly 1: AdamW itself, step after step, weight decay included
+    ref = torch.nn.Parameter(torch.ones(4))
+    s1 = train.AdamWScale([one], lr=1e-2, weight_decay=0.1)
+    s2 = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1)
+    one.grad = ref.grad = torch.tensor([1e-3, -1e-3, 1e-3, -1e-3])  # tiny steps keep the RMS at ~1
+    s1.step()
+    s2.step()
+    torch.testing.assert_close(one.detach(), ref.detach(), rtol=1e-4, atol=1e-7)
+
+
+def test_a_model_that_refuses_a_dtype_is_stopped_before_anything_is_written(tmp_path, corpus, monkeypatch, capsys):
+    monkeypatch.setattr(gpt, "DTYPES", ("bf16", "fp32"), raising=False)
+    assert train_main(gpt_args(tmp_path, corpus, "--dtype", "fp16")) == 2
+    assert "gpt does not train in fp16; use --dtype bf16 or fp32" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
