@@ -59,7 +59,9 @@ from data import (DEFAULT_DATA, UsageError, atomic_write_text, prepare_data, spe
                   tokenizer_from_identity)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-MODELS = {"gpt": "gpt", "bert": "bert", "electra": "electra"}  # --model name -> module. Adding a model = one line here and one file.
+MODELS = {"gpt": "gpt"}  # --model name -> module. Adding a model = one line here and one file.
+MODELS["bert"] = "bert"
+MODELS["electra"] = "electra"
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Configuration. Every field is a --flag (underscores become dashes); presets and checkpoints fill the same fields.
