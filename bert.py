@@ -744,6 +744,10 @@ class PretrainingObjective:
         out = torch.where(to_mask, torch.full_like(input_ids, self.mask_id), input_ids)
         return torch.where(to_random, random_ids, out), labels
 
+    def span_lengths(self, n, g):
+        """(n,) span lengths in words drawn from span_length_law (SpanBERT: Geo(0.2) clipped to 1..10)."""
+        return torch.multinomial(self.span_law, n, replacement=True, generator=g) + 1
+
     def _mask_spans(self, input_ids, attention_mask, g):
         """SpanBERT §3.1: until mask_prob of a row's text tokens are chosen, draw a span length L in words from the
         clipped geometric law and a uniform anchor token, and choose the L whole words starting at the anchor's word.
@@ -759,7 +763,7 @@ class PretrainingObjective:
             budget = int(len(pos) * c.mask_prob + float(torch.rand(1, generator=g)))
             cand_r, start_r, masked, spans, total = cand[r].tolist(), starts[r].tolist(), [False] * T, [], 0
             while total < budget:
-                lengths = (torch.multinomial(self.span_law, 32, replacement=True, generator=g) + 1).tolist()
+                lengths = self.span_lengths(32, g).tolist()
                 anchors = torch.randint(len(pos), (32,), generator=g).tolist()
                 for length, anchor in zip(lengths, anchors):
                     if total >= budget:
