@@ -968,7 +968,8 @@ def main(argv=None):
         if args.ckpt:
             ckpt = train.load_checkpoint(args.ckpt, "--ckpt")
             if ckpt["train_config"]["model"] != "bert":
-                raise train.UsageError(f"--ckpt {args.ckpt}: a {ckpt['train_config']['model']} checkpoint, not bert")
+                raise train.UsageError(f"--ckpt {args.ckpt}: a checkpoint of --model {ckpt['train_config']['model']}, "
+                                       f"not bert")
             model = BERT(BertConfig(**ckpt["model_config"]))
             model.load_state_dict(ckpt["model"])
             tokenizer = data.tokenizer_from_identity(ckpt["tokenizer"])

@@ -439,7 +439,8 @@ def main(argv=None):
     try:
         ckpt = train.load_checkpoint(args.ckpt, "--ckpt")
         if ckpt["train_config"]["model"] != "electra":
-            raise train.UsageError(f"--ckpt {args.ckpt}: a {ckpt['train_config']['model']} checkpoint, not electra")
+            raise train.UsageError(f"--ckpt {args.ckpt}: a checkpoint of --model {ckpt['train_config']['model']}, "
+                                       f"not electra")
         model = ELECTRA(ElectraConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         tokenizer = data.tokenizer_from_identity(ckpt["tokenizer"])

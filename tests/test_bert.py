@@ -581,7 +581,7 @@ def test_bert_py_refuses_another_models_checkpoint_and_a_sentence_without_mask(t
     import test_loop
     train.train(test_loop.gpt_args(tmp_path / "g", corpus, "--max-iters", "1"))
     assert run_main(bert.main, ["--ckpt", str(tmp_path / "g" / "out" / "ckpt.pt"), "a [MASK]"]) == 2
-    assert "a gpt checkpoint, not bert" in capsys.readouterr().err
+    assert "a checkpoint of --model gpt, not bert" in capsys.readouterr().err
     train.train(bert_args(tmp_path, corpus, "--max-iters", "1"))
     assert run_main(bert.main, ["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "no mask here"]) == 2
     err = capsys.readouterr().err.strip()
