@@ -129,11 +129,11 @@ def _size(layers, hidden):  # Turc et al.'s naming: L layers, H = hidden, A = H 
 PRESETS = {
     # The quick start: a character-level BERT learns Shakespeare with MLM + NSP on a laptop CPU in a few minutes
     # (README path 7). Sentence pairs are runs of the plays' lines. Dropout 0: a short run never sees a token twice.
-    # lr 1e-3 with warm-up 100: BERT's 1e-4 is for 1M steps at batch 256; at 2,000 steps it barely moves (measured).
+    # lr 1e-3 with warm-up 100 (BERT's 1e-4 is tuned for 1M steps at batch 256), decaying to 1e-4; not tuned further.
     "char-cpu": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
                      max_position_embeddings=128, max_seq_length=128, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0, attn="naive", tokenizer="char", batch_size=32, lr=1e-3,
-                     min_lr=1e-4, warmup_iters=100, max_iters=1500, eval_interval=500, eval_tokens=65536,
+                     min_lr=1e-4, warmup_iters=100, max_iters=2000, eval_interval=500, eval_tokens=131072,
                      weight_decay=0.01, beta2=0.99),
     # The smallest thing that still is a BERT: for tests and for trying flags in seconds.
     "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -891,8 +891,8 @@ Objective = PretrainingObjective
 
 @dataclass
 class DemoConfig:
-    # char-level default: one masked character in each of three words of a play the model never sees (Julius Caesar)
-    fill_text: str = "Friends, Romans, countrymen, lend me your [MASK]ars; I come to bury C[MASK]esar, not to pra[MASK]se him."
+    # char-level default: a masked letter in three common words of a play the model never sees (Julius Caesar)
+    fill_text: str = "Friends, Romans, countrymen, lend me y[MASK]ur ears; I come to bury Caesar, n[MASK]t to praise h[MASK]m."
     top_k: int = 5  # candidates shown per [MASK] (0 = no demo)
 
 
