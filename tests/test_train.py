@@ -359,7 +359,7 @@ def test_command_line_errors_are_one_line_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(train.ROOT, "train.py"), "--model", "nope"], capture_output=True,
                        text=True, cwd=tmp_path)
     assert r.returncode == 2
-    assert r.stderr.strip() == "train.py: error: unknown --model 'nope'; choose from: gpt"
+    assert r.stderr.strip() == f"train.py: error: unknown --model 'nope'; choose from: {', '.join(train.MODELS)}"
 
 
 def test_bpe_tokenizer_is_trained_on_the_train_split_and_recorded_in_the_checkpoint(tmp_path, corpus, capsys):
