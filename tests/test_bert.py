@@ -505,7 +505,7 @@ def test_accumulated_loss_and_gradients_equal_one_big_batch(tmp_path, corpus):
     for micro in train.chunk(batch, 4):
         loss, _ = obj.loss(model, micro, den)
         loss.backward()
-        total += float(loss)
+        total += loss.item()
     assert total == pytest.approx(float(big), rel=1e-5), "micro-batch losses must add up to the big batch's"
     for n, g in want.items():
         torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, atol=1e-6, rtol=1e-4, msg=n)
