@@ -506,7 +506,7 @@ def test_accumulated_loss_and_gradients_equal_one_big_batch(tmp_path, corpus):
         loss, _ = obj.loss(model, micro, den)
         loss.backward()
         total += loss.item()
-    assert total == pytest.approx(float(big), rel=1e-5), "micro-batch losses must add up to the big batch's"
+    assert total == pytest.approx(big.item(), rel=1e-5), "micro-batch losses must add up to the big batch's"
     for n, g in want.items():
         torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, atol=1e-6, rtol=1e-4, msg=n)
 
