@@ -26,7 +26,7 @@ Run
   python train.py --model bert                               # char-level BERT (MLM + NSP) on Shakespeare, CPU, minutes
   python train.py --model bert --objective mlm               # RoBERTa: dynamic masking, packed full sentences, no NSP
   python train.py --model bert --objective span --span-boundary   # SpanBERT; --objective sop for ALBERT's SOP
-  python bert.py --ckpt out/bert/ckpt.pt "Friends, Romans, countrymen, lend me your e[MASK]rs"   # fill the masks
+  python bert.py --ckpt out/bert/ckpt.pt "I come to bury Caesar, n[MASK]t to praise him."   # fill the masks
   python bert.py --hf path/to/bert-base-uncased "my dog is [MASK]."   # a released checkpoint, with its vocab.txt
 
 Legend
@@ -247,7 +247,7 @@ class Encoder(nn.Module):
     """Embeddings -> (projection E -> C when E != C) -> L layers: (B, T) ids -> (B, T, C) hidden states.
     ALBERT's cross-layer sharing (slide "ALBERT"): one Layer applied num_hidden_layers times, so the parameter count does
     not grow with depth while the compute does. electra.py builds its generator and discriminator from this class and
-    passes both the same `embeddings` module: ELECTRA shares them (§3.2)."""
+    passes both the same `embeddings` module: ELECTRA shares them (ELECTRA §3.2)."""
 
     def __init__(self, config, embeddings=None):
         super().__init__()
@@ -564,7 +564,7 @@ class PretrainingObjective:
       mlm      RoBERTa (Liu et al. §4.1-4.2): full lines packed into [CLS] ... [SEP] up to the row length, crossing
                document boundaries (an extra [SEP] marks one); masked LM only.
       span     SpanBERT (Joshi et al. §3): rows as mlm; whole spans of words masked; optionally + span-boundary loss.
-      sop      ALBERT (Lan et al. §4.1): two consecutive segments, swapped for half the rows; sentence-order prediction.
+      sop      ALBERT (Lan et al. §3.1): two consecutive segments, swapped for half the rows; sentence-order prediction.
 
     Masking is dynamic (RoBERTa §4.1): drawn when a row is drawn, so the same text gets a new mask every time. Special
     tokens are never chosen; labels are -100 except at the chosen positions.

@@ -31,6 +31,7 @@ Legend
 
 import argparse
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass
 
@@ -256,7 +257,11 @@ class ELECTRA(nn.Module):
         export_hf(path) writes, and what train.py --init-from passes). The two must come from one training run: their
         embeddings are one set of parameters here, and are checked to be equal."""
         if discriminator_path is None:
-            generator_path, discriminator_path = f"{generator_path}/generator", f"{generator_path}/discriminator"
+            both = generator_path
+            generator_path, discriminator_path = os.path.join(both, "generator"), os.path.join(both, "discriminator")
+            if not (os.path.isdir(generator_path) and os.path.isdir(discriminator_path)):
+                raise FileNotFoundError(f"{both}: expected generator/ and discriminator/ directories in it (or give "
+                                        f"the two directories separately)")
         hf_g, sd_g = read_hf_dir(generator_path)
         hf_d, sd_d = read_hf_dir(discriminator_path)
         for path, hf in ((generator_path, hf_g), (discriminator_path, hf_d)):
@@ -292,7 +297,7 @@ class ELECTRA(nn.Module):
         load with the same logits (each with its own copy of the shared embeddings). With one argument, generator/ and
         discriminator/ inside it."""
         if discriminator_path is None:
-            generator_path, discriminator_path = f"{generator_path}/generator", f"{generator_path}/discriminator"
+            generator_path, discriminator_path = (os.path.join(generator_path, d) for d in ("generator", "discriminator"))
         c = self.config
         names_g, names_d = self._hf_names()
         for path, net, names, part, arch in ((generator_path, self.generator, names_g, c.generator_config(),

@@ -71,6 +71,8 @@ def test_export_hf_round_trips_through_transformers(tmp_path):
         assert torch.equal(a, b), f"export -> from_pretrained changed {name}"
     ours.export_hf(str(tmp_path / "both"))  # one directory: generator/ and discriminator/ inside, what --init-from reads
     assert electra.ELECTRA.from_pretrained(str(tmp_path / "both")).config == back.config
+    with pytest.raises(FileNotFoundError, match="generator/ and discriminator/"):
+        electra.ELECTRA.from_pretrained(str(tmp_path / "gen"))
 
 
 def test_from_pretrained_refuses_a_pair_that_does_not_share_its_embeddings(tmp_path):
