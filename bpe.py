@@ -16,11 +16,15 @@ Slide "Byte Pair Encoding algorithm" (lecture 001), bullet by bullet:
                                                    `train_fast` (same merges, incremental counts + a heap).
     Slide "Word structure and subword models": frequent words end up as one token, rare ones split into pieces, and
     in the worst case into bytes - try `python bpe.py --show "antidisestablishmentarianism"`.
+    WordPiece, BERT's subword scheme, is at the end of the file (`WordPiece`, `basic_tokenize`, `wordpiece_split`),
+    with how it differs from BPE: a vocabulary read greedily, longest piece first, instead of merges replayed in order.
 
 Papers
     Sennrich, Haddow, Birch 2016, "Neural Machine Translation of Rare Words with Subword Units", Sec. 3.2 (BPE merges).
     Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2), Sec. 2.2 (byte-level BPE, and
     the pre-split that stops merges across character categories).
+    Wu et al. 2016, "Google's Neural Machine Translation System", Sec. 4.1 (wordpieces); Devlin et al. 2019 (BERT),
+    Sec. 3 and its released tokenization.py (the WordPiece rules reproduced here).
 
 How to run
     python bpe.py --show "Hello world!"                      # how GPT-2 splits a text (or --tokenizer PATH)
@@ -33,6 +37,7 @@ Python API
     tok.register_special_tokens(["<|endoftext|>"])           # ids above the ordinary vocabulary
     ids = tok.encode(text, allowed_special="all"); tok.decode(ids)
     tok.save(path); Tokenizer.load(path); tok.to_tiktoken(); gpt2()
+    wp = WordPiece.from_vocab_file("bert-base-uncased/vocab.txt"); wp.encode("My dog is [MASK].")   # BERT's tokenizer
 
 Legend
     id      an integer token id; ids 0..255 of a trained tokenizer are the raw bytes (GPT-2 permutes them, see gpt2())
@@ -51,6 +56,7 @@ import json
 import os
 import sys
 import time
+import unicodedata
 
 import regex  # not `re`: the pre-split patterns need Unicode classes such as \p{L} (letter) and \p{N} (number)
 
@@ -589,6 +595,166 @@ def gpt2():
     Merges are recovered from the ranks, so encode gives exactly tiktoken's GPT-2 ids.
     Takes ~0.3-1 s and returns a new object each call (register special tokens on it freely)."""
     return Tokenizer.load_tiktoken(GPT2_FILE, GPT2_PATTERN, GPT2_SPECIAL_TOKENS, expected_sha256=GPT2_SHA256)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# WordPiece: BERT's subword scheme, so that a released BERT checkpoint (its vocab.txt + weights) fills masks with its
+# own vocabulary (bert.py --hf DIR).
+#
+# BPE and WordPiece both cut rare words into frequent pieces; they differ in what they store and how they encode.
+#   BPE (above)        stores the merges, in order; encoding replays them. It starts from the 256 bytes, so every text
+#                      encodes and nothing is unknown; a leading space is part of a token (" world").
+#   WordPiece (BERT)   stores only a vocabulary (vocab.txt, one piece per line, the line number is the id). Text is first
+#                      cut into words (whitespace, and every punctuation character on its own), optionally lower-cased
+#                      with accents removed ("uncased"); each word is then split greedily, longest match first, from the
+#                      left: the first piece as is, every later piece looked up with a "##" prefix ("playing" ->
+#                      "play", "##ing"). A word that cannot be covered becomes [UNK] as a whole. Spaces are not
+#                      tokens: decoding joins the words with single spaces.
+# How the vocabulary was learned (Schuster & Nakajima 2012; Wu et al. 2016, §4.1: pieces chosen to maximise the
+# likelihood of the training data) is not needed to use one, and is not implemented here.
+# Paper: Devlin et al. 2019 §3 ("WordPiece embeddings with a 30,000 token vocabulary"); the released code's
+# tokenization.py (BasicTokenizer, WordpieceTokenizer) defines the rules below, and transformers' BertTokenizer follows
+# it (tests/test_wordpiece.py checks that we encode exactly as it does).
+
+WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def _wp_is_whitespace(ch):
+    """Space, tab, newline, carriage return and Unicode space separators (category Zs)."""
+    return ch in " \t\n\r" or unicodedata.category(ch) == "Zs"
+
+
+def _wp_is_control(ch):
+    """Control and other format characters (category C*), except the whitespace BERT keeps as whitespace."""
+    return ch not in "\t\n\r" and unicodedata.category(ch).startswith("C")
+
+
+def _wp_is_punctuation(ch):
+    """Every ASCII non-alphanumeric printable character counts (so "$", "^", "`" split words, although Unicode calls
+    them symbols), and every Unicode punctuation character (category P*)."""
+    cp = ord(ch)
+    return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or \
+        unicodedata.category(ch).startswith("P")
+
+
+def _wp_is_cjk(ch):
+    """CJK ideographs (the Unicode blocks BERT lists): each becomes a word of its own, as Chinese has no spaces."""
+    cp = ord(ch)
+    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF or 0x2A700 <= cp <= 0x2B73F
+            or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF or 0xF900 <= cp <= 0xFAFF
+            or 0x2F800 <= cp <= 0x2FA1F)
+
+
+def basic_tokenize(text, lowercase):
+    """BERT's pre-tokenization: text -> words. Drops NUL, U+FFFD and control characters, turns every whitespace into a
+    space, puts spaces around CJK ideographs, splits on whitespace; with lowercase, lower-cases and strips accents
+    (Unicode NFD, then drop the combining marks); finally every punctuation character becomes a word of its own.
+
+    basic_tokenize("Héllo,  World!", lowercase=True) -> ['hello', ',', 'world', '!']
+    basic_tokenize("Héllo,  World!", lowercase=False) -> ['Héllo', ',', 'World', '!']
+    """
+    cleaned = []
+    for ch in text:
+        if ch == "\x00" or ch == "\ufffd" or _wp_is_control(ch):
+            continue
+        cleaned.append(" " if _wp_is_whitespace(ch) else f" {ch} " if _wp_is_cjk(ch) else ch)
+    words = []
+    for word in "".join(cleaned).split():
+        if lowercase:
+            word = "".join(c for c in unicodedata.normalize("NFD", word.lower()) if unicodedata.category(c) != "Mn")
+        start = 0
+        for i, ch in enumerate(word):
+            if _wp_is_punctuation(ch):
+                words += [word[start:i], ch] if i > start else [ch]
+                start = i + 1
+        if start < len(word):
+            words.append(word[start:])
+    return words
+
+
+def wordpiece_split(word, vocab, unk="[UNK]", max_chars=100):
+    """One word -> its pieces, greedy longest-match-first from the left; pieces after the first carry "##". A word
+    that cannot be covered completely (or is longer than max_chars characters) is [UNK] as a whole.
+
+    wordpiece_split("unaffable", {"un", "##aff", "##able", "##a"}) -> ['un', '##aff', '##able']
+    wordpiece_split("unaffablex", {"un", "##aff", "##able"}) -> ['[UNK]']
+    Trap: greedy can fail where another split exists: with {"a", "ab", "##bc"}, "abc" -> ['[UNK]'] (after "ab" no
+    "##c"), although 'a', '##bc' would cover it. BERT reads its vocabularies this way, so this is what must be reproduced.
+    """
+    if len(word) > max_chars:
+        return [unk]
+    pieces, start = [], 0
+    while start < len(word):
+        end = len(word)
+        while end > start:
+            piece = word[start:end] if start == 0 else "##" + word[start:end]
+            if piece in vocab:
+                break
+            end -= 1
+        else:
+            return [unk]  # no piece starts here: the whole word is unknown, not just this part
+        pieces.append(piece)
+        start = end
+    return pieces
+
+
+class WordPiece:
+    """BERT's tokenizer from a vocab.txt: the same interface as data.py's tokenizers (encode, decode, specials, n_vocab)
+    so bert.py can use either.
+
+    tok = WordPiece.from_vocab_file("bert-base-uncased/vocab.txt")   # lowercase: from tokenizer_config.json if beside
+    tok.tokenize("My dog is [MASK].") -> ['my', 'dog', 'is', '[MASK]', '.']
+    Special-token strings ([CLS], [SEP], [MASK], [PAD], [UNK]) in the text are matched exactly, before lower-casing.
+    """
+
+    def __init__(self, tokens, lowercase=True):
+        self.itos = list(tokens)
+        self.vocab = {t: i for i, t in enumerate(self.itos)}
+        if len(self.vocab) != len(self.itos):
+            raise ValueError("vocab.txt lists a token twice")
+        if "[UNK]" not in self.vocab:
+            raise ValueError("vocab.txt has no [UNK] token")
+        self.lowercase = lowercase
+        self.specials = {s: self.vocab[s] for s in WORDPIECE_SPECIALS if s in self.vocab}
+        self.n_vocab = len(self.itos)
+        self._special_re = regex.compile("|".join(regex.escape(s) for s in self.specials))
+
+    @classmethod
+    def from_vocab_file(cls, path, lowercase=None):
+        """Read vocab.txt. lowercase=None: from do_lower_case in a tokenizer_config.json next to it, else guessed from
+        the vocabulary (an uncased vocabulary has no upper-case letters outside its [SPECIAL] tokens)."""
+        with open(path, encoding="utf-8") as f:
+            tokens = [line.rstrip("\n").rstrip("\r") for line in f]
+        while tokens and tokens[-1] == "":
+            tokens.pop()
+        if lowercase is None:
+            config = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+            if os.path.exists(config):
+                with open(config) as f:
+                    lowercase = json.load(f).get("do_lower_case")
+            if lowercase is None:
+                lowercase = not any(c.isupper() for t in tokens if not (t.startswith("[") and t.endswith("]"))
+                                    for c in t)
+        return cls(tokens, lowercase)
+
+    def tokenize(self, text):
+        """Text -> pieces (strings)."""
+        pieces, at = [], 0
+        for m in self._special_re.finditer(text) if self.specials else ():
+            pieces += self._tokenize_ordinary(text[at:m.start()]) + [m.group()]
+            at = m.end()
+        return pieces + self._tokenize_ordinary(text[at:])
+
+    def _tokenize_ordinary(self, text):
+        return [p for word in basic_tokenize(text, self.lowercase) for p in wordpiece_split(word, self.vocab)]
+
+    def encode(self, text):
+        return [self.vocab[p] for p in self.tokenize(text)]
+
+    def decode(self, ids):
+        """Pieces joined by spaces, "##" continuations glued to the piece before (the casing and accents that
+        lower-casing removed, and the original spacing around punctuation, do not come back)."""
+        return " ".join(self.itos[i] for i in ids).replace(" ##", "").strip()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -67,7 +67,8 @@ from data import (DEFAULT_DATA, UsageError, atomic_write_text, prepare_domains, 
                   tokenizer_from_identity)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-MODELS = {"gpt": "gpt", "t5": "t5", "xlnet": "xlnet"}  # --model name -> module. Adding a model = one line and one file.
+# --model name -> module. Adding a model = one line here and one file.
+MODELS = {"gpt": "gpt", "bert": "bert", "electra": "electra", "t5": "t5", "xlnet": "xlnet"}
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Configuration. Every field is a --flag (underscores become dashes); presets and checkpoints fill the same fields.

@@ -1,0 +1,996 @@
+"""
+BERT: a bidirectional Transformer encoder pretrained by masked-language modelling, and its family's objectives.
+
+Papers
+  - Devlin et al. 2019, "BERT: Pre-training of Deep Bidirectional Transformers for Language Understanding": the model
+    (§3, Fig. 2: token + segment + position embeddings), masked LM with the 80/10/10 rule (§3.1 Task #1, App. C.2), next
+    sentence prediction (§3.1 Task #2), the pretraining procedure and recipe (App. A.2).
+  - Liu et al. 2019, "RoBERTa" §4.1 (dynamic masking), §4.2 (FULL-SENTENCES packing without NSP).
+  - Joshi et al. 2020, "SpanBERT" §3.1 (span masking: lengths ~ Geo(0.2) clipped at 10 words), §3.2 (span boundary
+    objective), §3.3 (single segments, no NSP).
+  - Lan et al. 2020, "ALBERT" §3.1 (factorized embeddings, cross-layer parameter sharing, sentence-order prediction).
+  - Turc et al. 2019, "Well-Read Students Learn Better": the small BERTs (Tiny 2/128 ... Medium 8/512).
+  - Vaswani et al. 2017 §3.2.1: scaled dot-product attention softmax(QK^T / sqrt(d_k)) V.
+  Slides (lecture 001): "BERT", "Masked language models (MLMs)" (the "my dog is [MASK]" example), "RoBERTa" (dynamic
+  masking, no NSP), "SpanBERT" (mask out spans), "ALBERT" (factorized embeddings, cross-layer sharing), "Bidirectional
+  encoder models", "Transformers for pretraining: encoder only". ELECTRA ("Discriminative training") is electra.py,
+  built from this file's encoder.
+
+Faithful to Google's released BERT (github.com/google-research/bert, modeling.py) and therefore to Hugging Face's
+BertForPreTraining, which tests/test_bert.py uses as an oracle: post-LayerNorm blocks (eps 1e-12), GELU in its exact erf
+form, learned absolute positions plus token-type (segment) embeddings summed with the word embeddings then normalised,
+a pooler (tanh dense on [CLS]), an MLM head (dense + GELU + LayerNorm, then the word embeddings transposed plus a bias of
+its own) and an NSP head on the pooled output (label 0 = IsNext).
+
+Run
+  python train.py --model bert                               # char-level BERT (MLM + NSP) on Shakespeare, CPU, minutes
+  python train.py --model bert --objective mlm               # RoBERTa: dynamic masking, packed full sentences, no NSP
+  python train.py --model bert --objective span --span-boundary   # SpanBERT; --objective sop for ALBERT's SOP
+  python bert.py --ckpt out/bert/ckpt.pt "I come to bury Caesar, n[MASK]t to praise him."   # fill the masks
+  python bert.py --hf path/to/bert-base-uncased "my dog is [MASK]."   # a released checkpoint, with its vocab.txt
+
+Legend
+  B batch size, T sequence length, C hidden_size, E embedding_size (= C except ALBERT/ELECTRA), H heads, hs = C // H
+  head size, V vocabulary size, L layers, N masked positions in a batch. input_ids, token_type_ids, attention_mask:
+  (B, T); attention_mask 1 = real token, 0 = padding.
+"""
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hf_io import read_hf_dir, write_hf_dir
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config and presets
+
+OBJECTIVES = ("mlm+nsp", "mlm", "span", "sop")
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522  # V: BERT's WordPiece vocabulary (train.py overwrites it from the tokenizer it builds)
+    hidden_size: int = 256  # C: width of every layer
+    num_hidden_layers: int = 4  # L: Transformer layers
+    num_attention_heads: int = 4  # H: heads per layer, each of size hidden_size / num_attention_heads
+    intermediate_size: int = 1024  # inner width of the feed-forward network (4C in every released BERT)
+    max_position_embeddings: int = 512  # rows of the learned position table: the longest input
+    type_vocab_size: int = 2  # segment (token type) embeddings: 0 = [CLS] A [SEP], 1 = B [SEP]
+    embedding_size: int = 0  # E: width of the embeddings; 0 = hidden_size (BERT). ALBERT's factorization: E < C
+    share_layers: bool = False  # ALBERT's cross-layer sharing: one layer's weights applied num_hidden_layers times
+    hidden_dropout_prob: float = 0.1  # dropout on embeddings and on each sub-layer's output, as released
+    attention_probs_dropout_prob: float = 0.1  # dropout on the attention probabilities
+    layer_norm_eps: float = 1e-12  # BERT's value; every released checkpoint computes LayerNorm with it
+    attn: str = "sdpa"  # "naive": softmax(QK^T/sqrt(hs))V written out; "sdpa": the fused kernel. Tests prove them equal.
+    objective: str = "mlm+nsp"  # mlm+nsp (BERT) | mlm (RoBERTa) | span (SpanBERT) | sop (ALBERT)
+    max_seq_length: int = 128  # tokens per training row, [CLS] and [SEP]s included; shorter rows are padded
+    mask_prob: float = 0.15  # share of a row's text tokens chosen for prediction (BERT §3.1)
+    mask_token_prob: float = 0.8  # of the chosen: replaced by [MASK] ...
+    random_token_prob: float = 0.1  # ... by a random token; the rest (0.1) stay unchanged
+    short_seq_prob: float = 0.1  # mlm+nsp, sop: this share of pairs gets a random shorter length (BERT's create_pretraining_data)
+    span_p: float = 0.2  # span: span lengths in words ~ Geometric(span_p) ...
+    span_max: int = 10  # ... clipped (renormalised) to at most span_max words: mean 3.8 (SpanBERT §3.1)
+    span_boundary: bool = False  # span: add SpanBERT's span-boundary objective (SBO) to the MLM loss
+    pad_token_id: int = 0  # [PAD] (train.py sets the [SPECIAL] ids from the tokenizer)
+    mask_token_id: int = -1  # [MASK]
+    cls_token_id: int = -1  # [CLS]
+    sep_token_id: int = -1  # [SEP]
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_attention_heads="
+                             f"{self.num_attention_heads}")
+        if self.attn not in ("naive", "sdpa"):
+            raise ValueError(f"attn must be 'naive' or 'sdpa', got {self.attn!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown --objective {self.objective!r}; choose from: {', '.join(OBJECTIVES)}")
+        if self.span_boundary and self.objective != "span":
+            raise ValueError("--span-boundary is SpanBERT's objective: it needs --objective span")
+        if not 4 <= self.max_seq_length <= self.max_position_embeddings:
+            raise ValueError(f"--max-seq-length {self.max_seq_length} must be at least 4 and at most "
+                             f"max_position_embeddings={self.max_position_embeddings} (rows of the position table)")
+        if not (0 < self.mask_prob < 1 and self.mask_token_prob >= 0 and self.random_token_prob >= 0
+                and self.mask_token_prob + self.random_token_prob <= 1):
+            raise ValueError("masking rates: need 0 < mask_prob < 1 and mask_token_prob + random_token_prob <= 1")
+        if not (0 < self.span_p <= 1 and self.span_max >= 1):
+            raise ValueError("span masking: need 0 < span_p <= 1 and span_max >= 1")
+
+    @property
+    def emb_size(self):
+        """E, the embedding width actually used."""
+        return self.embedding_size or self.hidden_size
+
+
+Config = BertConfig
+
+# A preset sets model sizes and, where a recipe goes with them, training settings (train.py applies each key to whichever
+# config declares it). BERT's recipe (Devlin et al. App. A.2): batch 256 sequences, 1M steps, Adam lr 1e-4, beta2 0.999,
+# weight decay 0.01, 10k warm-up steps then linear decay, dropout 0.1, sequence length 128 for 90% of the steps and
+# 512 for the rest. Adam's epsilon (BERT: 1e-6) is the loop's (1e-8): train.py has no flag for it.
+# Vocabulary: our BPE trained to 30,518 ids (<|endoftext|> included) + [CLS] [SEP] [MASK] [PAD] = BERT's 30,522.
+_BERT_RECIPE = dict(objective="mlm+nsp", tokenizer="bpe", vocab_size=30518, max_position_embeddings=512,
+                    max_seq_length=128, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, lr=1e-4, min_lr=0.0,
+                    schedule="linear", warmup_iters=10_000, max_iters=1_000_000, weight_decay=0.01, beta2=0.999,
+                    grad_clip=1.0, batch_size=64, tokens_per_step=256 * 128, eval_interval=10_000)
+
+
+def _size(layers, hidden):  # Turc et al.'s naming: L layers, H = hidden, A = H / 64 heads, FFN 4H
+    return dict(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=hidden // 64,
+                intermediate_size=4 * hidden)
+
+
+PRESETS = {
+    # The quick start: a character-level BERT learns Shakespeare with MLM + NSP on a laptop CPU in a few minutes
+    # (README path 7). Sentence pairs are runs of the plays' lines. Dropout 0: a short run never sees a token twice.
+    # lr 1e-3 with warm-up 100 (BERT's 1e-4 is tuned for 1M steps at batch 256), decaying to 1e-4; not tuned further.
+    "char-cpu": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
+                     max_position_embeddings=128, max_seq_length=128, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, attn="naive", tokenizer="char", batch_size=32, lr=1e-3,
+                     min_lr=1e-4, warmup_iters=100, max_iters=2000, eval_interval=500, eval_tokens=131072,
+                     weight_decay=0.01, beta2=0.99),
+    # The smallest thing that still is a BERT: for tests and for trying flags in seconds.
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                 max_position_embeddings=64, max_seq_length=64, hidden_dropout_prob=0.0,
+                 attention_probs_dropout_prob=0.0, batch_size=8, max_iters=20, warmup_iters=5, eval_interval=10,
+                 eval_tokens=4096, lr=1e-3, fill_text="lend me your [MASK]ars"),
+    # The small BERTs of Turc et al. 2019 (released as google/bert_uncased_L-{L}_H-{H}_A-{H/64}); their release notes
+    # say they follow the standard BERT recipe, which is what these run (phase 1, sequence length 128).
+    "bert-tiny": dict(_BERT_RECIPE, **_size(2, 128)),
+    "bert-mini": dict(_BERT_RECIPE, **_size(4, 256)),
+    "bert-small": dict(_BERT_RECIPE, **_size(4, 512)),
+    "bert-medium": dict(_BERT_RECIPE, **_size(8, 512)),
+    # BERT-base (110M) with the original recipe. Phase 1: sequence length 128 for the first 900k of 1M steps; the linear
+    # decay's horizon is the full 1M, so phase 1 ends at lr 1e-4 * (1 - 890k/990k) = 1.01e-5. Phase 2, the last 100k
+    # steps at length 512 (256 x 512 tokens per step), starts from phase 1's weights and continues the decay to 0; as
+    # with BERT's run_pretraining.py --init_checkpoint, the weights carry over and the optimizer starts afresh:
+    #   python train.py --model bert --preset bert-base --init-from out/bert-base/ckpt.pt --out-dir out/bert-base-512
+    #       --max-seq-length 512 --batch-size 16 --tokens-per-step 131072 --max-iters 100000 --lr-decay-iters 100000
+    #       --warmup-iters 0 --lr 1.0101e-5
+    # (--resume cannot do it: a resumed run refuses a model setting that differs from its checkpoint's.)
+    "bert-base": dict(_BERT_RECIPE, **_size(12, 768), max_iters=900_000, lr_decay_iters=1_000_000,
+                      out_dir="out/bert-base"),
+}
+DEFAULT_PRESET = "char-cpu"
+
+SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[MASK]", "[PAD]")  # added above every tokenizer's ordinary ids (data.py)
+TOKEN_IDS = {"pad_token_id": "[PAD]", "mask_token_id": "[MASK]", "cls_token_id": "[CLS]", "sep_token_id": "[SEP]"}
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks (slide "BERT": a Transformer encoder; Devlin et al. Fig. 2 for the input representation)
+
+
+class Embeddings(nn.Module):
+    """Word + learned absolute position + token type (segment A/B), summed, then LayerNorm and dropout: (B, T) -> (B, T, E).
+    Devlin et al. Fig. 2. The three tables have width E; ALBERT and ELECTRA make E smaller than C and project up."""
+
+    def __init__(self, config):
+        super().__init__()
+        E = config.emb_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, E)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, E)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, E)
+        self.LayerNorm = nn.LayerNorm(E, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids):
+        T = input_ids.size(1)
+        if T > self.position_embeddings.num_embeddings:
+            raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings="
+                             f"{self.position_embeddings.num_embeddings} (the learned position table has no more rows)")
+        pos = torch.arange(T, device=input_ids.device)  # (T,) absolute positions 0..T-1
+        x = self.word_embeddings(input_ids) + self.position_embeddings(pos) + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))  # (B, T, E)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the whole sequence, both directions (no causal mask: slide "Bidirectional encoder
+    models"); padding keys are masked out. BERT's names: query, key, value, then dense mixes the heads."""
+
+    def __init__(self, config):
+        super().__init__()
+        C = config.hidden_size
+        self.n_head, self.attn, self.dropout_p = config.num_attention_heads, config.attn, config.attention_probs_dropout_prob
+        self.query, self.key, self.value = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
+        self.dense = nn.Linear(C, C)
+        self.attn_dropout = nn.Dropout(config.attention_probs_dropout_prob)
+
+    def forward(self, x, keep):
+        """x (B, T, C); keep None or (B, 1, 1, T) bool, True where the key is a real token. Returns (B, T, C)."""
+        B, T, C = x.size()
+        # (B, T, C) -> (B, H, T, hs): every head attends independently over its own hs-dim slice
+        q, k, v = (lin(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for lin in (self.query, self.key, self.value))
+        if self.attn == "naive":
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, H, T, T) scaled scores
+            if keep is not None:
+                att = att.masked_fill(~keep, float("-inf"))  # no query looks at padding
+            att = self.attn_dropout(F.softmax(att, dim=-1))  # each row: a distribution over the real tokens
+            y = att @ v  # (B, H, T, hs)
+        else:
+            # The same maths in one kernel. A boolean attn_mask means "may attend" (True), as `keep` does.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
+                                               dropout_p=self.dropout_p if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.dense(y)
+
+
+class Layer(nn.Module):
+    """Post-LN Transformer layer, as in Vaswani et al. and BERT: x = LN(x + attn(x)), then x = LN(x + FFN(x)).
+    Trap: GPT-2 moved LayerNorm before each sub-layer (pre-LN); BERT normalises after the residual sum, so the residual
+    stream itself is normalised at every layer. Loading BERT weights into a pre-LN block runs, and gives garbage."""
+
+    def __init__(self, config):
+        super().__init__()
+        C, eps = config.hidden_size, config.layer_norm_eps
+        self.attention = SelfAttention(config)
+        self.attention_norm = nn.LayerNorm(C, eps=eps)
+        self.intermediate = nn.Linear(C, config.intermediate_size)
+        # Trap: BERT's GELU is the exact erf form, x * Phi(x) (nn.GELU's default), not GPT-2's tanh approximation.
+        self.gelu = nn.GELU()
+        self.output = nn.Linear(config.intermediate_size, C)
+        self.output_norm = nn.LayerNorm(C, eps=eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x, keep):
+        x = self.attention_norm(x + self.dropout(self.attention(x, keep)))
+        return self.output_norm(x + self.dropout(self.output(self.gelu(self.intermediate(x)))))
+
+
+class Encoder(nn.Module):
+    """Embeddings -> (projection E -> C when E != C) -> L layers: (B, T) ids -> (B, T, C) hidden states.
+    ALBERT's cross-layer sharing (slide "ALBERT"): one Layer applied num_hidden_layers times, so the parameter count does
+    not grow with depth while the compute does. electra.py builds its generator and discriminator from this class and
+    passes both the same `embeddings` module: ELECTRA shares them (ELECTRA §3.2)."""
+
+    def __init__(self, config, embeddings=None):
+        super().__init__()
+        self.config = config
+        self.embeddings = embeddings if embeddings is not None else Embeddings(config)
+        if config.emb_size != config.hidden_size:
+            # ALBERT §3.1 "factorized embedding parameterization": V x E + E x C parameters instead of V x C.
+            # The name is ELECTRA's (ALBERT calls it embedding_hidden_mapping_in).
+            self.embeddings_project = nn.Linear(config.emb_size, config.hidden_size)
+        n_distinct = 1 if config.share_layers else config.num_hidden_layers
+        self.layer = nn.ModuleList([Layer(config) for _ in range(n_distinct)])
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None):
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)  # one segment: every token is sentence A
+        keep = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        x = self.embeddings(input_ids, token_type_ids)  # (B, T, E)
+        if hasattr(self, "embeddings_project"):
+            x = self.embeddings_project(x)  # (B, T, C)
+        for i in range(self.config.num_hidden_layers):
+            x = self.layer[i % len(self.layer)](x, keep)  # shared: the same module every time
+        return x
+
+
+class MLMHead(nn.Module):
+    """Masked-LM head: dense C -> E, GELU, LayerNorm, then the word embedding matrix transposed (E -> V) plus an output
+    bias of its own. BERT's cls.predictions; ELECTRA's generator head is the same computation.
+    The decoder is tied (Press & Wolf 2017, as in BERT): it IS the input embedding matrix, passed in at every call, so
+    there is one tensor with two uses and no copy that could drift."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.emb_size)
+        self.gelu = nn.GELU()
+        self.LayerNorm = nn.LayerNorm(config.emb_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, h, word_embeddings):
+        """h (..., C), word_embeddings (V, E) -> logits (..., V)."""
+        return self.LayerNorm(self.gelu(self.dense(h))) @ word_embeddings.t() + self.bias
+
+
+class SpanBoundaryHead(nn.Module):
+    """SpanBERT §3.2: predict each token x_i of a masked span (x_s .. x_e) from the two tokens just outside it and the
+    position of x_i inside the span: y_i = f(x_{s-1}, x_{e+1}, p_{i-s+1}), f = two layers of Linear, GELU, LayerNorm,
+    scored against the tied word embeddings plus a bias of its own. It makes span-level meaning collect at the
+    boundaries, where span-selection tasks (question answering) read it."""
+
+    def __init__(self, config):
+        super().__init__()
+        C, E, eps = config.hidden_size, config.emb_size, config.layer_norm_eps
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, C)  # p_1, p_2, ...: offset in the span
+        self.dense1, self.norm1 = nn.Linear(3 * C, C), nn.LayerNorm(C, eps=eps)
+        self.dense2, self.norm2 = nn.Linear(C, E), nn.LayerNorm(E, eps=eps)
+        self.gelu = nn.GELU()
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, left, right, offset, word_embeddings):
+        """left, right (N, C): hidden states of x_{s-1} and x_{e+1}; offset (N,) = i - s; word_embeddings (V, E).
+        Returns (N, V) logits."""
+        h = torch.cat([left, right, self.position_embeddings(offset)], dim=-1)  # (N, 3C)
+        h = self.norm2(self.gelu(self.dense2(self.norm1(self.gelu(self.dense1(h))))))  # (N, E)
+        return h @ word_embeddings.t() + self.bias
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+
+# Our parameter names -> BertLayer's in the released checkpoints (prefix "bert.encoder.layer.{i}.").
+HF_LAYER_NAMES = {
+    "attention.query": "attention.self.query", "attention.key": "attention.self.key",
+    "attention.value": "attention.self.value", "attention.dense": "attention.output.dense",
+    "attention_norm": "attention.output.LayerNorm", "intermediate": "intermediate.dense", "output": "output.dense",
+    "output_norm": "output.LayerNorm",
+}
+
+
+def hf_encoder_names(encoder, prefix):
+    """{our state_dict name: the released name} for an Encoder whose checkpoint prefix is `prefix` ("bert." for BERT,
+    "electra." for ELECTRA). encoder.layer.0.attention.query.weight -> bert.encoder.layer.0.attention.self.query.weight"""
+    names = {}
+    for name, _ in encoder.named_parameters(remove_duplicate=False):
+        if name.startswith("layer."):
+            _, i, rest = name.split(".", 2)
+            module, param = rest.rsplit(".", 1)
+            names[name] = f"{prefix}encoder.layer.{i}.{HF_LAYER_NAMES[module]}.{param}"
+        else:  # embeddings.*, embeddings_project.*: the same names
+            names[name] = prefix + name
+    return names
+
+
+def load_hf_tensors(module, names, sd, path):
+    """Copy sd[names[ours]] into each parameter of `module`. Older uploads name LayerNorm parameters gamma/beta (the
+    TensorFlow names); both are accepted."""
+    with torch.no_grad():
+        for ours, param in module.named_parameters(remove_duplicate=False):
+            if ours not in names:
+                continue  # a head the format does not have (SpanBERT's SBO): it keeps its initialisation
+            key = names[ours]
+            old = key.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+            w = sd.get(key, sd.get(old))
+            if w is None:
+                raise KeyError(f"{path}: missing weight {key!r}")
+            if w.shape != param.shape:
+                raise ValueError(f"{path}: {key} has shape {tuple(w.shape)}, expected {tuple(param.shape)}")
+            param.copy_(w)
+
+
+def config_from_hf(hf, path, **overrides):
+    """Our config fields from a transformers config.json (BERT's or ELECTRA's), checking it is a model we compute."""
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"{path}: activation {hf['hidden_act']!r} is not BERT's exact (erf) GELU")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"{path}: position_embedding_type {hf['position_embedding_type']!r}; only BERT's learned "
+                         f"absolute positions are implemented")
+    fields = dict(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_hidden_layers=hf["num_hidden_layers"],
+                  num_attention_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+                  max_position_embeddings=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
+                  layer_norm_eps=hf.get("layer_norm_eps", 1e-12), pad_token_id=hf.get("pad_token_id") or 0,
+                  hidden_dropout_prob=hf.get("hidden_dropout_prob", 0.1),
+                  attention_probs_dropout_prob=hf.get("attention_probs_dropout_prob", 0.1))
+    fields["max_seq_length"] = min(128, fields["max_position_embeddings"])
+    return {**fields, **overrides}
+
+
+def hf_encoder_config(c, architecture, model_type):
+    """The config.json fields every BERT-family export shares."""
+    return dict(architectures=[architecture], model_type=model_type, vocab_size=c.vocab_size,
+                hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+                num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size, hidden_act="gelu",
+                hidden_dropout_prob=c.hidden_dropout_prob, attention_probs_dropout_prob=c.attention_probs_dropout_prob,
+                max_position_embeddings=c.max_position_embeddings, type_vocab_size=c.type_vocab_size,
+                initializer_range=0.02, layer_norm_eps=c.layer_norm_eps, pad_token_id=max(0, c.pad_token_id),
+                position_embedding_type="absolute", tie_word_embeddings=True)
+
+
+def init_bert_weights(module):
+    """BERT's initialisation (modeling.py, initializer_range 0.02): every weight matrix and embedding ~ N(0, 0.02),
+    biases 0, LayerNorm gain 1 and bias 0."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class BERT(nn.Module):
+    """The encoder with BERT's two pretraining heads, and SpanBERT's boundary head when config.span_boundary."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)  # tanh(W h_[CLS] + b): the sequence summary
+        self.mlm = MLMHead(config)
+        self.nsp = nn.Linear(config.hidden_size, 2)  # on the pooled output; label 0 = IsNext (B follows A), 1 = NotNext
+        if config.span_boundary:
+            self.sbo = SpanBoundaryHead(config)
+        self.apply(init_bert_weights)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, masked_positions=None, spans=None):
+        """-> (mlm_logits, nsp_logits): (B, T, V) and (B, 2).
+
+        masked_positions (B, T) bool: MLM logits only there, (N, V) in row-major order, as BERT's own training code
+        gathers them (computing V logits at every position would be wasted on the 85% that are never scored).
+        spans (left, right, offset), each (N,): for the span-boundary objective, the positions of x_{s-1} and x_{e+1}
+        and i - s for each masked position; then a third output, the (N, V) SBO logits."""
+        h = self.encoder(input_ids, token_type_ids, attention_mask)  # (B, T, C)
+        wte = self.encoder.embeddings.word_embeddings.weight  # (V, E): also the MLM decoder (tied)
+        pooled = torch.tanh(self.pooler(h[:, 0]))  # (B, C): the hidden state of [CLS]
+        nsp_logits = self.nsp(pooled)  # (B, 2)
+        if masked_positions is None:
+            return self.mlm(h, wte), nsp_logits
+        mlm_logits = self.mlm(h[masked_positions], wte)  # (N, V)
+        if spans is None:
+            return mlm_logits, nsp_logits
+        rows = masked_positions.nonzero()[:, 0]  # (N,) the row of each masked position
+        left, right, offset = spans
+        return mlm_logits, nsp_logits, self.sbo(h[rows, left], h[rows, right], offset, wte)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # the tied decoder weight counts once, shared layers once
+
+    def no_weight_decay(self):
+        """None beyond biases and LayerNorm gains (which train.py skips by shape): BERT's optimizer decays the embedding
+        tables, position and segment tables included (AdamWeightDecayOptimizer excludes only LayerNorm and bias)."""
+        return set()
+
+    def flops_per_token(self):
+        """Training FLOPs per token (forward + backward): 6 per weight that every token passes (Kaplan et al. 2020, eq.
+        2.1; a shared layer counts once per use), the attention scores and mixing 12 * L * T * C (PaLM App. B), and the
+        MLM head, which runs on mask_prob of the tokens only."""
+        c = self.config
+        per_layer = sum(p.numel() for p in self.encoder.layer[0].parameters())
+        dense = per_layer * c.num_hidden_layers + (c.emb_size * c.hidden_size if c.emb_size != c.hidden_size else 0)
+        head = c.hidden_size * c.emb_size + c.emb_size * c.vocab_size
+        return 6 * dense + 6 * c.mask_prob * head + 12 * c.num_hidden_layers * c.max_seq_length * c.hidden_size
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Hugging Face format: BertForPreTraining directories (Google's released BERTs, Turc et al.'s small BERTs).
+
+    def _hf_names(self):
+        names = {f"encoder.{k}": v for k, v in hf_encoder_names(self.encoder, "bert.").items()}
+        names.update({"pooler.weight": "bert.pooler.dense.weight", "pooler.bias": "bert.pooler.dense.bias",
+                      "mlm.dense.weight": "cls.predictions.transform.dense.weight",
+                      "mlm.dense.bias": "cls.predictions.transform.dense.bias",
+                      "mlm.LayerNorm.weight": "cls.predictions.transform.LayerNorm.weight",
+                      "mlm.LayerNorm.bias": "cls.predictions.transform.LayerNorm.bias",
+                      "mlm.bias": "cls.predictions.bias",
+                      "nsp.weight": "cls.seq_relationship.weight", "nsp.bias": "cls.seq_relationship.bias"})
+        return names
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides):
+        """Load a BertForPreTraining directory (config.json + model.safetensors or pytorch_model.bin) without
+        transformers. overrides: any BertConfig field that does not change a weight's shape (attn="naive", ...)."""
+        hf, sd = read_hf_dir(path)
+        if hf.get("model_type", "bert") != "bert":
+            raise ValueError(f"{path}: model_type {hf['model_type']!r}, not bert")
+        model = cls(BertConfig(**config_from_hf(hf, path, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                                **overrides)))
+        if "cls.predictions.bias" not in sd and "cls.predictions.decoder.bias" in sd:
+            sd["cls.predictions.bias"] = sd["cls.predictions.decoder.bias"]  # older uploads keep the bias there
+        load_hf_tensors(model, model._hf_names(), sd, path)
+        return model
+
+    def export_hf(self, path):
+        """Write a directory that transformers' BertForPreTraining.from_pretrained(path) loads with the same logits.
+        The span-boundary head (pretraining only; SpanBERT's own release leaves it out too) is not part of the format."""
+        c = self.config
+        if c.share_layers or c.emb_size != c.hidden_size:
+            raise ValueError("export_hf: BertForPreTraining has neither ALBERT's shared layers nor a factorized "
+                             "embedding (share_layers / embedding_size); this model uses them")
+        names = self._hf_names()
+        sd = {names[k]: v.float() for k, v in self.named_parameters() if k in names}
+        write_hf_dir(path, hf_encoder_config(c, "BertForPreTraining", "bert"), sd)
+
+
+Model = BERT
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The data: sentence pairs and packed rows, cut from the corpus's documents and lines (slide "Masked language models",
+# "RoBERTa", "SpanBERT", "ALBERT"). A "sentence" is, as in BERT §3.1, any span of contiguous text; here, a run of the
+# corpus's lines (the plays' verse lines). Every random choice draws from the `generator` the loop passes in, so a
+# resumed run draws the same rows and the same masks.
+
+
+class SplitIndex:
+    """Where the lines and documents of one data.Split are. <|endoftext|> sits between documents as a one-token line of
+    its own (data.py); it is dropped here, so it never ends up inside a segment as if it were text: a document boundary
+    is a boundary. Lines of a document are consecutive, so a run of lines is one contiguous slice of tokens."""
+
+    def __init__(self, split, eot_id):
+        self.tokens = split.tokens
+        starts = np.asarray(split.line_starts, dtype=np.int64)
+        ends = np.append(starts[1:], len(split.tokens)).astype(np.int64)
+        eot = (ends - starts == 1) & (np.asarray(split.tokens[starts], dtype=np.int64) == eot_id)
+        self.starts, self.ends = starts[~eot], ends[~eot]  # line i is tokens[starts[i]:ends[i]]
+        self.n_lines = len(self.starts)
+        doc_starts = np.asarray(split.doc_starts, dtype=np.int64)
+        self.doc = np.searchsorted(doc_starts, self.starts, side="right") - 1  # (n_lines,) document of each line
+        self.docs = np.unique(self.doc)  # the documents that have text in this split
+        self.doc_first = np.searchsorted(self.doc, self.docs, side="left")  # first line of each of them
+        self.doc_end = np.searchsorted(self.doc, self.docs, side="right")  # one past its last line
+        self.cum = np.concatenate([[0], np.cumsum(self.ends - self.starts)])  # text tokens before line i
+
+    def doc_index(self, line):
+        """Index into self.docs of the document that holds `line`."""
+        return int(np.searchsorted(self.docs, self.doc[line]))
+
+    def run(self, i, budget):
+        """(i, j): lines i..j-1, from line i on, until they hold at least `budget` tokens or the document ends (the line
+        that crosses the budget is included, as in BERT's create_pretraining_data; truncation trims it later).
+        With lines of 40, 30, 50 tokens in one document: run(0, 60) -> (0, 2)."""
+        end = self.doc_end[self.doc_index(i)]
+        j = int(np.searchsorted(self.cum, self.cum[i] + budget, side="left"))
+        return i, int(min(max(j, i + 1), end))
+
+    def text(self, i, j):
+        """Token ids of lines i..j-1 (one document): a 1-D int64 array."""
+        return np.asarray(self.tokens[self.starts[i]:self.ends[j - 1]], dtype=np.int64)
+
+
+def truncate_pair(a, b, max_tokens, generator):
+    """BERT's truncate_seq_pair: while the pair is too long, drop a token from the longer side (B on a tie), from its
+    front or its back at random (so neither end of a segment is always the one cut). Returns the new (a, b).
+    truncate_pair(list(range(5)), [9, 9], 5, g) -> ([0, 1, 2], [9, 9]) when both draws say "back"."""
+    excess = len(a) + len(b) - max_tokens
+    if excess <= 0:
+        return a, b
+    a_lo, a_hi, b_lo, b_hi = 0, len(a), 0, len(b)
+    for front in (torch.rand(excess, generator=generator) < 0.5).tolist():
+        if a_hi - a_lo > b_hi - b_lo:
+            a_lo, a_hi = (a_lo + 1, a_hi) if front else (a_lo, a_hi - 1)
+        else:
+            b_lo, b_hi = (b_lo + 1, b_hi) if front else (b_lo, b_hi - 1)
+    return a[a_lo:a_hi], b[b_lo:b_hi]
+
+
+def span_length_law(p, max_len):
+    """P(length = 1..max_len) of SpanBERT's span lengths: Geometric(p) restricted to 1..max_len and renormalised.
+    span_length_law(0.2, 10) -> tensor([0.224, 0.179, 0.143, ...]), mean 3.8 words (SpanBERT §3.1)."""
+    law = torch.tensor([p * (1 - p) ** (n - 1) for n in range(1, max_len + 1)], dtype=torch.float64)
+    return law / law.sum()
+
+
+class PretrainingObjective:
+    """BERT's objectives, each a value of config.objective (train.py's Objective interface):
+
+      mlm+nsp  BERT (Devlin et al. §3.1): [CLS] A [SEP] B [SEP] from one document; B is A's continuation half the time
+               and a segment from another document otherwise; loss = masked LM + next-sentence prediction.
+      mlm      RoBERTa (Liu et al. §4.1-4.2): full lines packed into [CLS] ... [SEP] up to the row length, crossing
+               document boundaries (an extra [SEP] marks one); masked LM only.
+      span     SpanBERT (Joshi et al. §3): rows as mlm; whole spans of words masked; optionally + span-boundary loss.
+      sop      ALBERT (Lan et al. §3.1): two consecutive segments, swapped for half the rows; sentence-order prediction.
+
+    Masking is dynamic (RoBERTa §4.1): drawn when a row is drawn, so the same text gets a new mask every time. Special
+    tokens are never chosen; labels are -100 except at the chosen positions.
+    """
+
+    def __init__(self, config, tokenizer):
+        self.config = c = config
+        self.kind = c.objective
+        self.pairs = c.objective in ("mlm+nsp", "sop")
+        self.cls_id, self.sep_id, self.mask_id, self.pad_id = c.cls_token_id, c.sep_token_id, c.mask_token_id, \
+            c.pad_token_id
+        self.eot_id = tokenizer.eot_id
+        special = torch.zeros(c.vocab_size, dtype=torch.bool)
+        special[list(tokenizer.specials.values())] = True
+        self.special = special  # (V,) never chosen, never drawn as a random replacement
+        self.ordinary = (~special).nonzero()[:, 0]  # the ids a random replacement is drawn from
+        self.raw_tokens_per_row = self.tokens_per_row = c.max_seq_length
+        if self.kind == "span":
+            # A token starts a word if its text starts with whitespace (" the" in GPT-2's BPE; " " itself for
+            # characters) or it is special. SpanBERT measures spans in words, and a masked span never ends mid-word.
+            starts = [True if special[i] else tokenizer.decode([i])[:1].isspace() for i in range(c.vocab_size)]
+            self.word_start = torch.tensor(starts)
+            self.span_law = span_length_law(c.span_p, c.span_max)
+        self._index = (None, None)
+
+    # --- reading the split ---
+
+    def index(self, split):
+        if self._index[0] is not split:
+            self._index = (split, SplitIndex(split, self.eot_id))
+        return self._index[1]
+
+    # --- sentence pairs (mlm+nsp, sop) ---
+
+    def _pair(self, ix, i, g, training):
+        """One pair starting at line i: (a, b, label, line where the next pair may start), or None if the text from
+        line i is a single token (no pair can be cut from it)."""
+        c = self.config
+        max_tokens = c.max_seq_length - 3  # room for [CLS] A [SEP] B [SEP]
+        r = torch.rand(2, generator=g).tolist()
+        target = max_tokens
+        if r[0] < c.short_seq_prob:  # BERT: some pairs shorter, so that short inputs at fine-tuning are no surprise
+            target = int(torch.randint(2, max_tokens + 1, (1,), generator=g))
+        i, j = ix.run(i, target)
+        text = ix.text(i, j)
+        if len(text) < 2:
+            return None
+        if j - i >= 2:  # A = lines i..k-1, B = lines k..j-1: split at a line boundary chosen at random
+            k = int(torch.randint(i + 1, j, (1,), generator=g))
+            cut = int(ix.starts[k] - ix.starts[i])
+        else:  # one line fills the budget: cut it at a token (a "sentence" may be any contiguous span)
+            k = j
+            cut = int(torch.randint(1, len(text), (1,), generator=g))
+        a, b = text[:cut], text[cut:]
+        flip, next_line = r[1] < 0.5, j
+        if self.kind == "mlm+nsp" and flip:
+            other = self._elsewhere(ix, i, j, g, training)
+            if other is None:
+                flip = False  # a piece too small for any other segment: this row is an IsNext row
+            else:
+                o, _ = other
+                o, m = ix.run(o, max(1, target - len(a)))
+                b = ix.text(o, m)
+                next_line = k  # B's lines were not used: they start the next pair (BERT puts them back too)
+        a, b = truncate_pair(a, b, max_tokens, g)
+        if self.kind == "sop" and flip:
+            a, b = b, a  # ALBERT: the same two segments, in the wrong order
+        return a, b, int(flip), next_line
+
+    def _elsewhere(self, ix, i, j, g, training):
+        """A line to start an NSP negative's B at: in another document (BERT). A training split needs two documents;
+        an evaluation slice may hold only one (train.py scores slices of the train split): then a line at least two
+        rows' worth of tokens away from the pair, else any line outside it, else None."""
+        if len(ix.docs) >= 2:
+            d = ix.doc_index(i)
+            other = int(torch.randint(len(ix.docs) - 1, (1,), generator=g))
+            other += other >= d  # uniform over the other documents
+            lo, hi = int(ix.doc_first[other]), int(ix.doc_end[other])
+            return int(torch.randint(lo, hi, (1,), generator=g)), other
+        if training:
+            from data import UsageError
+            raise UsageError(f"--objective {self.kind}: next-sentence prediction draws its negatives from another "
+                             f"document, and the training split has only one; give --data a directory with several "
+                             f".txt files, or use --objective mlm or sop")
+        gap = 2 * self.config.max_seq_length
+        near_lo = int(np.searchsorted(ix.cum, ix.cum[i] - gap, side="right"))
+        near_hi = int(np.searchsorted(ix.cum, ix.cum[j] + gap, side="left"))
+        for lo, hi in ((near_lo, near_hi), (i, j)):
+            n_out = lo + (ix.n_lines - hi)
+            if n_out > 0:
+                pick = int(torch.randint(n_out, (1,), generator=g))
+                return (pick if pick < lo else hi + pick - lo), None
+        return None
+
+    def _pair_rows(self, ix, starts, g, training):
+        rows = []
+        for i in starts:
+            pair = None
+            while pair is None:
+                pair = self._pair(ix, i, g, training)
+                i = int(torch.randint(ix.n_lines, (1,), generator=g)) if pair is None else i
+            rows.append(pair[:3])
+        return rows
+
+    # --- packed rows (mlm, span) ---
+
+    def _packed(self, ix, line, offset=0):
+        """RoBERTa's FULL-SENTENCES: whole lines from `line` on, packed until the next one would not fit in
+        max_seq_length - 2 tokens; crossing into the next document puts a [SEP] between them. A line longer than a
+        whole row is cut. Returns (ids, next line, offset in it): where the following row continues."""
+        budget, parts, n, prev = self.config.max_seq_length - 2, [], 0, None
+        while line < ix.n_lines:
+            sep = int(prev is not None and ix.doc[line] != ix.doc[prev])
+            s, e = int(ix.starts[line]) + offset, int(ix.ends[line])
+            if n + sep + e - s > budget:
+                if not parts:  # one line longer than a row: take what fits, the rest starts the next row
+                    return np.asarray(ix.tokens[s:s + budget], dtype=np.int64), line, offset + budget
+                break
+            if sep:
+                parts.append(np.array([self.sep_id]))
+            parts.append(np.asarray(ix.tokens[s:e], dtype=np.int64))
+            n, prev, line, offset = n + sep + e - s, line, line + 1, 0
+        return np.concatenate(parts), line, 0
+
+    # --- masking ---
+
+    def _rows_to_batch(self, rows, g):
+        """rows: list of (a, b, label) pairs or of single 1-D arrays -> the padded, masked batch."""
+        T, B = self.config.max_seq_length, len(rows)
+        input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        token_type_ids = torch.zeros((B, T), dtype=torch.long)
+        attention_mask = torch.zeros((B, T), dtype=torch.long)
+        for r, row in enumerate(rows):
+            if self.pairs:
+                a, b, _ = row
+                ids = np.concatenate([[self.cls_id], a, [self.sep_id], b, [self.sep_id]])
+                token_type_ids[r, len(a) + 2:len(ids)] = 1  # B and its [SEP] are segment 1
+            else:
+                ids = np.concatenate([[self.cls_id], row, [self.sep_id]])
+            input_ids[r, :len(ids)] = torch.from_numpy(ids.astype(np.int64))
+            attention_mask[r, :len(ids)] = 1
+        batch = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
+        if self.kind == "span":
+            batch.update(self._mask_spans(input_ids, attention_mask, g))
+        else:
+            batch["input_ids"], batch["labels"] = self.mask_tokens(input_ids, attention_mask, g)
+        if self.pairs:
+            batch["next_sentence_label"] = torch.tensor([row[2] for row in rows], dtype=torch.long)
+        return batch
+
+    def candidates(self, input_ids, attention_mask):
+        """(B, T) bool: the positions that may be chosen: real text tokens, never [CLS], [SEP], [PAD], [MASK], EOT."""
+        return attention_mask.bool() & ~self.special[input_ids]
+
+    def choose(self, candidates, g):
+        """(B, T) bool: in each row, round(mask_prob x its candidates) positions, uniformly without replacement. The
+        rounding is random and unbiased (RoBERTa's fairseq: int(p * n + U[0,1))), so the expected share is mask_prob
+        exactly. choose() of a row with 20 candidates at p = 0.15 picks 3 positions."""
+        n = candidates.sum(1)  # (B,)
+        k = (n * self.config.mask_prob + torch.rand(n.shape, generator=g)).floor().long()  # (B,)
+        score = torch.rand(candidates.shape, generator=g).masked_fill(~candidates, 2.0)  # non-candidates sort last
+        rank = score.argsort(dim=1).argsort(dim=1)  # (B, T) each position's place in a random order of its row
+        return rank < k[:, None]
+
+    def mask_tokens(self, input_ids, attention_mask, g):
+        """BERT's masked LM (§3.1, slide "Masked language models"): choose mask_prob of the text tokens; of those,
+        mask_token_prob become [MASK], random_token_prob a random ordinary token, the rest stay as they are (the model
+        cannot tell which unmasked tokens it will be asked about, so it must represent every one). Returns (masked
+        input_ids, labels): labels hold the original token at chosen positions and -100 everywhere else."""
+        chosen = self.choose(self.candidates(input_ids, attention_mask), g)
+        labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+        u = torch.rand(input_ids.shape, generator=g)
+        c = self.config
+        to_mask = chosen & (u < c.mask_token_prob)
+        to_random = chosen & (u >= c.mask_token_prob) & (u < c.mask_token_prob + c.random_token_prob)
+        random_ids = self.ordinary[torch.randint(len(self.ordinary), input_ids.shape, generator=g)]
+        out = torch.where(to_mask, torch.full_like(input_ids, self.mask_id), input_ids)
+        return torch.where(to_random, random_ids, out), labels
+
+    def span_lengths(self, n, g):
+        """(n,) span lengths in words drawn from span_length_law (SpanBERT: Geo(0.2) clipped to 1..10)."""
+        return torch.multinomial(self.span_law, n, replacement=True, generator=g) + 1
+
+    def _mask_spans(self, input_ids, attention_mask, g):
+        """SpanBERT §3.1: until mask_prob of a row's text tokens are chosen, draw a span length L in words from the
+        clipped geometric law and a uniform anchor token, and choose the L whole words starting at the anchor's word.
+        The 80/10/10 rule then applies to each span as a whole (all [MASK], all random, or all unchanged). Spans never
+        overlap, never cross a special token, and the last one is cut to fit the budget exactly."""
+        c, (B, T) = self.config, input_ids.shape
+        cand = self.candidates(input_ids, attention_mask)
+        starts = self.word_start[input_ids] | ~torch.cat([torch.zeros(B, 1, dtype=torch.bool), cand[:, :-1]], 1)
+        out, labels = input_ids.clone(), torch.full_like(input_ids, -100)
+        left, right, offset = (torch.zeros_like(input_ids) for _ in range(3))
+        for r in range(B):
+            pos = cand[r].nonzero()[:, 0].tolist()
+            budget = int(len(pos) * c.mask_prob + float(torch.rand(1, generator=g)))
+            cand_r, start_r, masked, spans, total = cand[r].tolist(), starts[r].tolist(), [False] * T, [], 0
+            while total < budget:
+                lengths = self.span_lengths(32, g).tolist()
+                anchors = torch.randint(len(pos), (32,), generator=g).tolist()
+                for length, anchor in zip(lengths, anchors):
+                    if total >= budget:
+                        break
+                    s = pos[anchor]
+                    if masked[s]:
+                        continue
+                    while not start_r[s] and cand_r[s - 1] and not masked[s - 1]:
+                        s -= 1  # back to the start of the anchor's word
+                    e, words = s, 0
+                    while e < T and cand_r[e] and not masked[e] and total < budget:
+                        words += e == s or start_r[e]
+                        if words > length:
+                            break
+                        masked[e], total, e = True, total + 1, e + 1
+                    spans.append((s, e))
+            how = torch.rand(len(spans), generator=g).tolist()
+            for (s, e), u in zip(spans, how):
+                labels[r, s:e] = input_ids[r, s:e]
+                if u < c.mask_token_prob:
+                    out[r, s:e] = self.mask_id
+                elif u < c.mask_token_prob + c.random_token_prob:
+                    out[r, s:e] = self.ordinary[torch.randint(len(self.ordinary), (e - s,), generator=g)]
+                left[r, s:e], right[r, s:e], offset[r, s:e] = s - 1, e, torch.arange(e - s)
+        batch = {"input_ids": out, "labels": labels}
+        if c.span_boundary:
+            batch.update(span_left=left, span_right=right, span_offset=offset)
+        return batch
+
+    # --- train.py's interface ---
+
+    def train_batch(self, split, batch_size, generator):
+        """batch_size rows, each starting at a line drawn uniformly from the split, masked afresh."""
+        ix = self.index(split)
+        if ix.n_lines == 0:
+            from data import UsageError
+            raise UsageError("the training split holds no text lines")
+        starts = torch.randint(ix.n_lines, (batch_size,), generator=generator).tolist()
+        if self.pairs:
+            rows = self._pair_rows(ix, starts, generator, training=True)
+        else:
+            rows = [self._packed(ix, i)[0] for i in starts]
+        return self._rows_to_batch(rows, generator)
+
+    def eval_batches(self, split, batch_size):
+        """The whole split, in order: every line once (pairs: as A or B; packed rows: every token once), with masks and
+        pair choices from a generator seeded here, so every evaluation scores the same rows with the same masks."""
+        ix, g = self.index(split), torch.Generator().manual_seed(EVAL_SEED)
+        rows, line, offset = [], 0, 0
+        while line < ix.n_lines:
+            if self.pairs:
+                pair = self._pair(ix, line, g, training=False)
+                if pair is None:
+                    line += 1
+                    continue
+                rows.append(pair[:3])
+                line = max(pair[3], line + 1)
+            else:
+                ids, line, offset = self._packed(ix, line, offset)
+                rows.append(ids)
+            if len(rows) == batch_size:
+                yield self._rows_to_batch(rows, g)
+                rows = []
+        if rows:
+            yield self._rows_to_batch(rows, g)
+
+    @staticmethod
+    def count_tokens(batch):
+        return int(batch["attention_mask"].sum())  # real tokens: padding is not work done on text
+
+    def denominators(self, batch):
+        """Each loss term's count over the whole step: masked positions for MLM (and SBO), rows for NSP/SOP."""
+        den = {"mlm": int((batch["labels"] != -100).sum())}
+        if self.pairs:
+            den["pair"] = batch["input_ids"].size(0)
+        return den
+
+    def loss(self, model, batch, denominators=None):
+        """(MLM mean over masked positions [+ NSP/SOP mean over rows] [+ SBO mean over masked positions], sums). The
+        terms are added unweighted, as in BERT and SpanBERT."""
+        den = denominators or self.denominators(batch)
+        labels = batch["labels"]
+        chosen = labels != -100
+        spans = None
+        if self.config.span_boundary:
+            spans = (batch["span_left"][chosen], batch["span_right"][chosen], batch["span_offset"][chosen])
+        out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], masked_positions=chosen,
+                    spans=spans)
+        target = labels[chosen]  # (N,)
+        mlm_nll = F.cross_entropy(out[0].float(), target, reduction="sum")
+        loss = mlm_nll / max(1, den["mlm"])
+        stats = {"mlm_nll": mlm_nll.detach(), "masked": chosen.sum(),
+                 "mlm_correct": (out[0].argmax(-1) == target).sum()}
+        if self.pairs:
+            y = batch["next_sentence_label"]
+            pair_nll = F.cross_entropy(out[1].float(), y, reduction="sum")
+            loss = loss + pair_nll / max(1, den["pair"])
+            stats.update(pair_nll=pair_nll.detach(), rows=torch.tensor(y.numel()),
+                         pair_correct=(out[1].argmax(-1) == y).sum())
+        if spans is not None:
+            sbo_nll = F.cross_entropy(out[2].float(), target, reduction="sum")
+            loss = loss + sbo_nll / max(1, den["mlm"])
+            stats.update(sbo_nll=sbo_nll.detach(), sbo_correct=(out[2].argmax(-1) == target).sum())
+        return loss, stats
+
+    def summarize(self, sums):
+        """loss = the sum of the terms' means (what training minimises), then each term and its accuracy."""
+        masked = max(1.0, float(sums["masked"]))
+        m = {"mlm_loss": float(sums["mlm_nll"]) / masked, "mlm_acc": float(sums["mlm_correct"]) / masked}
+        if self.pairs:
+            name = "nsp" if self.kind == "mlm+nsp" else "sop"
+            rows = max(1.0, float(sums["rows"]))
+            m.update({f"{name}_loss": float(sums["pair_nll"]) / rows, f"{name}_acc": float(sums["pair_correct"]) / rows})
+        if "sbo_nll" in sums:
+            m.update(sbo_loss=float(sums["sbo_nll"]) / masked, sbo_acc=float(sums["sbo_correct"]) / masked)
+        return {"loss": sum(v for k, v in m.items() if k.endswith("_loss")), **m}
+
+
+EVAL_SEED = 1234  # the masks and pair choices of every evaluation (never the loop's generator: training stays untouched)
+Objective = PretrainingObjective
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Demo: what a run shows when it ends (train.py calls demo()), and filling masks from a checkpoint or a released model.
+
+
+@dataclass
+class DemoConfig:
+    # char-level default: a masked letter in three common words of a play the model never sees (Julius Caesar)
+    fill_text: str = "Friends, Romans, countrymen, lend me y[MASK]ur ears; I come to bury Caesar, n[MASK]t to praise h[MASK]m."
+    top_k: int = 5  # candidates shown per [MASK] (0 = no demo)
+
+
+@torch.no_grad()
+def fill_masks(model, tokenizer, text, top_k, device="cpu"):
+    """Predict every [MASK] in `text` in one pass, as BERT does (each mask independently of the others). Returns
+    (the text with each mask replaced by its best candidate, [[(candidate, probability), ...] per mask])."""
+    from data import UsageError
+    mask_id = tokenizer.specials["[MASK]"]
+    ids = tokenizer.encode(text)
+    if mask_id not in ids:
+        raise UsageError("the sentence has no [MASK] to fill (write [MASK] where a token should be predicted)")
+    cls_id, sep_id = tokenizer.specials["[CLS]"], tokenizer.specials["[SEP]"]
+    row = torch.tensor([[cls_id, *ids, sep_id]], device=device)  # the input format BERT was trained on
+    if row.size(1) > model.config.max_position_embeddings:
+        raise UsageError(f"the sentence is {row.size(1)} tokens with [CLS] and [SEP]; this model reads at most "
+                         f"{model.config.max_position_embeddings}")
+    was_training = model.training
+    model.eval()
+    logits, _ = model(row)
+    model.train(was_training)
+    probs = logits[0, 1:-1].float().softmax(-1)  # (len(ids), V)
+    probs[:, list(tokenizer.specials.values())] = 0  # a [MASK] is text: never fill it with [SEP] or [PAD]
+    filled, candidates = list(ids), []
+    for t in [t for t, i in enumerate(ids) if i == mask_id]:
+        top = probs[t].topk(top_k)
+        candidates.append([(tokenizer.decode([i]), p) for p, i in zip(top.values.tolist(), top.indices.tolist())])
+        filled[t] = top.indices[0].item()
+    return tokenizer.decode(filled), candidates
+
+
+def print_fill(text, filled, candidates):
+    print(text)
+    for n, cands in enumerate(candidates, 1):
+        print(f"  [MASK] {n}: " + " | ".join(f"{c!r} {p:.3f}" for c, p in cands))
+    print(f"  filled: {filled}")
+
+
+def demo(model, tokenizer, cfg, device):
+    """Fill the masks of cfg.fill_text: what the model has learned, in its own words."""
+    from data import UsageError
+    if cfg.top_k <= 0:
+        return
+    try:
+        filled, candidates = fill_masks(model, tokenizer, cfg.fill_text, cfg.top_k, device)
+    except UsageError as e:  # e.g. a sentence longer than a small model's position table: the run itself is fine
+        print(f"demo skipped: {e} (--fill-text sets the sentence)")
+        return
+    print("-" * 80)
+    print_fill(cfg.fill_text, filled, candidates)
+    print("-" * 80)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Fill every [MASK] in a sentence with a BERT: a checkpoint written by "
+                                            "train.py (--ckpt) or a Hugging Face BertForPreTraining directory with its "
+                                            "vocab.txt (--hf).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="path to ckpt.pt (e.g. out/bert/ckpt.pt)")
+    src.add_argument("--hf", help="a BertForPreTraining directory: config.json, model.safetensors or pytorch_model.bin, "
+                                  "and vocab.txt (read by bpe.WordPiece)")
+    p.add_argument("text", help='a sentence with one or more [MASK], e.g. "my dog is [MASK]."')
+    p.add_argument("--top-k", type=int, default=5, help="candidates to show per [MASK]")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    import bpe
+    import data
+    import train
+
+    try:
+        if args.top_k < 1:
+            raise train.UsageError("--top-k must be at least 1")
+        if args.ckpt:
+            ckpt = train.load_checkpoint(args.ckpt, "--ckpt")
+            if ckpt["train_config"]["model"] != "bert":
+                raise train.UsageError(f"--ckpt {args.ckpt}: a checkpoint of --model {ckpt['train_config']['model']}, "
+                                       f"not bert")
+            model = BERT(BertConfig(**ckpt["model_config"]))
+            model.load_state_dict(ckpt["model"])
+            tokenizer = data.tokenizer_from_identity(ckpt["tokenizer"])
+        else:
+            vocab = os.path.join(args.hf, "vocab.txt")
+            if not os.path.exists(vocab):
+                raise train.UsageError(f"--hf {args.hf}: no vocab.txt (BERT's WordPiece vocabulary) in the directory")
+            try:
+                model = BERT.from_pretrained(args.hf)
+                tokenizer = bpe.WordPiece.from_vocab_file(vocab)
+            except (OSError, KeyError, ValueError) as e:
+                raise train.UsageError(f"--hf {args.hf}: {e}") from None
+            missing = [s for s in ("[CLS]", "[SEP]", "[MASK]") if s not in tokenizer.specials]
+            if missing:
+                raise train.UsageError(f"--hf {args.hf}: vocab.txt lacks {', '.join(missing)}")
+        filled, candidates = fill_masks(model.to(args.device), tokenizer, args.text, args.top_k, args.device)
+    except train.UsageError as e:
+        print(f"bert.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print_fill(args.text, filled, candidates)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,470 @@
+"""
+ELECTRA: replaced-token detection. A small generator fills masked positions; a discriminator labels every token as
+original or replaced, so the loss covers all tokens instead of the 15% a masked LM is scored on.
+
+Paper
+  - Clark et al. 2020, "ELECTRA: Pre-training Text Encoders as Discriminators Rather Than Generators": the method
+    (§2, Fig. 2, the combined loss min L_MLM + lambda L_Disc with lambda = 50), weight sharing between generator and
+    discriminator (§3.2: the embeddings, token and position), smaller generators (§3.2, Fig. 3: 1/4 to 1/2 of the
+    discriminator's size work best), the hyper-parameters (App. A, Table 6).
+  - The released code (github.com/google-research/electra: run_pretraining.py, pretrain/pretrain_helpers.py) fixes what
+    the paper leaves open: 85% of the chosen positions get [MASK] and 15% keep their token (no random tokens), the
+    generator's size multiplier applies to the hidden size (feed-forward 4x hidden, one head per 64 dimensions), and a
+    position counts as "replaced" only where it was masked AND the generator's sample differs from the original.
+  Slide (lecture 001): "Discriminative training" (loss on all tokens, not just the masked ones; ELECTRA); the masked LM
+  it starts from is bert.py's ("Masked language models (MLMs)").
+
+Both networks are bert.py's Encoder (imported, not copied): post-LN BERT layers. They share one Embeddings module
+(word, position, token type, embedding LayerNorm); each has its own `embeddings_project` when its hidden size differs
+from the embedding size. Loads and exports Hugging Face's ElectraForMaskedLM (generator) + ElectraForPreTraining
+(discriminator) pairs; tests/test_electra.py checks both against transformers.
+
+Run
+  python train.py --model electra                          # char-level ELECTRA on Shakespeare, CPU, minutes
+  python electra.py --ckpt out/electra/ckpt.pt "Friends, Romans, countrymen, lend me your ears"   # corrupt + flag
+  python electra.py --ckpt out/electra/ckpt.pt --as-is "Friends, Romans, countrymen, lend me your cars"
+
+Legend
+  B batch size, T sequence length, C hidden size (discriminator), C_g the generator's, E embedding size, V vocabulary,
+  N masked positions in a batch. input_ids etc. (B, T) as in bert.py.
+"""
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bert
+from hf_io import read_hf_dir, write_hf_dir
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config and presets
+
+
+@dataclass
+class ElectraConfig:
+    vocab_size: int = 30522  # V (train.py overwrites it from the tokenizer it builds)
+    hidden_size: int = 256  # C: the discriminator's width
+    num_hidden_layers: int = 12  # L: both networks have this depth
+    num_attention_heads: int = 4  # the discriminator's heads
+    intermediate_size: int = 1024  # the discriminator's feed-forward width
+    embedding_size: int = 128  # E, shared by both networks; 0 = hidden_size. ELECTRA-Small: 128 < C = 256
+    max_position_embeddings: int = 512  # rows of the learned position table
+    type_vocab_size: int = 2  # segment embeddings, as in BERT
+    generator_size: float = 0.25  # generator hidden size / discriminator's (Small: 1/4); its FFN is 4x, one head per 64
+    disc_weight: float = 50.0  # lambda: weight of the discriminator's loss (ELECTRA §2)
+    hidden_dropout_prob: float = 0.1  # dropout on embeddings and sub-layer outputs
+    attention_probs_dropout_prob: float = 0.1  # dropout on attention probabilities
+    layer_norm_eps: float = 1e-12  # BERT's value
+    attn: str = "sdpa"  # "naive" | "sdpa" (bert.py's two attention paths)
+    max_seq_length: int = 128  # tokens per training row, [CLS] and [SEP] included
+    mask_prob: float = 0.15  # share of text tokens the generator must fill (Small and Base: 15%)
+    mask_token_prob: float = 0.85  # of those, replaced by [MASK]; the rest keep their token (released code)
+    random_token_prob: float = 0.0  # ELECTRA uses no random replacement tokens: the generator provides them
+    pad_token_id: int = 0  # [PAD] (train.py sets the [SPECIAL] ids from the tokenizer)
+    mask_token_id: int = -1  # [MASK]
+    cls_token_id: int = -1  # [CLS]
+    sep_token_id: int = -1  # [SEP]
+
+    # What bert.PretrainingObjective reads besides the fields above: rows are RoBERTa-style packed full sentences.
+    objective = "mlm"
+    span_boundary = False
+    short_seq_prob = 0.0
+
+    def __post_init__(self):
+        if self.embedding_size < 0 or not 0 < self.generator_size <= 1:
+            raise ValueError("need embedding_size >= 0 and 0 < generator_size <= 1")
+        self.discriminator_config(), self.generator_config()  # BERT's checks: heads divide the width, lengths fit, ...
+
+    def _bert(self, **kw):
+        fields = {k: v for k, v in asdict(self).items() if k in bert.BertConfig.__dataclass_fields__}
+        return bert.BertConfig(**{**fields, "embedding_size": self.embedding_size or self.hidden_size, **kw})
+
+    def discriminator_config(self):
+        return self._bert()
+
+    def generator_config(self):
+        """ELECTRA's get_generator_config: hidden size scaled, feed-forward 4x hidden, one attention head per 64."""
+        h = int(round(self.hidden_size * self.generator_size))
+        return self._bert(hidden_size=h, intermediate_size=4 * h, num_attention_heads=max(1, h // 64))
+
+
+Config = ElectraConfig
+
+# ELECTRA's recipe (App. A, Table 6; the released configure_pretraining.py): Adam lr 5e-4 (Small), beta2 0.999, epsilon
+# 1e-6 (the loop's is 1e-8: train.py has no flag for it), weight decay 0.01, 10k warm-up steps then linear decay to 0,
+# dropout 0.1, batch 128 sequences of 128 tokens, 1M steps.
+PRESETS = {
+    # The quick start: a character-level ELECTRA on a laptop CPU in a few minutes (README path 7). The discriminator is
+    # bert.py's char-cpu model. What a short run needs, measured on the 2-core CPU (README errata): lr 5e-4 (ELECTRA-
+    # Small's), because at 1e-3 the discriminator collapsed to always answering "original" and never left it; 64-character
+    # rows, for twice the steps in the same time, since the discriminator first sits at that trivial answer for hundreds
+    # of steps; and a generator 1/8 of the discriminator instead of ELECTRA-Small's 1/4: its samples are easier to spot,
+    # and after 2,000 steps the discriminator caught 6.5% of the replaced characters (1/4: 1.5%). Dropout 0.
+    "char-cpu": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
+                     embedding_size=0, generator_size=0.125, max_position_embeddings=128, max_seq_length=64,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn="naive", tokenizer="char",
+                     batch_size=32, lr=5e-4, min_lr=5e-5, warmup_iters=100, max_iters=2400, eval_interval=600,
+                     eval_tokens=131072, weight_decay=0.01, beta2=0.99),
+    # For tests and for trying flags in seconds.
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, embedding_size=16,
+                 max_position_embeddings=64, max_seq_length=64, hidden_dropout_prob=0.0,
+                 attention_probs_dropout_prob=0.0, batch_size=8, max_iters=20, warmup_iters=5, eval_interval=10,
+                 eval_tokens=4096, lr=1e-3, flag_text="lend me your ears; I come to bury Caesar"),
+    # ELECTRA-Small (14M): 12 layers, hidden 256, 4 heads, FFN 1024, embeddings 128, generator 1/4 (hidden 64, 1 head).
+    # Vocabulary: our BPE at 30,518 ids + [CLS] [SEP] [MASK] [PAD] = BERT's 30,522, as ELECTRA uses BERT's.
+    "electra-small": dict(hidden_size=256, num_hidden_layers=12, num_attention_heads=4, intermediate_size=1024,
+                          embedding_size=128, generator_size=0.25, max_position_embeddings=512, max_seq_length=128,
+                          hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, tokenizer="bpe", vocab_size=30518,
+                          lr=5e-4, min_lr=0.0, schedule="linear", warmup_iters=10_000, max_iters=1_000_000,
+                          weight_decay=0.01, beta2=0.999, grad_clip=1.0, batch_size=128, eval_interval=10_000),
+}
+DEFAULT_PRESET = "char-cpu"
+
+SPECIAL_TOKENS = bert.SPECIAL_TOKENS
+TOKEN_IDS = bert.TOKEN_IDS
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The two networks
+
+
+class Generator(nn.Module):
+    """A small masked LM (ELECTRA §2): bert.py's Encoder at C_g, then BERT's MLM head (dense C_g -> E, GELU, LayerNorm,
+    the shared word embeddings transposed + a bias). Hugging Face: ElectraForMaskedLM."""
+
+    def __init__(self, config, embeddings):
+        super().__init__()
+        self.encoder = bert.Encoder(config, embeddings)
+        self.head = bert.MLMHead(config)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, masked_positions=None):
+        """-> (B, T, V) logits; with masked_positions (B, T) bool, (N, V) at those positions only."""
+        h = self.encoder(input_ids, token_type_ids, attention_mask)  # (B, T, C_g)
+        if masked_positions is not None:
+            h = h[masked_positions]  # (N, C_g)
+        return self.head(h, self.encoder.embeddings.word_embeddings.weight)
+
+
+class Discriminator(nn.Module):
+    """bert.py's Encoder, then a per-token binary classifier: dense C -> C, GELU, dense C -> 1. Its logit > 0 means
+    "this token was replaced". Hugging Face: ElectraForPreTraining."""
+
+    def __init__(self, config, embeddings):
+        super().__init__()
+        self.encoder = bert.Encoder(config, embeddings)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.gelu = nn.GELU()
+        self.dense_prediction = nn.Linear(config.hidden_size, 1)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None):
+        """-> (B, T) logits of "replaced"."""
+        h = self.encoder(input_ids, token_type_ids, attention_mask)  # (B, T, C)
+        return self.dense_prediction(self.gelu(self.dense(h))).squeeze(-1)
+
+
+def sample_categorical(logits, uniform):
+    """One token per row of logits (N, V), drawn from softmax(logits) by inverting its cumulative distribution with
+    one uniform number per row (N,): the first id whose cumulative probability exceeds it. An exact categorical sample
+    (the released code uses the Gumbel-max trick, the same distribution), and reproducible from `uniform` alone.
+    sample_categorical(torch.log(torch.tensor([[0.2, 0.5, 0.3]])), torch.tensor([0.6])) -> tensor([1])"""
+    cdf = logits.float().softmax(-1).cumsum(-1)  # (N, V)
+    idx = (cdf < uniform[:, None] * cdf[:, -1:]).sum(-1)  # (N,) how many ids lie entirely below the draw
+    return idx.clamp(max=logits.size(-1) - 1)
+
+
+class ELECTRA(nn.Module):
+    """Generator and discriminator in one module, trained by one optimizer with one loss (ELECTRA §2):
+        L = L_MLM(generator) + disc_weight * L_Disc(discriminator)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        disc, gen = config.discriminator_config(), config.generator_config()
+        embeddings = bert.Embeddings(disc)  # §3.2: the generator and the discriminator share all embedding parameters
+        self.generator = Generator(gen, embeddings)
+        self.discriminator = Discriminator(disc, embeddings)
+        self.apply(bert.init_bert_weights)
+
+    def forward(self, input_ids, labels, token_type_ids=None, attention_mask=None, sample_noise=None):
+        """input_ids (B, T): the masked text; labels (B, T): the original token at each masked position, -100 elsewhere.
+        Returns (generator logits (N, V) at the masked positions, discriminator logits (B, T), replaced (B, T) bool,
+        the discriminator's input (B, T)).
+
+        The generator's sample fills each masked position; the discriminator reads the ORIGINAL text with those samples
+        in it (not the [MASK]s). No gradient flows through the sample: the generator learns from its MLM loss alone
+        (ELECTRA §2: back-propagating the discriminator's loss through sampling is not possible, and GAN-style training
+        of the generator worked worse, §3.2). The draw uses the global torch RNG (which train.py saves with a run), or
+        sample_noise (B, T) uniforms where given, so an evaluation is the same every time."""
+        chosen = labels != -100  # (B, T) the masked positions
+        gen_logits = self.generator(input_ids, token_type_ids, attention_mask, masked_positions=chosen)  # (N, V)
+        with torch.no_grad():
+            u = torch.rand(gen_logits.size(0), device=gen_logits.device) if sample_noise is None else sample_noise[chosen]
+            sampled = sample_categorical(gen_logits.detach(), u)  # (N,)
+        original = torch.where(chosen, labels, input_ids)  # (B, T) the text before masking
+        corrupted = original.masked_scatter(chosen, sampled)  # samples written in row-major order, as `chosen` lists them
+        # Trap: a sample equal to the original is NOT replaced. Labelling every masked position "replaced" would teach
+        # the discriminator to flag the generator's correct guesses, the very tokens that are genuine.
+        replaced = chosen & (corrupted != original)
+        disc_logits = self.discriminator(corrupted, token_type_ids, attention_mask)  # (B, T)
+        return gen_logits, disc_logits, replaced, corrupted
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # shared embeddings count once
+
+    def no_weight_decay(self):
+        return set()  # as BERT: only biases and LayerNorm gains are exempt (train.py skips those by shape)
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6 per weight every token passes in both networks (a shared weight once per use),
+        attention 12 * L * T * C for each, the generator's MLM head on mask_prob of the tokens, the discriminator's head
+        on all of them (Kaplan et al. 2020 eq. 2.1; PaLM App. B)."""
+        c, total = self.config, 0
+        for net, cfg in ((self.generator, c.generator_config()), (self.discriminator, c.discriminator_config())):
+            enc = net.encoder
+            dense = sum(p.numel() for p in enc.layer.parameters()) + \
+                sum(p.numel() for p in getattr(enc, "embeddings_project", nn.Identity()).parameters())
+            total += 6 * dense + 12 * cfg.num_hidden_layers * c.max_seq_length * cfg.hidden_size
+        gen = c.generator_config()
+        total += 6 * c.mask_prob * (gen.hidden_size * gen.emb_size + gen.emb_size * c.vocab_size)
+        total += 6 * (c.hidden_size * c.hidden_size + c.hidden_size)
+        return total
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Hugging Face format: an ElectraForMaskedLM directory (generator) and an ElectraForPreTraining one (discriminator),
+    # as Google's released pairs (electra-small-generator / electra-small-discriminator, ...) come.
+
+    def _hf_names(self):
+        gen = {f"encoder.{k}": v for k, v in bert.hf_encoder_names(self.generator.encoder, "electra.").items()}
+        gen.update({"head.dense.weight": "generator_predictions.dense.weight",
+                    "head.dense.bias": "generator_predictions.dense.bias",
+                    "head.LayerNorm.weight": "generator_predictions.LayerNorm.weight",
+                    "head.LayerNorm.bias": "generator_predictions.LayerNorm.bias",
+                    "head.bias": "generator_lm_head.bias"})
+        disc = {f"encoder.{k}": v for k, v in bert.hf_encoder_names(self.discriminator.encoder, "electra.").items()}
+        disc.update({f"{n}.{p}": f"discriminator_predictions.{n}.{p}" for n in ("dense", "dense_prediction")
+                     for p in ("weight", "bias")})
+        return gen, disc
+
+    @classmethod
+    def from_pretrained(cls, generator_path, discriminator_path=None, **overrides):
+        """Load an ElectraForMaskedLM directory and an ElectraForPreTraining directory (each config.json + weights)
+        without transformers; with one argument, a directory holding generator/ and discriminator/ (what
+        export_hf(path) writes, and what train.py --init-from passes). The two must come from one training run: their
+        embeddings are one set of parameters here, and are checked to be equal."""
+        if discriminator_path is None:
+            both = generator_path
+            generator_path, discriminator_path = os.path.join(both, "generator"), os.path.join(both, "discriminator")
+            if not (os.path.isdir(generator_path) and os.path.isdir(discriminator_path)):
+                raise FileNotFoundError(f"{both}: expected generator/ and discriminator/ directories in it (or give "
+                                        f"the two directories separately)")
+        hf_g, sd_g = read_hf_dir(generator_path)
+        hf_d, sd_d = read_hf_dir(discriminator_path)
+        for path, hf in ((generator_path, hf_g), (discriminator_path, hf_d)):
+            if hf.get("model_type") != "electra":
+                raise ValueError(f"{path}: model_type {hf.get('model_type')!r}, not electra")
+        d = bert.config_from_hf(hf_d, discriminator_path, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        for key in ("vocab_size", "embedding_size", "max_position_embeddings", "type_vocab_size", "num_hidden_layers"):
+            if hf_g.get(key) != hf_d.get(key):
+                raise ValueError(f"{generator_path} and {discriminator_path} differ in {key} ({hf_g.get(key)} vs "
+                                 f"{hf_d.get(key)}): not a generator/discriminator pair")
+        d.update(embedding_size=hf_d["embedding_size"], generator_size=hf_g["hidden_size"] / d["hidden_size"])
+        config = ElectraConfig(**{k: v for k, v in d.items() if k in ElectraConfig.__dataclass_fields__}, **overrides)
+        gen = config.generator_config()
+        if (gen.hidden_size, gen.num_attention_heads, gen.intermediate_size) != \
+                (hf_g["hidden_size"], hf_g["num_attention_heads"], hf_g["intermediate_size"]):
+            raise ValueError(f"{generator_path}: hidden {hf_g['hidden_size']}, heads {hf_g['num_attention_heads']}, "
+                             f"FFN {hf_g['intermediate_size']} do not follow ELECTRA's generator rule (heads = hidden "
+                             f"/ 64, FFN = 4 x hidden)")
+        model = cls(config)
+        names_g, names_d = model._hf_names()
+        bert.load_hf_tensors(model.discriminator, names_d, sd_d, discriminator_path)
+        for ours, key in names_g.items():
+            if key.startswith("electra.embeddings.") and key in sd_g and key in sd_d and \
+                    not torch.equal(sd_g[key].to(sd_d[key].dtype), sd_d[key]):
+                raise ValueError(f"{generator_path}: {key} differs from the discriminator's; ELECTRA shares its "
+                                 f"embeddings, so these two checkpoints were not trained together")
+        bert.load_hf_tensors(model.generator, {k: v for k, v in names_g.items() if not k.startswith("encoder.embeddings.")},
+                             sd_g, generator_path)
+        return model
+
+    def export_hf(self, generator_path, discriminator_path=None):
+        """Write the two directories that ElectraForMaskedLM.from_pretrained and ElectraForPreTraining.from_pretrained
+        load with the same logits (each with its own copy of the shared embeddings). With one argument, generator/ and
+        discriminator/ inside it."""
+        if discriminator_path is None:
+            generator_path, discriminator_path = (os.path.join(generator_path, d) for d in ("generator", "discriminator"))
+        c = self.config
+        names_g, names_d = self._hf_names()
+        for path, net, names, part, arch in ((generator_path, self.generator, names_g, c.generator_config(),
+                                              "ElectraForMaskedLM"),
+                                             (discriminator_path, self.discriminator, names_d, c.discriminator_config(),
+                                              "ElectraForPreTraining")):
+            hf = bert.hf_encoder_config(part, arch, "electra")
+            hf.update(embedding_size=part.emb_size, summary_type="first", summary_use_proj=True,
+                      summary_activation="gelu", summary_last_dropout=0.1)
+            sd = {names[k]: v.float() for k, v in net.named_parameters(remove_duplicate=False)}
+            write_hf_dir(path, hf, sd)
+
+
+Model = ELECTRA
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The objective: replaced-token detection. Rows and masking are bert.py's (packed full sentences, dynamic masking);
+# what differs is the model's two outputs and the combined loss.
+
+
+class ReplacedTokenDetection(bert.PretrainingObjective):
+    """ELECTRA's objective (train.py's Objective interface). The generator's MLM loss is a mean over the masked
+    positions; the discriminator's binary cross-entropy a mean over every real token ([CLS] and [SEP] too, as released;
+    never padding); loss = L_MLM + disc_weight * L_Disc."""
+
+    def eval_batches(self, split, batch_size):
+        """bert.py's evaluation rows and masks, plus the uniforms the generator's samples are drawn with: fixed here,
+        so every evaluation scores the same corrupted text (and never draws from the global RNG, which would shift
+        the training run's later samples and dropout masks)."""
+        g = torch.Generator().manual_seed(bert.EVAL_SEED + 1)
+        for batch in super().eval_batches(split, batch_size):
+            batch["sample_noise"] = torch.rand(batch["input_ids"].shape, generator=g)
+            yield batch
+
+    def denominators(self, batch):
+        return {"mlm": int((batch["labels"] != -100).sum()), "disc": int(batch["attention_mask"].sum())}
+
+    def loss(self, model, batch, denominators=None):
+        den = denominators or self.denominators(batch)
+        labels, real = batch["labels"], batch["attention_mask"].bool()
+        gen_logits, disc_logits, replaced, _ = model(batch["input_ids"], labels, batch["token_type_ids"],
+                                                     batch["attention_mask"], batch.get("sample_noise"))
+        target = labels[labels != -100]  # (N,)
+        mlm_nll = F.cross_entropy(gen_logits.float(), target, reduction="sum")
+        disc_nll = F.binary_cross_entropy_with_logits(disc_logits.float()[real], replaced[real].float(), reduction="sum")
+        loss = mlm_nll / max(1, den["mlm"]) + self.config.disc_weight * disc_nll / max(1, den["disc"])
+        flagged = disc_logits > 0
+        return loss, {"mlm_nll": mlm_nll.detach(), "masked": (labels != -100).sum(),
+                      "mlm_correct": (gen_logits.argmax(-1) == target).sum(), "disc_nll": disc_nll.detach(),
+                      "tokens": real.sum(), "disc_correct": (flagged == replaced)[real].sum(),
+                      "replaced": replaced.sum(), "caught": (flagged & replaced).sum()}
+
+    def summarize(self, sums):
+        """loss as trained; the generator's MLM loss and accuracy; the discriminator's loss, its accuracy over all real
+        tokens and over the replaced ones (its recall), and the two numbers to judge those against: the share of tokens
+        that were replaced (always answering "original" scores 1 minus that) and disc_prior_loss, the loss of always
+        predicting that share (its binary entropy). A discriminator that has learned nothing about context sits there."""
+        masked, tokens, replaced = (max(1.0, float(sums[k])) for k in ("masked", "tokens", "replaced"))
+        gen_loss, disc_loss = float(sums["mlm_nll"]) / masked, float(sums["disc_nll"]) / tokens
+        share = float(sums["replaced"]) / tokens
+        prior = -sum(p * math.log(p) for p in (share, 1 - share) if p > 0)
+        return {"loss": gen_loss + self.config.disc_weight * disc_loss, "gen_loss": gen_loss,
+                "gen_acc": float(sums["mlm_correct"]) / masked, "disc_loss": disc_loss, "disc_prior_loss": prior,
+                "disc_acc": float(sums["disc_correct"]) / tokens,
+                "disc_acc_replaced": float(sums["caught"]) / replaced, "replaced": share}
+
+
+Objective = ReplacedTokenDetection
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Demo: corrupt a sentence with the generator and show what the discriminator flags.
+
+
+@dataclass
+class DemoConfig:
+    # a play the char-cpu run never sees (Julius Caesar); '' = no demo
+    flag_text: str = "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him."  # text to corrupt and flag
+    demo_seed: int = 0  # seeds which positions are masked and what the generator samples there
+
+
+def _render(tokenizer, ids, marks):
+    """Decode ids on one line, wrapping each marked token in {braces}; newlines and tabs shown as \\n and \\t.
+    _render(char tokenizer, ids of "ab\\nc", [False, True, True, False]) -> 'a{b}{\\n}c'"""
+    text = [tokenizer.decode([i]).replace("\n", "\\n").replace("\t", "\\t") for i in ids]
+    return "".join("{" + t + "}" if m else t for t, m in zip(text, marks))
+
+
+@torch.no_grad()
+def flag(model, tokenizer, text, device="cpu", seed=0, as_is=False):
+    """(corrupted ids, replaced (T,) bool, flagged (T,) bool) for `text` without [CLS]/[SEP]. Unless as_is, the text
+    is first corrupted as in training: mask_prob of its tokens masked (seeded), the generator's samples put in."""
+    from data import UsageError
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise UsageError("the text is empty")
+    c = model.config
+    row = torch.tensor([[tokenizer.specials["[CLS]"], *ids, tokenizer.specials["[SEP]"]]])
+    if row.size(1) > c.max_position_embeddings:
+        raise UsageError(f"the text is {row.size(1)} tokens with [CLS] and [SEP]; this model reads at most "
+                         f"{c.max_position_embeddings}")
+    was_training = model.training
+    model.eval()
+    attention_mask = torch.ones_like(row)
+    if as_is:
+        corrupted, replaced = row, torch.zeros_like(row, dtype=torch.bool)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        masked, labels = ReplacedTokenDetection(c, tokenizer).mask_tokens(row, attention_mask, g)
+        _, _, replaced, corrupted = model(masked.to(device), labels.to(device), attention_mask=attention_mask.to(device),
+                                          sample_noise=torch.rand(row.shape, generator=g).to(device))
+    flagged = model.discriminator(corrupted.to(device), attention_mask=attention_mask.to(device)) > 0
+    model.train(was_training)
+    return corrupted[0, 1:-1].tolist(), replaced[0, 1:-1].cpu(), flagged[0, 1:-1].cpu()
+
+
+def print_flags(tokenizer, text, ids, replaced, flagged, as_is):
+    print(f"text:      {_render(tokenizer, tokenizer.encode(text), [False] * len(ids))}")
+    if not as_is:
+        print(f"corrupted: {_render(tokenizer, ids, replaced)}   ({{}} = replaced by the generator)")
+    print(f"flagged:   {_render(tokenizer, ids, flagged)}   ({{}} = the discriminator says replaced)")
+    if not as_is:
+        caught = int((replaced & flagged).sum())
+        print(f"{int(replaced.sum())} replaced, {int(flagged.sum())} flagged, {caught} of the replaced caught, "
+              f"{int((flagged & ~replaced).sum())} false alarms")
+
+
+def demo(model, tokenizer, cfg, device):
+    """Corrupt cfg.flag_text with the generator and show which tokens the discriminator flags."""
+    from data import UsageError
+    if not cfg.flag_text:
+        return
+    try:
+        out = flag(model, tokenizer, cfg.flag_text, device, cfg.demo_seed)
+    except UsageError as e:  # e.g. a text longer than a small model's position table: the run itself is fine
+        print(f"demo skipped: {e} (--flag-text sets the text)")
+        return
+    print("-" * 80)
+    print_flags(tokenizer, cfg.flag_text, *out, as_is=False)
+    print("-" * 80)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Show which tokens an ELECTRA discriminator flags as replaced: in a text "
+                                            "the generator corrupts first (default), or in the text as you give it.")
+    p.add_argument("--ckpt", required=True, help="path to ckpt.pt written by train.py --model electra")
+    p.add_argument("text", help="the text")
+    p.add_argument("--as-is", action="store_true", help="do not corrupt the text: flag what looks replaced in it")
+    p.add_argument("--seed", type=int, default=0, help="which positions are masked and what the generator samples")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    import data
+    import train
+
+    try:
+        ckpt = train.load_checkpoint(args.ckpt, "--ckpt")
+        if ckpt["train_config"]["model"] != "electra":
+            raise train.UsageError(f"--ckpt {args.ckpt}: a checkpoint of --model {ckpt['train_config']['model']}, "
+                                       f"not electra")
+        model = ELECTRA(ElectraConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        tokenizer = data.tokenizer_from_identity(ckpt["tokenizer"])
+        out = flag(model.to(args.device), tokenizer, args.text, args.device, args.seed, args.as_is)
+    except train.UsageError as e:
+        print(f"electra.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print_flags(tokenizer, args.text, *out, as_is=args.as_is)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,608 @@
+"""What bert.py promises: it is BERT as released (parity with transformers' BertForPreTraining both ways, BERT-base's
+parameter count), both attention paths compute the same function and padding changes nothing for real tokens, ALBERT's
+options really factorize and share, and each objective builds the batches its paper describes: 15% of text tokens chosen,
+80/10/10, specials never chosen, labels only where chosen, dynamic masks, NSP negatives from another document, SOP
+negatives that are swaps, SpanBERT's span lengths and whole-span replacement. Then the loop: train.py --model bert
+trains, evaluates, resumes exactly and fills masks at the end; bert.py's command line, and its errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import bert
+import data
+import train
+
+SEED_ROWS = 256  # rows drawn for the statistical tests: ~2,000 chosen tokens
+
+
+def sigmas(count, n, p):
+    """How many binomial standard deviations `count` out of `n` lies from the expected n * p."""
+    return abs(count - n * p) / max(1e-9, (n * p * (1 - p)) ** 0.5)
+
+
+def corpus_data(tmp_path, corpus, **cfg):
+    """(char tokenizer with BERT's specials, splits) of the five-play test corpus; val = lear."""
+    tc = train.TrainConfig(data=str(corpus), val_docs="lear", cache_dir=str(tmp_path / "cache"), **cfg)
+    tok, splits, _ = data.prepare_data(tc, data.special_tokens_of(bert))
+    return tok, splits
+
+
+def objective(tok, **kw):
+    cfg = bert.BertConfig(**{**train.tokenizer_fields(bert, tok), "max_position_embeddings": 128,
+                             "max_seq_length": 64, **kw})
+    return bert.Objective(cfg, tok), cfg
+
+
+def originals(batch):
+    """The text before masking: labels where a position was chosen, the input elsewhere."""
+    return torch.where(batch["labels"] != -100, batch["labels"], batch["input_ids"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model against transformers' BertForPreTraining. Weights are re-drawn with std 0.3 (LayerNorm gains 1 + N(0, 0.3)):
+# at BERT's 0.02 every activation is tiny and a wrong GELU or a pre-LN block hides below 1e-5. At 0.3, fp32 rounding
+# alone approaches 1e-5, so both models run in float64.
+
+
+def hf_bert(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(**{**dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=48, max_position_embeddings=24, hidden_dropout_prob=0.0,
+                                            attention_probs_dropout_prob=0.0), **kw})
+    m = transformers.BertForPreTraining(cfg).eval()
+    redraw(m)
+    return m
+
+
+def redraw(model, std=0.3):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm.weight" in name or name.endswith("norm.weight"):
+                p.copy_(1 + std * torch.randn_like(p))
+            else:
+                p.normal_(0.0, std)
+
+
+def padded_inputs(V=61, T=24):
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, V, (3, T), generator=g)
+    attention_mask = torch.ones(3, T, dtype=torch.long)
+    attention_mask[1, 15:] = 0  # two padded rows, one of them mostly padding
+    attention_mask[2, 4:] = 0
+    token_type_ids = torch.zeros_like(ids)
+    token_type_ids[:, 9:] = 1
+    return ids, token_type_ids, attention_mask
+
+
+def assert_rel(got, ref, what):
+    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    assert err < 1e-5, f"{what}: max relative difference {err:.2e} from transformers"
+
+
+@pytest.mark.parametrize("attn", ["naive", "sdpa"])
+def test_from_pretrained_matches_transformers_bert_for_pretraining_with_padding(tmp_path, attn):
+    hf = hf_bert()
+    hf.save_pretrained(tmp_path / "hf")
+    ids, tt, am = padded_inputs()
+    with torch.no_grad():
+        ref = hf.double()(input_ids=ids, token_type_ids=tt, attention_mask=am)
+        ours = bert.BERT.from_pretrained(str(tmp_path / "hf"), attn=attn).double().eval()
+        mlm, nsp = ours(ids, tt, am)
+    assert mlm.shape == (3, 24, 61) and nsp.shape == (3, 2)
+    assert_rel(mlm, ref.prediction_logits, f"MLM logits ({attn})")
+    assert_rel(nsp, ref.seq_relationship_logits, f"NSP logits ({attn})")
+
+
+def test_the_parity_test_catches_the_tanh_gelu(tmp_path, monkeypatch):
+    # GPT-2's tanh GELU instead of BERT's erf GELU: the std-0.3 weights must make the difference visible
+    hf = hf_bert()
+    hf.save_pretrained(tmp_path / "hf")
+    ids, tt, am = padded_inputs()
+    monkeypatch.setattr(torch.nn, "GELU", lambda: torch.nn.modules.activation.GELU(approximate="tanh"))
+    wrong = bert.BERT.from_pretrained(str(tmp_path / "hf")).double().eval()
+    with torch.no_grad():
+        ref = hf.double()(input_ids=ids, token_type_ids=tt, attention_mask=am).prediction_logits
+        err = ((wrong(ids, tt, am)[0] - ref).abs().max() / ref.abs().max()).item()
+    assert err > 1e-4, f"a tanh GELU differs by only {err:.1e}: the parity test would not notice it"
+
+
+def test_from_pretrained_reads_old_uploads_gamma_beta_names_and_decoder_bias(tmp_path):
+    # BERT's first uploads: pytorch_model.bin, LayerNorm.gamma/beta (the TensorFlow names), the bias under decoder.bias
+    hf = hf_bert(seed=1)
+    d = tmp_path / "old"
+    hf.save_pretrained(d)
+    os.remove(d / "model.safetensors")
+    sd = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+          for k, v in hf.state_dict().items() if k != "cls.predictions.bias"}
+    sd["cls.predictions.decoder.bias"] = hf.cls.predictions.bias.detach().clone()
+    torch.save(sd, d / "pytorch_model.bin")
+    ids, tt, am = padded_inputs()
+    with torch.no_grad():
+        ref = hf.double()(input_ids=ids, token_type_ids=tt, attention_mask=am).prediction_logits
+        got = bert.BERT.from_pretrained(str(d)).double().eval()(ids, tt, am)[0]
+    assert_rel(got, ref, "pytorch_model.bin with gamma/beta names")
+
+
+def test_export_hf_round_trips_through_transformers(tmp_path):
+    torch.manual_seed(0)
+    ours = bert.BERT(bert.BertConfig(vocab_size=53, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=40, max_position_embeddings=20, max_seq_length=20)).eval()
+    redraw(ours)
+    ours.export_hf(str(tmp_path / "export"))
+    hf = transformers.BertForPreTraining.from_pretrained(str(tmp_path / "export")).eval().double()
+    ids, tt, am = padded_inputs(V=53, T=20)
+    with torch.no_grad():
+        ref_mlm, ref_nsp = ours.double()(ids, tt, am)
+        got = hf(input_ids=ids, token_type_ids=tt, attention_mask=am)
+    assert_rel(got.prediction_logits, ref_mlm, "transformers reads our export's MLM logits differently")
+    assert_rel(got.seq_relationship_logits, ref_nsp, "transformers reads our export's NSP logits differently")
+    back = bert.BERT.from_pretrained(str(tmp_path / "export")).double()
+    for (name, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), f"export -> from_pretrained changed {name}"
+    with pytest.raises(ValueError, match="shared layers"):
+        bert.BERT(bert.BertConfig(vocab_size=20, hidden_size=16, num_attention_heads=2, share_layers=True,
+                                  max_position_embeddings=16, max_seq_length=16)).export_hf(str(tmp_path / "x"))
+
+
+def test_bert_base_preset_has_bert_bases_parameter_count():
+    p = bert.PRESETS["bert-base"]
+    keys = {k: v for k, v in p.items() if k in bert.BertConfig.__dataclass_fields__ and k != "vocab_size"}
+    with torch.device("meta"):
+        ours = bert.BERT(bert.BertConfig(vocab_size=30522, **keys))
+        hf = transformers.BertForPreTraining(transformers.BertConfig())  # bert-base-uncased's configuration
+    n_hf = sum(t.numel() for t in hf.parameters())
+    assert ours.num_params() == n_hf == 110_106_428, f"ours {ours.num_params():,}, BertForPreTraining {n_hf:,}"
+    assert p["vocab_size"] + len(bert.SPECIAL_TOKENS) == 30522, "the preset's BPE + our specials = BERT's vocabulary"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention paths, padding, the gathered MLM head, ALBERT's options
+
+
+def small(**kw):
+    base = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                max_position_embeddings=24, max_seq_length=24, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0)
+    return bert.BertConfig(**{**base, **kw})
+
+
+def test_naive_and_sdpa_attention_agree_in_outputs_and_gradients_with_padding():
+    outs = []
+    for attn in ("naive", "sdpa"):
+        torch.manual_seed(0)
+        m = bert.BERT(small(attn=attn)).train()
+        ids, tt, am = padded_inputs(V=40)
+        mlm, nsp = m(ids, tt, am)
+        (mlm[am.bool()].logsumexp(-1).sum() + nsp.sum()).backward()
+        outs.append((mlm, nsp, {n: p.grad for n, p in m.named_parameters()}))
+    (a_mlm, a_nsp, a_grad), (b_mlm, b_nsp, b_grad) = outs
+    torch.testing.assert_close(a_mlm, b_mlm, atol=1e-5, rtol=1e-5, msg="naive and sdpa MLM logits differ")
+    torch.testing.assert_close(a_nsp, b_nsp, atol=1e-5, rtol=1e-5, msg="naive and sdpa NSP logits differ")
+    for name in a_grad:
+        torch.testing.assert_close(a_grad[name], b_grad[name], atol=1e-5, rtol=1e-4, msg=f"gradients of {name} differ")
+
+
+@pytest.mark.parametrize("attn", ["naive", "sdpa"])
+def test_padding_changes_nothing_for_the_real_tokens(attn):
+    torch.manual_seed(0)
+    m = bert.BERT(small(attn=attn)).eval()
+    ids = torch.randint(0, 40, (1, 10))
+    alone, _ = m(ids, attention_mask=torch.ones(1, 10, dtype=torch.long))
+    padded_ids = torch.cat([ids, torch.randint(0, 40, (1, 14))], 1)  # any ids in the padding: they must not matter
+    padded, _ = m(padded_ids, attention_mask=torch.cat([torch.ones(1, 10), torch.zeros(1, 14)], 1).long())
+    torch.testing.assert_close(padded[:, :10], alone, atol=1e-5, rtol=1e-5,
+                               msg=f"{attn}: padding changed the logits of real tokens")
+
+
+def test_mlm_logits_at_masked_positions_equal_the_full_logits_there():
+    torch.manual_seed(0)
+    m = bert.BERT(small()).eval()
+    ids, tt, am = padded_inputs(V=40)
+    where = torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.3
+    full, nsp = m(ids, tt, am)
+    gathered, nsp2 = m(ids, tt, am, masked_positions=where)
+    torch.testing.assert_close(gathered, full[where], msg="the gathered MLM head differs from the full one")
+    assert torch.equal(nsp, nsp2)
+
+
+def test_mlm_decoder_is_the_word_embedding_matrix():
+    m = bert.BERT(small())
+    names = {n for n, _ in m.named_parameters()}
+    assert not any("decoder" in n for n in names), "the decoder must not be a second matrix"
+    with torch.no_grad():
+        m.encoder.embeddings.word_embeddings.weight[7] += 1.0
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    h = m.mlm.LayerNorm(m.mlm.gelu(m.mlm.dense(m.encoder(ids))))
+    torch.testing.assert_close(m(ids)[0][..., 7], h @ m.encoder.embeddings.word_embeddings.weight[7] + m.mlm.bias[7])
+
+
+def test_albert_factorized_embeddings_and_cross_layer_sharing_count_their_parameters():
+    V, C, E, L = 40, 32, 8, 4
+    layer = sum(p.numel() for p in bert.Layer(small()).parameters())
+    plain = bert.BERT(small(num_hidden_layers=L)).num_params()
+    shared = bert.BERT(small(num_hidden_layers=L, share_layers=True))
+    assert plain - shared.num_params() == (L - 1) * layer, "sharing must keep exactly one layer's parameters"
+    assert len(shared.encoder.layer) == 1
+    factor = bert.BERT(small(num_hidden_layers=L, embedding_size=E))
+    assert factor.encoder.embeddings.word_embeddings.weight.shape == (V, E)
+    assert factor.encoder.embeddings_project.weight.shape == (C, E)
+    # embeddings V*E + 24*E (positions) + 2*E (types) + 2E (LayerNorm) + E*C + C (projection), MLM head C*E + E + 2E + V
+    emb_plain = (V + 24 + 2 + 2) * C + C * C + C + 2 * C
+    emb_factor = (V + 24 + 2 + 2) * E + E * C + C + C * E + E + 2 * E
+    assert plain - factor.num_params() == emb_plain - emb_factor, "factorized embeddings: V x E + E x C"
+    calls = []
+    shared.encoder.layer[0].register_forward_hook(lambda *a: calls.append(1))
+    shared(torch.zeros(1, 5, dtype=torch.long))
+    assert len(calls) == L, "the shared layer must run num_hidden_layers times"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Masking (BERT §3.1; slide "Masked language models")
+
+
+def masked_text_batch(tok, splits, **kw):
+    obj, _ = objective(tok, objective="mlm", **kw)
+    return obj, obj.train_batch(splits["train"], SEED_ROWS, torch.Generator().manual_seed(0))
+
+
+def test_masking_chooses_15_percent_of_text_tokens_and_never_a_special_one(tmp_path, corpus):
+    tok, splits = corpus_data(tmp_path, corpus)
+    obj, _ = objective(tok, objective="mlm")
+    g = torch.Generator().manual_seed(0)
+    batch = obj.train_batch(splits["train"], SEED_ROWS, g)
+    ids = batch["input_ids"]
+    rows = torch.where(batch["labels"] != -100, batch["labels"], ids)
+    masked, labels = obj.mask_tokens(rows, batch["attention_mask"], g)  # again, on known text
+    chosen = labels != -100
+    special = torch.tensor([i in tok.specials.values() for i in range(tok.n_vocab)])[rows]
+    text = batch["attention_mask"].bool() & ~special
+    assert special.any() and not (chosen & ~text).any(), "a special token or padding was chosen"
+    n = int(text.sum())
+    assert sigmas(int(chosen.sum()), n, 0.15) < 4, f"chose {int(chosen.sum())} of {n} text tokens, not ~15%"
+    assert torch.equal(labels[chosen], rows[chosen]), "labels must hold the original token at chosen positions"
+    assert (labels[~chosen] == -100).all(), "labels must be -100 everywhere else"
+    assert torch.equal(masked[~chosen], rows[~chosen]), "inputs changed at positions that were not chosen"
+
+
+def test_the_80_10_10_rule(tmp_path, corpus):
+    tok, splits = corpus_data(tmp_path, corpus)
+    obj, batch = masked_text_batch(tok, splits)
+    chosen = batch["labels"] != -100
+    inp, orig = batch["input_ids"][chosen], batch["labels"][chosen]
+    n = len(inp)
+    is_mask = inp == tok.specials["[MASK]"]
+    kept = inp == orig
+    other = ~is_mask & ~kept
+    V = len(obj.ordinary)
+    assert sigmas(int(is_mask.sum()), n, 0.8) < 4, f"[MASK] share {float(is_mask.float().mean()):.3f}, not 0.8"
+    assert sigmas(int(other.sum()), n, 0.1 * (1 - 1 / V)) < 4, f"random share {float(other.float().mean()):.3f}"
+    assert sigmas(int(kept.sum()), n, 0.1 + 0.1 / V) < 4, f"unchanged share {float(kept.float().mean()):.3f}"
+    assert not obj.special[inp[other]].any(), "a random replacement must be an ordinary token"
+
+
+def test_masks_are_dynamic_and_drawn_only_from_the_loops_generator(tmp_path, corpus):
+    tok, splits = corpus_data(tmp_path, corpus)
+    for kind in ("mlm", "mlm+nsp", "span", "sop"):
+        obj, _ = objective(tok, objective=kind)
+        rng = torch.get_rng_state()
+        g = torch.Generator().manual_seed(3)
+        first = obj.train_batch(splits["train"], 8, g)
+        again = obj.train_batch(splits["train"], 8, torch.Generator().manual_seed(3))
+        assert all(torch.equal(first[k], again[k]) for k in first), f"{kind}: the same generator state must give " \
+                                                                      f"the same batch (resume depends on it)"
+        assert torch.equal(torch.get_rng_state(), rng), f"{kind}: batch building touched the global RNG"
+    obj, _ = objective(tok, objective="mlm")
+    g = torch.Generator().manual_seed(0)
+    batch = obj.train_batch(splits["train"], 16, g)
+    text = originals(batch)
+    masks = [obj.mask_tokens(text, batch["attention_mask"], g)[1] != -100 for _ in range(2)]
+    assert not torch.equal(masks[0], masks[1]), "the same sequence drawn twice must get a new mask (dynamic masking)"
+
+
+def test_rows_are_real_text_and_count_only_real_tokens(tmp_path, corpus):
+    tok, splits = corpus_data(tmp_path, corpus)
+    obj, batch = masked_text_batch(tok, splits)
+    stream = tok.decode(splits["train"].tokens.tolist()).replace("<|endoftext|>", "[SEP]")
+    for r in range(20):
+        ids = originals(batch)[r][batch["attention_mask"][r].bool()].tolist()
+        assert ids[0] == tok.specials["[CLS]"] and ids[-1] == tok.specials["[SEP]"]
+        assert tok.decode(ids[1:-1]) in stream, "a packed row is not a contiguous piece of the corpus"
+        assert tok.eot_id not in ids, "<|endoftext|> must never be inside a row as text"
+    assert obj.count_tokens(batch) == int(batch["attention_mask"].sum()) < batch["input_ids"].numel()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sentence pairs: NSP (BERT) and SOP (ALBERT)
+
+
+def pair_texts(tok, batch, r):
+    """(A, B) of row r, unmasked, as text."""
+    ids, types, real = originals(batch)[r], batch["token_type_ids"][r], batch["attention_mask"][r].bool()
+    a = ids[(types == 0) & real].tolist()[1:-1]  # without [CLS] and the first [SEP]
+    b = ids[(types == 1) & real].tolist()[:-1]
+    return tok.decode(a), tok.decode(b)
+
+
+def longest_line(split):
+    starts = np.asarray(split.line_starts)
+    return int(np.diff(np.append(starts, len(split.tokens))).max())
+
+
+def located(docs, text):
+    """[(document index, offset)] of every occurrence of text in the documents."""
+    out = []
+    for d, doc in enumerate(docs):
+        at = doc.find(text)
+        while at >= 0:
+            out.append((d, at))
+            at = doc.find(text, at + 1)
+    return out
+
+
+def test_nsp_b_is_the_continuation_half_the_time_and_from_another_document_otherwise(tmp_path, corpus):
+    tok, splits = corpus_data(tmp_path, corpus)
+    obj, cfg = objective(tok, objective="mlm+nsp")
+    batch = obj.train_batch(splits["train"], SEED_ROWS, torch.Generator().manual_seed(0))
+    docs = tok.decode(splits["train"].tokens.tolist()).split("<|endoftext|>")
+    labels = batch["next_sentence_label"].tolist()
+    assert sigmas(sum(labels), len(labels), 0.5) < 4, f"{sum(labels)} of {len(labels)} pairs are NotNext, not ~half"
+    gap = longest_line(splits["train"]) + cfg.max_seq_length  # what truncating the pair can cut between A and B
+    checked = 0
+    for r, label in enumerate(labels):
+        a, b = pair_texts(tok, batch, r)
+        where_a, where_b = located(docs, a), located(docs, b)
+        if len(a) < 12 or len(b) < 12 or len(where_a) != 1 or len(where_b) != 1:
+            continue  # too short to place in the corpus unambiguously
+        (da, pa), (db, pb) = where_a[0], where_b[0]
+        if label == 0:
+            assert da == db and pa + len(a) <= pb <= pa + len(a) + gap, \
+                f"row {r}: IsNext, but B does not follow A in its document"
+        else:
+            assert da != db, f"row {r}: NotNext, but B comes from A's own document"
+        checked += 1
+    assert checked > SEED_ROWS // 2, f"only {checked} pairs could be placed in the corpus"
+
+
+def test_sop_negatives_are_the_same_two_segments_swapped(tmp_path, corpus):
+    tok, splits = corpus_data(tmp_path, corpus)
+    obj, cfg = objective(tok, objective="sop")
+    batch = obj.train_batch(splits["train"], SEED_ROWS, torch.Generator().manual_seed(0))
+    docs = tok.decode(splits["train"].tokens.tolist()).split("<|endoftext|>")
+    labels = batch["next_sentence_label"].tolist()
+    assert sigmas(sum(labels), len(labels), 0.5) < 4, f"{sum(labels)} of {len(labels)} swapped, not ~half"
+    gap = longest_line(splits["train"]) + cfg.max_seq_length
+    checked = 0
+    for r, label in enumerate(labels):
+        first, second = pair_texts(tok, batch, r)
+        where_1, where_2 = located(docs, first), located(docs, second)
+        if len(first) < 12 or len(second) < 12 or len(where_1) != 1 or len(where_2) != 1:
+            continue
+        (d1, p1), (d2, p2) = where_1[0], where_2[0]
+        assert d1 == d2, f"row {r}: SOP segments come from two documents"
+        earlier, later, n_earlier = (p1, p2, len(first)) if label == 0 else (p2, p1, len(second))
+        assert earlier + n_earlier <= later <= earlier + n_earlier + gap, \
+            f"row {r} (label {label}): the segments are not two consecutive segments in the order the label says"
+        checked += 1
+    assert checked > SEED_ROWS // 2
+
+
+def test_an_evaluation_slice_with_one_document_still_gets_negatives(tmp_path, corpus):
+    tok, splits = corpus_data(tmp_path, corpus)
+    obj, _ = objective(tok, objective="mlm+nsp")
+    one_doc = splits["train"].slice(0, 3000)
+    labels = torch.cat([b["next_sentence_label"] for b in obj.eval_batches(one_doc, 16)])
+    assert 0.25 < labels.float().mean() < 0.75, "NotNext rows must exist in a one-document evaluation slice"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SpanBERT
+
+
+def test_span_lengths_follow_the_clipped_geometric_law():
+    law = bert.span_length_law(0.2, 10)
+    expected = torch.tensor([0.2 * 0.8 ** (n - 1) for n in range(1, 11)], dtype=torch.float64)
+    torch.testing.assert_close(law, expected / expected.sum())
+    assert abs(float((law * torch.arange(1, 11)).sum()) - 3.8) < 0.01, "SpanBERT §3.1: mean span length 3.8 words"
+    cfg = bert.BertConfig(vocab_size=10, objective="span", max_position_embeddings=64, max_seq_length=64)
+
+    class Words:  # every token is a word of its own
+        specials, eot_id = {"<|endoftext|>": 9}, 9
+        decode = staticmethod(lambda ids: " w")
+
+    obj = bert.Objective(cfg, Words())
+    n = 20_000
+    drawn = torch.bincount(obj.span_lengths(n, torch.Generator().manual_seed(0)), minlength=11)[1:]
+    for length in range(10):
+        assert sigmas(int(drawn[length]), n, float(law[length])) < 4.5, \
+            f"length {length + 1}: drawn {int(drawn[length])} times of {n}, law says {float(law[length]) * n:.0f}"
+
+
+def test_span_masking_masks_whole_words_as_whole_spans_with_their_boundaries(tmp_path, corpus):
+    tok, splits = corpus_data(tmp_path, corpus)
+    obj, cfg = objective(tok, objective="span", span_boundary=True)
+    batch = obj.train_batch(splits["train"], SEED_ROWS, torch.Generator().manual_seed(0))
+    text = originals(batch)
+    chosen = batch["labels"] != -100
+    candidates = batch["attention_mask"].bool() & ~obj.special[text]
+    assert not (chosen & ~candidates).any(), "a special token or padding was chosen"
+    assert sigmas(int(chosen.sum()), int(candidates.sum()), 0.15) < 4, "span masking must choose ~15% of text tokens"
+    kinds, n_spans = {"mask": 0, "random": 0, "kept": 0}, 0
+    for r in range(SEED_ROWS):
+        spans = sorted({(int(batch["span_left"][r, i]) + 1, int(batch["span_right"][r, i]))
+                        for i in chosen[r].nonzero()[:, 0].tolist()})
+        assert sum(e - s for s, e in spans) == int(chosen[r].sum()), f"row {r}: spans overlap or miss a chosen token"
+        ends_mid_word = 0
+        for s, e in spans:
+            assert chosen[r, s:e].all(), f"row {r}: span {s}..{e} is not a run of chosen tokens"
+            assert torch.equal(batch["span_offset"][r, s:e], torch.arange(e - s)), "offsets inside a span: 0, 1, ..."
+            assert obj.word_start[text[r, s]] or not candidates[r, s - 1], f"row {r}: span {s}..{e} starts mid-word"
+            ends_mid_word += not (obj.word_start[text[r, e]] or not candidates[r, e])
+            inp, orig = batch["input_ids"][r, s:e], text[r, s:e]
+            if (inp == tok.specials["[MASK]"]).all():
+                kinds["mask"] += 1
+            elif torch.equal(inp, orig):
+                kinds["kept"] += 1
+            else:
+                assert not (inp == tok.specials["[MASK]"]).any(), f"row {r}: a span is half [MASK], half not"
+                kinds["random"] += 1
+            n_spans += 1
+        assert ends_mid_word <= 1, f"row {r}: only the last span may end mid-word (cut to the masking budget)"
+    assert sigmas(kinds["mask"], n_spans, 0.8) < 4 and sigmas(kinds["kept"], n_spans, 0.1) < 4.5, \
+        f"80/10/10 must apply per span: {kinds} of {n_spans}"
+
+
+def test_span_boundary_objective_adds_its_loss(tmp_path, corpus):
+    tok, splits = corpus_data(tmp_path, corpus)
+    obj, cfg = objective(tok, objective="span", span_boundary=True)
+    torch.manual_seed(0)
+    model = bert.BERT(cfg)
+    loss, stats = obj.loss(model, obj.train_batch(splits["train"], 8, torch.Generator().manual_seed(0)))
+    m = obj.summarize({k: float(v) for k, v in stats.items()})
+    assert {"mlm_loss", "sbo_loss", "sbo_acc"} <= set(m) and "nsp_loss" not in m
+    assert m["loss"] == pytest.approx(m["mlm_loss"] + m["sbo_loss"]) == pytest.approx(loss.item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation and accumulation
+
+
+@pytest.mark.parametrize("kind", ["mlm", "mlm+nsp"])
+def test_eval_batches_are_deterministic_cover_the_split_and_leave_the_global_rng_alone(tmp_path, corpus, kind):
+    tok, splits = corpus_data(tmp_path, corpus)
+    obj, _ = objective(tok, objective=kind)
+    rng = torch.get_rng_state()
+    first, second = list(obj.eval_batches(splits["val"], 16)), list(obj.eval_batches(splits["val"], 16))
+    assert torch.equal(torch.get_rng_state(), rng), "eval_batches drew from the global RNG"
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(first, second) for k in a), "two evaluations scored differently"
+    val = splits["val"].tokens.tolist()
+    val_text = [t for t in val if t != tok.eot_id]
+    if kind == "mlm":  # packed rows: every token exactly once, in order
+        got = [t for b in first for r in range(len(b["input_ids"])) for t in
+               originals(b)[r][b["attention_mask"][r].bool()].tolist() if not obj.special[t]]
+        assert got == val_text, "packed evaluation rows must hold every token of the split once, in order"
+    else:  # pairs: every line is in some row (as A or B); truncation may trim a row's ends
+        covered = sum(int(b["attention_mask"].sum()) - 3 * len(b["input_ids"]) for b in first)
+        assert covered > 0.8 * len(val_text), f"pairs cover {covered} of {len(val_text)} tokens"
+
+
+def test_accumulated_loss_and_gradients_equal_one_big_batch(tmp_path, corpus):
+    tok, splits = corpus_data(tmp_path, corpus)
+    obj, cfg = objective(tok, objective="mlm+nsp", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = bert.BERT(cfg)
+    batch = obj.train_batch(splits["train"], 8, torch.Generator().manual_seed(0))
+    big, _ = obj.loss(model, batch)
+    big.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    den, total = obj.denominators(batch), 0.0
+    for micro in train.chunk(batch, 4):
+        loss, _ = obj.loss(model, micro, den)
+        loss.backward()
+        total += loss.item()
+    assert total == pytest.approx(big.item(), rel=1e-5), "micro-batch losses must add up to the big batch's"
+    for n, g in want.items():
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, atol=1e-6, rtol=1e-4, msg=n)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Through train.py, and bert.py's command line
+
+
+def bert_args(tmp_path, corpus, *extra):
+    return ["--model", "bert", "--preset", "tiny", "--data", str(corpus), "--val-docs", "lear", "--cache-dir",
+            str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out"), "--dtype", "fp32", *extra]
+
+
+def run_main(fn, argv):
+    try:
+        fn(argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def test_train_py_model_bert_learns_reports_its_metrics_and_fills_masks(tmp_path, corpus, capsys):
+    rows = train.train(bert_args(tmp_path, corpus, "--max-iters", "40", "--eval-interval", "20", "--lr", "3e-3"))
+    out = capsys.readouterr().out
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert {"val_mlm_loss", "val_mlm_acc", "val_nsp_loss", "val_nsp_acc", "train_mlm_acc"} <= set(evals[-1])
+    assert "val_bpb" not in evals[-1], "bits per byte belongs to next-token objectives"
+    assert evals[-1]["val_mlm_loss"] < evals[0]["val_mlm_loss"] - 0.3, "the masked-LM loss did not fall"
+    assert (tmp_path / "out" / "loss.png").exists()
+    assert "[MASK] 1:" in out and "filled:" in out, "the end-of-run demo must fill the masks"
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    tok = data.tokenizer_from_identity(ckpt["tokenizer"])
+    assert [tok.specials[s] for s in ("[CLS]", "[SEP]", "[MASK]", "[PAD]")] == \
+        [ckpt["model_config"][f] for f in ("cls_token_id", "sep_token_id", "mask_token_id", "pad_token_id")]
+    capsys.readouterr()
+    assert run_main(bert.main, ["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "lend me your [MASK]ars"]) == 0
+    assert "[MASK] 1:" in capsys.readouterr().out
+
+
+def test_a_bert_run_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path, corpus):
+    import test_loop
+    common = ("--max-iters", "12", "--eval-interval", "6", "--log-interval", "1", "--hidden-dropout-prob", "0.1",
+              "--objective", "sop")
+    straight = train.train(bert_args(tmp_path / "a", corpus, *common))
+    train.train(bert_args(tmp_path / "b", corpus, *common), on_step=test_loop.interrupt_at(4))
+    resumed = train.train(bert_args(tmp_path / "b", corpus, *common, "--resume"))
+    keys = ("step", "kind", "loss", "val_loss", "val_mlm_acc", "val_sop_acc")
+    strip = lambda rows: [{k: v for k, v in r.items() if k in keys} for r in rows]
+    assert strip(resumed) == strip(straight), "a resumed BERT run must see the same rows, masks and dropout"
+
+
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, corpus, capsys):
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "sonnets.txt").write_text((corpus / "hamlet.txt").read_text())
+    cases = [(["--data", str(one), "--val-docs", ""], "another document"),
+             (["--objective", "electra"], "unknown --objective"),
+             (["--span-boundary"], "needs --objective span"),
+             (["--max-seq-length", "100"], "max_position_embeddings")]
+    for extra, message in cases:
+        out = tmp_path / "out"
+        code = run_main(train.main, bert_args(tmp_path, corpus, *extra))
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and message in err, f"{extra}: {code} {err!r}"
+        assert not (out / "ckpt.pt").exists(), f"{extra}: a checkpoint was written"
+    assert run_main(train.main, bert_args(tmp_path, corpus, "--data", str(one), "--val-docs", "", "--objective", "mlm",
+                                          "--max-iters", "2", "--overwrite")) == 0, \
+        "one document is enough for the MLM-only objective"
+
+
+def test_bert_py_refuses_another_models_checkpoint_and_a_sentence_without_mask(tmp_path, corpus, capsys):
+    import test_loop
+    train.train(test_loop.gpt_args(tmp_path / "g", corpus, "--max-iters", "1"))
+    assert run_main(bert.main, ["--ckpt", str(tmp_path / "g" / "out" / "ckpt.pt"), "a [MASK]"]) == 2
+    assert "a checkpoint of --model gpt, not bert" in capsys.readouterr().err
+    train.train(bert_args(tmp_path, corpus, "--max-iters", "1"))
+    assert run_main(bert.main, ["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "no mask here"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no [MASK]" in err
+    assert run_main(bert.main, ["--ckpt", str(tmp_path / "nope.pt"), "a [MASK]"]) == 2
+    assert "--ckpt" in capsys.readouterr().err
+
+
+def test_bert_py_fills_masks_from_a_hugging_face_directory_with_its_vocab_txt(tmp_path, capsys):
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "my", "dog", "is", "cute", "hairy", "apple", ".", "##s"]
+    hf = hf_bert(vocab_size=len(vocab))
+    hf.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    assert run_main(bert.main, ["--hf", str(tmp_path / "hf"), "--top-k", "3", "My dog is [MASK]."]) == 0
+    out = capsys.readouterr().out
+    ids = torch.tensor([[2, 5, 6, 7, 4, 11, 3]])  # [CLS] my dog is [MASK] . [SEP], as BertTokenizer encodes it
+    with torch.no_grad():
+        probs = hf(input_ids=ids).prediction_logits[0, 4].softmax(-1)
+    probs[[0, 1, 2, 3, 4]] = 0  # never fill a mask with a special token
+    best = vocab[int(probs.argmax())]
+    assert f"filled: my dog is {best} ." in out, f"expected transformers' best guess {best!r} in:\n{out}"
+    (tmp_path / "hf" / "vocab.txt").unlink()
+    assert run_main(bert.main, ["--hf", str(tmp_path / "hf"), "a [MASK]"]) == 2
+    assert "no vocab.txt" in capsys.readouterr().err

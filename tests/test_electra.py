@@ -1,0 +1,233 @@
+"""What electra.py promises: its generator and discriminator are transformers' ElectraForMaskedLM and
+ElectraForPreTraining (parity both ways, ELECTRA-Small's sizes), they share one set of embedding parameters, the
+discriminator's labels are "masked AND changed", no gradient of the discriminator's loss reaches the generator through
+the sample, the sample is a categorical draw from the generator, and train.py --model electra trains, evaluates the
+same way every time, resumes exactly and shows the flagged tokens at the end."""
+
+import pytest
+import torch
+import transformers
+
+import bert
+import data
+import electra
+import train
+from test_bert import assert_rel, padded_inputs, redraw, run_main, sigmas
+
+
+def hf_pair(seed=0, V=61, T=24, E=24, C=64):
+    """An ElectraForMaskedLM + ElectraForPreTraining pair as ELECTRA trains them: the generator 1/4 of the
+    discriminator (ELECTRA's rule: FFN 4x hidden, one head per 64), the same embeddings, std-0.3 weights."""
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=V, embedding_size=E, num_hidden_layers=2, max_position_embeddings=T, hidden_dropout_prob=0.0,
+              attention_probs_dropout_prob=0.0)
+    gen = transformers.ElectraForMaskedLM(transformers.ElectraConfig(hidden_size=C // 4, num_attention_heads=1,
+                                                                     intermediate_size=C, **kw)).eval()
+    disc = transformers.ElectraForPreTraining(transformers.ElectraConfig(hidden_size=C, num_attention_heads=4,
+                                                                         intermediate_size=96, **kw)).eval()
+    redraw(gen)
+    redraw(disc)
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(gen.electra.embeddings.named_parameters(), disc.electra.embeddings.named_parameters()):
+            q.copy_(p)
+    return gen, disc
+
+
+@pytest.mark.parametrize("attn", ["naive", "sdpa"])
+def test_from_pretrained_matches_transformers_generator_and_discriminator_with_padding(tmp_path, attn):
+    gen, disc = hf_pair()
+    gen.save_pretrained(tmp_path / "gen")
+    disc.save_pretrained(tmp_path / "disc")
+    ids, tt, am = padded_inputs()
+    ours = electra.ELECTRA.from_pretrained(str(tmp_path / "gen"), str(tmp_path / "disc"), attn=attn).double().eval()
+    assert ours.config.generator_size == 0.25
+    with torch.no_grad():
+        ref_g = gen.double()(input_ids=ids, token_type_ids=tt, attention_mask=am).logits
+        ref_d = disc.double()(input_ids=ids, token_type_ids=tt, attention_mask=am).logits
+        got_g, got_d = ours.generator(ids, tt, am), ours.discriminator(ids, tt, am)
+    assert got_g.shape == (3, 24, 61) and got_d.shape == (3, 24)
+    assert_rel(got_g, ref_g, f"generator logits ({attn})")
+    assert_rel(got_d, ref_d, f"discriminator logits ({attn})")
+
+
+def test_export_hf_round_trips_through_transformers(tmp_path):
+    torch.manual_seed(0)
+    ours = electra.ELECTRA(electra.ElectraConfig(vocab_size=53, hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=2, intermediate_size=48, embedding_size=16,
+                                                 max_position_embeddings=20, max_seq_length=20)).eval()
+    redraw(ours)
+    ours.export_hf(str(tmp_path / "gen"), str(tmp_path / "disc"))
+    gen = transformers.ElectraForMaskedLM.from_pretrained(str(tmp_path / "gen")).eval().double()
+    disc = transformers.ElectraForPreTraining.from_pretrained(str(tmp_path / "disc")).eval().double()
+    ids, tt, am = padded_inputs(V=53, T=20)
+    ours = ours.double()
+    with torch.no_grad():
+        assert_rel(gen(input_ids=ids, token_type_ids=tt, attention_mask=am).logits, ours.generator(ids, tt, am),
+                   "transformers reads our generator differently")
+        assert_rel(disc(input_ids=ids, token_type_ids=tt, attention_mask=am).logits, ours.discriminator(ids, tt, am),
+                   "transformers reads our discriminator differently")
+    back = electra.ELECTRA.from_pretrained(str(tmp_path / "gen"), str(tmp_path / "disc")).double()
+    for (name, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), f"export -> from_pretrained changed {name}"
+    ours.export_hf(str(tmp_path / "both"))  # one directory: generator/ and discriminator/ inside, what --init-from reads
+    assert electra.ELECTRA.from_pretrained(str(tmp_path / "both")).config == back.config
+    with pytest.raises(FileNotFoundError, match="generator/ and discriminator/"):
+        electra.ELECTRA.from_pretrained(str(tmp_path / "gen"))
+
+
+def test_from_pretrained_refuses_a_pair_that_does_not_share_its_embeddings(tmp_path):
+    gen, disc = hf_pair()
+    with torch.no_grad():
+        disc.electra.embeddings.position_embeddings.weight[3] += 1.0
+    gen.save_pretrained(tmp_path / "gen")
+    disc.save_pretrained(tmp_path / "disc")
+    with pytest.raises(ValueError, match="position_embeddings.*not trained together"):
+        electra.ELECTRA.from_pretrained(str(tmp_path / "gen"), str(tmp_path / "disc"))
+
+
+def test_electra_small_preset_has_the_released_sizes():
+    keys = {k: v for k, v in electra.PRESETS["electra-small"].items()
+            if k in electra.ElectraConfig.__dataclass_fields__ and k != "vocab_size"}
+    cfg = electra.ElectraConfig(vocab_size=30522, **keys)
+    gen = cfg.generator_config()
+    assert (gen.hidden_size, gen.intermediate_size, gen.num_attention_heads, gen.num_hidden_layers) == (64, 256, 1, 12)
+    with torch.device("meta"):
+        ours = electra.ELECTRA(cfg)
+        hf = transformers.ElectraForPreTraining(transformers.ElectraConfig(
+            vocab_size=30522, embedding_size=128, hidden_size=256, num_hidden_layers=12, num_attention_heads=4,
+            intermediate_size=1024))
+    n_disc = sum(p.numel() for p in ours.discriminator.parameters())
+    assert n_disc == sum(p.numel() for p in hf.parameters()) == 13_549_057, "ELECTRA-Small's discriminator: 13.5M"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The method
+
+
+def tiny_model(**kw):
+    torch.manual_seed(0)
+    cfg = electra.ElectraConfig(**{**dict(vocab_size=30, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                          intermediate_size=64, embedding_size=16, max_position_embeddings=16,
+                                          max_seq_length=16, hidden_dropout_prob=0.0,
+                                          attention_probs_dropout_prob=0.0), **kw})
+    return electra.ELECTRA(cfg)
+
+
+def test_generator_and_discriminator_share_every_embedding_parameter_and_nothing_else():
+    m = tiny_model()
+    g, d = m.generator.encoder, m.discriminator.encoder
+    assert g.embeddings is d.embeddings
+    for (name, p), (_, q) in zip(g.embeddings.named_parameters(), d.embeddings.named_parameters()):
+        assert p is q, f"{name} is two tensors"
+    assert g.embeddings_project.weight.shape == (8, 16) and d.embeddings_project.weight.shape == (32, 16), \
+        "each network projects the shared E=16 embeddings to its own width"
+    shared = {id(p) for p in g.parameters()} & {id(p) for p in d.parameters()}
+    assert shared == {id(p) for p in g.embeddings.parameters()}, "only the embeddings may be shared"
+    count = lambda module: sum(p.numel() for p in module.parameters())
+    assert m.num_params() == count(m.generator) + count(m.discriminator) - count(g.embeddings), \
+        "the shared embeddings must count once"
+
+
+def test_replaced_means_masked_and_changed():
+    m = tiny_model().eval()
+    ids = torch.full((2, 16), 5)
+    labels = torch.full((2, 16), -100)
+    chosen = torch.zeros(2, 16, dtype=torch.bool)
+    chosen[:, [2, 5, 9]] = True
+    labels[chosen] = 5
+    masked = ids.masked_fill(chosen, 3)  # 3 plays [MASK]
+    with torch.no_grad():
+        m.generator.head.bias[5] = 1e4  # the generator is sure of the original token: every sample equals it
+        _, _, replaced, corrupted = m(masked, labels)
+        assert not replaced.any() and torch.equal(corrupted, ids), "a sample equal to the original is not replaced"
+        m.generator.head.bias[5], m.generator.head.bias[7] = 0.0, 1e4  # now it always samples 7
+        _, _, replaced, corrupted = m(masked, labels)
+    assert torch.equal(replaced, chosen), "a masked position whose sample differs is replaced"
+    assert torch.equal(corrupted, ids.masked_fill(chosen, 7)), "the discriminator reads the original with the samples"
+
+
+def test_the_discriminator_loss_sends_no_gradient_into_the_generator_through_the_sample():
+    m = tiny_model().train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 26, (4, 16), generator=g)
+    labels = torch.where(torch.rand(4, 16, generator=g) < 0.3, ids, -100)
+    _, disc_logits, replaced, _ = m(ids.masked_fill(labels != -100, 27), labels)
+    torch.nn.functional.binary_cross_entropy_with_logits(disc_logits, replaced.float()).backward()
+    own = [n for n, p in m.generator.named_parameters() if not n.startswith("encoder.embeddings.")]
+    leaked = [n for n in own if dict(m.generator.named_parameters())[n].grad is not None]
+    assert own and not leaked, f"the discriminator's loss reached the generator: {leaked}"
+    assert m.generator.encoder.embeddings.word_embeddings.weight.grad is not None, \
+        "the shared embeddings do learn from the discriminator"
+    assert all(p.grad is not None for p in m.discriminator.parameters())
+
+
+def test_sample_categorical_draws_from_the_softmax():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 20_000
+    u = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    draws = electra.sample_categorical(probs.log().expand(n, 4), u)
+    counts = torch.bincount(draws, minlength=4)
+    for i in range(4):
+        assert sigmas(int(counts[i]), n, float(probs[i])) < 4, f"token {i}: {int(counts[i])} of {n} draws"
+    assert electra.sample_categorical(torch.log(torch.tensor([[0.2, 0.5, 0.3]])), torch.tensor([0.6])).item() == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Through train.py, and electra.py's command line
+
+
+def electra_args(tmp_path, corpus, *extra):
+    return ["--model", "electra", "--preset", "tiny", "--data", str(corpus), "--val-docs", "lear", "--cache-dir",
+            str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out"), "--dtype", "fp32", *extra]
+
+
+def test_train_py_model_electra_learns_reports_its_metrics_and_flags_tokens(tmp_path, corpus, capsys):
+    rows = train.train(electra_args(tmp_path, corpus, "--max-iters", "40", "--eval-interval", "20", "--lr", "3e-3"))
+    out = capsys.readouterr().out
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert {"val_gen_loss", "val_gen_acc", "val_disc_loss", "val_disc_acc", "val_disc_acc_replaced"} <= set(evals[-1])
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] and evals[-1]["val_gen_loss"] < evals[0]["val_gen_loss"], \
+        "the combined and the generator's losses must fall"
+    last = evals[-1]
+    assert last["val_loss"] == pytest.approx(last["val_gen_loss"] + 50 * last["val_disc_loss"]), "L = MLM + 50 x disc"
+    assert "flagged:" in out and "replaced" in out, "the end-of-run demo must show flagged tokens"
+    assert (tmp_path / "out" / "loss.png").exists()
+    capsys.readouterr()
+    assert run_main(electra.main, ["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "--as-is", "lend me your ears"]) == 0
+    assert "flagged:" in capsys.readouterr().out
+    assert run_main(bert.main, ["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "a [MASK]"]) == 2
+    assert "a checkpoint of --model electra, not bert" in capsys.readouterr().err
+    assert run_main(electra.main, ["--ckpt", str(tmp_path / "nope.pt"), "x"]) == 2
+
+
+def test_evaluation_is_the_same_every_time_and_never_touches_the_training_rng(tmp_path, corpus):
+    tok, splits, _ = data.prepare_data(train.TrainConfig(data=str(corpus), val_docs="lear",
+                                                         cache_dir=str(tmp_path / "cache")),
+                                       data.special_tokens_of(electra))
+    m = tiny_model(vocab_size=tok.n_vocab, max_position_embeddings=64, max_seq_length=64,
+                   **{k: tok.specials[v] for k, v in electra.TOKEN_IDS.items()}).eval()
+    obj = electra.Objective(m.config, tok)
+    rng = torch.get_rng_state()
+    runs = [train.evaluate(m, obj, [splits["val"]], 16, "cpu", torch.autocast("cpu", enabled=False)) for _ in range(2)]
+    assert runs[0] == runs[1], "two evaluations of the same model differ (the generator's samples must be fixed)"
+    assert torch.equal(torch.get_rng_state(), rng), "evaluation drew from the global RNG"
+    assert 0.1 < runs[0]["replaced"] < 0.16, "about 15% masked, nearly all replaced by an untrained generator"
+
+
+def test_an_electra_run_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path, corpus):
+    import test_loop
+    common = ("--max-iters", "12", "--eval-interval", "6", "--log-interval", "1", "--hidden-dropout-prob", "0.1")
+    straight = train.train(electra_args(tmp_path / "a", corpus, *common))
+    train.train(electra_args(tmp_path / "b", corpus, *common), on_step=test_loop.interrupt_at(4))
+    resumed = train.train(electra_args(tmp_path / "b", corpus, *common, "--resume"))
+    keys = ("step", "kind", "loss", "val_loss", "val_disc_acc")
+    strip = lambda rows: [{k: v for k, v in r.items() if k in keys} for r in rows]
+    assert strip(resumed) == strip(straight), "a resumed ELECTRA run must draw the same masks, samples and dropout"
+
+
+def test_electra_py_refuses_another_models_checkpoint(tmp_path, corpus, capsys):
+    import test_bert
+    train.train(test_bert.bert_args(tmp_path, corpus, "--max-iters", "1"))
+    assert run_main(electra.main, ["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "a checkpoint of --model bert, not electra" in err
