@@ -113,12 +113,12 @@ Config = BertConfig
 # A preset sets model sizes and, where a recipe goes with them, training settings (train.py applies each key to whichever
 # config declares it). BERT's recipe (Devlin et al. App. A.2): batch 256 sequences, 1M steps, Adam lr 1e-4, beta2 0.999,
 # weight decay 0.01, 10k warm-up steps then linear decay, dropout 0.1, sequence length 128 for 90% of the steps and
-# 512 for the rest. Adam's epsilon (BERT: 1e-6) is the loop's (1e-8): train.py has no flag for it.
+# 512 for the rest, Adam epsilon 1e-6.
 # Vocabulary: our BPE trained to 30,518 ids (<|endoftext|> included) + [CLS] [SEP] [MASK] [PAD] = BERT's 30,522.
 _BERT_RECIPE = dict(objective="mlm+nsp", tokenizer="bpe", vocab_size=30518, max_position_embeddings=512,
                     max_seq_length=128, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, lr=1e-4, min_lr=0.0,
                     schedule="linear", warmup_iters=10_000, max_iters=1_000_000, weight_decay=0.01, beta2=0.999,
-                    grad_clip=1.0, batch_size=64, tokens_per_step=256 * 128, eval_interval=10_000)
+                    adam_eps=1e-6, grad_clip=1.0, batch_size=64, tokens_per_step=256 * 128, eval_interval=10_000)
 
 
 def _size(layers, hidden):  # Turc et al.'s naming: L layers, H = hidden, A = H / 64 heads, FFN 4H

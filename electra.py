@@ -97,7 +97,7 @@ class ElectraConfig:
 Config = ElectraConfig
 
 # ELECTRA's recipe (App. A, Table 6; the released configure_pretraining.py): Adam lr 5e-4 (Small), beta2 0.999, epsilon
-# 1e-6 (the loop's is 1e-8: train.py has no flag for it), weight decay 0.01, 10k warm-up steps then linear decay to 0,
+# 1e-6, weight decay 0.01, 10k warm-up steps then linear decay to 0,
 # dropout 0.1, batch 128 sequences of 128 tokens, 1M steps.
 PRESETS = {
     # The quick start: a character-level ELECTRA on a laptop CPU in a few minutes (README path 7). The discriminator is
@@ -122,7 +122,8 @@ PRESETS = {
                           embedding_size=128, generator_size=0.25, max_position_embeddings=512, max_seq_length=128,
                           hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, tokenizer="bpe", vocab_size=30518,
                           lr=5e-4, min_lr=0.0, schedule="linear", warmup_iters=10_000, max_iters=1_000_000,
-                          weight_decay=0.01, beta2=0.999, grad_clip=1.0, batch_size=128, eval_interval=10_000),
+                          weight_decay=0.01, beta2=0.999, adam_eps=1e-6, grad_clip=1.0, batch_size=128,
+                          eval_interval=10_000),
 }
 DEFAULT_PRESET = "char-cpu"
 

@@ -120,6 +120,7 @@ class TrainConfig:
     weight_decay: float = opt(0.1, "AdamW decoupled weight decay, on weight matrices only")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.99, "AdamW beta2")
+    adam_eps: float = opt(1e-8, "AdamW epsilon (BERT and ELECTRA used 1e-6)")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
     eval_interval: int = opt(500, "evaluate, plot and checkpoint every N steps (and at the end)")
     eval_tokens: int = opt(1 << 20, "val tokens scored at each eval: the same leading slice of the val split every time "
@@ -384,10 +385,11 @@ def make_optimizer(model, cfg, device):
     # fused: one kernel updates every tensor (same maths, tests/test_train.py checks it); on CPU it is ~3x faster than
     # the per-tensor loop, which matters for small models whose step is a few ms.
     if cfg.optimizer == "adamw-scale":
-        optimizer = AdamWScale(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        optimizer = AdamWScale(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
     else:
         fused = device.split(":")[0] in ("cuda", "cpu")
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                                      fused=fused or None)
     count = lambda ps: f"{len(ps)} tensors ({sum(p.numel() for p in ps):,} parameters)"
     return optimizer, (f"weight decay {cfg.weight_decay} on {count(decay)}; none on {count(no_decay)}: biases, norm "
                        f"gains{', ' + ', '.join(sorted(skip)) if skip else ''}")
@@ -583,8 +585,10 @@ def fmt_time(s):
 
 
 def fmt_metrics(metrics):
-    """'1.2345 nats/tok 2.3456 bpb 0.4567 acc': the loss gets its unit, every other metric its name."""
-    return " ".join(f"{v:.4f} {'nats/tok' if k == 'loss' else k}" for k, v in metrics.items())
+    """'1.2345 nats/tok 2.3456 bpb' for a language model (its loss is nats per token); '3.4567 loss 0.4567 acc' for
+    others, whose loss may add several terms (BERT's MLM + NSP): every metric by its name."""
+    lm = "bpb" in metrics
+    return " ".join(f"{v:.4f} {'nats/tok' if k == 'loss' and lm else k}" for k, v in metrics.items())
 
 
 def plot_metrics(rows, path, title):
@@ -1070,16 +1074,16 @@ def stop_on_signals():
 def loop(run, on_step=None):
     """Evaluate when due, then one optimizer step, until max_iters. Returns the metric rows."""
     cfg, main = run.cfg, run.dist.main
-    if main:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        atomic_write_text(os.path.join(cfg.out_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in run.rows))
     stateful = hasattr(run.objective, "state_dict")
 
     def draw_next():  # the next step's batch, and what a checkpoint must save to draw it again after a resume
         run.resume_point = (run.batch_gen.get_state(), copy.deepcopy(run.objective.state_dict()) if stateful else None)
         run.next_batch = draw_train_batch(run, cfg.batch_size * cfg.grad_accum)
 
-    draw_next()
+    draw_next()  # first: an objective that cannot draw from this data says so before anything is written
+    if main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        atomic_write_text(os.path.join(cfg.out_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in run.rows))
     peak, flops = None, getattr(run.model, "flops_per_token", lambda: None)()
     timed, t_log, last_plot = [], time.time(), time.time()
     with stop_on_signals() as stop:
