@@ -715,6 +715,28 @@ class Dist:
         return tuple(bool(x > 0) for x in t.tolist())
 
 
+def main_first(dist, build):
+    """build() on process 0, then on the others, which then find what it cached (the token cache, a trained BPE
+    vocabulary): two processes writing the same cache files at once corrupt them. An error on process 0 reaches every
+    other process as the same UsageError instead of leaving them waiting."""
+    if dist.world == 1:
+        return build()
+    failed = [None]
+    if dist.main:
+        try:
+            result = build()
+        except Exception as e:
+            failed = [str(e) if isinstance(e, UsageError) else f"process 0 failed: {e.__class__.__name__}: {e}"]
+            torch.distributed.broadcast_object_list(failed, src=0)
+            raise
+        torch.distributed.broadcast_object_list(failed, src=0)
+        return result
+    torch.distributed.broadcast_object_list(failed, src=0)
+    if failed[0] is not None:
+        raise UsageError(failed[0])
+    return build()
+
+
 def init_distributed():
     """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; join the process group. Without them: one process."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -858,7 +880,7 @@ def setup(argv, dist=Dist()):
         raise UsageError(str(e)) from None
 
     tok_ident = ckpt["tokenizer"] if ckpt else (init_tok if init else None)
-    tokenizer, domains, data_key = prepare_domains(cfg, special_tokens_of(mod), tok_ident)
+    tokenizer, domains, data_key = main_first(dist, lambda: prepare_domains(cfg, special_tokens_of(mod), tok_ident))
     if ckpt and ckpt.get("data_key") not in (None, data_key):
         raise UsageError("--resume: the corpus changed since the checkpoint was written (its files' contents differ)")
     if init and init[1] is not None and init[1] != tokenizer.n_vocab:
@@ -1235,7 +1257,10 @@ def train(argv=None, on_step=None):
         return bench(run) if run.cfg.bench else loop(run, on_step)
     finally:
         if dist.world > 1:
-            torch.distributed.destroy_process_group()
+            # Leaving the group is best effort: after an error, another process may already have gone, and gloo then
+            # raises "connection closed" here, which would hide the error that actually stopped the run.
+            with contextlib.suppress(Exception):
+                torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
