@@ -209,8 +209,14 @@ def test_export_hf_round_trips_through_transformers(tmp_path):
     with torch.no_grad():
         got = hf(idx).logits
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg="transformers reads our export differently")
-    back, _ = GPT.from_pretrained(str(tmp_path / "export")).eval()(idx)
-    torch.testing.assert_close(back, ref, atol=0, rtol=0, msg="export -> from_pretrained is not the identity")
+    back_model = GPT.from_pretrained(str(tmp_path / "export")).eval()
+    for name, w in back_model.state_dict().items():  # every weight comes back bit for bit (the padding rows aside)
+        orig = ours.state_dict()[name]
+        torch.testing.assert_close(w, orig[: w.size(0)] if name.endswith("wte.weight") or name == "lm_head.weight"
+                                   else orig, atol=0, rtol=0, msg=f"export -> from_pretrained changed {name}")
+    # the logits only up to float rounding: the padded model's output matmul has 64 rows where this one has 53, and
+    # a math library may block the two shapes differently (seen with AVX2 kernels)
+    torch.testing.assert_close(back_model(idx)[0], ref, atol=1e-6, rtol=1e-6)
 
 
 def test_from_pretrained_missing_directory_says_so(tmp_path):
