@@ -127,7 +127,7 @@ class TrainConfig:
                                     "(0 = all; the default scores the bundled held-out works in full)")
     eval_train_tokens: int = opt(0, "train tokens scored at each eval, in 32 slices spread over the whole train split "
                                     "(0 = as many as val)")
-    eval_batch_size: int = opt(0, "rows per eval forward pass (0 = about 16K tokens, at least --batch-size)")
+    eval_batch_size: int = opt(0, "rows per eval forward pass (0 = about 2K tokens, at least --batch-size)")
     log_interval: int = opt(10, "print a training line every N steps")
     seed: int = opt(1337, "seeds the model init, the batch order and dropout")
     resume: bool = opt(False, "continue the run in --out-dir from its ckpt.pt")
@@ -559,6 +559,13 @@ def eval_view(split, max_tokens, spread, min_piece=1):
     k = max(1, min(32, max_tokens // max(1, min_piece)))
     sizes = [max_tokens * (i + 1) // k - max_tokens * i // k for i in range(k)]  # they add up to max_tokens exactly
     return [split.slice(i * n // k, i * n // k + size) for i, size in enumerate(sizes)]
+
+
+def eval_rows(cfg, objective):
+    """Rows per eval forward pass: --eval-batch-size, else about 2K tokens (at least a training micro-batch). Bigger is
+    not faster on a CPU: 256 x 64 characters scored the held-out plays in 7.6 s, 32 x 64 in 5.9 s (fp32, AVX2; the
+    (B, H, T, T) scores stop fitting in cache)."""
+    return cfg.eval_batch_size or max(cfg.batch_size, 2048 // objective.tokens_per_row)
 
 
 @torch.no_grad()
@@ -993,7 +1000,7 @@ def run_eval(run):
     the averages weighted as the mixture is."""
     t = time.time()
     cfg = run.cfg
-    rows = cfg.eval_batch_size or max(cfg.batch_size, 16384 // run.objective.tokens_per_row)  # no backward: big batches
+    rows = eval_rows(cfg, run.objective)
     min_piece = run.objective.raw_tokens_per_row
     score = lambda pieces: evaluate(run.model, run.eval_objective, pieces, rows, run.device, run.autocast)
     results = {}
@@ -1283,7 +1290,7 @@ class FinishedRun:
     def evaluate(self, objective, part="val", max_tokens=None, corpus=None):
         """Metrics of `objective` (e.g. the run's own, with other settings) on the leading max_tokens of a split (of
         `corpus`, by default the first)."""
-        rows = self.cfg.eval_batch_size or max(self.cfg.batch_size, 16384 // objective.tokens_per_row)
+        rows = eval_rows(self.cfg, objective)
         split = (self.corpora[corpus] if corpus else self.splits)[part]
         view = eval_view(split, max_tokens, spread=part == "train", min_piece=objective.raw_tokens_per_row)
         return evaluate(self.model, objective, view, rows, self.device, self.autocast)
