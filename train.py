@@ -625,7 +625,9 @@ def plot_metrics(rows, path, title):
         for i, name in enumerate(extra):
             for part, style in (("train", "o--"), ("val", "o-")):
                 pts = [(r["step"], r[f"{part}_{name}"]) for r in ev if f"{part}_{name}" in r]
-                ax.plot(*zip(*pts), style, color=f"C{i}", label=f"{part} {name}")
+                # one metric: train and val in the loss panel's colours; several: a colour per metric
+                color = ("tab:blue" if part == "train" else "tab:orange") if len(extra) == 1 else f"C{i}"
+                ax.plot(*zip(*pts), style, color=color, label=f"{part} {name}")
         ax.set(xlabel="step", ylabel="bits per byte" if extra == ["bpb"] else "",
                title="tokenizer-independent: bits per UTF-8 byte" if extra == ["bpb"] else "metrics")
         ax.grid(alpha=0.3)
