@@ -360,6 +360,16 @@ def test_a_short_run_never_measures_the_cpu_peak(tmp_path, corpus, monkeypatch):
     assert not (tmp_path / "cache" / "cpu_peak.json").exists()
 
 
+def test_subnormal_floats_are_flushed_during_a_run_and_only_then(tmp_path, corpus):
+    if not torch.set_flush_denormal(False):  # returns whether this CPU can flush (x86 with SSE3, ARM64)
+        pytest.skip("this CPU cannot flush subnormals")
+    tiny = lambda: (torch.tensor([1e-30]) * torch.tensor([1e-10])).item()  # 1e-40: subnormal in fp32
+    seen = []
+    train.train(gpt_args(tmp_path, corpus, "--max-iters", "2"), on_step=lambda step, loss: seen.append(tiny()))
+    assert seen == [0.0, 0.0], "subnormals must be flushed to zero while a run trains (they slow CPU steps 2x)"
+    assert tiny() > 0, "train() must leave the process's float behaviour as it found it"
+
+
 def test_bench_measures_the_peak_once_and_caches_it_per_machine(tmp_path, corpus, monkeypatch, capsys):
     train.train(gpt_args(tmp_path, corpus, "--bench", "--bench-iters", "2"))
     cached = json.loads((tmp_path / "cache" / "cpu_peak.json").read_text())
