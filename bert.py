@@ -959,20 +959,13 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     import bpe
-    import data
     import train
 
     try:
         if args.top_k < 1:
             raise train.UsageError("--top-k must be at least 1")
         if args.ckpt:
-            ckpt = train.load_checkpoint(args.ckpt, "--ckpt")
-            if ckpt["train_config"]["model"] != "bert":
-                raise train.UsageError(f"--ckpt {args.ckpt}: a checkpoint of --model {ckpt['train_config']['model']}, "
-                                       f"not bert")
-            model = BERT(BertConfig(**ckpt["model_config"]))
-            model.load_state_dict(ckpt["model"])
-            tokenizer = data.tokenizer_from_identity(ckpt["tokenizer"])
+            model, tokenizer, _ = train.load_for_inference(args.ckpt, flag="--ckpt", model="bert")
         else:
             vocab = os.path.join(args.hf, "vocab.txt")
             if not os.path.exists(vocab):

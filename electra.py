@@ -449,17 +449,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="which positions are masked and what the generator samples")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    import data
     import train
 
     try:
-        ckpt = train.load_checkpoint(args.ckpt, "--ckpt")
-        if ckpt["train_config"]["model"] != "electra":
-            raise train.UsageError(f"--ckpt {args.ckpt}: a checkpoint of --model {ckpt['train_config']['model']}, "
-                                       f"not electra")
-        model = ELECTRA(ElectraConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-        tokenizer = data.tokenizer_from_identity(ckpt["tokenizer"])
+        model, tokenizer, _ = train.load_for_inference(args.ckpt, flag="--ckpt", model="electra")
         out = flag(model.to(args.device), tokenizer, args.text, args.device, args.seed, args.as_is)
     except train.UsageError as e:
         print(f"electra.py: error: {e}", file=sys.stderr)

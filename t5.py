@@ -1043,10 +1043,7 @@ def main(argv=None):
 
     try:
         if args.ckpt:
-            ckpt = train.load_checkpoint(args.ckpt, "--ckpt")
-            if ckpt["train_config"].get("model") != "t5":
-                raise UsageError(f"--ckpt {args.ckpt}: a {ckpt['train_config'].get('model')} checkpoint, not t5")
-            model, tokenizer, _ = train.load_for_inference(args.ckpt, device=args.device, flag="--ckpt")
+            model, tokenizer, _ = train.load_for_inference(args.ckpt, device=args.device, flag="--ckpt", model="t5")
         else:
             tokenizer = SentencePieceT5Tokenizer(os.path.join(args.hf, "spiece.model"))
             try:

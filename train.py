@@ -534,10 +534,14 @@ def load_checkpoint(path, flag="--resume"):
     return ckpt
 
 
-def load_for_inference(path, device="cpu", flag="--ckpt"):
-    """(model in eval mode, tokenizer, checkpoint dict) from a train.py checkpoint: what the model files' samplers use."""
+def load_for_inference(path, device="cpu", flag="--ckpt", model=None):
+    """(model in eval mode, tokenizer, checkpoint dict) from a train.py checkpoint: what the model files' samplers use.
+    With `model` (e.g. "bert"), a checkpoint of another --model is refused with one line naming both."""
     ckpt = load_checkpoint(path, flag)
-    mod = model_module(ckpt["train_config"]["model"])
+    name = ckpt["train_config"]["model"]
+    if model and name != model:
+        raise UsageError(f"{flag} {path}: a checkpoint of --model {name}, not {model}")
+    mod = model_module(name)
     model = mod.Model(mod.Config(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), tokenizer_from_identity(ckpt["tokenizer"]), ckpt
@@ -1305,9 +1309,10 @@ class FinishedRun:
         return evaluate(self.model, objective, view, rows, self.device, self.autocast)
 
 
-def open_run(ckpt_path):
-    """The run that wrote ckpt_path: model in eval mode on the run's device, tokenizer, splits, and evaluate()."""
-    model, tokenizer, ckpt = load_for_inference(ckpt_path, flag="open_run")
+def open_run(ckpt_path, model=None, flag="open_run"):
+    """The run that wrote ckpt_path: model in eval mode on the run's device, tokenizer, splits, and evaluate(). `model`
+    and `flag` as in load_for_inference."""
+    model, tokenizer, ckpt = load_for_inference(ckpt_path, flag=flag, model=model)
     cfg = TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in {f.name for f in fields(TrainConfig)}})
     _, domains, _ = prepare_domains(cfg, list(tokenizer.specials), ckpt["tokenizer"])
     device = pick_device(cfg.device)

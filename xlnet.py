@@ -1029,15 +1029,6 @@ def cmd_views(args):
     print(f"wrote {args.png}")
 
 
-def load_checkpoint_model(path, flag="--ckpt"):
-    import train
-
-    ckpt = train.load_checkpoint(path, flag)
-    if ckpt["train_config"]["model"] != "xlnet":
-        raise UsageError(f"{flag}: {path} is a {ckpt['train_config']['model']} checkpoint, not xlnet")
-    return train.open_run(path)
-
-
 def cmd_two_phase(args):
     import train
 
@@ -1051,7 +1042,7 @@ def cmd_two_phase(args):
             print(f"training Transformer-XL's train phase first: python train.py --model xlnet --preset txl-cpu "
                   f"--out-dir {out}")
             train.train(["--model", "xlnet", "--preset", "txl-cpu", "--out-dir", out, "--demo-text", ""])
-    run = load_checkpoint_model(path)
+    run = train.open_run(path, model="xlnet", flag="--ckpt")
     model = run.model.float()
     tokens = run.splits["val"].tokens[:args.tokens]
     print(f"{path}: {run.cfg.preset} ({model.config.objective}), held-out text: the first {len(tokens):,} tokens of "
@@ -1060,7 +1051,9 @@ def cmd_two_phase(args):
 
 
 def cmd_fill(args):
-    run = load_checkpoint_model(args.ckpt)
+    import train
+
+    run = train.open_run(args.ckpt, model="xlnet", flag="--ckpt")
     demo(run.model, run.tokenizer, DemoConfig(args.text, args.seed), run.device)
 
 

@@ -542,7 +542,7 @@ def test_fill_spans_from_a_checkpoint_and_bad_input(tmp_path, corpus, capsys):
     train.train(["--model", "gpt", "--preset", "tiny", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
                  "--out-dir", str(tmp_path / "gpt"), "--max-iters", "1", "--sample-tokens", "0"])
     assert run(t5.main, ["--ckpt", str(tmp_path / "gpt" / "ckpt.pt"), "<X>"]) == 2
-    assert "a gpt checkpoint, not t5" in capsys.readouterr().err
+    assert "a checkpoint of --model gpt, not t5" in capsys.readouterr().err
 
 
 def test_bad_settings_stop_before_anything_is_written(tmp_path, corpus, capsys):

@@ -491,7 +491,7 @@ def test_two_phase_and_fill_commands_on_a_checkpoint_and_bad_checkpoints(tmp_pat
     train.train(["--model", "gpt", "--preset", "tiny", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
                  "--out-dir", str(tmp_path / "gpt"), "--max-iters", "1", "--sample-tokens", "0"])
     capsys.readouterr()
-    for argv, msg in ((["two-phase", "--ckpt", str(tmp_path / "gpt" / "ckpt.pt")], "a gpt checkpoint, not xlnet"),
+    for argv, msg in ((["two-phase", "--ckpt", str(tmp_path / "gpt" / "ckpt.pt")], "a checkpoint of --model gpt, not xlnet"),
                       (["fill", "--ckpt", str(tmp_path / "missing.pt")], "no checkpoint at"),
                       (["two-phase", "--ckpt", ckpt, "--mem-len", "0"], "--mem-len")):
         code = exit_code(xlnet.main, argv)
