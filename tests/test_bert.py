@@ -5,7 +5,6 @@ options really factorize and share, and each objective builds the batches its pa
 negatives that are swaps, SpanBERT's span lengths and whole-span replacement. Then the loop: train.py --model bert
 trains, evaluates, resumes exactly and fills masks at the end; bert.py's command line, and its errors."""
 
-import json
 import os
 
 import numpy as np
@@ -16,6 +15,7 @@ import transformers
 import bert
 import data
 import train
+from helpers import exit_code
 
 SEED_ROWS = 256  # rows drawn for the statistical tests: ~2,000 chosen tokens
 
@@ -520,14 +520,6 @@ def bert_args(tmp_path, corpus, *extra):
             str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out"), "--dtype", "fp32", *extra]
 
 
-def run_main(fn, argv):
-    try:
-        fn(argv)
-    except SystemExit as e:
-        return e.code
-    return 0
-
-
 def test_train_py_model_bert_learns_reports_its_metrics_and_fills_masks(tmp_path, corpus, capsys):
     rows = train.train(bert_args(tmp_path, corpus, "--max-iters", "40", "--eval-interval", "20", "--lr", "3e-3"))
     out = capsys.readouterr().out
@@ -542,7 +534,7 @@ def test_train_py_model_bert_learns_reports_its_metrics_and_fills_masks(tmp_path
     assert [tok.specials[s] for s in ("[CLS]", "[SEP]", "[MASK]", "[PAD]")] == \
         [ckpt["model_config"][f] for f in ("cls_token_id", "sep_token_id", "mask_token_id", "pad_token_id")]
     capsys.readouterr()
-    assert run_main(bert.main, ["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "lend me your [MASK]ars"]) == 0
+    assert exit_code(bert.main, ["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "lend me your [MASK]ars"]) == 0
     assert "[MASK] 1:" in capsys.readouterr().out
 
 
@@ -568,11 +560,11 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, corpus, capsys):
              (["--max-seq-length", "100"], "max_position_embeddings")]
     for extra, message in cases:
         out = tmp_path / "out"
-        code = run_main(train.main, bert_args(tmp_path, corpus, *extra))
+        code = exit_code(train.main, bert_args(tmp_path, corpus, *extra))
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and message in err, f"{extra}: {code} {err!r}"
         assert not (out / "ckpt.pt").exists(), f"{extra}: a checkpoint was written"
-    assert run_main(train.main, bert_args(tmp_path, corpus, "--data", str(one), "--val-docs", "", "--objective", "mlm",
+    assert exit_code(train.main, bert_args(tmp_path, corpus, "--data", str(one), "--val-docs", "", "--objective", "mlm",
                                           "--max-iters", "2", "--overwrite")) == 0, \
         "one document is enough for the MLM-only objective"
 
@@ -580,13 +572,13 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, corpus, capsys):
 def test_bert_py_refuses_another_models_checkpoint_and_a_sentence_without_mask(tmp_path, corpus, capsys):
     import test_loop
     train.train(test_loop.gpt_args(tmp_path / "g", corpus, "--max-iters", "1"))
-    assert run_main(bert.main, ["--ckpt", str(tmp_path / "g" / "out" / "ckpt.pt"), "a [MASK]"]) == 2
+    assert exit_code(bert.main, ["--ckpt", str(tmp_path / "g" / "out" / "ckpt.pt"), "a [MASK]"]) == 2
     assert "a checkpoint of --model gpt, not bert" in capsys.readouterr().err
     train.train(bert_args(tmp_path, corpus, "--max-iters", "1"))
-    assert run_main(bert.main, ["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "no mask here"]) == 2
+    assert exit_code(bert.main, ["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "no mask here"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no [MASK]" in err
-    assert run_main(bert.main, ["--ckpt", str(tmp_path / "nope.pt"), "a [MASK]"]) == 2
+    assert exit_code(bert.main, ["--ckpt", str(tmp_path / "nope.pt"), "a [MASK]"]) == 2
     assert "--ckpt" in capsys.readouterr().err
 
 
@@ -595,7 +587,7 @@ def test_bert_py_fills_masks_from_a_hugging_face_directory_with_its_vocab_txt(tm
     hf = hf_bert(vocab_size=len(vocab))
     hf.save_pretrained(tmp_path / "hf")
     (tmp_path / "hf" / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    assert run_main(bert.main, ["--hf", str(tmp_path / "hf"), "--top-k", "3", "My dog is [MASK]."]) == 0
+    assert exit_code(bert.main, ["--hf", str(tmp_path / "hf"), "--top-k", "3", "My dog is [MASK]."]) == 0
     out = capsys.readouterr().out
     ids = torch.tensor([[2, 5, 6, 7, 4, 11, 3]])  # [CLS] my dog is [MASK] . [SEP], as BertTokenizer encodes it
     with torch.no_grad():
@@ -604,5 +596,5 @@ def test_bert_py_fills_masks_from_a_hugging_face_directory_with_its_vocab_txt(tm
     best = vocab[int(probs.argmax())]
     assert f"filled: my dog is {best} ." in out, f"expected transformers' best guess {best!r} in:\n{out}"
     (tmp_path / "hf" / "vocab.txt").unlink()
-    assert run_main(bert.main, ["--hf", str(tmp_path / "hf"), "a [MASK]"]) == 2
+    assert exit_code(bert.main, ["--hf", str(tmp_path / "hf"), "a [MASK]"]) == 2
     assert "no vocab.txt" in capsys.readouterr().err

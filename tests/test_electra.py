@@ -12,7 +12,8 @@ import bert
 import data
 import electra
 import train
-from test_bert import assert_rel, padded_inputs, redraw, run_main, sigmas
+from helpers import exit_code
+from test_bert import assert_rel, padded_inputs, redraw, sigmas
 
 
 def hf_pair(seed=0, V=61, T=24, E=24, C=64):
@@ -193,11 +194,11 @@ def test_train_py_model_electra_learns_reports_its_metrics_and_flags_tokens(tmp_
     assert "flagged:" in out and "replaced" in out, "the end-of-run demo must show flagged tokens"
     assert (tmp_path / "out" / "loss.png").exists()
     capsys.readouterr()
-    assert run_main(electra.main, ["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "--as-is", "lend me your ears"]) == 0
+    assert exit_code(electra.main, ["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "--as-is", "lend me your ears"]) == 0
     assert "flagged:" in capsys.readouterr().out
-    assert run_main(bert.main, ["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "a [MASK]"]) == 2
+    assert exit_code(bert.main, ["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "a [MASK]"]) == 2
     assert "a checkpoint of --model electra, not bert" in capsys.readouterr().err
-    assert run_main(electra.main, ["--ckpt", str(tmp_path / "nope.pt"), "x"]) == 2
+    assert exit_code(electra.main, ["--ckpt", str(tmp_path / "nope.pt"), "x"]) == 2
 
 
 def test_evaluation_is_the_same_every_time_and_never_touches_the_training_rng(tmp_path, corpus):
@@ -228,6 +229,6 @@ def test_an_electra_run_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path
 def test_electra_py_refuses_another_models_checkpoint(tmp_path, corpus, capsys):
     import test_bert
     train.train(test_bert.bert_args(tmp_path, corpus, "--max-iters", "1"))
-    assert run_main(electra.main, ["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "x"]) == 2
+    assert exit_code(electra.main, ["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "a checkpoint of --model bert, not electra" in err

@@ -7,7 +7,6 @@ the train.py flag, and the two experiments' code paths on tiny budgets. CPU, see
 import pytest
 import torch
 
-import gpt
 import positions
 import train
 from gpt import GPT, GPTConfig, KVCache, POS_SCHEMES

@@ -18,6 +18,7 @@ import torch
 import data
 import gpt
 import train
+from helpers import exit_code
 
 KEYS = ("step", "kind", "loss", "lr", "val_loss", "train_loss", "val_acc", "train_acc", "val_bpb")
 
@@ -427,26 +428,10 @@ def test_init_from_a_hugging_face_directory_and_gpt_py_samples_from_one(tmp_path
                                 "--max-iters", "2"))
     assert rows[-1]["step"] == 2
     capsys.readouterr()
-    assert run_gpt_main(["--hf", str(tmp_path / "hf"), "--prompt", "Hello", "--max-new-tokens", "5"]) == 0
+    assert exit_code(gpt.main, ["--hf", str(tmp_path / "hf"), "--prompt", "Hello", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("Hello")
-    assert train_main(gpt_args(tmp_path / "x", corpus, "--init-from", str(tmp_path / "hf"))) == 2
+    assert exit_code(train.main, gpt_args(tmp_path / "x", corpus, "--init-from", str(tmp_path / "hf"))) == 2
     assert "its vocabulary has 50,257 ids, --tokenizer char has" in capsys.readouterr().err
-
-
-def run_gpt_main(argv):
-    try:
-        gpt.main(argv)
-    except SystemExit as e:
-        return e.code
-    return 0
-
-
-def train_main(argv):
-    try:
-        train.main(argv)
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def test_gpt_py_errors_name_the_flag_and_exit_2(tmp_path):
@@ -485,6 +470,6 @@ def test_adamw_scale_is_adamw_with_each_tensors_step_scaled_by_its_rms():
 
 def test_a_model_that_refuses_a_dtype_is_stopped_before_anything_is_written(tmp_path, corpus, monkeypatch, capsys):
     monkeypatch.setattr(gpt, "DTYPES", ("bf16", "fp32"), raising=False)
-    assert train_main(gpt_args(tmp_path, corpus, "--dtype", "fp16")) == 2
+    assert exit_code(train.main, gpt_args(tmp_path, corpus, "--dtype", "fp16")) == 2
     assert "gpt does not train in fp16; use --dtype bf16 or fp32" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -3,7 +3,6 @@ line starts are exactly those of the in-memory path; an interrupted prepare resu
 result; train.py trains on the directory; wrong uses fail with one line."""
 
 import json
-import os
 
 import numpy as np
 import pytest

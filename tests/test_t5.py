@@ -16,6 +16,7 @@ from transformers import T5ForConditionalGeneration as HFT5
 import data
 import t5
 import train
+from helpers import exit_code
 from positions import T5RelativeBias
 from t5 import (DenoisingObjective, T5, T5Config, compute_input_and_target_lengths, noise_span_to_unique_sentinel,
                 nonnoise_span_to_unique_sentinel, random_spans_helper, random_spans_noise_mask)
@@ -518,30 +519,22 @@ def test_every_objective_trains_through_the_loop(tmp_path, corpus, name):
     assert np.isfinite(rows[-1]["val_loss"]) and rows[-1]["val_loss"] < rows[0]["val_loss"], name
 
 
-def run(main, argv):
-    try:
-        main(argv)
-    except SystemExit as e:
-        return e.code
-    return 0
-
-
 def test_fill_spans_from_a_checkpoint_and_bad_input(tmp_path, corpus, capsys):
     train.train(t5_args(tmp_path, corpus, "--max-iters", "2", "--inputs-length", "48", "--eval-tokens", "512"))
     ckpt = str(tmp_path / "out" / "ckpt.pt")
     capsys.readouterr()
-    assert run(t5.main, ["--ckpt", ckpt, "Thank you <X> me to your party <Y> week."]) == 0
+    assert exit_code(t5.main, ["--ckpt", ckpt, "Thank you <X> me to your party <Y> week."]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[-1].startswith("Thank you [") and "] week." in out and "<X> = " in out
     for argv, message in ((["Thank you for inviting me."], "no span to fill"),
                           (["Thank you <X> me to your party <Y> last week and the week before."], "at most 48"),
                           ):
-        assert run(t5.main, ["--ckpt", ckpt, *argv]) == 2
+        assert exit_code(t5.main, ["--ckpt", ckpt, *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
     train.train(["--model", "gpt", "--preset", "tiny", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
                  "--out-dir", str(tmp_path / "gpt"), "--max-iters", "1", "--sample-tokens", "0"])
-    assert run(t5.main, ["--ckpt", str(tmp_path / "gpt" / "ckpt.pt"), "<X>"]) == 2
+    assert exit_code(t5.main, ["--ckpt", str(tmp_path / "gpt" / "ckpt.pt"), "<X>"]) == 2
     assert "a checkpoint of --model gpt, not t5" in capsys.readouterr().err
 
 
@@ -550,14 +543,14 @@ def test_bad_settings_stop_before_anything_is_written(tmp_path, corpus, capsys):
                            (["--noise-density", "0"], "must lie in (0, 1)"),
                            (["--objective", "deshuffle"], "objective must be one of"),
                            (["--feed-forward-proj", "swiglu"], "feed_forward_proj must be one of")):
-        assert run(train.main, t5_args(tmp_path, corpus, *extra)) == 2
+        assert exit_code(train.main, t5_args(tmp_path, corpus, *extra)) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "out").exists()
 
 
 def test_help_lists_every_t5_flag(capsys):
-    assert run(train.main, ["--model", "t5", "--help"]) == 0
+    assert exit_code(train.main, ["--model", "t5", "--help"]) == 0
     out = capsys.readouterr().out
     assert all(f"--{f.replace('_', '-')}" in out for f in T5Config.__dataclass_fields__
                if f not in train.derived(t5)), "every config field is a flag, and --help renders"
@@ -568,7 +561,7 @@ def test_hf_path_names_the_missing_package_or_reads_t5s_vocabulary(tmp_path, cap
     path = hf_directory(tmp_path / "hf", "relu", tied=True)
     capsys.readouterr()
     monkeypatch.setitem(sys.modules, "sentencepiece", None)  # as if not installed
-    assert run(t5.main, ["--hf", str(path), "a <X> b"]) == 2
+    assert exit_code(t5.main, ["--hf", str(path), "a <X> b"]) == 2
     err = capsys.readouterr().err
     assert "'sentencepiece'" in err and len(err.strip().splitlines()) == 1, err
 

@@ -16,6 +16,7 @@ import torch
 import data
 import gpt
 import train
+from helpers import exit_code
 
 SHAKESPEARE = os.path.join(train.ROOT, "data", "shakespeare")
 
@@ -23,15 +24,6 @@ SHAKESPEARE = os.path.join(train.ROOT, "data", "shakespeare")
 def args(tmp_path, corpus, *extra):
     return ["--model", "gpt", "--preset", "tiny", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
             "--out-dir", str(tmp_path / "out"), "--sample-tokens", "0", *extra]
-
-
-def run_main(argv):
-    """The exit code of train.main(argv), as the shell would see it."""
-    try:
-        train.main(argv)
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -281,7 +273,7 @@ def test_every_preset_sets_only_known_keys():
 
 
 def test_help_lists_the_documented_flags(capsys):
-    assert run_main(["--help"]) == 0
+    assert exit_code(train.main, ["--help"]) == 0
     text = capsys.readouterr().out
     for flag in ("--model", "--preset", "--data", "--tokenizer", "--out-dir", "--device", "--attn", "--block-size",
                  "--batch-size", "--grad-accum", "--max-iters", "--lr", "--warmup-iters", "--eval-interval", "--seed",
@@ -320,7 +312,7 @@ def test_help_lists_the_documented_flags(capsys):
     (["--dtype", "fp8"], "unknown --dtype 'fp8'"),
 ])
 def test_bad_input_gives_one_clear_line_and_exit_code_2(tmp_path, corpus, capsys, extra, message):
-    assert run_main(args(tmp_path, corpus, *extra)) == 2
+    assert exit_code(train.main, args(tmp_path, corpus, *extra)) == 2
     err = capsys.readouterr().err.strip()
     assert message in err, f"expected {message!r} in {err!r}"
     assert len(err.splitlines()) == 1 and "Traceback" not in err
@@ -331,7 +323,7 @@ def test_data_with_no_readable_text_is_rejected(tmp_path, capsys):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "empty.txt").write_text("  \n")
     (tmp_path / "d" / "binary.txt").write_bytes(b"\xff\xfe\x00abc")
-    assert run_main(["--data", str(tmp_path / "d"), "--cache-dir", str(tmp_path / "c"),
+    assert exit_code(train.main, ["--data", str(tmp_path / "d"), "--cache-dir", str(tmp_path / "c"),
                      "--out-dir", str(tmp_path / "out")]) == 2
     assert "cannot read" in capsys.readouterr().err
 
@@ -347,11 +339,11 @@ def test_resume_errors_leave_the_checkpoint_untouched(tmp_path, corpus, capsys):
         (["--resume", "--tokenizer", "gpt2"], "--tokenizer 'gpt2' does not match"),
     ]
     for extra, message in cases:
-        assert run_main(args(tmp_path, corpus, *extra)) == 2, extra
+        assert exit_code(train.main, args(tmp_path, corpus, *extra)) == 2, extra
         assert message in capsys.readouterr().err, extra
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest, "a refused start modified the checkpoint"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated, as after a crash outside our atomic save
-    assert run_main(args(tmp_path, corpus, "--resume")) == 2
+    assert exit_code(train.main, args(tmp_path, corpus, "--resume")) == 2
     assert "may be corrupt" in capsys.readouterr().err
 
 

@@ -20,6 +20,7 @@ from xlnet import XLNet, XLNetConfig, permutation_mask, sample_order, sample_tar
 
 import transformers  # noqa: E402  (a test requirement: the oracle for parity)
 from transformers.models.xlnet import modeling_xlnet  # noqa: E402
+from helpers import exit_code
 
 
 def small_config(**kw):
@@ -444,15 +445,6 @@ def test_accumulation_keeps_each_rows_memory_and_evaluation_never_touches_traini
     assert accumulated == pytest.approx(big, abs=1e-5), "micro-batches must find their own rows' memory"
     evaluated = losses("ev", "--batch-size", "4", "--eval-interval", "2")
     assert evaluated == big, "evaluating (with its own memory) changed what training saw"
-
-
-def exit_code(main, argv):
-    """The exit code of main(argv), as the shell would see it."""
-    try:
-        main(argv)
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def test_bad_input_fails_in_one_line_with_exit_2_and_writes_nothing(tmp_path, corpus, capsys):
