@@ -72,5 +72,5 @@ def _download_from_hub(name):
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise FileNotFoundError(f"{name!r} is not a directory, and huggingface_hub is not installed to fetch it") from None
+        raise FileNotFoundError(f"{name!r} is not a directory, and huggingface_hub is not installed") from None
     return snapshot_download(name, allow_patterns=["config.json", "model.safetensors"])
