@@ -3,14 +3,12 @@ assignment.py - course assignments from the reference code: blank chosen functio
 
 What it is
     The project's third use, after reading it beside the slides and running it: homework. Given targets such as
-    `bpe.py:merge gpt.py:CausalSelfAttention.forward`, `make` writes a copy of the project in which the body of each
-    target is `raise NotImplementedError(...)` naming the slide it implements. Its docstring (with the worked example),
-    its signature and every other line of the project stay as they are; the body is found on the syntax tree (`ast`), so
-    the reference files carry no markers and read exactly as before. The copy keeps the tests that exercise the targets
-    (with the fixtures and helpers they use) and gets a task list, ASSIGNMENT.md: what to implement, in which order,
-    which slide, which tests, how to run them. `python -m pytest` in the copy is the autograder; `grade` prints the
-    score per target (tests passed / total) as text and JSON, from the instructor's copy of the tests ("the key"), which
-    may hold hidden tests the students never see.
+    `bpe.py:merge gpt.py:CausalSelfAttention.forward`, `make` writes a copy of the project in which each target's body
+    is `raise NotImplementedError(...)` naming the slide it implements. Its docstring (with the worked example), its
+    signature and every other line stay. The body is found on the syntax tree (`ast`), so the reference files carry no
+    markers. The copy keeps the tests that exercise the targets (with their fixtures and helpers) and gets a task
+    list, ASSIGNMENT.md. `python -m pytest` in the copy is the autograder. `grade` prints the score per target (tests
+    passed / total), from the instructor's copy of the tests ("the key"), which may hold hidden tests.
 
 Which tests exercise a target: the definition, and how it is computed
     A test exercises target X if it passes on the reference code and fails when X alone raises NotImplementedError.
@@ -19,12 +17,10 @@ Which tests exercise a target: the definition, and how it is computed
          test module reached it (while the module was imported, in a fixture, or in a test);
       2. for each target X, the test modules that reached X run again with X's probe raising NotImplementedError; the
          tests that passed in 1 and fail now are X's tests.
-    Step 2 re-runs whole modules, not only the tests that called X, because tests in one module share state: a test
-    can depend on X without calling it, through a tokenizer an earlier test trained with X and cached. A module that
-    never reached X cannot change when X does. Cost: the suite once, then per target the modules that reach it.
-    Tests that exercise no target are left out (they would pass anyway); a test that exercises several targets counts
-    for each of them. A target that some module calls while being imported is refused: blanking it would turn every
-    test of that module into an import error.
+    Step 2 re-runs whole modules, not only the tests that called X: a test can depend on X without calling it, through
+    a tokenizer an earlier test of its module trained with X and cached. A module that never reached X cannot change.
+    Tests that exercise no target are left out; a test that exercises several targets counts for each of them.
+    A target that a module calls while being imported is refused: blanked, every test of that module would error.
 
 Run
     python assignment.py list                                  # the ready-made assignments, their targets and slides
@@ -42,8 +38,9 @@ Legend
     key       the instructor's copy: the student copy plus the hidden tests; grading runs the key's tests on the
               submission's target files, never the tests a student may have edited
 
-Trap: nothing at module level here may import a project module (bpe, gpt, ...): the helper processes this file starts
-run pytest on a copy of the project, and a reference module already in sys.modules would silently replace the copy's.
+Trap: the helper processes this file starts run pytest on a copy of the project, and a reference module already in
+sys.modules would silently replace the copy's. So the only project module imported here is common (the error type
+and the CLI wrapper), and the helper processes drop it (`_forget_project_modules`) before pytest imports the copy's.
 """
 
 import argparse
@@ -63,6 +60,8 @@ import textwrap
 import time
 import tokenize
 from dataclasses import dataclass
+
+from common import UsageError, command
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -149,10 +148,6 @@ TOP_LEVEL = ("*.py", "pytest.ini", "requirements.txt", ".gitignore")
 SKIP_DIRS = {"__pycache__", ".pytest_cache", ".hypothesis", "cache", "out", ".git"}
 SELF_TEST = "tests/test_assignment.py"  # tests of this file: never run to find an assignment's tests, never copied
 MANIFEST = "assignment.json"
-
-
-class UsageError(Exception):
-    """Bad input: printed as one line, exit code 2, nothing written (the project's convention, see data.UsageError)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -492,17 +487,24 @@ def _no_shrinking():
     settings.load_profile("assignment")
 
 
-def _pytest_session(args, plugin, workdir):
-    """One pytest session, in this process, on the project copy in `workdir`; its output goes to stdout (the log).
-    Modules loaded from a copy of the project (this one's or one before it, all under the same temporary directory)
-    are dropped from sys.modules first, so every session imports them afresh: fresh module state, no stale code."""
-    import pytest
-
-    tmp_root = os.path.dirname(workdir)
+def _forget_project_modules(tmp_root):
+    """Drop from sys.modules the modules of a project: of a copy (this session's or an earlier one's, all under
+    `tmp_root`) and the reference's top-level modules (common.py, which this file imports). The next session then
+    imports the copy's files afresh: fresh module state, no stale code."""
     for name, mod in list(sys.modules.items()):
         path = getattr(mod, "__file__", None)  # None for built-in modules (sys, ...)
-        if path and name != "_assignment_probe" and os.path.abspath(path).startswith(tmp_root + os.sep):
+        if not path or name in ("__main__", __name__, "_assignment_probe"):
+            continue
+        path = os.path.abspath(path)
+        if path.startswith(tmp_root + os.sep) or os.path.dirname(path) == ROOT:
             del sys.modules[name]
+
+
+def _pytest_session(args, plugin, workdir):
+    """One pytest session, in this process, on the project copy in `workdir`; its output goes to stdout (the log)."""
+    import pytest
+
+    _forget_project_modules(os.path.dirname(workdir))
     # Two settings that only change speed, measured on the 2-core CPU: native tracebacks (pytest's own formatting parses
     # the source of every frame: ~0.6 s per failing test through torch), and no unraisable-exception plugin (it runs the
     # garbage collector five times per session: ~0.5 s with torch loaded).
@@ -1023,12 +1025,7 @@ def format_grade(g, max_failures=8):
 # command line
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["_find_tests"]:  # the helper processes (internal)
-        return _find_tests_child(*argv[1:])
-    if argv[:1] == ["_grade"]:
-        return _grade_child(*argv[1:])
+def _parser():
     p = argparse.ArgumentParser(description="Course assignments from the reference code: blank chosen functions, keep "
                                             "the tests that need them, write ASSIGNMENT.md, grade submissions.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -1054,29 +1051,35 @@ def main(argv=None):
                                  "the submission's own tests")
     g.add_argument("--json", metavar="FILE", help="also write the scores as JSON to FILE ('-': print only the JSON)")
     g.add_argument("--timeout", type=float, default=3600, help="seconds before the run is stopped (default 3600)")
-    args = p.parse_args(argv)
-    try:
-        if args.command == "list":
-            for name, targets in ASSIGNMENTS.items():
-                print(f"{name}: {ABOUT.get(name, '')}")
-                for t in targets:
-                    print(f"  {t.spec:<40} {t.slide or '(not on the slides)'}")
-        elif args.command == "make":
-            make(args.items, args.out, args.key, args.hidden, args.points, args.tests, args.skip,
-                 log=lambda msg: print(msg, flush=True))
+    return p
+
+
+@command
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_find_tests"]:  # the helper processes (internal)
+        return _find_tests_child(*argv[1:])
+    if argv[:1] == ["_grade"]:
+        return _grade_child(*argv[1:])
+    args = _parser().parse_args(argv)
+    if args.command == "list":
+        for name, targets in ASSIGNMENTS.items():
+            print(f"{name}: {ABOUT.get(name, '')}")
+            for t in targets:
+                print(f"  {t.spec:<40} {t.slide or '(not on the slides)'}")
+    elif args.command == "make":
+        make(args.items, args.out, args.key, args.hidden, args.points, args.tests, args.skip,
+             log=lambda msg: print(msg, flush=True))
+    else:
+        if args.json not in (None, "-") and os.path.isdir(args.json):
+            raise UsageError(f"--json {args.json} is a directory")
+        result = grade(args.submission, args.key, args.timeout)
+        if args.json == "-":
+            print(json.dumps(result, indent=1))
         else:
-            if args.json not in (None, "-") and os.path.isdir(args.json):
-                raise UsageError(f"--json {args.json} is a directory")
-            result = grade(args.submission, args.key, args.timeout)
-            if args.json == "-":
-                print(json.dumps(result, indent=1))
-            else:
-                print(format_grade(result))
-                if args.json:
-                    write(os.path.abspath(args.json), json.dumps(result, indent=1) + "\n")
-    except UsageError as e:
-        print(f"assignment.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+            print(format_grade(result))
+            if args.json:
+                write(os.path.abspath(args.json), json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
