@@ -294,8 +294,7 @@ def body_of(source, qualname):
 
 def put_body(source, qualname, body):
     """`source` with `qualname`'s body (below its docstring) replaced by `body`: what a student does. The tests use it
-    to copy reference bodies back (the result is the reference file, byte for byte) and to plant wrong implementations.
-    A body that is not indented as the function's is dedented and re-indented to it (so it may come from a string).
+    to copy reference bodies back and to plant wrong ones. A body indented otherwise is re-indented to the function's.
 
     put_body("def f(x):\\n    return x\\n", "f", "return 2 * x") -> "def f(x):\\n    return 2 * x\\n"
     """
@@ -428,9 +427,9 @@ def _selected(nodeid, patterns):
 
 
 def _results_plugin(outcomes, probe=None, select=None, stream=None):
-    """A pytest plugin that records every test's outcome into `outcomes` (node id -> [outcome, first line of the
-    failure, whether a NotImplementedError caused it]), and into `stream` as JSON lines [node id, outcome] when given;
-    with the probe module, it tells the probe which test module is running. select: keep only these node ids."""
+    """A pytest plugin recording each test's outcome into `outcomes` (node id -> [outcome, first line of the failure,
+    whether a NotImplementedError caused it]) and into `stream` as JSON lines. It tells `probe` which test module
+    runs. select: keep only these node ids."""
     import pytest
 
     def tell_probe(context):  # the environment too: a test's subprocesses (`python gpt.py ...`) read it there
@@ -509,9 +508,8 @@ def _first_line(report):
 
 
 def _no_shrinking():
-    """Hypothesis shrinks a failing example to a minimal one by re-running the test many times: helpful to a student
-    reading a failure, wasted when only pass/fail counts (finding tests, grading). Tests created after this call run
-    without it (their own settings, e.g. max_examples, still apply). Does nothing where hypothesis is not installed."""
+    """Hypothesis shrinks a failing example by re-running the test many times: wasted when only pass/fail counts.
+    Tests created after this call run without it (their other settings still apply)."""
     try:
         from hypothesis import Phase, settings
     except ImportError:
@@ -521,9 +519,8 @@ def _no_shrinking():
 
 
 def _forget_project_modules(tmp_root):
-    """Drop from sys.modules the modules of a project: of a copy (this session's or an earlier one's, all under
-    `tmp_root`) and the reference's top-level modules (common.py, which this file imports). The next session then
-    imports the copy's files afresh: fresh module state, no stale code."""
+    """Drop from sys.modules the modules of the copies under `tmp_root` and the reference's top-level ones (common.py):
+    the next session imports the copy's files afresh, with fresh module state."""
     for name, mod in list(sys.modules.items()):
         path = getattr(mod, "__file__", None)  # None for built-in modules (sys, ...)
         if not path or name in ("__main__", __name__, "_assignment_probe"):
