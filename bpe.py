@@ -827,9 +827,7 @@ def cmd_train(args):
 def _bare(token):
     """A token's text without quotes, newlines and tabs made visible; hex if not valid UTF-8."""
     text = _show(token)
-    if text.startswith("<"):
-        return text
-    return token.decode("utf-8").replace("\n", "\\n").replace("\t", "\\t")
+    return text if text.startswith("<") else token.decode("utf-8").replace("\n", "\\n").replace("\t", "\\t")
 
 
 def cmd_show(args):
@@ -853,7 +851,7 @@ def cmd_plot(args):
     full = Tokenizer(args.pattern).train(train_text, args.max_vocab)
     print(f"trained to {full.vocab_size} tokens on Shakespeare ({len(train_text):,} bytes) in "
           f"{time.perf_counter() - t0:.1f} s")
-    merges = sorted(full.merges.items(), key=lambda m: m[1])
+    merges = full._merges_in_order()
     sizes = [256] + [2 ** k for k in range(9, 30) if 2 ** k < full.vocab_size] + [full.vocab_size]
     rows = []
     for size in sizes:
@@ -874,9 +872,8 @@ def cmd_plot(args):
     ax.plot([50257], [g_train], "o", color="C0", mfc="none", ms=9, label="GPT-2 (WebText), Shakespeare")
     ax.plot([50257], [g_held], "s", color="C1", mfc="none", ms=9, label="GPT-2 (WebText), Milton")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("vocabulary size (log scale)")
-    ax.set_ylabel("bytes per token")
-    ax.set_title(f"Byte-level BPE ({args.pattern} pre-split) trained on Shakespeare")
+    ax.set(xlabel="vocabulary size (log scale)", ylabel="bytes per token",
+           title=f"Byte-level BPE ({args.pattern} pre-split) trained on Shakespeare")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -895,26 +892,23 @@ def _throughput(encode, text, repeats=1):
     return len(text.encode("utf-8")) / best / 1e6
 
 
-def _timed(train, text, vocab_size, pattern, label):
-    t0 = time.perf_counter()
-    merges = train(text, vocab_size, pattern)
-    seconds = time.perf_counter() - t0
-    print(f"  {label} trainer: {seconds:8.2f} s  ({1e3 * seconds / (vocab_size - 256):.2f} ms/merge)", flush=True)
-    return merges, seconds
-
-
 def cmd_bench(args):
     corpus = read_corpus("shakespeare")
     text = corpus.encode("utf-8")[:int(args.bench_mb * 1e6)].decode("utf-8", errors="ignore")
     print(f"training: {len(text.encode('utf-8')):,} bytes of Shakespeare, vocab {args.bench_vocab} "
           f"({args.bench_vocab - 256} merges), pattern {args.pattern}")
-    pattern = PATTERNS[args.pattern]
-    fast, t_fast = _timed(train_fast, text, args.bench_vocab, pattern, "fast ")
-    plain, t_plain = _timed(train_plain, text, args.bench_vocab, pattern, "plain")
-    print(f"  speedup: {t_plain / t_fast:.1f}x; identical merges: {plain == fast}")
+    merges, seconds = {}, {}
+    for name, train in (("fast", train_fast), ("plain", train_plain)):
+        t0 = time.perf_counter()
+        merges[name] = train(text, args.bench_vocab, PATTERNS[args.pattern])
+        seconds[name] = time.perf_counter() - t0
+        per_merge = 1e3 * seconds[name] / (args.bench_vocab - 256)
+        print(f"  {name:<5} trainer: {seconds[name]:8.2f} s  ({per_merge:.2f} ms/merge)", flush=True)
+    same = merges["plain"] == merges["fast"]
+    print(f"  speedup: {seconds['plain'] / seconds['fast']:.1f}x; identical merges: {same}")
 
     tok = Tokenizer(args.pattern)
-    tok.merges = {pair: 256 + i for i, pair in enumerate(fast)}
+    tok.merges = {pair: 256 + i for i, pair in enumerate(merges["fast"])}
     tok._rebuild()
     heldout = read_corpus("milton")
     print(f"encoding: {len(heldout.encode('utf-8')):,} bytes of Milton (held out); bpe.py starts with an empty cache")
@@ -939,11 +933,13 @@ def _check_args(args):
     if args.train:
         require(args.vocab_size is not None and args.out is not None, "--train needs --vocab-size and --out")
         require(args.vocab_size >= 256, f"--vocab-size {args.vocab_size}: must be at least 256 (the byte tokens)")
+        require(all(args.special), "--special: a special token must be a non-empty string")
         _check_writable("--out", args.out)
         if args.tiktoken_out:
             _check_writable("--tiktoken-out", args.tiktoken_out)
     elif args.plot:
         require(args.max_vocab > 256, f"--max-vocab {args.max_vocab}: must be above 256")
+        _check_writable("--plot-out", args.plot_out)
     elif args.bench:
         require(args.bench_vocab > 256, f"--bench-vocab {args.bench_vocab}: must be above 256")
         require(args.bench_mb > 0, f"--bench-mb {args.bench_mb}: must be positive")
