@@ -3,14 +3,12 @@ assignment.py - course assignments from the reference code: blank chosen functio
 
 What it is
     The project's third use, after reading it beside the slides and running it: homework. Given targets such as
-    `bpe.py:merge gpt.py:CausalSelfAttention.forward`, `make` writes a copy of the project in which the body of each
-    target is `raise NotImplementedError(...)` naming the slide it implements. Its docstring (with the worked example),
-    its signature and every other line of the project stay as they are; the body is found on the syntax tree (`ast`), so
-    the reference files carry no markers and read exactly as before. The copy keeps the tests that exercise the targets
-    (with the fixtures and helpers they use) and gets a task list, ASSIGNMENT.md: what to implement, in which order,
-    which slide, which tests, how to run them. `python -m pytest` in the copy is the autograder; `grade` prints the
-    score per target (tests passed / total) as text and JSON, from the instructor's copy of the tests ("the key"), which
-    may hold hidden tests the students never see.
+    `bpe.py:merge gpt.py:CausalSelfAttention.forward`, `make` writes a copy of the project in which each target's body
+    is `raise NotImplementedError(...)` naming the slide it implements. Its docstring (with the worked example), its
+    signature and every other line stay. The body is found on the syntax tree (`ast`), so the reference files carry no
+    markers. The copy keeps the tests that exercise the targets (with their fixtures and helpers) and gets a task
+    list, ASSIGNMENT.md. `python -m pytest` in the copy is the autograder. `grade` prints the score per target (tests
+    passed / total), from the instructor's copy of the tests ("the key"), which may hold hidden tests.
 
 Which tests exercise a target: the definition, and how it is computed
     A test exercises target X if it passes on the reference code and fails when X alone raises NotImplementedError.
@@ -19,12 +17,10 @@ Which tests exercise a target: the definition, and how it is computed
          test module reached it (while the module was imported, in a fixture, or in a test);
       2. for each target X, the test modules that reached X run again with X's probe raising NotImplementedError; the
          tests that passed in 1 and fail now are X's tests.
-    Step 2 re-runs whole modules, not only the tests that called X, because tests in one module share state: a test
-    can depend on X without calling it, through a tokenizer an earlier test trained with X and cached. A module that
-    never reached X cannot change when X does. Cost: the suite once, then per target the modules that reach it.
-    Tests that exercise no target are left out (they would pass anyway); a test that exercises several targets counts
-    for each of them. A target that some module calls while being imported is refused: blanking it would turn every
-    test of that module into an import error.
+    Step 2 re-runs whole modules, not only the tests that called X: a test can depend on X without calling it, through
+    a tokenizer an earlier test of its module trained with X and cached. A module that never reached X cannot change.
+    Tests that exercise no target are left out; a test that exercises several targets counts for each of them.
+    A target that a module calls while being imported is refused: blanked, every test of that module would error.
 
 Run
     python assignment.py list                                  # the ready-made assignments, their targets and slides
@@ -42,8 +38,9 @@ Legend
     key       the instructor's copy: the student copy plus the hidden tests; grading runs the key's tests on the
               submission's target files, never the tests a student may have edited
 
-Trap: nothing at module level here may import a project module (bpe, gpt, ...): the helper processes this file starts
-run pytest on a copy of the project, and a reference module already in sys.modules would silently replace the copy's.
+Trap: the helper processes this file starts run pytest on a copy of the project, and a reference module already in
+sys.modules would silently replace the copy's. So the only project module imported here is common (the error type
+and the CLI wrapper), and the helper processes drop it (`_forget_project_modules`) before pytest imports the copy's.
 """
 
 import argparse
@@ -64,6 +61,8 @@ import time
 import tokenize
 from dataclasses import dataclass
 
+from common import UsageError, command
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -72,6 +71,30 @@ class Target:
     spec: str  # "file.py:qualname", a function or method of a top-level project file
     slide: str  # the lecture slide it implements, by title ("" where no slide shows it: then the docstring is the spec)
     note: str = ""  # one line for ASSIGNMENT.md: what the docstring does not say, or where to look
+
+    @property
+    def file(self):
+        return self.spec.split(":", 1)[0]
+
+    @property
+    def qualname(self):
+        return qualname_of(self.spec)
+
+
+def qualname_of(spec):
+    """The function's part of a target: qualname_of("gpt.py:KVCache.update") -> 'KVCache.update'"""
+    return spec.split(":", 1)[1]
+
+
+def function_of(nodeid):
+    """A test's node id without its parameters: the test function's node id.
+    function_of("tests/test_bpe.py::test_x[a-1]") -> 'tests/test_bpe.py::test_x'"""
+    return nodeid.split("[")[0]
+
+
+def module_of(nodeid):
+    """The test module of a node id: module_of("tests/test_bpe.py::test_x[a-1]") -> 'tests/test_bpe.py'"""
+    return nodeid.split("::")[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -149,10 +172,6 @@ TOP_LEVEL = ("*.py", "pytest.ini", "requirements.txt", ".gitignore")
 SKIP_DIRS = {"__pycache__", ".pytest_cache", ".hypothesis", "cache", "out", ".git"}
 SELF_TEST = "tests/test_assignment.py"  # tests of this file: never run to find an assignment's tests, never copied
 MANIFEST = "assignment.json"
-
-
-class UsageError(Exception):
-    """Bad input: printed as one line, exit code 2, nothing written (the project's convention, see data.UsageError)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -236,8 +255,8 @@ def stub_line(spec, slide, indent):
     stub_line("bpe.py:merge", "Byte Pair Encoding algorithm", "    ")
         -> '    raise NotImplementedError(\\'merge: yours to implement (slide "Byte Pair Encoding algorithm")\\')\\n'
     """
-    name = spec.split(":", 1)[1]
-    message = repr(f'{name}: yours to implement (slide "{slide}")' if slide else f"{name}: yours to implement")
+    message = f"{qualname_of(spec)}: yours to implement"
+    message = repr(f'{message} (slide "{slide}")' if slide else message)
     line = f"{indent}raise NotImplementedError({message})\n"
     return line if len(line) <= 121 else f"{indent}raise NotImplementedError(\n{indent}    {message})\n"
 
@@ -262,8 +281,8 @@ def rewrite_bodies(source, replacements):
 
 def blank(source, targets):
     """`source` with each target's body replaced by its NotImplementedError line. targets: Target of this file."""
-    return rewrite_bodies(source, {t.spec.split(":", 1)[1]: (lambda old, ind, t=t: [stub_line(t.spec, t.slide, ind)])
-                                   for t in targets})
+    stub = lambda t: lambda old, indent: [stub_line(t.spec, t.slide, indent)]
+    return rewrite_bodies(source, {t.qualname: stub(t) for t in targets})
 
 
 def body_of(source, qualname):
@@ -275,8 +294,7 @@ def body_of(source, qualname):
 
 def put_body(source, qualname, body):
     """`source` with `qualname`'s body (below its docstring) replaced by `body`: what a student does. The tests use it
-    to copy reference bodies back (the result is the reference file, byte for byte) and to plant wrong implementations.
-    A body that is not indented as the function's is dedented and re-indented to it (so it may come from a string).
+    to copy reference bodies back and to plant wrong ones. A body indented otherwise is re-indented to the function's.
 
     put_body("def f(x):\\n    return x\\n", "f", "return 2 * x") -> "def f(x):\\n    return 2 * x\\n"
     """
@@ -296,8 +314,8 @@ def _probe_line(spec, indent):
 
 def instrument(source, targets):
     """`source` with a probe call as the first line of each target's body (the body itself kept): see PROBE."""
-    return rewrite_bodies(source, {t.spec.split(":", 1)[1]: (lambda old, ind, t=t: [_probe_line(t.spec, ind)] + old)
-                                   for t in targets})
+    probe = lambda t: lambda old, indent: [_probe_line(t.spec, indent)] + old
+    return rewrite_bodies(source, {t.qualname: probe(t) for t in targets})
 
 
 # The probe module, written into the throw-away copy that `find_tests` runs. The copy's targets call enter() first
@@ -337,24 +355,23 @@ def resolve(items):
             names.append(item)
             new = ASSIGNMENTS[item]
         elif ":" in item:
-            names.append(item.split(":", 1)[1].split(".")[-1])
+            names.append(qualname_of(item).split(".")[-1])
             new = [known.get(item, Target(item, ""))]
         else:
-            raise UsageError(f"{item!r} is neither a ready-made assignment ({', '.join(ASSIGNMENTS)}) nor a target "
-                             f"like bpe.py:merge")
+            ready = ", ".join(ASSIGNMENTS)
+            raise UsageError(f"{item!r} is neither a ready-made assignment ({ready}) nor a target like bpe.py:merge")
         targets += [t for t in new if t.spec not in {u.spec for u in targets}]
     if not targets:
         raise UsageError("give a ready-made assignment or at least one target")
     for t in targets:
-        path, qualname = t.spec.split(":", 1)
-        full = os.path.join(ROOT, path)
-        if os.path.dirname(path) or not path.endswith(".py") or not os.path.isfile(full):
-            raise UsageError(f"{t.spec}: {path} is not a .py file at the top of the project")
-        if path == "assignment.py":
+        full = os.path.join(ROOT, t.file)
+        if os.path.dirname(t.file) or not t.file.endswith(".py") or not os.path.isfile(full):
+            raise UsageError(f"{t.spec}: {t.file} is not a .py file at the top of the project")
+        if t.file == "assignment.py":
             raise UsageError(f"{t.spec}: assignment.py cannot blank itself")
         try:
             source = read(full)
-            body_span(source.splitlines(keepends=True), find_function(ast.parse(source), qualname))
+            body_span(source.splitlines(keepends=True), find_function(ast.parse(source), t.qualname))
         except LookupError as e:
             raise UsageError(f"{t.spec}: {e}") from None
     return "+".join(names), targets
@@ -374,7 +391,7 @@ def write(path, text):
 def by_file(targets):
     files = {}
     for t in targets:
-        files.setdefault(t.spec.split(":", 1)[0], []).append(t)
+        files.setdefault(t.file, []).append(t)
     return files
 
 
@@ -385,9 +402,8 @@ def copy_project(dst, with_tests):
         src = os.path.join(ROOT, name)
         if os.path.isfile(src) and any(fnmatch.fnmatch(name, p) for p in TOP_LEVEL):
             shutil.copy2(src, os.path.join(dst, name))
-    ignore = lambda d, names: [n for n in names if n in SKIP_DIRS or n.endswith(".pyc")]
     if os.path.isdir(os.path.join(ROOT, "data")):
-        shutil.copytree(os.path.join(ROOT, "data"), os.path.join(dst, "data"), ignore=ignore)
+        shutil.copytree(os.path.join(ROOT, "data"), os.path.join(dst, "data"), ignore=_caches)
     if with_tests:
         for name in sorted(os.listdir(os.path.join(ROOT, "tests"))):
             rel = f"tests/{name}"
@@ -395,9 +411,15 @@ def copy_project(dst, with_tests):
                 write(os.path.join(dst, rel), read(os.path.join(ROOT, rel)))
 
 
+def _caches(d, names):
+    """What a copy leaves out of a folder (shutil.copytree's `ignore`): caches and compiled files."""
+    return [n for n in names if n in SKIP_DIRS or n.endswith(".pyc")]
+
+
 def _selected(nodeid, patterns):
     """Does a --tests/--hidden pattern match the node id, or the node id of its test function (without [params])?"""
-    return any(fnmatch.fnmatchcase(nodeid, p) or fnmatch.fnmatchcase(nodeid.split("[")[0], p) for p in patterns)
+    match = fnmatch.fnmatchcase
+    return any(match(nodeid, p) or match(function_of(nodeid), p) for p in patterns)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -405,13 +427,18 @@ def _selected(nodeid, patterns):
 
 
 def _results_plugin(outcomes, probe=None, select=None, stream=None):
-    """A pytest plugin that records every test's outcome into `outcomes` (node id -> [outcome, first line of the
-    failure, whether a NotImplementedError caused it]), and into `stream` as JSON lines [node id, outcome] when given;
-    with the probe module, it tells the probe which test module is running. select: keep only these node ids."""
+    """A pytest plugin recording each test's outcome into `outcomes` (node id -> [outcome, first line of the failure,
+    whether a NotImplementedError caused it]) and into `stream` as JSON lines. It tells `probe` which test module
+    runs. select: keep only these node ids."""
     import pytest
 
-    def module_of(nodeid):
-        return nodeid.split("::")[0]
+    def tell_probe(context):  # the environment too: a test's subprocesses (`python gpt.py ...`) read it there
+        probe.context = os.environ["ASSIGNMENT_CONTEXT"] = context
+
+    def emit(nodeid, entry):
+        if stream is not None:
+            stream.write(json.dumps([nodeid, entry]) + "\n")
+            stream.flush()
 
     class Results:
         def pytest_collection_modifyitems(self, config, items):
@@ -424,15 +451,15 @@ def _results_plugin(outcomes, probe=None, select=None, stream=None):
         def pytest_make_collect_report(self, collector):
             is_module = isinstance(collector, pytest.Module)
             if probe is not None and is_module:  # the module's import (and what it imports) happens in here
-                probe.context = os.environ["ASSIGNMENT_CONTEXT"] = "import:" + module_of(collector.nodeid)
+                tell_probe("import:" + module_of(collector.nodeid))
             yield
             if probe is not None and is_module:
-                probe.context = os.environ["ASSIGNMENT_CONTEXT"] = ""
+                tell_probe("")
 
         @pytest.hookimpl(hookwrapper=True)
         def pytest_runtest_protocol(self, item, nextitem):
             if probe is not None:
-                probe.context = os.environ["ASSIGNMENT_CONTEXT"] = module_of(item.nodeid)
+                tell_probe(module_of(item.nodeid))
             yield
 
         @pytest.hookimpl(hookwrapper=True)
@@ -440,28 +467,27 @@ def _results_plugin(outcomes, probe=None, select=None, stream=None):
             # a fixture shared by the whole session may be created by one module's test and used by every other
             wide = probe is not None and fixturedef.scope in ("session", "package")
             if wide:
-                saved, probe.context = probe.context, "*"
-                os.environ["ASSIGNMENT_CONTEXT"] = "*"
+                saved = probe.context
+                tell_probe("*")
             yield
             if wide:
-                probe.context = os.environ["ASSIGNMENT_CONTEXT"] = saved
+                tell_probe(saved)
 
         def pytest_runtest_logreport(self, report):
             entry = outcomes.setdefault(report.nodeid, ["passed", "", False])
             if report.failed and entry[0] == "passed":
-                entry[:] = ["failed" if report.when == "call" else "error", _first_line(report), _unimplemented(report)]
+                outcome = "failed" if report.when == "call" else "error"
+                entry[:] = [outcome, _first_line(report), _unimplemented(report)]
             elif report.skipped and entry[0] == "passed":
                 entry[:] = ["skipped", "", False]
-            if stream is not None and report.when == "teardown":
-                stream.write(json.dumps([report.nodeid, entry]) + "\n")
-                stream.flush()
+            if report.when == "teardown":
+                emit(report.nodeid, entry)
 
         def pytest_collectreport(self, report):
             if report.failed:
-                entry = outcomes[report.nodeid or "<collection>"] = ["collection error", _first_line(report), False]
-                if stream is not None:
-                    stream.write(json.dumps([report.nodeid or "<collection>", entry]) + "\n")
-                    stream.flush()
+                nodeid = report.nodeid or "<collection>"
+                outcomes[nodeid] = ["collection error", _first_line(report), False]
+                emit(nodeid, outcomes[nodeid])
 
     return Results()
 
@@ -469,7 +495,8 @@ def _results_plugin(outcomes, probe=None, select=None, stream=None):
 def _unimplemented(report):
     """Did the failure come from a NotImplementedError? Also where the test reports it in its output only (a doctest
     run, a subprocess), not as the exception that failed it."""
-    return any("NotImplementedError" in text for text in [str(report.longrepr)] + [c for _, c in report.sections])
+    texts = [str(report.longrepr)] + [content for _, content in report.sections]
+    return any("NotImplementedError" in text for text in texts)
 
 
 def _first_line(report):
@@ -481,9 +508,8 @@ def _first_line(report):
 
 
 def _no_shrinking():
-    """Hypothesis shrinks a failing example to a minimal one by re-running the test many times: helpful to a student
-    reading a failure, wasted when only pass/fail counts (finding tests, grading). Tests created after this call run
-    without it (their own settings, e.g. max_examples, still apply). Does nothing where hypothesis is not installed."""
+    """Hypothesis shrinks a failing example by re-running the test many times: wasted when only pass/fail counts.
+    Tests created after this call run without it (their other settings still apply)."""
     try:
         from hypothesis import Phase, settings
     except ImportError:
@@ -492,17 +518,23 @@ def _no_shrinking():
     settings.load_profile("assignment")
 
 
-def _pytest_session(args, plugin, workdir):
-    """One pytest session, in this process, on the project copy in `workdir`; its output goes to stdout (the log).
-    Modules loaded from a copy of the project (this one's or one before it, all under the same temporary directory)
-    are dropped from sys.modules first, so every session imports them afresh: fresh module state, no stale code."""
-    import pytest
-
-    tmp_root = os.path.dirname(workdir)
+def _forget_project_modules(tmp_root):
+    """Drop from sys.modules the modules of the copies under `tmp_root` and the reference's top-level ones (common.py):
+    the next session imports the copy's files afresh, with fresh module state."""
     for name, mod in list(sys.modules.items()):
         path = getattr(mod, "__file__", None)  # None for built-in modules (sys, ...)
-        if path and name != "_assignment_probe" and os.path.abspath(path).startswith(tmp_root + os.sep):
+        if not path or name in ("__main__", __name__, "_assignment_probe"):
+            continue
+        path = os.path.abspath(path)
+        if path.startswith(tmp_root + os.sep) or os.path.dirname(path) == ROOT:
             del sys.modules[name]
+
+
+def _pytest_session(args, plugin, workdir):
+    """One pytest session, in this process, on the project copy in `workdir`; its output goes to stdout (the log)."""
+    import pytest
+
+    _forget_project_modules(os.path.dirname(workdir))
     # Two settings that only change speed, measured on the 2-core CPU: native tracebacks (pytest's own formatting parses
     # the source of every frame: ~0.6 s per failing test through torch), and no unraisable-exception plugin (it runs the
     # garbage collector five times per session: ~0.5 s with torch loaded).
@@ -521,12 +553,16 @@ def _find_tests_child(workdir, spec_path):
 
     _no_shrinking()
     patterns, skip = spec["tests"], spec["skip"]
-    select = (lambda nodeid: (not patterns or _selected(nodeid, patterns)) and not _selected(nodeid, skip)) \
-        if patterns or skip else None
+
+    def chosen(nodeid):
+        return (not patterns or _selected(nodeid, patterns)) and not _selected(nodeid, skip)
+
+    select = chosen if patterns or skip else None
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
 
     # collect only the test modules the patterns can match: each module collected is imported, in every session
-    files = sorted({f for p in patterns for f in glob.glob(p.split("::")[0]) if f.endswith(".py")}) or ["tests"]
+    files = {f for p in patterns for f in glob.glob(module_of(p)) if f.endswith(".py")}
+    files = sorted(files) or ["tests"]
     t0 = time.time()
     reference = {}
     _pytest_session(files, _results_plugin(reference, probe, select), workdir)
@@ -537,7 +573,8 @@ def _find_tests_child(workdir, spec_path):
         for line in open(hits_path).read().splitlines():
             context, target = line.split("\t")
             hits.setdefault(target, set()).add(context)
-    report = {"reference": reference, "hits": {t: sorted(c) for t, c in hits.items()}, "exercised": {}, "runs": {}}
+    hits_sorted = {t: sorted(c) for t, c in hits.items()}
+    report = {"reference": reference, "hits": hits_sorted, "exercised": {}, "runs": {}}
     os.environ["ASSIGNMENT_HITS"] = ""  # step 1 said who reaches what; the blanked runs record nothing
     for target in spec["targets"]:
         contexts = hits.get(target, set())
@@ -545,25 +582,29 @@ def _find_tests_child(workdir, spec_path):
             continue  # refused or unreached: the parent explains
         t1 = time.time()
         # "*": reached by a session-wide fixture; "": outside any test module (conftest, pytest's start): every module
-        modules = {n.split("::")[0] for n in reference} if contexts & {"*", ""} else contexts
-        keep = lambda nodeid, modules=modules: nodeid.split("::")[0] in modules and (select is None or select(nodeid))
+        modules = {module_of(n) for n in reference} if contexts & {"*", ""} else contexts
+
+        def keep(nodeid, modules=modules):
+            return module_of(nodeid) in modules and (select is None or select(nodeid))
+
         probe.blank = os.environ["ASSIGNMENT_BLANK"] = target
         blanked = {}
         _pytest_session(sorted(modules), _results_plugin(blanked, probe, keep), workdir)
         probe.blank = os.environ["ASSIGNMENT_BLANK"] = ""
-        report["exercised"][target] = sorted(n for n in passed if n in blanked and blanked[n][0] != "passed")
+        failing = sorted(n for n in passed if n in blanked and blanked[n][0] != "passed")
+        report["exercised"][target] = failing
         report["runs"][target] = {"modules": sorted(modules), "tests": len(blanked), "seconds": time.time() - t1}
         log(f"  {target} blanked: re-ran {len(blanked)} tests of {len(modules)} module(s), "
-            f"{len(report['exercised'][target])} fail ({time.time() - t1:.0f} s)")
+            f"{len(failing)} fail ({time.time() - t1:.0f} s)")
     with open(spec["report"], "w") as f:
         json.dump(report, f)
 
 
 def find_tests(targets, tests=(), skip=(), log=print):
-    """The two steps of the header, in a helper process. Returns {"exercised": {target spec: node ids of its tests},
-    "reference": {node id: outcome}, "hits": {target: test modules that reach it}, "runs": what step 2 re-ran}.
-    tests: patterns restricting which reference tests are considered (all by default); skip: patterns of tests never
-    considered."""
+    """The two steps of the header, in a helper process. Returns
+        {"exercised": {target spec: node ids of its tests}, "reference": {node id: outcome},
+         "hits": {target: test modules that reach it}, "runs": what step 2 re-ran}.
+    tests: patterns of the reference tests considered (all by default); skip: patterns of tests never considered."""
     with tempfile.TemporaryDirectory(prefix="assignment-find-") as tmp:
         workdir = os.path.join(os.path.realpath(tmp), "project")
         copy_project(workdir, with_tests=True)
@@ -573,12 +614,11 @@ def find_tests(targets, tests=(), skip=(), log=print):
         spec_path, report_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "report.json")
         with open(spec_path, "w") as f:
             json.dump({"targets": [t.spec for t in targets], "tests": list(tests), "skip": list(skip),
-                       "report": report_path,
-                       "hits": os.path.join(tmp, "hits.tsv")}, f)
+                       "report": report_path, "hits": os.path.join(tmp, "hits.tsv")}, f)
         log_path = os.path.join(tmp, "pytest.log")
         with open(log_path, "w") as out:  # pytest's own output goes to the log; the progress lines to `log`
-            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_find_tests", workdir, spec_path],
-                                    stdout=out, stderr=subprocess.PIPE, text=True, cwd=workdir)
+            child = [sys.executable, os.path.abspath(__file__), "_find_tests", workdir, spec_path]
+            proc = subprocess.Popen(child, stdout=out, stderr=subprocess.PIPE, text=True, cwd=workdir)
             said = []  # the progress lines, and a traceback if the helper process fails
             for line in proc.stderr:
                 said.append(line.rstrip("\n"))
@@ -592,8 +632,8 @@ def find_tests(targets, tests=(), skip=(), log=print):
         contexts = report["hits"].get(t.spec, [])
         imported = sorted(c[len("import:"):] for c in contexts if c.startswith("import:"))
         if imported:
-            raise UsageError(f"{t.spec} runs while {imported[0]} is imported: blanked, it would make every test of "
-                             f"that module an import error")
+            raise UsageError(f"{t.spec} runs while {imported[0]} is imported: blanked, it would make every test "
+                             f"of that module an import error")
     return report
 
 
@@ -607,8 +647,8 @@ def prune_tests(source, keep):
     lines = source.splitlines(keepends=True)
     drop = []
     for node in ast.parse(source).body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test") \
-                and node.name not in keep:
+        is_function = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        if is_function and node.name.startswith("test") and node.name not in keep:
             start = min([node.lineno] + [d.lineno for d in node.decorator_list])
             end = node.end_lineno
             while end < len(lines) and not lines[end].strip():
@@ -633,15 +673,14 @@ def _parse_points(specs, targets):
     points = {}
     for item in specs or ():
         name, _, value = item.rpartition("=")
-        matches = [t.spec for t in targets if name in (t.spec, t.spec.split(":", 1)[1],
-                                                       t.spec.split(":", 1)[1].split(".")[-1])]
+        matches = [t.spec for t in targets if name in (t.spec, t.qualname, t.qualname.split(".")[-1])]
         try:
             value = float(value)
         except ValueError:
             raise UsageError(f"--points {item}: expected TARGET=NUMBER, e.g. merge=10") from None
         if len(matches) != 1:
-            raise UsageError(f"--points {item}: {name!r} names {'no target' if not matches else 'several targets'} "
-                             f"of this assignment")
+            what = "several targets" if matches else "no target"
+            raise UsageError(f"--points {item}: {name!r} names {what} of this assignment")
         points[matches[0]] = value
     return points
 
@@ -671,14 +710,12 @@ def make(items, out=None, key=None, hidden=(), points=None, tests=(), skip=(), l
             why = "no test reaches it" if t.spec not in report["hits"] else "no test fails without it"
             log(f"  warning: {t.spec} has no tests ({why}); it will not be graded")
     graded = sorted({n for ns in tests_of.values() for n in ns})
-    hidden_ids = sorted(n for n in graded if _selected(n, hidden))
     for p in hidden or ():
         if not any(_selected(n, [p]) for n in graded):
             raise UsageError(f"--hidden {p!r} matches none of this assignment's {len(graded)} tests")
     # a test function is kept whole (all its parametrized cases); hiding one case hides the function
-    function = lambda nodeid: nodeid.split("[")[0]
-    hidden_functions = {function(n) for n in hidden_ids}
-    hidden_ids = [n for n in graded if function(n) in hidden_functions]
+    hidden_functions = {function_of(n) for n in graded if _selected(n, hidden)}
+    hidden_ids = [n for n in graded if function_of(n) in hidden_functions]
 
     manifest = {
         "assignment": name,
@@ -690,21 +727,24 @@ def make(items, out=None, key=None, hidden=(), points=None, tests=(), skip=(), l
         "made_from": {"tests_considered": list(tests) or "all", "skipped": list(skip), "reference_failures": broken,
                       "seconds": round(time.time() - t0, 1)},
     }
-    for d, functions, visible in ((out, {function(n) for n in graded} - hidden_functions, True),
-                                  (key, {function(n) for n in graded}, False)):
-        _write_copy(d, targets, functions)
-        m = dict(manifest)
-        if visible:  # the student copy names no hidden test, it only says how many there are
-            hid = set(hidden_ids)
-            m["targets"] = [dict(t, tests=[n for n in t["tests"] if n not in hid],
-                                 hidden_tests=sum(n in hid for n in t["tests"])) for t in manifest["targets"]]
-            m["hidden"] = len(hidden_ids)
-            del m["made_from"]
+    functions = {function_of(n) for n in graded}
+    for d, m, kept in ((out, _for_students(manifest), functions - hidden_functions), (key, manifest, functions)):
+        _write_copy(d, targets, kept)
         write(os.path.join(d, MANIFEST), json.dumps(m, indent=1) + "\n")
         write(os.path.join(d, "ASSIGNMENT.md"), handout(m, d))
     log(f"wrote {out} (for students: {len(graded) - len(hidden_ids)} tests) and {key} (for grading, with "
         f"{len(hidden_ids)} hidden) in {time.time() - t0:.0f} s")
     return manifest
+
+
+def _for_students(manifest):
+    """The manifest of the student copy: it names no hidden test, it only says how many there are."""
+    hidden = set(manifest["hidden"])
+    m = {k: v for k, v in manifest.items() if k != "made_from"}
+    m["targets"] = [dict(t, tests=[n for n in t["tests"] if n not in hidden],
+                         hidden_tests=sum(n in hidden for n in t["tests"])) for t in manifest["targets"]]
+    m["hidden"] = len(hidden)
+    return m
 
 
 def _write_copy(d, targets, functions):
@@ -732,6 +772,34 @@ def _write_copy(d, targets, functions):
         shutil.move(tmp, d)
 
 
+def _handout_section(i, t, d):
+    """ASSIGNMENT.md's section on the i-th target `t` (a manifest entry) of the copy in `d`."""
+    path, qualname = t["target"].split(":", 1)
+    source = read(os.path.join(d, path))
+    fn = find_function(ast.parse(source), qualname)
+    doc = (ast.get_docstring(fn) or "").split("\n\n")[0].strip()
+    lines = source.splitlines(keepends=True)
+    signature = "".join(lines[fn.lineno - 1:_header_end(lines, fn)])
+    lines = [f"## {i}. `{qualname}` ({path})", "", "```python", signature.rstrip(), "```", ""]
+    if doc:
+        lines += ["> " + doc.replace("\n", "\n> "), ""]
+    if t["slide"]:
+        lines.append(f"Slide: \"{t['slide']}\".")
+    if t["note"]:
+        lines.append(f"Note: {t['note']}.")
+    functions = sorted({function_of(n) for n in t["tests"]})
+    hidden = t.get("hidden_tests")
+    if functions:
+        cases = len(t["tests"])
+        lines += ["", f"Its tests ({cases} case{'s' * (cases != 1)}" + (f", and {hidden} hidden" if hidden else "")
+                  + "):", "", "```bash", "python -m pytest " + " \\\n    ".join(functions), "```"]
+    elif hidden:
+        lines.append(f"Its {hidden} tests are hidden: they run when your work is graded.")
+    else:
+        lines.append("No test checks it: it is not graded.")
+    return lines + [""]
+
+
 def handout(manifest, d):
     """ASSIGNMENT.md: what to implement, in which order, which slide, which tests, how to run them, how it is graded."""
     title = manifest["assignment"]
@@ -754,34 +822,12 @@ def handout(manifest, d):
         path, qualname = t["target"].split(":", 1)
         line = find_function(ast.parse(read(os.path.join(d, path))), qualname).lineno
         n = len(t["tests"]) + t.get("hidden_tests", 0)
-        pts = f" {t['points']:g} |" if has_points and t["points"] is not None else (" - |" if has_points else "")
-        lines.append(f"| {i} | `{qualname}` | `{path}:{line}` | {t['slide'] or '(not on the slides)'} | {n} |{pts}")
+        slide = t["slide"] or "(not on the slides)"
+        pts = "" if not has_points else " - |" if t["points"] is None else f" {t['points']:g} |"
+        lines.append(f"| {i} | `{qualname}` | `{path}:{line}` | {slide} | {n} |{pts}")
     lines.append("")
     for i, t in enumerate(manifest["targets"], 1):
-        path, qualname = t["target"].split(":", 1)
-        source = read(os.path.join(d, path))
-        fn = find_function(ast.parse(source), qualname)
-        doc = (ast.get_docstring(fn) or "").split("\n\n")[0].strip()
-        signature = "".join(source.splitlines(keepends=True)[fn.lineno - 1:_header_end(source.splitlines(True), fn)])
-        lines += [f"## {i}. `{qualname}` ({path})", ""]
-        lines += ["```python", signature.rstrip(), "```", ""]
-        if doc:
-            lines += ["> " + doc.replace("\n", "\n> "), ""]
-        if t["slide"]:
-            lines.append(f"Slide: \"{t['slide']}\".")
-        if t["note"]:
-            lines.append(f"Note: {t['note']}.")
-        functions = sorted({n.split("[")[0] for n in t["tests"]})
-        if functions:
-            cases = len(t["tests"])
-            lines += ["", f"Its tests ({cases} case{'s' * (cases != 1)}"
-                      + (f", and {t['hidden_tests']} hidden" if t.get("hidden_tests") else "") + "):", "",
-                      "```bash", "python -m pytest " + " \\\n    ".join(functions), "```"]
-        elif t.get("hidden_tests"):
-            lines.append(f"Its {t['hidden_tests']} tests are hidden: they run when your work is graded.")
-        else:
-            lines.append("No test checks it: it is not graded.")
-        lines.append("")
+        lines += _handout_section(i, t, d)
     lines += [
         "## Running the tests, and grading", "",
         "```bash",
@@ -845,43 +891,56 @@ def grade_all(submissions, key=None, timeout=3600, isolate=True):
         runs = []
         for i, (submission, base, manifest, missing) in enumerate(jobs):
             run_dir = os.path.join(tmp, f"run{i}")
-            shutil.copytree(base, run_dir, ignore=lambda d, names: [n for n in names
-                                                                    if n in SKIP_DIRS or n.endswith(".pyc")])
+            shutil.copytree(base, run_dir, ignore=_caches)
             for f in manifest["files"]:
                 if f not in missing:
                     shutil.copy2(os.path.join(submission, f), os.path.join(run_dir, f))
             runs.append([run_dir, os.path.join(tmp, f"results{i}.jsonl")])
         batches = [[r] for r in runs] if isolate else [runs]
         timed_out, logs, seconds = {}, {}, {}
-        for batch in batches:
+        for b, batch in enumerate(batches):
             t0 = time.time()
-            runs_path = os.path.join(tmp, f"runs{len(logs)}.json")
-            with open(runs_path, "w") as f:
-                json.dump(batch, f)
-            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_grade", runs_path], cwd=tmp,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-            try:
-                _, err = proc.communicate(timeout=timeout)
-                stopped = False
-            except subprocess.TimeoutExpired:
-                stopped = True
-                os.killpg(proc.pid, signal.SIGKILL)  # the whole group: tests may have started processes of their own
-                _, err = proc.communicate()
+            stopped, log_tail = _run_grading(batch, os.path.join(tmp, f"runs{b}.json"), timeout)
             for run_dir, _ in batch:
-                timed_out[run_dir], logs[run_dir] = stopped, err.decode(errors="replace").splitlines()[-20:]
+                timed_out[run_dir], logs[run_dir] = stopped, log_tail
                 seconds[run_dir] = (time.time() - t0) / len(batch)
         for (submission, base, manifest, missing), (run_dir, results_path) in zip(jobs, runs):
-            outcomes = {}
-            if os.path.exists(results_path):
-                for line in open(results_path).read().splitlines():
-                    try:
-                        nodeid, outcome = json.loads(line)
-                    except ValueError:
-                        continue  # the last line of a run killed at the time limit may be cut short
-                    outcomes[nodeid] = outcome
+            outcomes = _read_outcomes(results_path)
+            unwritten = _unwritten(submission, manifest, missing)
             results.append(score(manifest, outcomes, submission, key, missing, timed_out[run_dir], seconds[run_dir],
-                                 logs[run_dir], _unwritten(submission, manifest, missing)))
+                                 logs[run_dir], unwritten))
     return results
+
+
+def _run_grading(batch, runs_path, timeout):
+    """Run the grading process on `batch` ([run directory, results file] pairs), stopped after `timeout` seconds.
+    Returns (whether it was stopped, the last 20 lines it wrote to stderr)."""
+    with open(runs_path, "w") as f:
+        json.dump(batch, f)
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_grade", runs_path],
+                            cwd=os.path.dirname(runs_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+        stopped = False
+    except subprocess.TimeoutExpired:
+        stopped = True
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: tests may have started processes of their own
+        _, err = proc.communicate()
+    return stopped, err.decode(errors="replace").splitlines()[-20:]
+
+
+def _read_outcomes(results_path):
+    """{node id: outcome} from the JSON lines the grading process appended."""
+    outcomes = {}
+    if os.path.exists(results_path):
+        for line in open(results_path).read().splitlines():
+            try:
+                nodeid, outcome = json.loads(line)
+            except ValueError:
+                continue  # the last line of a run killed at the time limit may be cut short
+            outcomes[nodeid] = outcome
+    return outcomes
 
 
 def _unwritten(submission, manifest, missing):
@@ -909,6 +968,16 @@ def _unwritten(submission, manifest, missing):
     return out
 
 
+def _blank_target(message, by_name):
+    """The target whose blank body raised in a failure `message`, if one did; by_name: {qualname: target}.
+
+    _blank_target("NotImplementedError: merge: yours to implement", {"merge": "bpe.py:merge"}) -> 'bpe.py:merge'
+    """
+    if ": yours to implement" not in message:
+        return None
+    return by_name.get(message.split(": yours to implement")[0].split("NotImplementedError: ")[-1])
+
+
 def score(manifest, outcomes, submission, key, missing, timed_out, seconds, log_tail, unwritten):
     """The scores from the outcomes: per target, its tests passed / total (and points, if given), and its state: not
     implemented (still the blank body), or waiting for others (written, but every failing test of it stops at another
@@ -916,11 +985,12 @@ def score(manifest, outcomes, submission, key, missing, timed_out, seconds, log_
     hidden = set(manifest["hidden"]) if isinstance(manifest["hidden"], list) else set()
     result = lambda n: outcomes.get(n, ["not run" + (" (time limit)" if timed_out else ""), "", False])
     graded = sorted({n for t in manifest["targets"] for n in t["tests"]})
-    by_name = {t["target"].split(":", 1)[1]: t["target"] for t in manifest["targets"]}
-    stub = lambda message: by_name.get(message.split(": yours to implement")[0].split("NotImplementedError: ")[-1]) \
-        if ": yours to implement" in message else None  # the target whose blank body raised, if one did
-    tests = {n: {"outcome": result(n)[0], "message": result(n)[1], "not_implemented": result(n)[2],
-                 "blank": stub(result(n)[1]), "hidden": n in hidden} for n in graded}
+    by_name = {qualname_of(t["target"]): t["target"] for t in manifest["targets"]}
+    tests = {}
+    for n in graded:
+        outcome, message, not_implemented = result(n)
+        tests[n] = {"outcome": outcome, "message": message, "not_implemented": not_implemented,
+                    "blank": _blank_target(message, by_name), "hidden": n in hidden}
     targets = []
     for t in manifest["targets"]:
         ids = t["tests"]
@@ -930,20 +1000,20 @@ def score(manifest, outcomes, submission, key, missing, timed_out, seconds, log_
         if t["target"] in unwritten:
             state = unwritten[t["target"]]
         elif ids and len(passed) < len(ids) and None not in blanks and t["target"] not in blanks:
-            state = "waits for " + ", ".join(sorted(b.split(":", 1)[1] for b in blanks))
+            state = "waits for " + ", ".join(sorted(qualname_of(b) for b in blanks))
         else:
             state = ""
         entry = {"target": t["target"], "slide": t["slide"], "passed": len(passed), "total": len(ids),
-                 "hidden_passed": sum(n in hidden for n in passed), "hidden_total": sum(n in hidden for n in ids),
-                 "state": state}
+                 "hidden_passed": sum(n in hidden for n in passed),
+                 "hidden_total": sum(n in hidden for n in ids), "state": state}
         if t["points"] is not None:
             entry["points"] = t["points"]
             entry["score"] = round(t["points"] * len(passed) / len(ids), 2) if ids else 0.0
         targets.append(entry)
     other = {n: o for n, o in outcomes.items() if n not in tests}
     out = {
-        "assignment": manifest["assignment"], "submission": submission, "key": os.path.abspath(key) if key else None,
-        "targets": targets,
+        "assignment": manifest["assignment"], "submission": submission,
+        "key": os.path.abspath(key) if key else None, "targets": targets,
         "passed": sum(v["outcome"] == "passed" for v in tests.values()), "total": len(tests),
         "tests": tests,
         "other_tests": {"passed": sum(o[0] == "passed" for o in other.values()), "total": len(other),
@@ -964,8 +1034,8 @@ def format_grade(g, max_failures=8):
     points = "score" in g
     width = max(len("all tests"), *(len(t["target"]) for t in g["targets"]))
     short = lambda path: path if os.path.relpath(path).startswith("..") else os.path.relpath(path)
-    lines = [f"assignment {g['assignment']}: {short(g['submission'])}"
-             + (f" (graded with the tests of {short(g['key'])})" if g["key"] else " (graded with its own tests)"),
+    graded_with = f"the tests of {short(g['key'])}" if g["key"] else "its own tests"
+    lines = [f"assignment {g['assignment']}: {short(g['submission'])} (graded with {graded_with})",
              f"{'target':<{width}}  {'tests':>7}" + (f"  {'hidden':>7}" if hidden else "")
              + (f"  {'points':>11}" if points else "")]
 
@@ -978,36 +1048,13 @@ def format_grade(g, max_failures=8):
         return (text + (f"  {note}" if note else "")).rstrip()
 
     for t in g["targets"]:
-        lines.append(row(t["target"], t["passed"], t["total"], t["hidden_passed"], t["hidden_total"], t.get("score"),
-                         t.get("points"), t["state"]))
+        lines.append(row(t["target"], t["passed"], t["total"], t["hidden_passed"], t["hidden_total"],
+                         t.get("score"), t.get("points"), t["state"]))
     hidden_tests = [v for v in g["tests"].values() if v["hidden"]]  # each test once, whatever it exercises
-    lines.append(row("all tests", g["passed"], g["total"], sum(v["outcome"] == "passed" for v in hidden_tests),
-                     len(hidden_tests), g.get("score"), g.get("max_score")))
-    # failing test functions: real failures first (with why), then those stopped by a function not written yet
-    failing, waiting = {}, {}  # test function -> [failed cases, cases, first message]; blank target -> functions
-    for n, v in g["tests"].items():
-        f = n.split("[")[0] + (" (hidden)" if v["hidden"] else "")
-        entry = failing.setdefault(f, [0, 0, "", None])
-        entry[1] += 1
-        if v["outcome"] != "passed":
-            entry[0] += 1
-            if not entry[2] or entry[3]:  # keep a real failure's message over a NotImplementedError's
-                # a NotImplementedError seen only in the test's output (a doctest run, a subprocess): whose, unknown
-                blank = v["blank"] or ("?:a function" if v["not_implemented"] else None)
-                entry[2], entry[3] = v["message"] or v["outcome"], blank
-    wrong = [(f, e) for f, e in failing.items() if e[0] and not e[3]]
-    for f, e in failing.items():
-        if e[0] and e[3]:
-            waiting.setdefault(e[3].split(":", 1)[1], []).append(f)
-    if wrong or waiting:
-        lines.append("failing:")
-    for f, (bad, cases, message, _) in wrong[:max_failures]:
-        lines.append(f"  {f}" + (f" ({bad} of {cases} cases)" if cases > 1 else "") + f": {message[:120]}")
-    if len(wrong) > max_failures:
-        lines.append(f"  ... and {len(wrong) - max_failures} more test functions (every test is in --json)")
-    for name, functions in waiting.items():
-        lines.append(f"  {len(functions)} test function{'s' * (len(functions) != 1)} stopped at {name}, not "
-                     f"implemented yet")
+    hidden_passed = sum(v["outcome"] == "passed" for v in hidden_tests)
+    lines.append(row("all tests", g["passed"], g["total"], hidden_passed, len(hidden_tests), g.get("score"),
+                     g.get("max_score")))
+    lines += _failing_lines(g, max_failures)
     for n, o in g["other_tests"]["problems"].items():
         lines.append(f"  not graded, {o[0]}: {n}" + (f": {o[1][:150]}" if o[1] else ""))
     if g["missing_files"]:
@@ -1019,16 +1066,42 @@ def format_grade(g, max_failures=8):
     return "\n".join(lines)
 
 
+def _failing_lines(g, max_failures):
+    """The failing test functions: real failures first (with why), then those stopped by a function not written."""
+    lines = []
+    failing = {}  # test function -> [failed cases, cases, first message, the blank target that stopped it]
+    waiting = {}  # blank target -> test functions it stopped
+    for n, v in g["tests"].items():
+        f = function_of(n) + (" (hidden)" if v["hidden"] else "")
+        entry = failing.setdefault(f, [0, 0, "", None])
+        entry[1] += 1
+        if v["outcome"] != "passed":
+            entry[0] += 1
+            if not entry[2] or entry[3]:  # keep a real failure's message over a NotImplementedError's
+                # a NotImplementedError seen only in the test's output (a doctest run, a subprocess): whose, unknown
+                blank = v["blank"] or ("?:a function" if v["not_implemented"] else None)
+                entry[2], entry[3] = v["message"] or v["outcome"], blank
+    wrong = [(f, e) for f, e in failing.items() if e[0] and not e[3]]
+    for f, e in failing.items():
+        if e[0] and e[3]:
+            waiting.setdefault(qualname_of(e[3]), []).append(f)
+    if wrong or waiting:
+        lines.append("failing:")
+    for f, (bad, cases, message, _) in wrong[:max_failures]:
+        lines.append(f"  {f}" + (f" ({bad} of {cases} cases)" if cases > 1 else "") + f": {message[:120]}")
+    if len(wrong) > max_failures:
+        lines.append(f"  ... and {len(wrong) - max_failures} more test functions (every test is in --json)")
+    for name, functions in waiting.items():
+        s = "s" * (len(functions) != 1)
+        lines.append(f"  {len(functions)} test function{s} stopped at {name}, not implemented yet")
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # command line
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["_find_tests"]:  # the helper processes (internal)
-        return _find_tests_child(*argv[1:])
-    if argv[:1] == ["_grade"]:
-        return _grade_child(*argv[1:])
+def _parser():
     p = argparse.ArgumentParser(description="Course assignments from the reference code: blank chosen functions, keep "
                                             "the tests that need them, write ASSIGNMENT.md, grade submissions.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -1054,29 +1127,35 @@ def main(argv=None):
                                  "the submission's own tests")
     g.add_argument("--json", metavar="FILE", help="also write the scores as JSON to FILE ('-': print only the JSON)")
     g.add_argument("--timeout", type=float, default=3600, help="seconds before the run is stopped (default 3600)")
-    args = p.parse_args(argv)
-    try:
-        if args.command == "list":
-            for name, targets in ASSIGNMENTS.items():
-                print(f"{name}: {ABOUT.get(name, '')}")
-                for t in targets:
-                    print(f"  {t.spec:<40} {t.slide or '(not on the slides)'}")
-        elif args.command == "make":
-            make(args.items, args.out, args.key, args.hidden, args.points, args.tests, args.skip,
-                 log=lambda msg: print(msg, flush=True))
+    return p
+
+
+@command
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_find_tests"]:  # the helper processes (internal)
+        return _find_tests_child(*argv[1:])
+    if argv[:1] == ["_grade"]:
+        return _grade_child(*argv[1:])
+    args = _parser().parse_args(argv)
+    if args.command == "list":
+        for name, targets in ASSIGNMENTS.items():
+            print(f"{name}: {ABOUT.get(name, '')}")
+            for t in targets:
+                print(f"  {t.spec:<40} {t.slide or '(not on the slides)'}")
+    elif args.command == "make":
+        make(args.items, args.out, args.key, args.hidden, args.points, args.tests, args.skip,
+             log=lambda msg: print(msg, flush=True))
+    else:
+        if args.json not in (None, "-") and os.path.isdir(args.json):
+            raise UsageError(f"--json {args.json} is a directory")
+        result = grade(args.submission, args.key, args.timeout)
+        if args.json == "-":
+            print(json.dumps(result, indent=1))
         else:
-            if args.json not in (None, "-") and os.path.isdir(args.json):
-                raise UsageError(f"--json {args.json} is a directory")
-            result = grade(args.submission, args.key, args.timeout)
-            if args.json == "-":
-                print(json.dumps(result, indent=1))
-            else:
-                print(format_grade(result))
-                if args.json:
-                    write(os.path.abspath(args.json), json.dumps(result, indent=1) + "\n")
-    except UsageError as e:
-        print(f"assignment.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+            print(format_grade(result))
+            if args.json:
+                write(os.path.abspath(args.json), json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

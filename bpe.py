@@ -1,23 +1,18 @@
-"""bpe.py - byte-level Byte Pair Encoding, from the lecture's algorithm to exact GPT-2 parity.
+"""bpe.py - byte-level Byte Pair Encoding, from the lecture's algorithm to exact GPT-2 parity; and BERT's WordPiece.
 
-What it is
-    A tokenizer you can read top to bottom. Text is cut into chunks by a regex (words, numbers, punctuation runs,
-    whitespace), each chunk becomes its UTF-8 bytes (256 starting tokens), and training repeatedly merges the most
-    frequent adjacent pair of tokens into a new token until the vocabulary has the requested size. Encoding replays
-    those merges; decoding joins the tokens' bytes.
+Text is cut into chunks by a regex (words, numbers, punctuation runs, whitespace). Each chunk becomes its UTF-8 bytes,
+the 256 starting tokens. Training merges the most frequent adjacent pair into a new token, again and again, until the
+vocabulary has the requested size. Encoding replays those merges; decoding joins the tokens' bytes.
 
 Slide "Byte Pair Encoding algorithm" (lecture 001), bullet by bullet:
     - start from single characters/bytes       -> the 256 byte tokens, `_chunks_as_bytes`.
-    - the "end of word" marker                  -> replaced by the regex pre-split: merges never cross a chunk
-                                                   boundary, so a chunk boundary plays the role of the marker.
+    - the "end of word" marker                  -> the regex pre-split: merges never cross a chunk boundary.
     - find the most common adjacent pair        -> `count_pairs` + `best_pair` (ties broken deterministically).
-    - merge it everywhere, add it to the list   -> `merge`, applied to every chunk; the new token gets the next id.
-    - repeat until the maximum number of merges -> the loop in `train_plain` (as written on the slide) and
-                                                   `train_fast` (same merges, incremental counts + a heap).
-    Slide "Word structure and subword models": frequent words end up as one token, rare ones split into pieces, and
-    in the worst case into bytes - try `python bpe.py --show "antidisestablishmentarianism"`.
-    WordPiece, BERT's subword scheme, is at the end of the file (`WordPiece`, `basic_tokenize`, `wordpiece_split`),
-    with how it differs from BPE: a vocabulary read greedily, longest piece first, instead of merges replayed in order.
+    - merge it everywhere, add it to the list   -> `merge`, on every chunk; the new token gets the next id.
+    - repeat until the maximum number of merges -> `train_plain` (the slide's loop) and `train_fast` (same merges).
+Slide "Word structure and subword models": frequent words become one token, rare ones split into pieces, at worst
+into bytes. Try `python bpe.py --show "antidisestablishmentarianism"`.
+WordPiece, BERT's subword scheme, closes the file: a vocabulary read greedily, longest piece first.
 
 Papers
     Sennrich, Haddow, Birch 2016, "Neural Machine Translation of Rare Words with Subword Units", Sec. 3.2 (BPE merges).
@@ -37,7 +32,7 @@ Python API
     tok.register_special_tokens(["<|endoftext|>"])           # ids above the ordinary vocabulary
     ids = tok.encode(text, allowed_special="all"); tok.decode(ids)
     tok.save(path); Tokenizer.load(path); tok.to_tiktoken(); gpt2()
-    wp = WordPiece.from_vocab_file("bert-base-uncased/vocab.txt"); wp.encode("My dog is [MASK].")   # BERT's tokenizer
+    wp = WordPiece.from_vocab_file("bert-base-uncased/vocab.txt"); wp.encode("My dog is [MASK].")
 
 Legend
     id      an integer token id; ids 0..255 of a trained tokenizer are the raw bytes (GPT-2 permutes them, see gpt2())
@@ -54,11 +49,12 @@ import hashlib
 import heapq
 import json
 import os
-import sys
 import time
 import unicodedata
 
 import regex  # not `re`: the pre-split patterns need Unicode classes such as \p{L} (letter) and \p{N} (number)
+
+from common import UsageError, command, pyplot, require
 
 # ----------------------------------------------------------------------------------------------------------------------
 # constants
@@ -152,6 +148,14 @@ def _fix_surrogates(text):
         return text
     except UnicodeEncodeError:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _any_of(strings):
+    """A regex matching any of `strings`, longest first, so that one that is a prefix of another does not win.
+
+    regex.findall(_any_of(["<a>", "<a>b"]), "<a>b") -> ['<a>b']
+    """
+    return "|".join(regex.escape(s) for s in sorted(strings, key=len, reverse=True))
 
 
 def _resolve_pattern(pattern):
@@ -328,7 +332,7 @@ class Tokenizer:
     def _rebuild(self):
         """Recompute the derived tables (id -> bytes) after the merges or byte ids change."""
         self.vocab = {self.byte_ids[b]: bytes([b]) for b in range(256)}  # id -> token bytes
-        for (a, b), new_id in sorted(self.merges.items(), key=lambda item: item[1]):
+        for (a, b), new_id in self._merges_in_order():
             if a not in self.vocab or b not in self.vocab:
                 raise ValueError(f"merge ({a}, {b}) -> {new_id} uses an id not defined by an earlier merge")
             self.vocab[new_id] = self.vocab[a] + self.vocab[b]
@@ -425,7 +429,7 @@ class Tokenizer:
         allowed = specials if allowed_special == "all" else set(allowed_special)
         disallowed = specials - allowed if disallowed_special == "all" else set(disallowed_special)
         if disallowed:
-            found = regex.search("|".join(regex.escape(s) for s in sorted(disallowed, key=len, reverse=True)), text)
+            found = regex.search(_any_of(disallowed), text)
             if found:
                 raise ValueError(f"text contains the disallowed special token {found.group()!r}; pass "
                                  f"allowed_special={{{found.group()!r}}} to encode it as a special token, or "
@@ -433,11 +437,9 @@ class Tokenizer:
         allowed &= specials
         if not allowed:
             return self.encode_ordinary(text)
-        # Split around the allowed specials (longest first, so one that is a prefix of another does not win);
-        # each piece in between is pre-split on its own, exactly as tiktoken does.
-        splitter = "(" + "|".join(regex.escape(s) for s in sorted(allowed, key=len, reverse=True)) + ")"
+        # Split around the allowed specials; each piece in between is pre-split on its own, as tiktoken does.
         ids = []
-        for i, piece in enumerate(regex.split(splitter, text)):
+        for i, piece in enumerate(regex.split("(" + _any_of(allowed) + ")", text)):
             if i % 2 == 1:
                 ids.append(self.special_tokens[piece])
             elif piece:
@@ -468,9 +470,13 @@ class Tokenizer:
 
     def to_dict(self):
         """Everything that defines this tokenizer as JSON-ready plain data (for checkpoints); see from_dict."""
+        merges = [[a, b, new_id] for (a, b), new_id in self._merges_in_order()]
         return {"format": FORMAT_HEADER, "pattern": self.pattern, "byte_ids": list(self.byte_ids),
-                "merges": [[a, b, new_id] for (a, b), new_id in sorted(self.merges.items(), key=lambda m: m[1])],
-                "special_tokens": dict(self.special_tokens)}
+                "merges": merges, "special_tokens": dict(self.special_tokens)}
+
+    def _merges_in_order(self):
+        """[((a, b), new_id), ...] in the order the merges were learned."""
+        return sorted(self.merges.items(), key=lambda m: m[1])
 
     @classmethod
     def from_dict(cls, data):
@@ -495,7 +501,7 @@ class Tokenizer:
         lines = [FORMAT_HEADER, "pattern " + json.dumps(self.pattern)]
         identity = self.byte_ids == list(range(256))
         lines.append("byte_ids " + ("identity" if identity else " ".join(map(str, self.byte_ids))))
-        for (a, b), new_id in sorted(self.merges.items(), key=lambda m: m[1]):
+        for (a, b), new_id in self._merges_in_order():
             show = " + ".join(_show(self.vocab[i]) for i in (a, b)) + " -> " + _show(self.vocab[new_id])
             lines.append(f"merge {a} {b} -> {new_id}   # {show}")
         for text, token_id in sorted(self.special_tokens.items(), key=lambda s: s[1]):
@@ -518,7 +524,8 @@ class Tokenizer:
                 if key == "pattern":
                     data["pattern"] = json.loads(rest)
                 elif key == "byte_ids":
-                    data["byte_ids"] = list(range(256)) if rest == "identity" else [int(x) for x in rest.split()]
+                    identity = rest == "identity"
+                    data["byte_ids"] = list(range(256)) if identity else [int(x) for x in rest.split()]
                 elif key == "merge":
                     a, b, arrow, new_id = rest.split("#")[0].split()
                     assert arrow == "->"
@@ -598,23 +605,22 @@ def gpt2():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# WordPiece: BERT's subword scheme, so that a released BERT checkpoint (its vocab.txt + weights) fills masks with its
-# own vocabulary (bert.py --hf DIR).
+# WordPiece: BERT's subword scheme, so that a released BERT checkpoint (vocab.txt + weights) fills masks with its own
+# vocabulary (bert.py --hf DIR).
 #
-# BPE and WordPiece both cut rare words into frequent pieces; they differ in what they store and how they encode.
-#   BPE (above)        stores the merges, in order; encoding replays them. It starts from the 256 bytes, so every text
-#                      encodes and nothing is unknown; a leading space is part of a token (" world").
-#   WordPiece (BERT)   stores only a vocabulary (vocab.txt, one piece per line, the line number is the id). Text is first
-#                      cut into words (whitespace, and every punctuation character on its own), optionally lower-cased
-#                      with accents removed ("uncased"); each word is then split greedily, longest match first, from the
-#                      left: the first piece as is, every later piece looked up with a "##" prefix ("playing" ->
-#                      "play", "##ing"). A word that cannot be covered becomes [UNK] as a whole. Spaces are not
-#                      tokens: decoding joins the words with single spaces.
-# How the vocabulary was learned (Schuster & Nakajima 2012; Wu et al. 2016, §4.1: pieces chosen to maximise the
+# BPE and WordPiece both cut rare words into frequent pieces. They differ in what they store and how they encode.
+#   BPE (above)   stores the merges, in order; encoding replays them. It starts from the 256 bytes, so every text
+#                 encodes and nothing is unknown. A leading space is part of a token (" world").
+#   WordPiece     stores only a vocabulary (vocab.txt: one piece per line, the line number is the id). Text is cut into
+#                 words (whitespace, and each punctuation character alone), optionally lower-cased without accents
+#                 ("uncased"). Each word is split greedily, longest match first, from the left; later pieces carry
+#                 "##" ("playing" -> "play", "##ing"). A word that cannot be covered is [UNK] as a whole.
+#                 Spaces are not tokens: decoding joins the words with single spaces.
+# How the vocabulary was learned (Schuster & Nakajima 2012; Wu et al. 2016, Sec. 4.1: pieces that maximise the
 # likelihood of the training data) is not needed to use one, and is not implemented here.
-# Paper: Devlin et al. 2019 §3 ("WordPiece embeddings with a 30,000 token vocabulary"); the released code's
-# tokenization.py (BasicTokenizer, WordpieceTokenizer) defines the rules below, and transformers' BertTokenizer follows
-# it (tests/test_wordpiece.py checks that we encode exactly as it does).
+# Paper: Devlin et al. 2019, Sec. 3 ("WordPiece embeddings with a 30,000 token vocabulary"). The released code's
+# tokenization.py (BasicTokenizer, WordpieceTokenizer) defines the rules below; transformers' BertTokenizer follows it,
+# and tests/test_wordpiece.py checks that we encode exactly as it does.
 
 WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -640,9 +646,11 @@ def _wp_is_punctuation(ch):
 def _wp_is_cjk(ch):
     """CJK ideographs (the Unicode blocks BERT lists): each becomes a word of its own, as Chinese has no spaces."""
     cp = ord(ch)
-    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF or 0x2A700 <= cp <= 0x2B73F
-            or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF or 0xF900 <= cp <= 0xFAFF
-            or 0x2F800 <= cp <= 0x2FA1F)
+    return any(first <= cp <= last for first, last in _CJK_BLOCKS)
+
+
+_CJK_BLOCKS = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+               (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
 
 
 def basic_tokenize(text, lowercase):
@@ -661,7 +669,8 @@ def basic_tokenize(text, lowercase):
     words = []
     for word in "".join(cleaned).split():
         if lowercase:
-            word = "".join(c for c in unicodedata.normalize("NFD", word.lower()) if unicodedata.category(c) != "Mn")
+            word = unicodedata.normalize("NFD", word.lower())  # "é" -> "e" + a combining accent (category Mn)
+            word = "".join(c for c in word if unicodedata.category(c) != "Mn")
         start = 0
         for i, ch in enumerate(word):
             if _wp_is_punctuation(ch):
@@ -678,8 +687,8 @@ def wordpiece_split(word, vocab, unk="[UNK]", max_chars=100):
 
     wordpiece_split("unaffable", {"un", "##aff", "##able", "##a"}) -> ['un', '##aff', '##able']
     wordpiece_split("unaffablex", {"un", "##aff", "##able"}) -> ['[UNK]']
-    Trap: greedy can fail where another split exists: with {"a", "ab", "##bc"}, "abc" -> ['[UNK]'] (after "ab" no
-    "##c"), although 'a', '##bc' would cover it. BERT reads its vocabularies this way, so this is what must be reproduced.
+    Trap: greedy can fail where another split exists: with {"a", "ab", "##bc"}, "abc" -> ['[UNK]'] (after "ab" there
+    is no "##c"), although 'a', '##bc' would cover it. BERT reads its vocabularies this way, so we must too.
     """
     if len(word) > max_chars:
         return [unk]
@@ -783,17 +792,22 @@ def _read_text(path):
         with open(path, encoding="utf-8") as f:
             return f.read()
     except FileNotFoundError:
-        raise SystemExit(f"error: {path}: no such file") from None
+        raise UsageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: a directory, not a text file") from None
     except UnicodeDecodeError as e:
-        raise SystemExit(f"error: {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _load_cli_tokenizer(path):
     if path is None or path == "gpt2":
         return gpt2()
-    if not os.path.exists(path):
-        raise SystemExit(f"error: {path}: no such tokenizer file")
-    return Tokenizer.load(path)
+    require(os.path.isfile(path), f"--tokenizer {path}: no such tokenizer file")
+    try:
+        return Tokenizer.load(path)
+    except ValueError as e:  # not a tokenizer file, or not UTF-8 (UnicodeDecodeError is a ValueError)
+        why = str(e) if str(e).startswith(path) else f"{path}: {e}"
+        raise UsageError(f"--tokenizer {why}") from None
 
 
 def cmd_train(args):
@@ -810,15 +824,17 @@ def cmd_train(args):
         print(f"wrote {args.tiktoken_out} (tiktoken ranks; pattern and special tokens are in {args.out})")
 
 
+def _bare(token):
+    """A token's text without quotes, newlines and tabs made visible; hex if not valid UTF-8."""
+    text = _show(token)
+    return text if text.startswith("<") else token.decode("utf-8").replace("\n", "\\n").replace("\t", "\\t")
+
+
 def cmd_show(args):
     tok = _load_cli_tokenizer(args.tokenizer)
     ids = tok.encode(args.show, allowed_special="all")
     pieces = [tok.token_bytes(i) for i in ids]
-    def bare(token):  # the token's text without quotes, newlines and tabs made visible; hex if not valid UTF-8
-        text = _show(token)
-        return text if text.startswith("<") else token.decode("utf-8").replace("\n", "\\n").replace("\t", "\\t")
-
-    print("|".join(bare(p) for p in pieces))
+    print("|".join(_bare(p) for p in pieces))
     print(f"{len(args.show.encode('utf-8'))} bytes -> {len(ids)} tokens with {tok}")
     for i, p in zip(ids, pieces):
         print(f"{i:>7}  {_show(p)}")
@@ -830,38 +846,34 @@ def bytes_per_token(enc, text):
 
 
 def cmd_plot(args):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     train_text, heldout = read_corpus("shakespeare"), read_corpus("milton")
     t0 = time.perf_counter()
     full = Tokenizer(args.pattern).train(train_text, args.max_vocab)
     print(f"trained to {full.vocab_size} tokens on Shakespeare ({len(train_text):,} bytes) in "
           f"{time.perf_counter() - t0:.1f} s")
-    merges = sorted(full.merges.items(), key=lambda m: m[1])
+    merges = full._merges_in_order()
     sizes = [256] + [2 ** k for k in range(9, 30) if 2 ** k < full.vocab_size] + [full.vocab_size]
     rows = []
     for size in sizes:
         # training is greedy, so the first size-256 merges are exactly what training to `size` would give
-        tok = Tokenizer.from_dict({**full.to_dict(), "merges": [[a, b, n] for (a, b), n in merges[:size - 256]]})
-        enc = tok.to_tiktoken()
+        first = [[a, b, n] for (a, b), n in merges[:size - 256]]
+        enc = Tokenizer.from_dict({**full.to_dict(), "merges": first}).to_tiktoken()
         rows.append((size, bytes_per_token(enc, train_text), bytes_per_token(enc, heldout)))
         print(f"vocab {size:>6}: {rows[-1][1]:.2f} bytes/token on Shakespeare (train), {rows[-1][2]:.2f} on Milton")
     g = gpt2().to_tiktoken("gpt2")
     g_train, g_held = bytes_per_token(g, train_text), bytes_per_token(g, heldout)
     print(f"GPT-2  {50257:>6}: {g_train:.2f} bytes/token on Shakespeare, {g_held:.2f} on Milton")
 
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot([r[0] for r in rows], [r[1] for r in rows], "o-", label="our BPE, Shakespeare (training text)")
-    ax.plot([r[0] for r in rows], [r[2] for r in rows], "s--", label="our BPE, Milton (held out)")
+    sizes = [r[0] for r in rows]
+    ax.plot(sizes, [r[1] for r in rows], "o-", label="our BPE, Shakespeare (training text)")
+    ax.plot(sizes, [r[2] for r in rows], "s--", label="our BPE, Milton (held out)")
     ax.plot([50257], [g_train], "o", color="C0", mfc="none", ms=9, label="GPT-2 (WebText), Shakespeare")
     ax.plot([50257], [g_held], "s", color="C1", mfc="none", ms=9, label="GPT-2 (WebText), Milton")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("vocabulary size (log scale)")
-    ax.set_ylabel("bytes per token")
-    ax.set_title(f"Byte-level BPE ({args.pattern} pre-split) trained on Shakespeare")
+    ax.set(xlabel="vocabulary size (log scale)", ylabel="bytes per token",
+           title=f"Byte-level BPE ({args.pattern} pre-split) trained on Shakespeare")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -883,23 +895,20 @@ def _throughput(encode, text, repeats=1):
 def cmd_bench(args):
     corpus = read_corpus("shakespeare")
     text = corpus.encode("utf-8")[:int(args.bench_mb * 1e6)].decode("utf-8", errors="ignore")
-    n_bytes = len(text.encode("utf-8"))
-    n_merges = args.bench_vocab - 256
-    print(f"training: {n_bytes:,} bytes of Shakespeare, vocab {args.bench_vocab} ({n_merges} merges), "
-          f"pattern {args.pattern}")
-    pattern = PATTERNS[args.pattern]
-    t0 = time.perf_counter()
-    fast = train_fast(text, args.bench_vocab, pattern)
-    t_fast = time.perf_counter() - t0
-    print(f"  fast  trainer: {t_fast:8.2f} s  ({1e3 * t_fast / n_merges:.2f} ms/merge)", flush=True)
-    t0 = time.perf_counter()
-    plain = train_plain(text, args.bench_vocab, pattern)
-    t_plain = time.perf_counter() - t0
-    print(f"  plain trainer: {t_plain:8.2f} s  ({1e3 * t_plain / n_merges:.2f} ms/merge)")
-    print(f"  speedup: {t_plain / t_fast:.1f}x; identical merges: {plain == fast}")
+    print(f"training: {len(text.encode('utf-8')):,} bytes of Shakespeare, vocab {args.bench_vocab} "
+          f"({args.bench_vocab - 256} merges), pattern {args.pattern}")
+    merges, seconds = {}, {}
+    for name, train in (("fast", train_fast), ("plain", train_plain)):
+        t0 = time.perf_counter()
+        merges[name] = train(text, args.bench_vocab, PATTERNS[args.pattern])
+        seconds[name] = time.perf_counter() - t0
+        per_merge = 1e3 * seconds[name] / (args.bench_vocab - 256)
+        print(f"  {name:<5} trainer: {seconds[name]:8.2f} s  ({per_merge:.2f} ms/merge)", flush=True)
+    same = merges["plain"] == merges["fast"]
+    print(f"  speedup: {seconds['plain'] / seconds['fast']:.1f}x; identical merges: {same}")
 
     tok = Tokenizer(args.pattern)
-    tok.merges = {pair: 256 + i for i, pair in enumerate(fast)}
+    tok.merges = {pair: 256 + i for i, pair in enumerate(merges["fast"])}
     tok._rebuild()
     heldout = read_corpus("milton")
     print(f"encoding: {len(heldout.encode('utf-8')):,} bytes of Milton (held out); bpe.py starts with an empty cache")
@@ -909,44 +918,64 @@ def cmd_bench(args):
         print(f"  {label:<20}  bpe.py encode: {ours:6.2f} MB/s   to_tiktoken(): {theirs:6.2f} MB/s")
 
 
+def _check_writable(flag, path):
+    """Refuse an output path that saving would fail on, before a long training run: a directory, or a place where
+    the nearest existing folder is a file or cannot be written."""
+    require(not os.path.isdir(path), f"{flag} {path}: is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    require(os.path.isdir(parent) and os.access(parent, os.W_OK), f"{flag} {path}: cannot write into {parent}")
+
+
+def _check_args(args):
+    """Every bad value refused before anything is read, trained or written."""
+    if args.train:
+        require(args.vocab_size is not None and args.out is not None, "--train needs --vocab-size and --out")
+        require(args.vocab_size >= 256, f"--vocab-size {args.vocab_size}: must be at least 256 (the byte tokens)")
+        require(all(args.special), "--special: a special token must be a non-empty string")
+        _check_writable("--out", args.out)
+        if args.tiktoken_out:
+            _check_writable("--tiktoken-out", args.tiktoken_out)
+    elif args.plot:
+        require(args.max_vocab > 256, f"--max-vocab {args.max_vocab}: must be above 256")
+        _check_writable("--plot-out", args.plot_out)
+    elif args.bench:
+        require(args.bench_vocab > 256, f"--bench-vocab {args.bench_vocab}: must be above 256")
+        require(args.bench_mb > 0, f"--bench-mb {args.bench_mb}: must be positive")
+
+
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Byte-level BPE: train, show, plot, benchmark.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--train", nargs="+", metavar="FILE", help="train on these UTF-8 text files")
     action.add_argument("--show", metavar="TEXT", help="print how TEXT splits into tokens")
-    action.add_argument("--plot", action="store_true", help="plot bytes/token against vocab size on the bundled corpus")
+    action.add_argument("--plot", action="store_true", help="plot bytes/token against vocab size (bundled corpus)")
     action.add_argument("--bench", action="store_true", help="time plain vs fast trainer and encode throughput")
-    parser.add_argument("--vocab-size", type=int, help="--train: ordinary vocabulary size (256 + merges)")
-    parser.add_argument("--out", help="--train: where to write the tokenizer (human-readable format)")
-    parser.add_argument("--tiktoken-out", help="--train: also write tiktoken's ranks format here")
-    parser.add_argument("--special", nargs="*", default=[], help="--train: special tokens to add, e.g. '<|endoftext|>'")
-    parser.add_argument("--plain", action="store_true", help="--train: use the plain (slow) trainer")
-    parser.add_argument("--verbose", action="store_true", help="--train: print progress")
-    parser.add_argument("--pattern", choices=sorted(PATTERNS), default="gpt4", help="pre-split regex")
-    parser.add_argument("--tokenizer", help="--show: a file written by --train (default: GPT-2)")
-    parser.add_argument("--max-vocab", type=int, default=16384, help="--plot: largest vocab size trained")
-    parser.add_argument("--plot-out", default=os.path.join(HERE, "assets", "bpe_bytes_per_token.png"),
-                        help="--plot: PNG path")
-    parser.add_argument("--bench-mb", type=float, default=1.0, help="--bench: MB of corpus to train on (shrink it)")
-    parser.add_argument("--bench-vocab", type=int, default=1024, help="--bench: vocab size to train to")
+    add = parser.add_argument
+    add("--vocab-size", type=int, help="--train: ordinary vocabulary size (256 + merges)")
+    add("--out", help="--train: where to write the tokenizer (human-readable format)")
+    add("--tiktoken-out", help="--train: also write tiktoken's ranks format here")
+    add("--special", nargs="*", default=[], help="--train: special tokens to add, e.g. '<|endoftext|>'")
+    add("--plain", action="store_true", help="--train: use the plain (slow) trainer")
+    add("--verbose", action="store_true", help="--train: print progress")
+    add("--pattern", choices=sorted(PATTERNS), default="gpt4", help="pre-split regex")
+    add("--tokenizer", help="--show: a file written by --train (default: GPT-2)")
+    add("--max-vocab", type=int, default=16384, help="--plot: largest vocab size trained")
+    add("--plot-out", default=os.path.join(HERE, "assets", "bpe_bytes_per_token.png"), help="--plot: PNG path")
+    add("--bench-mb", type=float, default=1.0, help="--bench: MB of corpus to train on (shrink it)")
+    add("--bench-vocab", type=int, default=1024, help="--bench: vocab size to train to")
     args = parser.parse_args(argv)
-
+    _check_args(args)
     if args.train:
-        if args.vocab_size is None or args.out is None:
-            parser.error("--train needs --vocab-size and --out")
-        if args.vocab_size < 256:
-            parser.error("--vocab-size must be at least 256")
         cmd_train(args)
     elif args.show is not None:
         cmd_show(args)
     elif args.plot:
-        if args.max_vocab <= 256:
-            parser.error("--max-vocab must be above 256")
         cmd_plot(args)
     else:
-        if args.bench_vocab <= 256 or args.bench_mb <= 0:
-            parser.error("--bench-vocab must be above 256 and --bench-mb positive")
         cmd_bench(args)
 
 

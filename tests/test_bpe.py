@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bpe
-
+from helpers import exit_code
 
 
 def seeded(max_examples):
@@ -358,5 +358,33 @@ def test_cli_train_and_show(tmp_path, capsys):
     bpe.main(["--show", "Of Man's first disobedience", "--tokenizer", str(out)])
     shown = capsys.readouterr().out
     assert shown.splitlines()[0].replace("|", "") == "Of Man's first disobedience", "--show does not split the text"
-    with pytest.raises(SystemExit):
-        bpe.main(["--train", str(src), "--vocab-size", "300"])  # --out missing: argparse error, not a traceback
+    assert exit_code(bpe.main, ["--train", str(src), "--vocab-size", "300"]) == 2, "--out missing: not a usage error"
+
+
+def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
+    ok, latin1 = tmp_path / "ok.txt", tmp_path / "latin1.txt"
+    ok.write_text("to be or not to be", encoding="utf-8")
+    latin1.write_bytes("caf\xe9".encode("latin-1"))
+    out = str(tmp_path / "new" / "t.bpe")
+    train = ["--train", str(ok), "--out", out]
+    for argv, message in [
+        (["--train", str(tmp_path / "missing.txt"), "--vocab-size", "300", "--out", out], "no such file"),
+        (["--train", str(latin1), "--vocab-size", "300", "--out", out], "not UTF-8"),
+        ([*train, "--vocab-size", "100"], "--vocab-size 100"),
+        (["--train", str(ok), "--vocab-size", "300"], "needs --vocab-size and --out"),
+        ([*train, "--vocab-size", "300", "--special", ""], "--special"),
+        (["--train", str(ok), "--vocab-size", "300", "--out", str(tmp_path)], "is a directory"),
+        (["--train", str(ok), "--vocab-size", "300", "--out", str(ok / "t.bpe")], "cannot write"),
+        (["--show", "hi", "--tokenizer", str(tmp_path / "missing.bpe")], "no such tokenizer file"),
+        (["--show", "hi", "--tokenizer", str(ok)], "not a bpe.py tokenizer file"),
+        (["--show", "hi", "--tokenizer", str(latin1)], "--tokenizer"),
+        (["--plot", "--max-vocab", "256"], "--max-vocab 256"),
+        (["--plot", "--plot-out", str(tmp_path)], "--plot-out"),
+        (["--bench", "--bench-vocab", "100"], "--bench-vocab 100"),
+        (["--bench", "--bench-mb", "-1"], "--bench-mb"),
+    ]:
+        assert exit_code(bpe.main, argv) == 2, f"{argv}: not exit code 2"
+        err = capsys.readouterr().err
+        assert err.startswith("bpe.py: error: ") and message in err and len(err.strip().splitlines()) == 1, \
+            f"{argv}: {err!r}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latin1.txt", "ok.txt"], "a refused command wrote a file"
