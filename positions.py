@@ -326,26 +326,34 @@ class ShawRelative(nn.Module):
         return mass @ self.w_V.weight  # (B, H, Tq, hs)
 
 
-def shaw_attention(q, k, v, shaw, q_pos, k_pos, causal=True, use_sdpa=False):
-    """Reference multi-head attention with Shaw relative positions, both paths. q: (B, H, Tq, hs), k, v: (B, H, Tk, hs).
+def shaw_attention(q, k, v, shaw, q_pos, k_pos, causal=True, use_sdpa=False, allowed=None, dropout=None):
+    """Multi-head attention with Shaw relative positions, both paths. q: (B, H, Tq, hs), k, v: (B, H, Tk, hs).
 
     naive:  att = softmax(q k^T / sqrt(hs) + bias + mask);  y = att @ v + value_term(att)
     sdpa:   y = sdpa(q, k, v, attn_mask=bias + mask)       (content + key term, fused)
             + value_term(softmax(same logits))             (value term: alpha recomputed, see ShawRelative)
-    The mask is -inf for future keys when causal; returns (B, H, Tq, hs).
+    allowed: bool, True where query i may see key j, (Tq, Tk) or (B, 1, Tq, Tk) (e.g. a prefix LM's); by default
+    causal_mask(q_pos, k_pos), or every key when causal=False. The mask is -inf where not allowed.
+    dropout: the attention-probability nn.Dropout, or None. Trap: on the sdpa path the recomputed alpha draws its
+    own dropout mask, independent of the kernel's: the same model in expectation, not the same sample.
+    Returns (B, H, Tq, hs).
     """
     hs = q.shape[-1]
-    bias = shaw.score_bias(q, q_pos, k_pos)  # (B, H, Tq, Tk), already / sqrt(hs)
-    if causal:
-        bias = bias.masked_fill(~causal_mask(q_pos, k_pos), float("-inf"))
+    bias = shaw.score_bias(q, q_pos, k_pos).to(q.dtype)  # (B, H, Tq, Tk), already / sqrt(hs)
+    if allowed is None and causal:
+        allowed = causal_mask(q_pos, k_pos)
+    if allowed is not None:
+        bias = bias.masked_fill(~allowed, float("-inf"))
+    drop = dropout if dropout is not None else nn.Identity()
     if use_sdpa:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # adds attn_mask after scaling q k^T
-        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(hs) + bias, dim=-1) if shaw.values else None
+        p = dropout.p if dropout is not None and dropout.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)  # adds the mask after scaling
+        att = drop(torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(hs) + bias, dim=-1)) if shaw.values else None
     else:
-        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(hs) + bias, dim=-1)  # (B, H, Tq, Tk)
+        att = drop(torch.softmax((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs)) + bias, dim=-1))  # (B, H, Tq, Tk)
         y = att @ v
     if shaw.values:
-        y = y + shaw.value_term(att, q_pos, k_pos)
+        y = y + shaw.value_term(att, q_pos, k_pos)  # (B, H, Tq, hs): sum_j alpha_ij a^V_ij (eq. 3)
     return y
 
 
