@@ -327,16 +327,16 @@ class ShawRelative(nn.Module):
 
 
 def shaw_attention(q, k, v, shaw, q_pos, k_pos, causal=True, use_sdpa=False, allowed=None, dropout=None):
-    """Multi-head attention with Shaw relative positions, both paths. q: (B, H, Tq, hs), k, v: (B, H, Tk, hs).
+    """Multi-head attention with Shaw's relative positions, naive or fused (gpt.py's --pos shaw).
 
     naive:  att = softmax(q k^T / sqrt(hs) + bias + mask);  y = att @ v + value_term(att)
     sdpa:   y = sdpa(q, k, v, attn_mask=bias + mask)       (content + key term, fused)
-            + value_term(softmax(same logits))             (value term: alpha recomputed, see ShawRelative)
-    allowed: bool, True where query i may see key j, (Tq, Tk) or (B, 1, Tq, Tk) (e.g. a prefix LM's); by default
-    causal_mask(q_pos, k_pos), or every key when causal=False. The mask is -inf where not allowed.
-    dropout: the attention-probability nn.Dropout, or None. Trap: on the sdpa path the recomputed alpha draws its
-    own dropout mask, independent of the kernel's: the same model in expectation, not the same sample.
-    Returns (B, H, Tq, hs).
+            + value_term(softmax(same logits))             (alpha recomputed: see ShawRelative)
+    q: (B, H, Tq, hs); k, v: (B, H, Tk, hs). Returns (B, H, Tq, hs).
+    allowed: bool, True where query i may see key j, (Tq, Tk) or (B, 1, Tq, Tk) (a prefix LM's).
+    Default: causal_mask(q_pos, k_pos), or every key if causal=False. Elsewhere the mask is -inf.
+    dropout: the attention's nn.Dropout, or None. Trap: on the sdpa path the recomputed alpha draws
+    its own dropout mask, not the kernel's: the same model in expectation, not the same sample.
     """
     hs = q.shape[-1]
     bias = shaw.score_bias(q, q_pos, k_pos).to(q.dtype)  # (B, H, Tq, Tk), already / sqrt(hs)
@@ -347,10 +347,12 @@ def shaw_attention(q, k, v, shaw, q_pos, k_pos, causal=True, use_sdpa=False, all
     drop = dropout if dropout is not None else nn.Identity()
     if use_sdpa:
         p = dropout.p if dropout is not None and dropout.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)  # adds the mask after scaling
-        att = drop(torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(hs) + bias, dim=-1)) if shaw.values else None
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)  # mask added after scaling
+        if shaw.values:
+            att = drop(torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(hs) + bias, dim=-1))
     else:
-        att = drop(torch.softmax((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs)) + bias, dim=-1))  # (B, H, Tq, Tk)
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, H, Tq, Tk)
+        att = drop(torch.softmax(scores + bias, dim=-1))
         y = att @ v
     if shaw.values:
         y = y + shaw.value_term(att, q_pos, k_pos)  # (B, H, Tq, hs): sum_j alpha_ij a^V_ij (eq. 3)
