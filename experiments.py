@@ -150,8 +150,8 @@ def _plot(pre, runs, scratch, up, down, args):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Multi-token prediction: does predicting more than one token help? `python experiments.py mtp` trains next-token
-# prediction and multi-token prediction (gpt.py's mtp_heads) at equal training compute with train.py, on the bundled
-# Shakespeare, and compares them.
+# prediction and multi-token prediction (mtp.py's heads on gpt.py) at equal training compute with train.py, on the
+# bundled Shakespeare, and compares them.
 
 MTP_VARIANTS = {  # name -> (mtp, mtp_heads); the number in the name is n, the tokens predicted at each position
     "next-token": ("parallel", 0),
@@ -179,29 +179,29 @@ def mtp_compare(args):
     next-token path is the same L-block GPT. --equal steps gives every run the same steps and tokens instead, as in
     DeepSeek-V3's ablation (§4.5.1), where MTP costs more training compute.
     """
+    import mtp  # train.py's "gpt": GPT-2 plus the heads, and self-speculative decoding
+    from common import require
+
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in MTP_VARIANTS]
-    if unknown or not variants:
-        raise train.UsageError(f"--variants: unknown {','.join(unknown) or '(none)'}; choose from "
-                               f"{','.join(MTP_VARIANTS)}")
-    if args.equal not in ("flops", "steps"):
-        raise train.UsageError(f"--equal {args.equal!r}: choose flops or steps")
-    if args.iters < 1 or args.batch_size < 1 or args.block_size < 2 or args.prompt_len < 1 or args.evals < 1:
-        raise train.UsageError("--iters, --batch-size, --prompt-len, --evals must be >= 1 and --block-size >= 2")
-    if args.prompt_len >= args.block_size:
-        raise train.UsageError(f"--prompt-len {args.prompt_len} leaves no room to generate in --block-size "
-                               f"{args.block_size}")
+    require(variants and not unknown,
+            f"--variants: unknown {','.join(unknown) or '(none)'}; choose from {','.join(MTP_VARIANTS)}")
+    require(args.equal in ("flops", "steps"), f"--equal {args.equal!r}: choose flops or steps")
+    require(min(args.iters, args.batch_size, args.prompt_len, args.evals) >= 1 and args.block_size >= 2,
+            "--iters, --batch-size, --prompt-len, --evals must be >= 1 and --block-size >= 2")
+    require(args.prompt_len < args.block_size,
+            f"--prompt-len {args.prompt_len} leaves no room to generate in --block-size {args.block_size}")
     variants = ["next-token"] + [v for v in variants if v != "next-token"]  # the baseline first: it fixes the budget
     results, flops_next = {}, None
     for name in variants:
-        mtp, heads = MTP_VARIANTS[name]
-        weight = mtp_weight_of(mtp, heads, args.mtp_weight) if heads else 0.0
+        kind, heads = MTP_VARIANTS[name]
+        weight = mtp_weight_of(kind, heads, args.mtp_weight) if heads else 0.0
         if flops_next is None:
             steps = args.iters
         else:
-            config = gpt.GPTConfig(**{**results["next-token"]["config"], "mtp": mtp, "mtp_heads": heads})
+            config = mtp.Config(**{**results["next-token"]["config"], "mtp": kind, "mtp_heads": heads})
             with torch.device("meta"):  # shapes only, for flops_per_token
-                flops = gpt.GPT(config).flops_per_token()
+                flops = mtp.Model(config).flops_per_token()
             steps = args.iters if args.equal == "steps" else max(1, round(args.iters * flops_next / flops))
         print(f"=== {name}: {steps} steps ===", flush=True)
         out_dir = os.path.join(args.out_dir, name)
@@ -214,7 +214,7 @@ def mtp_compare(args):
                 "--eval-train-tokens", str(min(4096, args.eval_tokens)), "--log-interval", str(max(1, steps // 4)),
                 "--seed", str(args.seed),
                 "--out-dir", out_dir, "--overwrite", "--sample-tokens", "0", "--cache-dir", args.cache_dir,
-                "--mtp", mtp, "--mtp-heads", str(heads), "--mtp-weight", str(weight or 1.0)]
+                "--mtp", kind, "--mtp-heads", str(heads), "--mtp-weight", str(weight or 1.0)]
         if args.data:
             argv += ["--data", args.data]
         rows = train.train(argv)
@@ -228,26 +228,11 @@ def mtp_compare(args):
                              curve=[(r["step"] * tokens_per_step * flops, r["val_loss"]) for r in evals],
                              **{k.removeprefix("val_"): v for k, v in evals[-1].items() if k.startswith("val_")})
         if heads:
-            results[name].update(speculate(run.model, run.splits["val"].tokens, args.prompts, args.prompt_len,
-                                           args.block_size - args.prompt_len))
+            results[name].update(mtp.speculate(run.model, run.splits["val"].tokens, args.prompts, args.prompt_len,
+                                               args.block_size - args.prompt_len))
     print_mtp_table(results, args)
     plot_mtp(results, args)
     return results
-
-
-def speculate(model, tokens, prompts, prompt_len, new_tokens):
-    """Self-speculative greedy decoding from `prompts` evenly spaced prompts of the text `tokens`: the acceptance rate
-    (drafts kept / drafts made), per draft position (kept / checked), tokens per pass, and whether every output equals
-    plain greedy decoding."""
-    stats, exact = {}, 0
-    starts = [i * (len(tokens) - prompt_len) // prompts for i in range(prompts)]
-    for s in starts:
-        prompt = torch.tensor(tokens[s:s + prompt_len].astype(np.int64))[None]  # (1, prompt_len)
-        fast = model.generate(prompt, new_tokens, temperature=0, speculative=True, stats=stats)
-        exact += torch.equal(fast, model.generate(prompt, new_tokens, temperature=0))
-    return dict(acceptance=stats["accepted"] / max(1, stats["drafted"]),
-                acceptance_at=[a / max(1, d) for a, d in zip(stats["accepted_at"], stats["drafted_at"])],
-                tokens_per_pass=prompts * new_tokens / stats["passes"], exact=f"{exact}/{prompts}")
 
 
 def print_mtp_table(results, args):
@@ -272,10 +257,9 @@ def print_mtp_table(results, args):
 
 
 def plot_mtp(results, args):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from common import pyplot
 
+    plt = pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
     color = {name: f"C{i}" for i, name in enumerate(results)}  # one colour per variant in both panels
     for name, r in results.items():

@@ -326,26 +326,36 @@ class ShawRelative(nn.Module):
         return mass @ self.w_V.weight  # (B, H, Tq, hs)
 
 
-def shaw_attention(q, k, v, shaw, q_pos, k_pos, causal=True, use_sdpa=False):
-    """Reference multi-head attention with Shaw relative positions, both paths. q: (B, H, Tq, hs), k, v: (B, H, Tk, hs).
+def shaw_attention(q, k, v, shaw, q_pos, k_pos, causal=True, use_sdpa=False, allowed=None, dropout=None):
+    """Multi-head attention with Shaw's relative positions, naive or fused (gpt.py's --pos shaw).
 
     naive:  att = softmax(q k^T / sqrt(hs) + bias + mask);  y = att @ v + value_term(att)
     sdpa:   y = sdpa(q, k, v, attn_mask=bias + mask)       (content + key term, fused)
-            + value_term(softmax(same logits))             (value term: alpha recomputed, see ShawRelative)
-    The mask is -inf for future keys when causal; returns (B, H, Tq, hs).
+            + value_term(softmax(same logits))             (alpha recomputed: see ShawRelative)
+    q: (B, H, Tq, hs); k, v: (B, H, Tk, hs). Returns (B, H, Tq, hs).
+    allowed: bool, True where query i may see key j, (Tq, Tk) or (B, 1, Tq, Tk) (a prefix LM's).
+    Default: causal_mask(q_pos, k_pos), or every key if causal=False. Elsewhere the mask is -inf.
+    dropout: the attention's nn.Dropout, or None. Trap: on the sdpa path the recomputed alpha draws
+    its own dropout mask, not the kernel's: the same model in expectation, not the same sample.
     """
     hs = q.shape[-1]
-    bias = shaw.score_bias(q, q_pos, k_pos)  # (B, H, Tq, Tk), already / sqrt(hs)
-    if causal:
-        bias = bias.masked_fill(~causal_mask(q_pos, k_pos), float("-inf"))
+    bias = shaw.score_bias(q, q_pos, k_pos).to(q.dtype)  # (B, H, Tq, Tk), already / sqrt(hs)
+    if allowed is None and causal:
+        allowed = causal_mask(q_pos, k_pos)
+    if allowed is not None:
+        bias = bias.masked_fill(~allowed, float("-inf"))
+    drop = dropout if dropout is not None else nn.Identity()
     if use_sdpa:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # adds attn_mask after scaling q k^T
-        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(hs) + bias, dim=-1) if shaw.values else None
+        p = dropout.p if dropout is not None and dropout.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)  # mask added after scaling
+        if shaw.values:
+            att = drop(torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(hs) + bias, dim=-1))
     else:
-        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(hs) + bias, dim=-1)  # (B, H, Tq, Tk)
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, H, Tq, Tk)
+        att = drop(torch.softmax(scores + bias, dim=-1))
         y = att @ v
     if shaw.values:
-        y = y + shaw.value_term(att, q_pos, k_pos)
+        y = y + shaw.value_term(att, q_pos, k_pos)  # (B, H, Tq, hs): sum_j alpha_ij a^V_ij (eq. 3)
     return y
 
 

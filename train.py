@@ -67,8 +67,9 @@ from data import (DEFAULT_DATA, UsageError, atomic_write_text, prepare_domains, 
                   tokenizer_from_identity)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# --model name -> module. Adding a model = one line here and one file.
-MODELS = {"gpt": "gpt", "bert": "bert", "electra": "electra", "t5": "t5", "xlnet": "xlnet"}
+# --model name -> module. Adding a model = one line here and one file. gpt: gpt.py's GPT-2, through mtp.py, which adds
+# the optional multi-token heads (--mtp-heads) and builds a plain gpt.GPT without them.
+MODELS = {"gpt": "mtp", "bert": "bert", "electra": "electra", "t5": "t5", "xlnet": "xlnet"}
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Configuration. Every field is a --flag (underscores become dashes); presets and checkpoints fill the same fields.
@@ -168,7 +169,8 @@ def config_groups(mod):
 def field_comments(cls):
     """{field: its end-of-line comment} from a config class's source. Model configs document each field with a comment,
     as nanoGPT does, rather than with metadata; --help shows those comments."""
-    found = (re.match(r"\s+(\w+):[^#]*#\s*(.*)", line) for line in inspect.getsource(cls).splitlines())
+    sources = [inspect.getsource(c) for c in reversed(cls.__mro__[:-1])]  # a base class's fields, then a subclass's
+    found = (re.match(r"\s+(\w+):[^#]*#\s*(.*)", line) for source in sources for line in source.splitlines())
     return {m.group(1): m.group(2) for m in found if m}
 
 

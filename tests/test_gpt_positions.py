@@ -1,7 +1,8 @@
 """gpt.py's `--pos` option: every positional scheme of positions.py inside the real model. For each scheme a user relies
 on the same guarantees as for GPT-2 itself: it learns, it is causal, the naive and fused attention paths are the same
 function, the KV cache changes nothing but speed. Plus: what may run past block_size, what the GPT-2 formats refuse,
-the train.py flag, and the two experiments' code paths on tiny budgets. CPU, seeded, tiny configs."""
+the train.py flag, and the relative-order probe. (The experiments that train these GPTs are tested in
+test_positions.py, beside experiments.py's runners.) CPU, seeded, tiny configs."""
 
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import positions
 import train
 from gpt import GPT, GPTConfig, KVCache, POS_SCHEMES
-
+from helpers import assert_paths_agree, assert_scaled_close
 
 
 def tiny(pos, **kw):
@@ -27,6 +28,12 @@ def model_with(pos, seed=0, **kw):
             if "relative_attention_bias" in name or "w_K" in name or "w_V" in name:
                 p.normal_(0.0, 0.5)
     return m
+
+
+def cache_for(m, batch_size):
+    c = m.config
+    shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
+    return KVCache(c.n_layer, shape, "cpu", m.lm_head.weight.dtype)
 
 
 def batch(seed, B=3, T=16):
@@ -55,16 +62,11 @@ def test_every_scheme_trains_a_tiny_gpt(pos, attn):
 
 @pytest.mark.parametrize("pos", POS_SCHEMES)
 def test_naive_and_sdpa_agree_in_outputs_and_gradients(pos):
-    naive, fused = model_with(pos, attn="naive").train(), model_with(pos, attn="sdpa").train()
     idx, tgt = batch(2)
-    la, loss_a = naive(idx, tgt)
-    lb, loss_b = fused(idx, tgt)
-    torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5, msg=f"pos={pos}: naive and sdpa logits differ")
-    loss_a.backward()
-    loss_b.backward()
-    for (name, pa), (_, pb) in zip(naive.named_parameters(), fused.named_parameters()):
-        assert pa.grad is not None and pb.grad is not None, f"pos={pos}: {name} gets no gradient"
-        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-5, rtol=1e-4, msg=f"pos={pos}: gradients of {name} differ")
+    assert_paths_agree(lambda attn: model_with(pos, attn=attn).train(), lambda m: m(idx, tgt))
+    m = model_with(pos)
+    m(idx, tgt)[1].backward()
+    assert all(p.grad is not None for p in m.parameters()), f"pos={pos}: a parameter gets no gradient"
 
 
 @pytest.mark.parametrize("attn", ["naive", "sdpa"])
@@ -85,14 +87,13 @@ def test_every_scheme_stays_causal(pos, attn):
 @pytest.mark.parametrize("pos", POS_SCHEMES)
 def test_kv_cache_prefix_plus_chunk_equals_one_pass_in_both_paths(pos):
     idx, _ = batch(4, B=2, T=12)
-    full, _ = model_with(pos, attn="naive")(idx)
+    full, _ = model_with(pos, attn="naive").double()(idx)
     for attn in ("naive", "sdpa"):
-        m = model_with(pos, attn=attn)
-        cache = KVCache(m.config, 2, "cpu", torch.float32)
+        m = model_with(pos, attn=attn).double()
+        cache = cache_for(m, 2)
         m(idx[:, :7], cache=cache)
         chunk, _ = m(idx[:, 7:], cache=cache)  # 5 queries at positions 7..11 against 12 keys
-        torch.testing.assert_close(chunk, full[:, 7:], atol=1e-5, rtol=1e-5,
-                                   msg=f"pos={pos} {attn}: cached prefix + chunk != one pass over the whole sequence")
+        assert_scaled_close(chunk, full[:, 7:], f"pos={pos} {attn}: cached prefix + chunk vs one pass")
 
 
 @pytest.mark.parametrize("pos", POS_SCHEMES)
@@ -115,12 +116,12 @@ def test_schemes_without_a_table_run_past_block_size_and_learned_says_why_not():
             continue
         logits, _ = m(idx)
         assert logits.shape == (1, 40, 37) and torch.isfinite(logits).all(), f"pos={pos}: no finite logits at 2.5x"
-        short, _ = m(idx[:, :16])
-        torch.testing.assert_close(logits[:, :16], short, atol=1e-5, rtol=1e-5,
-                                   msg=f"pos={pos}: a longer input changed the logits of the first 16 positions")
+        m.double()
+        assert_scaled_close(m(idx)[0][:, :16], m(idx[:, :16])[0],
+                            f"pos={pos}: a longer input changed the logits of the first 16 positions")
     m = model_with("rope")
     with pytest.raises(ValueError, match="KV cache"):  # the cache is preallocated for block_size positions
-        m(idx, cache=KVCache(m.config, 1, "cpu", torch.float32))
+        m(idx, cache=cache_for(m, 1))
 
 
 def test_position_parameters_live_where_each_scheme_puts_them():
@@ -141,7 +142,7 @@ def test_gpt2_formats_refuse_other_schemes(tmp_path):
     assert not (tmp_path / "x").exists(), "a refused export must write nothing"
     with pytest.raises(ValueError, match="learned absolute"):
         GPT.from_pretrained(str(tmp_path), pos="alibi")
-    with pytest.raises(ValueError, match="pos must be one of"):
+    with pytest.raises(ValueError, match="--pos xpos: must be one of"):
         GPTConfig(pos="xpos")
     with pytest.raises(ValueError, match="even"):
         GPTConfig(n_embd=18, n_head=6, pos="rope")
@@ -163,7 +164,8 @@ def test_train_py_has_a_pos_flag_and_checkpoints_remember_it(tmp_path, corpus, c
                     str(tmp_path / "bad"), "--cache-dir", str(tmp_path / "cache")])
     except SystemExit as e:
         code = e.code
-    assert code == 2 and "pos must be one of" in capsys.readouterr().err, "a bad --pos must be one clear error line"
+    err = capsys.readouterr().err
+    assert code == 2 and "--pos bogus: must be one of" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_relative_order_probe_separates_ordered_embeddings_from_noise():
@@ -174,35 +176,3 @@ def test_relative_order_probe_separates_ordered_embeddings_from_noise():
     ramp = torch.arange(512.0)[:, None] * torch.tensor([[1.0, -0.5]]) / 512  # position written in two coordinates
     assert positions.probe_relative_order(ramp) < 0.03, "a linear position code must be (almost) perfectly ordered"
 
-
-def test_extrapolation_experiment_runs_end_to_end(tmp_path, corpus, capsys):
-    rows = positions.main(["extrapolate", "--schemes", "learned,alibi", "--iters", "3", "--block-size", "16",
-                           "--multiples", "1,2", "--eval-tokens", "256", "--data", str(corpus), "--out-dir",
-                           str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"), "--png",
-                           str(tmp_path / "extrapolation.png")])
-    printed = capsys.readouterr().out
-    assert (tmp_path / "extrapolation.png").stat().st_size > 0, "the figure was not written"
-    assert rows["learned"][2] is None and "n/a" in printed, "learned absolute at 2x must be reported as n/a"
-    assert all(v is not None and 0 < v < 10 for v in rows["alibi"].values()), f"ALiBi losses missing: {rows}"
-
-
-def test_probe_experiment_reads_a_train_py_checkpoint_and_an_hf_directory(tmp_path, corpus, capsys):
-    import transformers
-
-    out = tmp_path / "out"
-    train.train(["--model", "gpt", "--preset", "tiny", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
-                 "--out-dir", str(out), "--sample-tokens", "0", "--max-iters", "2"])
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64,
-                                                              vocab_size=50))
-    hf.save_pretrained(tmp_path / "hf")
-    table = positions.main(["probe", "--ckpt", str(out / "ckpt.pt"), "--hf", str(tmp_path / "hf"),
-                            "--png", str(tmp_path / "cos.png")])
-    printed = capsys.readouterr().out
-    assert (tmp_path / "cos.png").stat().st_size > 0, "the cosine-similarity figure was not written"
-    names = [name for name, _, _ in table]
-    assert len(names) == 4 and names[0].startswith("ours") and "untrained" in names[1] and "sinusoid" in names[2] \
-        and names[3].startswith("hf:"), f"expected rows ours, untrained, sinusoid, hf; got {names}"
-    sin_mae = next(mae for name, mae, _ in table if "sinusoid" in name)
-    assert sin_mae < 0.05, f"the sinusoid row should have MAE ~0, got {sin_mae}"
-    assert "MAE" in printed and "error" in printed, "the table must be printed"

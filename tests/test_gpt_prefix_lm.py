@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gpt import GPT, GPTConfig, KVCache, prefix_lm_mask
+from helpers import assert_paths_agree, assert_scaled_close
 
 
 def model_with(seed=0, **kw):
@@ -24,9 +25,10 @@ def test_the_mask_is_the_causal_mask_plus_the_prefix_block():
     assert m[0, 0].tolist() == [[True, True, False, False], [True, True, False, False], [True, True, True, False],
                                 [True, True, True, True]]
     assert torch.equal(m[1, 0], torch.ones(4, 4).tril().bool()), "prefix 0 is the causal mask"
+    assert torch.equal(prefix_lm_mask(torch.arange(4), torch.arange(4)), m[1, 0]), "no prefix: the causal mask"
 
 
-@pytest.mark.parametrize("pos", ["learned", "t5", "rope"])
+@pytest.mark.parametrize("pos", ["learned", "t5", "rope", "shaw"])
 @pytest.mark.parametrize("attn", ["naive", "sdpa"])
 def test_the_prefix_is_bidirectional_and_the_rest_causal(attn, pos):
     m = model_with(attn=attn, pos=pos)
@@ -41,17 +43,11 @@ def test_the_prefix_is_bidirectional_and_the_rest_causal(attn, pos):
     assert torch.equal(after[:, :8], base[:, :8]), "a token after the prefix changed an earlier position"
 
 
-def test_naive_and_sdpa_agree_in_outputs_and_gradients_with_a_prefix():
-    outs = []
+@pytest.mark.parametrize("pos", ["learned", "shaw"])
+def test_naive_and_sdpa_agree_in_outputs_and_gradients_with_a_prefix(pos):
     targets = torch.randint(0, 37, (3, 12), generator=torch.Generator().manual_seed(3))
-    for attn in ("naive", "sdpa"):
-        m = model_with(attn=attn).train()
-        logits, loss = m(IDX, targets, prefix_len=PREFIX)
-        loss.backward()
-        outs.append((logits, {n: p.grad for n, p in m.named_parameters()}))
-    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5, msg="naive and sdpa logits differ")
-    for name, g in outs[0][1].items():
-        torch.testing.assert_close(g, outs[1][1][name], atol=1e-5, rtol=1e-4, msg=f"gradients of {name} differ")
+    assert_paths_agree(lambda attn: model_with(attn=attn, pos=pos).train(),
+                       lambda m: m(IDX, targets, prefix_len=PREFIX))
 
 
 @pytest.mark.parametrize("attn", ["naive", "sdpa"])
@@ -59,8 +55,10 @@ def test_default_gpt_is_untouched_and_a_cached_continuation_after_the_prefix_equ
     m = model_with(attn=attn)
     plain, _ = m(IDX)
     assert torch.equal(m(IDX, prefix_len=torch.zeros(3, dtype=torch.long))[0], plain), "prefix 0 must be plain GPT"
+    m.double()
     full, _ = m(IDX, prefix_len=PREFIX)
-    cache = KVCache(m.config, 3, "cpu", torch.float32)
+    c = m.config
+    cache = KVCache(c.n_layer, (3, c.n_head, c.block_size, c.n_embd // c.n_head), "cpu", torch.float64)
     m(IDX[:, :7], cache=cache, prefix_len=PREFIX)  # every prefix fits in the prefill
     cont, _ = m(IDX[:, 7:], cache=cache, prefix_len=PREFIX)
-    torch.testing.assert_close(cont, full[:, 7:], atol=1e-5, rtol=1e-5, msg="cached continuation != full pass")
+    assert_scaled_close(cont, full[:, 7:], "cached continuation after the prefix vs the full pass")

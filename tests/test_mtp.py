@@ -1,15 +1,23 @@
-"""Multi-token prediction in gpt.py (slides "Multi-token prediction"): Gloeckle et al.'s parallel heads and DeepSeek-V3's
-sequential modules. What a user relies on: the default is exactly plain GPT; every head's targets are the right tokens;
-no head sees the token it predicts (and the sequential modules really read the chain); the next-token loss is plain
-GPT's; speculative decoding gives exactly the greedy tokens; both attention paths agree; the loop can drive it
-through one forward call, as DistributedDataParallel requires."""
+"""Multi-token prediction in mtp.py (slides "Multi-token prediction"): Gloeckle et al.'s parallel heads and
+DeepSeek-V3's sequential modules on gpt.py's GPT-2. What a user relies on: the default is exactly plain GPT; every
+head's targets are the right tokens; no head sees the token it predicts (and the sequential modules really read the
+chain); the next-token loss is plain GPT's; speculative decoding gives exactly the greedy tokens; both attention paths
+agree; the loop drives it through one forward call, as DistributedDataParallel requires; train.py's flags and
+checkpoints; the command line."""
+
+import inspect
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt import GPT, GPTConfig, NextTokenObjective
+import gpt
+import mtp
+import train
+from gpt import GPT, KVCache, NextTokenObjective
+from helpers import assert_paths_agree, exit_code, tiny_args
+from mtp import MTPConfig, MultiTokenGPT, MultiTokenObjective, Objective, windows
 
 V = 37
 MODES = ["parallel", "sequential"]
@@ -26,12 +34,12 @@ class Split:
 
 def config(**kw):
     base = dict(block_size=16, vocab_size=V, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
-    return GPTConfig(**{**base, **kw})
+    return MTPConfig(**{**base, **kw})
 
 
 def model_with(seed=0, **kw):
     torch.manual_seed(seed)
-    return GPT(config(**kw)).eval()
+    return mtp.Model(config(**kw)).eval()
 
 
 def random_text(n, seed=0):
@@ -40,8 +48,10 @@ def random_text(n, seed=0):
 
 def test_the_default_is_plain_gpt_with_gpt2s_keys_and_windows():
     m = model_with()
+    assert type(m) is GPT, "mtp_heads=0 must build gpt.py's GPT itself"
     assert not any(k.startswith("mtp") for k in m.state_dict()), "mtp_heads=0 must add no parameters"
-    obj = NextTokenObjective(m.config, Tok())
+    obj = Objective(m.config, Tok())
+    assert type(obj) is NextTokenObjective
     assert obj.raw_tokens_per_row == 17 and obj.tokens_per_row == 16, "plain GPT rows draw T + 1 tokens"
     batch = obj.train_batch(Split(random_text(100)), 3, torch.Generator().manual_seed(0))
     assert batch["targets"].shape == (3, 16), "plain GPT targets stay (B, T)"
@@ -52,7 +62,7 @@ def test_the_default_is_plain_gpt_with_gpt2s_keys_and_windows():
 @pytest.mark.parametrize("D", [1, 3])
 def test_shapes_and_each_heads_targets_are_the_tokens_that_many_places_ahead(mode, D):
     m = model_with(mtp=mode, mtp_heads=D)
-    obj = NextTokenObjective(m.config, Tok())
+    obj = Objective(m.config, Tok())
     assert obj.raw_tokens_per_row == 16 + 1 + D, "a row must draw D more tokens for the extra heads' targets"
     text = np.arange(300) % 250  # token value = position (mod 250): offsets are visible in the values
     batch = obj.train_batch(Split(text), 4, torch.Generator().manual_seed(1))
@@ -70,8 +80,8 @@ def test_shapes_and_each_heads_targets_are_the_tokens_that_many_places_ahead(mod
 def test_targets_past_the_end_of_the_text_are_ignored_and_every_heads_target_is_scored_once():
     D, T = 2, 16
     m = model_with(mtp_heads=D, mtp="sequential")
-    obj = NextTokenObjective(m.config, Tok())
-    batch = NextTokenObjective._windows(np.array([5, 6, 7, 8]), [1], 2, n_ahead=2)
+    obj = Objective(m.config, Tok())
+    batch = windows(np.array([5, 6, 7, 8]), [1], 2, n_ahead=2)
     assert batch["targets"].tolist() == [[[7, 8], [8, -100]]], "the docstring's example"
     text = random_text(5 * T + 7)  # a partial last window: heads 2 and 3 run past the end there
     sums = {}
@@ -97,14 +107,14 @@ def test_no_head_sees_the_token_it_predicts(mode):
     t = s - i (they do read the chain)."""
     D, T = 3, 16
     torch.manual_seed(0)
-    m = GPT(config(mtp=mode, mtp_heads=D)).eval()
+    m = MultiTokenGPT(config(mtp=mode, mtp_heads=D)).eval()
     with torch.no_grad():  # larger weights: every dependence shows well above float noise
         for p in m.parameters():
             p.normal_(0.0, 0.3)
     text = random_text(T + 1 + D, seed=2)
 
     def heads(text):
-        b = NextTokenObjective._windows(text, [0], T, 1 + D)
+        b = windows(text, [0], T, 1 + D)
         return m(b["idx"], future=b["targets"][:, :-1])[0][0]  # (1 + D, T, V)
 
     base = heads(text)
@@ -125,7 +135,7 @@ def test_no_head_sees_the_token_it_predicts(mode):
 def test_parallel_heads_are_independent_and_sequential_modules_are_chained():
     for mode in MODES:
         m = model_with(mtp=mode, mtp_heads=2)
-        b = NextTokenObjective._windows(random_text(40), [0], 16, 3)
+        b = windows(random_text(40), [0], 16, 3)
         before = m(b["idx"], future=b["targets"][:, :-1])[0]
         with torch.no_grad():
             for p in m.mtp[0].parameters():  # the head / module for the token 2 ahead
@@ -141,7 +151,7 @@ def test_parallel_heads_are_independent_and_sequential_modules_are_chained():
 
 def test_with_zero_extra_heads_the_loss_is_plain_next_token_cross_entropy():
     m = model_with().train()
-    obj = NextTokenObjective(m.config, Tok())
+    obj = Objective(m.config, Tok())
     b = obj.train_batch(Split(random_text(200)), 4, torch.Generator().manual_seed(4))
     b["targets"] = b["targets"].clone()  # a view of the same row as idx
     b["targets"][0, :5] = -100
@@ -155,13 +165,13 @@ def test_with_zero_extra_heads_the_loss_is_plain_next_token_cross_entropy():
 @pytest.mark.parametrize("mode", MODES)
 def test_the_next_token_path_is_plain_gpt_and_loss_stays_the_next_token_loss(mode):
     plain = model_with(seed=5)
-    mtp = model_with(seed=6, mtp=mode, mtp_heads=2)
-    missing, unexpected = mtp.load_state_dict(plain.state_dict(), strict=False)
+    multi = model_with(seed=6, mtp=mode, mtp_heads=2)
+    missing, unexpected = multi.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and missing and all(k.startswith("mtp.") for k in missing), "only the heads are new"
     text = Split(random_text(16 * 5 + 3, seed=7))
     metrics = []
-    for model in (plain, mtp):
-        obj, sums = NextTokenObjective(model.config, Tok()), {}
+    for model in (plain, multi):
+        obj, sums = Objective(model.config, Tok()), {}
         with torch.no_grad():
             for b in obj.eval_batches(text, 4):
                 for k, v in obj.loss(model, b)[1].items():
@@ -170,23 +180,23 @@ def test_the_next_token_path_is_plain_gpt_and_loss_stays_the_next_token_loss(mod
     for key in ("loss", "bpb"):
         assert metrics[1][key] == pytest.approx(metrics[0][key], rel=1e-6), f"'{key}' must be the next-token {key}"
     # mtp_weight 0: the total is the next-token loss, and the shared weights get exactly plain GPT's gradients
-    mtp.config.mtp_weight = 0.0
-    obj_p, obj_m = NextTokenObjective(plain.config, Tok()), NextTokenObjective(mtp.config, Tok())
+    multi.config.mtp_weight = 0.0
+    obj_p, obj_m = Objective(plain.config, Tok()), MultiTokenObjective(multi.config, Tok())
     b = obj_m.train_batch(text, 3, torch.Generator().manual_seed(8))
     lp, _ = obj_p.loss(plain.train(), {"idx": b["idx"], "targets": b["targets"][:, 0]})
-    lm, _ = obj_m.loss(mtp.train(), b)
+    lm, _ = obj_m.loss(multi.train(), b)
     torch.testing.assert_close(lm, lp, msg="with mtp_weight 0 the total must be the next-token loss")
     lp.backward()
     lm.backward()
     grads = dict(plain.named_parameters())
-    for name, p in mtp.named_parameters():
+    for name, p in multi.named_parameters():
         if not name.startswith("mtp."):
             torch.testing.assert_close(p.grad, grads[name].grad, msg=f"gradient of {name} differs from plain GPT's")
 
 
 def test_the_total_loss_is_next_token_plus_w_times_the_extra_heads():
     m = model_with(mtp_heads=2, mtp_weight=0.25)
-    obj = NextTokenObjective(m.config, Tok())
+    obj = Objective(m.config, Tok())
     b = obj.train_batch(Split(random_text(100)), 2, torch.Generator().manual_seed(9))
     total, stats = obj.loss(m, b)
     logits, loss = m(b["idx"], b["targets"], future=b["targets"][:, :-1])
@@ -210,7 +220,7 @@ class ForwardOnly(torch.nn.Module):
 @pytest.mark.parametrize("mode", MODES)
 def test_the_objective_uses_the_model_through_exactly_one_forward_call(mode):
     m = model_with(mtp=mode, mtp_heads=2).train()
-    obj = NextTokenObjective(m.config, Tok())
+    obj = Objective(m.config, Tok())
     b = obj.train_batch(Split(random_text(100)), 2, torch.Generator().manual_seed(10))
     wrapped = ForwardOnly(m)
     loss, _ = obj.loss(wrapped, b, obj.denominators(b))
@@ -221,16 +231,9 @@ def test_the_objective_uses_the_model_through_exactly_one_forward_call(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_naive_and_sdpa_attention_agree_for_every_head_in_outputs_and_gradients(mode):
-    outs = []
-    b = NextTokenObjective._windows(random_text(60, seed=11), [0, 20], 16, 3)
-    for attn in ("naive", "sdpa"):
-        m = model_with(mtp=mode, mtp_heads=2, attn=attn, pos="alibi").train()
-        logits, loss = m(b["idx"], b["targets"], future=b["targets"][:, :-1])
-        loss.backward()
-        outs.append((logits, {n: p.grad for n, p in m.named_parameters()}))
-    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5, msg=f"{mode}: naive and sdpa logits differ")
-    for name, g in outs[0][1].items():
-        torch.testing.assert_close(g, outs[1][1][name], atol=1e-5, rtol=1e-4, msg=f"{mode}: gradients of {name} differ")
+    b = windows(random_text(60, seed=11), [0, 20], 16, 3)
+    assert_paths_agree(lambda attn: model_with(mtp=mode, mtp_heads=2, attn=attn, pos="alibi").train(),
+                       lambda m: m(b["idx"], b["targets"], future=b["targets"][:, :-1]))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -240,9 +243,9 @@ def test_generation_with_and_without_the_kv_cache_is_unchanged_by_mtp_heads(mode
     a = m.generate(prompt, 20, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(7))
     b = m.generate(prompt, 20, temperature=1.0, top_k=5, use_cache=False, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, b), "the KV cache changed the generated tokens of a model with MTP heads"
+    cache = KVCache(2, (2, 2, 16, 8), "cpu", torch.float32)
     with pytest.raises(ValueError, match="without a KV cache"):
-        from gpt import KVCache
-        m(prompt, cache=KVCache(m.config, 2, "cpu", torch.float32), future=torch.zeros(2, 2, 3, dtype=torch.long))
+        m(prompt, cache=cache, future=torch.zeros(2, 2, 3, dtype=torch.long))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -252,7 +255,7 @@ def test_speculative_decoding_gives_exactly_the_greedy_tokens(mode, D):
     m = model_with(seed=12, mtp=mode, mtp_heads=D, pos="rope").double()
     prompt = torch.randint(0, V, (2, 4), generator=torch.Generator().manual_seed(13))
     stats = {}
-    fast = m.generate(prompt, 25, temperature=0, speculative=True, stats=stats)  # 29 > block_size 16: the window slides
+    fast = m.speculative_generate(prompt, 25, stats)  # 29 > block_size 16: the window slides
     for use_cache in (True, False):
         greedy = m.generate(prompt, 25, temperature=0, use_cache=use_cache)
         assert torch.equal(fast, greedy), f"speculative decoding differs from greedy (use_cache={use_cache})"
@@ -276,7 +279,7 @@ def test_speculative_bookkeeping_with_perfect_and_with_wrong_drafts(mode, monkey
             return d
         monkeypatch.setattr(m, "draft", oracle)
         stats = {}
-        out = m.generate(prompt, 12, temperature=0, speculative=True, stats=stats)
+        out = m.speculative_generate(prompt, 12, stats)
         assert torch.equal(out, greedy[:, :15]), f"{mode}: not greedy's tokens with drafts wrong from {wrong_from}"
         assert stats["passes"] == 1 + 12 // per_pass, f"{mode}: {stats['passes']} passes for {per_pass} tokens each"
         kept = per_pass - 1
@@ -287,17 +290,17 @@ def test_speculative_bookkeeping_with_perfect_and_with_wrong_drafts(mode, monkey
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("pos", ["learned", "t5"])
 def test_drafts_are_what_the_training_forward_predicts_given_those_drafts(mode, pos):
-    """draft() (the decoding path) and forward(future=...) (the training path) are the same heads: fed the text, greedy's
-    next token g and the drafts themselves as the tokens ahead, the forward's head k+1 at the last position picks
-    draft k. Drafting from the first P positions of a longer pass (as decoding does after rejected drafts) is the same
-    as drafting from a pass over those P tokens: T5's bias must be cut to the P x P corner."""
+    """draft() (the decoding path) and forward(future=...) (the training path) are the same heads. Fed the text,
+    greedy's next token g and the drafts themselves as the tokens ahead, the forward's head k+1 at the last position
+    picks draft k. Drafting from the first P positions of a longer pass (as decoding does after rejected drafts) is the
+    same as drafting from a pass over those P tokens: T5's bias must be cut to the P x P corner."""
     D, P = 3, 10
     m = model_with(seed=16, mtp=mode, mtp_heads=D, pos=pos).double()
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0.0, 0.3)  # larger weights: drafts that vary from head to head
         idx = torch.randint(0, V, (2, P + 4), generator=torch.Generator().manual_seed(17))
-        z, x, pos_, bias = m.hidden_states(idx)  # a longer pass: P tokens, then 4 rejected ones
+        z, x, pos_, bias = m.trunk(idx)  # a longer pass: P tokens, then 4 rejected ones
         idx = idx[:, :P]
         g = m.unembed(x)[:, P - 1:P].argmax(dim=-1)
         drafts = m.draft(z[:, :P], x[:, :P], torch.cat([idx, g], dim=1), pos_[:P], bias)  # (B, D)
@@ -307,21 +310,24 @@ def test_drafts_are_what_the_training_forward_predicts_given_those_drafts(mode, 
     assert torch.equal(logits[:, 1:, -1].argmax(dim=-1), drafts), f"{mode}: draft() disagrees with the forward's heads"
 
 
-def test_speculative_decoding_refuses_sampling_and_models_without_heads():
-    with pytest.raises(ValueError, match="temperature=0"):
-        model_with(mtp_heads=1).generate(torch.zeros(1, 2, dtype=torch.long), 3, temperature=0.8, speculative=True)
-    with pytest.raises(ValueError, match="mtp_heads=0"):
-        model_with().generate(torch.zeros(1, 2, dtype=torch.long), 3, temperature=0, speculative=True)
+def test_speculative_decoding_is_greedy_only_and_gpt_py_knows_nothing_of_it():
+    assert list(inspect.signature(MultiTokenGPT.speculative_generate).parameters) == \
+        ["self", "idx", "max_new_tokens", "stats"], "speculative decoding verifies greedy choices: no sampling knobs"
+    assert not hasattr(model_with(), "speculative_generate"), "a model without heads has nothing to draft with"
+    assert not {"speculative", "stats"} & set(inspect.signature(GPT.generate).parameters)
+    source = inspect.getsource(gpt)
+    assert "import mtp" not in source and "mtp_heads" not in source, "gpt.py must not know about multi-token heads"
 
 
 def test_flops_count_the_extra_heads_and_configs_reject_bad_values():
-    plain, mtp = model_with(), model_with(mtp_heads=2)
-    head = sum(p.numel() for p in mtp.mtp[0].parameters())
+    plain, multi = model_with(), model_with(mtp_heads=2)
+    head = sum(p.numel() for p in multi.mtp[0].parameters())
     c = plain.config
     extra = 2 * (6 * head + 6 * V * c.n_embd + 12 * c.block_size * c.n_embd)
-    assert mtp.flops_per_token() - plain.flops_per_token() == extra, "each head: its block, its lm_head matmul, attention"
-    for bad, match in ((dict(mtp="tree"), "parallel' or 'sequential"), (dict(mtp_heads=-1), ">= 0"),
-                       (dict(mtp_heads=1, n_layer=0), "n_layer >= 1")):
+    assert multi.flops_per_token() - plain.flops_per_token() == extra, "each head: its block, lm_head matmul, attention"
+    for bad, match in ((dict(mtp="tree"), "--mtp tree: must be parallel or sequential"),
+                       (dict(mtp_heads=-1), "--mtp-heads -1: must be >= 0"), (dict(mtp_weight=-1.0), "--mtp-weight"),
+                       (dict(mtp_heads=1, n_layer=0), "--n-layer 0: must be >= 1")):
         with pytest.raises(ValueError, match=match):
             config(**bad)
 
@@ -329,7 +335,6 @@ def test_flops_count_the_extra_heads_and_configs_reject_bad_values():
 def test_the_comparison_trains_through_the_loop_at_equal_compute_and_writes_its_table_and_figure(tmp_path, corpus,
                                                                                                     capsys):
     import experiments
-    import gpt
 
     png = tmp_path / "mtp.png"
     results = experiments.main([
@@ -352,14 +357,17 @@ def test_the_comparison_trains_through_the_loop_at_equal_compute_and_writes_its_
     assert png.stat().st_size > 10_000, "the figure was not written"
     # and a checkpoint it wrote samples with --speculative from the command line, greedy and exact
     ckpt = str(tmp_path / "runs" / "parallel-2" / "ckpt.pt")
-    gpt.main(["--ckpt", ckpt, "--prompt", "the ", "--max-new-tokens", "8", "--speculative"])
+    mtp.main(["--ckpt", ckpt, "--prompt", "the ", "--max-new-tokens", "8", "--speculative"])
     fast = capsys.readouterr()
-    gpt.main(["--ckpt", ckpt, "--prompt", "the ", "--max-new-tokens", "8", "--temperature", "0"])
+    mtp.main(["--ckpt", ckpt, "--prompt", "the ", "--max-new-tokens", "8"])
     assert fast.out == capsys.readouterr().out, "--speculative must print greedy decoding's text"
+    gpt.main(["--ckpt", ckpt, "--prompt", "the ", "--max-new-tokens", "8", "--temperature", "0"])
+    assert fast.out == capsys.readouterr().out, "gpt.py samples from an MTP checkpoint with its next-token head"
     assert "drafts kept" in fast.err
-    with pytest.raises(SystemExit) as e:  # a plain GPT has nothing to draft with
-        gpt.main(["--ckpt", str(tmp_path / "runs" / "next-token" / "ckpt.pt"), "--speculative"])
-    assert e.value.code == 2 and "--mtp-heads" in capsys.readouterr().err
+    # a plain GPT has nothing to draft with
+    assert exit_code(mtp.main, ["--ckpt", str(tmp_path / "runs" / "next-token" / "ckpt.pt"), "--speculative"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mtp.py: error:") and "--mtp-heads" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_the_comparison_rejects_bad_input_with_one_line_and_exit_code_2(tmp_path, capsys):
@@ -370,3 +378,37 @@ def test_the_comparison_rejects_bad_input_with_one_line_and_exit_code_2(tmp_path
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "parallel-3" in err, err
     assert not (tmp_path / "runs").exists(), "nothing may be written on bad input"
+
+
+def test_train_py_flags_checkpoints_resume_and_help(tmp_path, corpus, capsys):
+    """The MTP flags stay train.py flags of --model gpt; a checkpoint keeps GPT-2's keys plus mtp.*, and the config
+    fields mtp_heads / mtp / mtp_weight (the format written before mtp.py existed), and loads back and resumes."""
+    args = tiny_args("gpt", tmp_path, corpus, "--mtp-heads", "2", "--mtp", "sequential", "--mtp-weight", "0.5",
+                     "--eval-tokens", "256", "--eval-train-tokens", "256", "--max-iters", "4", "--eval-interval", "2")
+    rows = train.train(args)
+    assert "val_head3_loss" in rows[-1], f"the log must report every head: {sorted(rows[-1])}"
+    model, _, ckpt = train.load_for_inference(str(tmp_path / "out" / "ckpt.pt"), model="gpt")
+    assert isinstance(model, MultiTokenGPT) and model.config.mtp == "sequential" and model.config.mtp_weight == 0.5
+    assert {"mtp_heads", "mtp", "mtp_weight"} <= set(ckpt["model_config"])
+    assert any(k.startswith("mtp.1.hnorm") for k in ckpt["model"]) and "transformer.wpe.weight" in ckpt["model"]
+    resumed = train.train([*args[:-4], "--max-iters", "6", "--eval-interval", "2", "--resume"])
+    assert resumed[-1]["step"] == 6
+    # a plain run: gpt.py's own GPT, and its checkpoint has no heads
+    train.train(tiny_args("gpt", tmp_path / "plain", corpus, "--max-iters", "2", "--eval-tokens", "256"))
+    model, _, ckpt = train.load_for_inference(str(tmp_path / "plain" / "out" / "ckpt.pt"), model="gpt")
+    assert type(model) is GPT and not any(k.startswith("mtp") for k in ckpt["model"])
+    capsys.readouterr()
+    assert exit_code(train.main, ["--model", "gpt", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--mtp-heads MTP_HEADS D: extra future tokens" in text and "--n-layer N_LAYER L: Transformer blocks" in text
+    assert exit_code(train.main, ["--model", "gpt", "--mtp", "tree"]) == 2
+    assert "--mtp tree: must be parallel or sequential" in capsys.readouterr().err
+
+
+def test_mtp_py_refuses_bad_input_with_one_line(tmp_path, capsys):
+    for argv, message in ((["--ckpt", str(tmp_path / "none.pt")], "no checkpoint"),
+                          (["--hf", str(tmp_path)], "required: --ckpt"),
+                          (["--ckpt", str(tmp_path / "none.pt"), "--max-new-tokens", "-5"], "--max-new-tokens -5")):
+        assert exit_code(mtp.main, argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mtp.py: error:") and message in err and len(err.strip().splitlines()) == 1, err

@@ -281,7 +281,7 @@ def test_help_lists_the_documented_flags(capsys):
         assert flag in text, f"--help does not list {flag}"
     text = " ".join(text.split())  # argparse wraps lines at the terminal width
     assert "[32 from preset char-cpu]" in text, "--help must show the value the default run uses (the preset's)"
-    model_section = text[text.index("model (gpt.Config):"):]
+    model_section = text[text.index("model (mtp.Config):"):]  # --model gpt: gpt.py's GPTConfig + mtp.py's heads
     for f in gpt.GPTConfig.__dataclass_fields__:  # every model flag explains itself
         if f != "vocab_size":
             flag = f.replace("_", "-")
