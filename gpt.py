@@ -165,10 +165,9 @@ class KVCache:
     every step and make sampling quadratic again). `length` counts the filled positions.
     """
 
-    def __init__(self, config, batch_size, device, dtype):
-        shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+    def __init__(self, n_layer, shape, device, dtype):  # shape (B, H, T_max, hs)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.length = 0
 
     def update(self, layer, k, v):
@@ -537,7 +536,9 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             if use_cache and idx.size(1) <= self.config.block_size:
                 if cache is None:  # prefill: the whole prompt at once
-                    cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
+                    c = self.config
+                    cache = KVCache(c.n_layer, (idx.size(0), c.n_head, c.block_size, c.n_embd // c.n_head),
+                                    idx.device, self.lm_head.weight.dtype)
                     logits, _ = self(idx, cache=cache)
                 else:  # decode: only the newest token
                     logits, _ = self(idx[:, -1:], cache=cache)
