@@ -450,6 +450,12 @@ def read_bert_dir(path):
     return hf, {**renamed, **sd}  # a modern name present in the file wins
 
 
+# The config.json fields that are ours under the same name: required ones, then ones with a default.
+HF_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings")
+HF_OPTIONAL = dict(type_vocab_size=2, layer_norm_eps=1e-12, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+
+
 def config_from_hf(hf, path, **overrides):
     """Our config fields from a transformers config.json (BERT's or ELECTRA's), checking it is a model we compute."""
     if hf.get("hidden_act", "gelu") != "gelu":
@@ -457,25 +463,16 @@ def config_from_hf(hf, path, **overrides):
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"{path}: position_embedding_type {hf['position_embedding_type']!r}; only BERT's learned "
                          f"absolute positions are implemented")
-    fields = dict(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_hidden_layers=hf["num_hidden_layers"],
-                  num_attention_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
-                  max_position_embeddings=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
-                  layer_norm_eps=hf.get("layer_norm_eps", 1e-12), pad_token_id=hf.get("pad_token_id") or 0,
-                  hidden_dropout_prob=hf.get("hidden_dropout_prob", 0.1),
-                  attention_probs_dropout_prob=hf.get("attention_probs_dropout_prob", 0.1))
-    fields["max_seq_length"] = min(128, fields["max_position_embeddings"])
+    fields = {**{k: hf[k] for k in HF_REQUIRED}, **{k: hf.get(k, v) for k, v in HF_OPTIONAL.items()}}
+    fields.update(pad_token_id=hf.get("pad_token_id") or 0, max_seq_length=min(128, hf["max_position_embeddings"]))
     return {**fields, **overrides}
 
 
 def hf_encoder_config(c, architecture, model_type):
     """The config.json fields every BERT-family export shares."""
-    return dict(architectures=[architecture], model_type=model_type, vocab_size=c.vocab_size,
-                hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
-                num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size, hidden_act="gelu",
-                hidden_dropout_prob=c.hidden_dropout_prob, attention_probs_dropout_prob=c.attention_probs_dropout_prob,
-                max_position_embeddings=c.max_position_embeddings, type_vocab_size=c.type_vocab_size,
-                initializer_range=0.02, layer_norm_eps=c.layer_norm_eps, pad_token_id=max(0, c.pad_token_id),
-                position_embedding_type="absolute", tie_word_embeddings=True)
+    return dict(architectures=[architecture], model_type=model_type, **{k: getattr(c, k) for k in HF_REQUIRED},
+                **{k: getattr(c, k) for k in HF_OPTIONAL}, hidden_act="gelu", initializer_range=0.02,
+                pad_token_id=max(0, c.pad_token_id), position_embedding_type="absolute", tie_word_embeddings=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -541,17 +541,10 @@ class T5(nn.Module):
         if scaled and head is not None and not torch.equal(head, sd["shared.weight"]):
             raise ValueError(f"{path}: an output layer of its own with T5 v1.0's d_model**-0.5 rescale is neither T5 "
                              f"v1.0 nor v1.1")
-        pad = hf.get("pad_token_id", 0)
-        fields = dict(vocab_size=hf["vocab_size"], d_model=hf["d_model"], d_kv=hf["d_kv"], d_ff=hf["d_ff"],
-                      num_layers=hf["num_layers"], num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
-                      num_heads=hf["num_heads"],
-                      relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
-                      relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
-                      dropout_rate=hf.get("dropout_rate", 0.1), layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
-                      feed_forward_proj=ff, tie_word_embeddings=scaled,
-                      initializer_factor=hf.get("initializer_factor", 1.0), pad_token_id=pad,
-                      eos_token_id=hf.get("eos_token_id", 1),
-                      decoder_start_token_id=hf.get("decoder_start_token_id", pad))
+        fields = {**{k: hf[k] for k in HF_REQUIRED}, **{k: hf.get(k, v) for k, v in HF_OPTIONAL.items()}}
+        fields.update(num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"], feed_forward_proj=ff,
+                      tie_word_embeddings=scaled, decoder_start_token_id=hf.get("decoder_start_token_id",
+                                                                                fields["pad_token_id"]))
         model = cls(T5Config(**{**fields, **overrides}))
         if model.config.tie_word_embeddings:  # lm_head.weight IS shared.weight: nothing more to load
             copy_weights(model, sd, path, name=hf_name, skip=("lm_head.",))
@@ -566,18 +559,19 @@ class T5(nn.Module):
         if c.share_encoder_decoder:
             raise ValueError("export_hf: the HF T5 format has no encoder-decoder sharing (its decoder buckets "
                              "positions causally); this model was built with share_encoder_decoder=True")
-        hf_config = dict(
-            architectures=["T5ForConditionalGeneration"], model_type="t5", vocab_size=c.vocab_size, d_model=c.d_model,
-            d_kv=c.d_kv, d_ff=c.d_ff, num_layers=c.num_layers, num_decoder_layers=c.n_decoder_layers,
-            num_heads=c.num_heads, relative_attention_num_buckets=c.relative_attention_num_buckets,
-            relative_attention_max_distance=c.relative_attention_max_distance, dropout_rate=c.dropout_rate,
-            layer_norm_epsilon=c.layer_norm_epsilon, initializer_factor=c.initializer_factor,
-            feed_forward_proj=c.feed_forward_proj, tie_word_embeddings=c.tie_word_embeddings, is_encoder_decoder=True,
-            use_cache=True, pad_token_id=c.pad_token_id, eos_token_id=c.eos_token_id,
-            decoder_start_token_id=c.decoder_start_token_id)
+        names = (*HF_REQUIRED, *HF_OPTIONAL, "feed_forward_proj", "tie_word_embeddings", "decoder_start_token_id")
+        hf_config = dict(architectures=["T5ForConditionalGeneration"], model_type="t5",
+                         **{k: getattr(c, k) for k in names}, num_decoder_layers=c.n_decoder_layers,
+                         is_encoder_decoder=True, use_cache=True)
         sd = {hf_name(name): w.float() for name, w in self.state_dict().items()
               if not (name == "lm_head.weight" and c.tie_word_embeddings)}
         write_hf_dir(path, hf_config, sd)
+
+
+# The config.json fields that are ours under the same name: required ones, then ones with a default.
+HF_REQUIRED = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
+HF_OPTIONAL = dict(relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.1,
+                   layer_norm_epsilon=1e-6, initializer_factor=1.0, pad_token_id=0, eos_token_id=1)
 
 
 def hf_name(name):
