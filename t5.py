@@ -50,14 +50,11 @@ from hf_io import copy_weights, read_hf_dir, write_hf_dir
 from positions import T5RelativeBias, causal_mask
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Special tokens. T5 takes the top ids of its vocabulary as sentinels, counting DOWN: <extra_id_0> is the last id,
-# <extra_id_1> the one below it, ... (T5's noise_span_to_unique_sentinel computes them as vocab_size - 1 - k).
-# data.py puts a model's SPECIAL_TOKENS above the ordinary ids in list order, so the list ends with <extra_id_0>.
-#
-# How many: T5 has 100, and so do our tokenizers. A row needs one sentinel per corrupted span, and the slide's harshest
-# settings need many (50% corruption of single tokens in the CPU preset's 128 inputs: 64 spans). The price is 100 extra
-# rows in the embedding and the output layer, a few percent of the CPU preset's compute. A released T5 brings its own
-# (ids 32000..32099 of its SentencePiece vocabulary).
+# Special tokens. T5's sentinels are the top ids of its vocabulary, counting DOWN: <extra_id_k> = vocab_size - 1 - k
+# (noise_span_to_unique_sentinel). data.py puts SPECIAL_TOKENS above the ordinary ids in order, <extra_id_0> last.
+# 100 of them, as T5: a row needs one per corrupted span, and the slide's harshest setting needs 64 (50% corruption of
+# single tokens in 128 inputs). They cost a few percent of the CPU preset's compute. A released T5 has its own (ids
+# 32000..32099 above its SentencePiece vocabulary).
 
 N_SENTINELS = 100
 
@@ -150,14 +147,13 @@ class T5Config:
 
 
 # A preset sets model sizes and, where a recipe goes with them, training settings (train.py applies each key to the
-# config that declares it). Never fp16: T5's activations overflow it (the released models give inf/NaN in fp16, and
-# nanoT5 reports every fp16 run diverging), so the GPU presets pin bf16 and train.py refuses fp16 (DTYPES).
+# config that declares it). Never fp16: T5's activations overflow it (the released models give inf/NaN, and nanoT5
+# reports every fp16 run diverging), so the GPU presets pin bf16 and train.py refuses fp16 (DTYPES).
 PRESETS = {
-    # The CPU default: characters of Shakespeare, span corruption as T5 does it. 128 encoder characters per row
-    # (141 raw -> 128 inputs, 29 targets), 32 rows. 2 + 2 layers of width 128 in T5's proportions (d_ff = 4 d_model,
-    # H x dk = d_model). ReLU and a tied output layer, as T5 v1.0. Dropout 0 and no weight decay, as nanoT5: a short
-    # run never sees a token twice. fp32: faster than bf16 at this size on the CPUs measured (README errata). 2 + 2
-    # rather than 3 + 3 layers: the loss is bound by the number of steps here, not by capacity (README errata).
+    # The CPU default: characters of Shakespeare, span corruption. Rows of 141 raw -> 128 inputs + 29 targets, 32 rows.
+    # 2 + 2 layers of width 128 in T5's proportions (d_ff = 4 d_model, H x dk = d_model); ReLU and a tied output layer
+    # as T5 v1.0. Dropout 0 and no weight decay, as nanoT5: a short run never sees a token twice. Measured (README
+    # errata): fp32 is faster than bf16 at this size, and 2 + 2 beats 3 + 3 layers (the steps bind, not capacity).
     "char-cpu": dict(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_heads=4, dropout_rate=0.0, inputs_length=128,
                      tokenizer="char", batch_size=32, lr=3e-3, min_lr=3e-4, warmup_iters=100, max_iters=1200,
                      eval_interval=400, eval_tokens=100_000, weight_decay=0.0, dtype="fp32"),
@@ -165,19 +161,18 @@ PRESETS = {
     "tiny": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0, inputs_length=32,
                  relative_attention_num_buckets=8, relative_attention_max_distance=16,
                  batch_size=4, max_iters=20, warmup_iters=5, eval_interval=10, eval_tokens=4096),
-    # T5-small (v1.0, 60M parameters with T5's vocabulary) with T5 §3.1's baseline recipe, as far as this loop can
-    # follow it: span corruption, 512 inputs / 114 targets, 128 rows per step, 2^19 steps, inverse square-root decay
-    # after a 10^4-step warm-up, dropout 0.1. T5 used Adafactor with a relative step (lr 0.01 scaled by each weight's
-    # RMS); adamw-scale is Adam with that same scaling (train.AdamWScale). Not measured here (no GPU).
+    # T5-small (v1.0, 60M parameters with T5's vocabulary), T5 §3.1's baseline recipe as far as this loop follows it:
+    # span corruption 512 / 114, 128 rows per step, 2^19 steps, inverse square-root decay after 10^4 warm-up steps,
+    # dropout 0.1. T5's Adafactor scales a relative step (lr 0.01) by each weight's RMS; adamw-scale is Adam scaled
+    # the same way (train.AdamWScale). Not measured here (no GPU).
     "t5-small": dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8, dropout_rate=0.1,
                      feed_forward_proj="relu", tie_word_embeddings=True, inputs_length=512, tokenizer="gpt2",
                      batch_size=32, tokens_per_step=128 * 626, optimizer="adamw-scale", lr=1e-2, min_lr=1e-5,
                      schedule="rsqrt", warmup_iters=10000, max_iters=2**19, weight_decay=0.0, eval_interval=5000,
                      dtype="bf16"),
-    # T5 v1.1 small and base with nanoT5's recipe: span corruption 512 / 114, 128 rows per step, 2^16 steps, linear
-    # warm-up over 10^4 steps then cosine to 1e-5, no weight decay, clipping at 1.0, bf16 autocast, dropout 0. The
-    # optimizer is AdamW with each update scaled by the weight's RMS ("AdamWScale", lr 2e-2): nanoT5 reports plain
-    # AdamW diverging at its settings. Not measured here (no GPU).
+    # T5 v1.1 small and base, nanoT5's recipe: span corruption 512 / 114, 128 rows per step, 2^16 steps, 10^4 linear
+    # warm-up steps then cosine to 1e-5, no weight decay, clipping at 1.0, bf16, dropout 0, AdamWScale at lr 2e-2
+    # (nanoT5 reports plain AdamW diverging there). Not measured here (no GPU).
     "t5-v1_1-small": dict(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6, dropout_rate=0.0,
                           feed_forward_proj="gated-gelu", tie_word_embeddings=False, inputs_length=512,
                           tokenizer="gpt2", batch_size=64, tokens_per_step=128 * 626, optimizer="adamw-scale", lr=2e-2,
