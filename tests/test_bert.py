@@ -493,12 +493,10 @@ def test_accumulated_loss_and_gradients_equal_one_big_batch(tmp_path, corpus):
 # Through train.py, and bert.py's command line
 
 
-def bert_args(tmp_path, corpus, *extra):
-    return tiny_args("bert", tmp_path, corpus, *extra)
-
 
 def test_train_py_model_bert_learns_reports_its_metrics_and_fills_masks(tmp_path, corpus, capsys):
-    rows = train.train(bert_args(tmp_path, corpus, "--max-iters", "40", "--eval-interval", "20", "--lr", "3e-3"))
+    rows = train.train(tiny_args("bert", tmp_path, corpus, "--max-iters", "40", "--eval-interval", "20",
+                                 "--lr", "3e-3"))
     out = capsys.readouterr().out
     evals = [r for r in rows if r["kind"] == "eval"]
     assert {"val_mlm_loss", "val_mlm_acc", "val_nsp_loss", "val_nsp_acc", "train_mlm_acc"} <= set(evals[-1])
@@ -520,7 +518,7 @@ def test_a_bert_run_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path, co
     common = ("--max-iters", "12", "--eval-interval", "6", "--log-interval", "1", "--hidden-dropout-prob", "0.1",
               "--objective", "sop")
     keys = ("step", "kind", "loss", "val_loss", "val_mlm_acc", "val_sop_acc")
-    assert_resumes(train.train, lambda sub: bert_args(tmp_path / sub, corpus, *common), stop_at=4, keys=keys)
+    assert_resumes(train.train, lambda sub: tiny_args("bert", tmp_path / sub, corpus, *common), stop_at=4, keys=keys)
 
 
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, corpus, capsys):
@@ -538,12 +536,12 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, corpus, capsys):
              (["--num-attention-heads", "3"], "--hidden-size 32: must be divisible by --num-attention-heads 3")]
     for extra, message in cases:
         out = tmp_path / "out"
-        code = exit_code(train.main, bert_args(tmp_path, corpus, *extra))
+        code = exit_code(train.main, tiny_args("bert", tmp_path, corpus, *extra))
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and message in err, f"{extra}: {code} {err!r}"
         assert not (out / "ckpt.pt").exists(), f"{extra}: a checkpoint was written"
-    assert exit_code(train.main, bert_args(tmp_path, corpus, "--data", str(one), "--val-docs", "", "--objective", "mlm",
-                                          "--max-iters", "2", "--overwrite")) == 0, \
+    one_doc_mlm = ("--data", str(one), "--val-docs", "", "--objective", "mlm", "--max-iters", "2", "--overwrite")
+    assert exit_code(train.main, tiny_args("bert", tmp_path, corpus, *one_doc_mlm)) == 0, \
         "one document is enough for the MLM-only objective"
 
 
@@ -551,7 +549,7 @@ def test_bert_py_refuses_another_models_checkpoint_and_a_sentence_without_mask(t
     train.train(tiny_args("gpt", tmp_path / "g", corpus, "--max-iters", "1"))
     assert exit_code(bert.main, ["--ckpt", str(tmp_path / "g" / "out" / "ckpt.pt"), "a [MASK]"]) == 2
     assert "a checkpoint of --model gpt, not bert" in capsys.readouterr().err
-    train.train(bert_args(tmp_path, corpus, "--max-iters", "1"))
+    train.train(tiny_args("bert", tmp_path, corpus, "--max-iters", "1"))
     ckpt = str(tmp_path / "out" / "ckpt.pt")
     for argv, message in ((["no mask here"], "no [MASK]"), (["a [MASK]", "--top-k", "0"], "--top-k 0: must be at"),
                           (["a [MASK]", "--device", "nonsense"], "unknown --device")):

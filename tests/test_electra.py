@@ -181,12 +181,10 @@ def test_sample_categorical_draws_from_the_softmax():
 # Through train.py, and electra.py's command line
 
 
-def electra_args(tmp_path, corpus, *extra):
-    return tiny_args("electra", tmp_path, corpus, *extra)
-
 
 def test_train_py_model_electra_learns_reports_its_metrics_and_flags_tokens(tmp_path, corpus, capsys):
-    rows = train.train(electra_args(tmp_path, corpus, "--max-iters", "40", "--eval-interval", "20", "--lr", "3e-3"))
+    rows = train.train(tiny_args("electra", tmp_path, corpus, "--max-iters", "40", "--eval-interval", "20",
+                                 "--lr", "3e-3"))
     out = capsys.readouterr().out
     evals = [r for r in rows if r["kind"] == "eval"]
     assert {"val_gen_loss", "val_gen_acc", "val_disc_loss", "val_disc_acc", "val_disc_acc_replaced"} <= set(evals[-1])
@@ -226,7 +224,7 @@ def test_an_electra_run_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path
     # the same masks, samples and dropout after a resume
     common = ("--max-iters", "12", "--eval-interval", "6", "--log-interval", "1", "--hidden-dropout-prob", "0.1")
     keys = ("step", "kind", "loss", "val_loss", "val_disc_acc")
-    assert_resumes(train.train, lambda sub: electra_args(tmp_path / sub, corpus, *common), stop_at=4, keys=keys)
+    assert_resumes(train.train, lambda sub: tiny_args("electra", tmp_path / sub, corpus, *common), stop_at=4, keys=keys)
 
 
 def test_electra_py_refuses_another_models_checkpoint(tmp_path, corpus, capsys):
@@ -242,7 +240,7 @@ def test_bad_settings_one_line_exit_2(tmp_path, corpus, capsys):
                            (["--hidden-dropout-prob", "1"], "--hidden-dropout-prob 1.0: must be in [0, 1)"),
                            (["--num-hidden-layers", "0"], "--num-hidden-layers 0: must be at least 1"),
                            (["--num-attention-heads", "0"], "--num-attention-heads 0: must be at least 1")):
-        assert exit_code(train.main, electra_args(tmp_path, corpus, *extra)) == 2
+        assert exit_code(train.main, tiny_args("electra", tmp_path, corpus, *extra)) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, f"{extra}: {err!r}"
         assert not (tmp_path / "out").exists(), f"{extra}: something was written"

@@ -499,14 +499,11 @@ def test_eval_batches_are_deterministic_and_cover_the_split():
     assert kept + n_noise == 1000, "every token of the split is in exactly one row, kept or as a target"
 
 
-def t5_args(tmp_path, corpus, *extra):
-    return tiny_args("t5", tmp_path, corpus, *extra)
-
 
 def test_trains_through_the_loop_and_resumes_to_the_same_losses(tmp_path, corpus):
     common = ("--max-iters", "12", "--eval-interval", "6", "--log-interval", "1", "--lr", "3e-3",
               "--eval-tokens", "1024")
-    straight = assert_resumes(train.train, lambda sub: t5_args(tmp_path / sub, corpus, *common), stop_at=7)
+    straight = assert_resumes(train.train, lambda sub: tiny_args("t5", tmp_path / sub, corpus, *common), stop_at=7)
     losses = [r["loss"] for r in straight if r["kind"] == "train"]
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5, f"the loss must fall: {losses}"
     assert "val_acc" in straight[-1] and "val_bpb" not in straight[-1]
@@ -515,13 +512,13 @@ def test_trains_through_the_loop_and_resumes_to_the_same_losses(tmp_path, corpus
 @pytest.mark.parametrize("name", ["drop-tokens", "bert-style", "mass-style", "prefix-lm", "text-infilling",
                                   "sentence-permutation"])
 def test_every_objective_trains_through_the_loop(tmp_path, corpus, name):
-    rows = train.train(t5_args(tmp_path, corpus, "--objective", name, "--max-iters", "4", "--eval-interval", "4",
-                               "--lr", "1e-2", "--warmup-iters", "1", "--eval-tokens", "1024"))
+    short = ("--max-iters", "4", "--eval-interval", "4", "--lr", "1e-2", "--warmup-iters", "1", "--eval-tokens", "1024")
+    rows = train.train(tiny_args("t5", tmp_path, corpus, "--objective", name, *short))
     assert np.isfinite(rows[-1]["val_loss"]) and rows[-1]["val_loss"] < rows[0]["val_loss"], name
 
 
 def test_fill_spans_from_a_checkpoint_and_bad_input(tmp_path, corpus, capsys):
-    train.train(t5_args(tmp_path, corpus, "--max-iters", "2", "--inputs-length", "48", "--eval-tokens", "512"))
+    train.train(tiny_args("t5", tmp_path, corpus, "--max-iters", "2", "--inputs-length", "48", "--eval-tokens", "512"))
     ckpt = str(tmp_path / "out" / "ckpt.pt")
     capsys.readouterr()
     assert exit_code(t5.main, ["--ckpt", ckpt, "Thank you <X> me to your party <Y> week."]) == 0
@@ -549,7 +546,7 @@ def test_bad_settings_stop_before_anything_is_written(tmp_path, corpus, capsys):
                            (["--dropout-rate", "2"], "--dropout-rate 2.0: must be in [0, 1)"),
                            (["--num-layers", "0"], "--num-layers 0: must be at least 1"),
                            (["--num-heads", "0"], "--num-heads 0: must be at least 1")):
-        assert exit_code(train.main, t5_args(tmp_path, corpus, *extra)) == 2
+        assert exit_code(train.main, tiny_args("t5", tmp_path, corpus, *extra)) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "out").exists()
