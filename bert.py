@@ -443,7 +443,8 @@ def hf_name(name, prefix="bert.", heads=HF_HEADS):
 
 
 def read_bert_dir(path):
-    """hf_io.read_hf_dir, with the TensorFlow names of older uploads renamed: LayerNorm.gamma/beta -> weight/bias."""
+    """hf_io.read_hf_dir, with the TensorFlow names of older uploads renamed: LayerNorm.gamma/beta -> weight/bias.
+    "bert.embeddings.LayerNorm.gamma" -> "bert.embeddings.LayerNorm.weight" (a file holding both keeps its weight)"""
     hf, sd = read_hf_dir(path)
     old = {"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "LayerNorm.bias"}
     renamed = {re.sub(r"LayerNorm\.(gamma|beta)$", lambda m: old[m.group(0)], k): v for k, v in sd.items()}
@@ -879,6 +880,15 @@ class DemoConfig:
     top_k: int = 5  # candidates shown per [MASK] (0 = no demo)
 
 
+def with_cls_sep(tokenizer, ids, max_len, what="sentence"):
+    """(1, T) tensor [CLS] ids [SEP], the input format BERT trains on; refused when longer than max_len positions.
+    with_cls_sep(tok, [7, 8], 64) -> tensor([[cls, 7, 8, sep]])"""
+    row = torch.tensor([[tokenizer.specials["[CLS]"], *ids, tokenizer.specials["[SEP]"]]])
+    require(row.size(1) <= max_len,
+            f"the {what} is {row.size(1)} tokens with [CLS] and [SEP]; this model reads at most {max_len}")
+    return row
+
+
 @torch.no_grad()
 def fill_masks(model, tokenizer, text, top_k, device="cpu"):
     """Predict every [MASK] in `text` in one pass, as BERT does (each mask independently of the others). Returns
@@ -886,11 +896,7 @@ def fill_masks(model, tokenizer, text, top_k, device="cpu"):
     mask_id = tokenizer.specials["[MASK]"]
     ids = tokenizer.encode(text)
     require(mask_id in ids, "the sentence has no [MASK] to fill (write [MASK] where a token should be predicted)")
-    cls_id, sep_id = tokenizer.specials["[CLS]"], tokenizer.specials["[SEP]"]
-    row = torch.tensor([[cls_id, *ids, sep_id]], device=device)  # the input format BERT was trained on
-    n_max = model.config.max_position_embeddings
-    require(row.size(1) <= n_max,
-            f"the sentence is {row.size(1)} tokens with [CLS] and [SEP]; this model reads at most {n_max}")
+    row = with_cls_sep(tokenizer, ids, model.config.max_position_embeddings).to(device)
     was_training = model.training
     model.eval()
     logits, _ = model(row)

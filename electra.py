@@ -401,9 +401,7 @@ def flag(model, tokenizer, text, device="cpu", seed=0, as_is=False):
     ids = tokenizer.encode(text)
     require(ids, "the text is empty")
     c = model.config
-    row = torch.tensor([[tokenizer.specials["[CLS]"], *ids, tokenizer.specials["[SEP]"]]])
-    require(row.size(1) <= c.max_position_embeddings, f"the text is {row.size(1)} tokens with [CLS] and [SEP]; this "
-            f"model reads at most {c.max_position_embeddings}")
+    row = bert.with_cls_sep(tokenizer, ids, c.max_position_embeddings, "text")
     was_training = model.training
     model.eval()
     attention_mask = torch.ones_like(row)

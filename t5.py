@@ -678,7 +678,9 @@ def compute_input_and_target_lengths(inputs_length, noise_density, mean_noise_sp
 
 def noise_token_to_random_token_or_sentinel(tokens, noise_mask, mask_id, n_ordinary, generator, random_prob=0.1):
     """BERT-style corruption as T5 does it: each noise token -> a random ordinary token with probability random_prob,
-    else the mask token (T5 uses the top sentinel as its mask). No "keep unchanged" share, unlike BERT's 80/10/10."""
+    else the mask token (T5 uses the top sentinel as its mask). No "keep unchanged" share, unlike BERT's 80/10/10.
+    noise_token_to_random_token_or_sentinel(tensor([5, 6, 7]), tensor([False, True, True]), 99, 20, g)
+        -> e.g. tensor([5, 99, 99]), or tensor([5, 13, 99]) one time in ten"""
     use_random = torch.rand(tokens.shape, generator=generator) < random_prob
     random_tokens = torch.randint(n_ordinary, tokens.shape, generator=generator)
     return torch.where(noise_mask, torch.where(use_random, random_tokens, mask_id), tokens)
