@@ -16,11 +16,11 @@ Papers
   encoder models", "Transformers for pretraining: encoder only". ELECTRA ("Discriminative training") is electra.py,
   built from this file's encoder.
 
-Faithful to Google's released BERT (github.com/google-research/bert, modeling.py) and therefore to Hugging Face's
+Faithful to Google's released BERT (github.com/google-research/bert, modeling.py), hence to Hugging Face's
 BertForPreTraining, which tests/test_bert.py uses as an oracle: post-LayerNorm blocks (eps 1e-12), GELU in its exact erf
-form, learned absolute positions plus token-type (segment) embeddings summed with the word embeddings then normalised,
-a pooler (tanh dense on [CLS]), an MLM head (dense + GELU + LayerNorm, then the word embeddings transposed plus a bias of
-its own) and an NSP head on the pooled output (label 0 = IsNext).
+form, learned absolute positions plus token-type (segment) embeddings summed with the word embeddings, then normalised.
+On top: a pooler (tanh dense on [CLS]), an MLM head (dense + GELU + LayerNorm, then the word embeddings transposed plus
+a bias of its own) and an NSP head on the pooled output (label 0 = IsNext).
 
 Run
   python train.py --model bert                               # char-level BERT (MLM + NSP) on Shakespeare, CPU, minutes
@@ -38,7 +38,7 @@ Legend
 import argparse
 import math
 import os
-import sys
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +46,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hf_io import read_hf_dir, write_hf_dir
+from common import UsageError, command, require
+from hf_io import copy_weights, read_hf_dir, write_hf_dir
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config and presets
@@ -68,13 +69,13 @@ class BertConfig:
     hidden_dropout_prob: float = 0.1  # dropout on embeddings and on each sub-layer's output, as released
     attention_probs_dropout_prob: float = 0.1  # dropout on the attention probabilities
     layer_norm_eps: float = 1e-12  # BERT's value; every released checkpoint computes LayerNorm with it
-    attn: str = "sdpa"  # "naive": softmax(QK^T/sqrt(hs))V written out; "sdpa": the fused kernel. Tests prove them equal.
+    attn: str = "sdpa"  # naive: softmax(QK^T/sqrt(hs))V written out | sdpa: the fused kernel. Tests prove them equal.
     objective: str = "mlm+nsp"  # mlm+nsp (BERT) | mlm (RoBERTa) | span (SpanBERT) | sop (ALBERT)
     max_seq_length: int = 128  # tokens per training row, [CLS] and [SEP]s included; shorter rows are padded
     mask_prob: float = 0.15  # share of a row's text tokens chosen for prediction (BERT §3.1)
     mask_token_prob: float = 0.8  # of the chosen: replaced by [MASK] ...
     random_token_prob: float = 0.1  # ... by a random token; the rest (0.1) stay unchanged
-    short_seq_prob: float = 0.1  # mlm+nsp, sop: this share of pairs gets a random shorter length (BERT's create_pretraining_data)
+    short_seq_prob: float = 0.1  # mlm+nsp, sop: this share of pairs gets a random shorter length (as BERT's data code)
     span_p: float = 0.2  # span: span lengths in words ~ Geometric(span_p) ...
     span_max: int = 10  # ... clipped (renormalised) to at most span_max words: mean 3.8 (SpanBERT §3.1)
     span_boundary: bool = False  # span: add SpanBERT's span-boundary objective (SBO) to the MLM loss
@@ -84,23 +85,25 @@ class BertConfig:
     sep_token_id: int = -1  # [SEP]
 
     def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_attention_heads="
-                             f"{self.num_attention_heads}")
-        if self.attn not in ("naive", "sdpa"):
-            raise ValueError(f"attn must be 'naive' or 'sdpa', got {self.attn!r}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"unknown --objective {self.objective!r}; choose from: {', '.join(OBJECTIVES)}")
-        if self.span_boundary and self.objective != "span":
-            raise ValueError("--span-boundary is SpanBERT's objective: it needs --objective span")
-        if not 4 <= self.max_seq_length <= self.max_position_embeddings:
-            raise ValueError(f"--max-seq-length {self.max_seq_length} must be at least 4 and at most "
-                             f"max_position_embeddings={self.max_position_embeddings} (rows of the position table)")
-        if not (0 < self.mask_prob < 1 and self.mask_token_prob >= 0 and self.random_token_prob >= 0
-                and self.mask_token_prob + self.random_token_prob <= 1):
-            raise ValueError("masking rates: need 0 < mask_prob < 1 and mask_token_prob + random_token_prob <= 1")
-        if not (0 < self.span_p <= 1 and self.span_max >= 1):
-            raise ValueError("span masking: need 0 < span_p <= 1 and span_max >= 1")
+        L, H, C = self.num_hidden_layers, self.num_attention_heads, self.hidden_size
+        require(L >= 1, f"--num-hidden-layers {L}: must be at least 1")
+        require(H >= 1, f"--num-attention-heads {H}: must be at least 1")
+        require(C % H == 0, f"--hidden-size {C}: must be divisible by --num-attention-heads {H}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            p = getattr(self, name)
+            require(0 <= p < 1, f"--{name.replace('_', '-')} {p}: must be in [0, 1)")
+        require(self.attn in ("naive", "sdpa"), f"--attn {self.attn!r}: must be naive or sdpa")
+        require(self.objective in OBJECTIVES,
+                f"unknown --objective {self.objective!r}; choose from: {', '.join(OBJECTIVES)}")
+        require(not self.span_boundary or self.objective == "span",
+                "--span-boundary is SpanBERT's objective: it needs --objective span")
+        require(4 <= self.max_seq_length <= self.max_position_embeddings,
+                f"--max-seq-length {self.max_seq_length}: must be at least 4 and at most --max-position-embeddings "
+                f"{self.max_position_embeddings} (the rows of the position table)")
+        require(0 < self.mask_prob < 1 and self.mask_token_prob >= 0 and self.random_token_prob >= 0
+                and self.mask_token_prob + self.random_token_prob <= 1,
+                "masking rates: need 0 < --mask-prob < 1 and --mask-token-prob + --random-token-prob <= 1")
+        require(0 < self.span_p <= 1 and self.span_max >= 1, "span masking: need 0 < --span-p <= 1 and --span-max >= 1")
 
     @property
     def emb_size(self):
@@ -110,10 +113,10 @@ class BertConfig:
 
 Config = BertConfig
 
-# A preset sets model sizes and, where a recipe goes with them, training settings (train.py applies each key to whichever
-# config declares it). BERT's recipe (Devlin et al. App. A.2): batch 256 sequences, 1M steps, Adam lr 1e-4, beta2 0.999,
-# weight decay 0.01, 10k warm-up steps then linear decay, dropout 0.1, sequence length 128 for 90% of the steps and
-# 512 for the rest, Adam epsilon 1e-6.
+# A preset sets model sizes and, where a recipe goes with them, training settings (train.py applies each key to the
+# config that declares it). BERT's recipe (Devlin et al. App. A.2): batch 256 sequences, 1M steps, Adam lr 1e-4, beta2
+# 0.999, epsilon 1e-6, weight decay 0.01, 10k warm-up steps then linear decay, dropout 0.1, sequence length 128 for 90%
+# of the steps and 512 for the rest.
 # Vocabulary: our BPE trained to 30,518 ids (<|endoftext|> included) + [CLS] [SEP] [MASK] [PAD] = BERT's 30,522.
 _BERT_RECIPE = dict(objective="mlm+nsp", tokenizer="bpe", vocab_size=30518, max_position_embeddings=512,
                     max_seq_length=128, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, lr=1e-4, min_lr=0.0,
@@ -127,8 +130,8 @@ def _size(layers, hidden):  # Turc et al.'s naming: L layers, H = hidden, A = H 
 
 
 PRESETS = {
-    # The quick start: a character-level BERT learns Shakespeare with MLM + NSP on a laptop CPU in a few minutes
-    # (README path 7). Sentence pairs are runs of the plays' lines. Dropout 0: a short run never sees a token twice.
+    # The quick start (README path 7): a character-level BERT learns Shakespeare with MLM + NSP on a laptop CPU in a
+    # few minutes. Sentence pairs are runs of the plays' lines. Dropout 0: a short run never sees a token twice.
     # lr 1e-3 with warm-up 100 (BERT's 1e-4 is tuned for 1M steps at batch 256), decaying to 1e-4; not tuned further.
     "char-cpu": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
                      max_position_embeddings=128, max_seq_length=128, hidden_dropout_prob=0.0,
@@ -140,16 +143,16 @@ PRESETS = {
                  max_position_embeddings=64, max_seq_length=64, hidden_dropout_prob=0.0,
                  attention_probs_dropout_prob=0.0, batch_size=8, max_iters=20, warmup_iters=5, eval_interval=10,
                  eval_tokens=4096, lr=1e-3, fill_text="lend me your [MASK]ars"),
-    # The small BERTs of Turc et al. 2019 (released as google/bert_uncased_L-{L}_H-{H}_A-{H/64}); their release notes
+    # The small BERTs of Turc et al. 2019 (released as google/bert_uncased_L-{L}_H-{H}_A-{H/64}). Their release notes
     # say they follow the standard BERT recipe, which is what these run (phase 1, sequence length 128).
     "bert-tiny": dict(_BERT_RECIPE, **_size(2, 128)),
     "bert-mini": dict(_BERT_RECIPE, **_size(4, 256)),
     "bert-small": dict(_BERT_RECIPE, **_size(4, 512)),
     "bert-medium": dict(_BERT_RECIPE, **_size(8, 512)),
-    # BERT-base (110M) with the original recipe. Phase 1: sequence length 128 for the first 900k of 1M steps; the linear
-    # decay's horizon is the full 1M, so phase 1 ends at lr 1e-4 * (1 - 890k/990k) = 1.01e-5. Phase 2, the last 100k
-    # steps at length 512 (256 x 512 tokens per step), starts from phase 1's weights and continues the decay to 0; as
-    # with BERT's run_pretraining.py --init_checkpoint, the weights carry over and the optimizer starts afresh:
+    # BERT-base (110M) with the original recipe. Phase 1: sequence length 128 for the first 900k of 1M steps. The
+    # linear decay's horizon is the full 1M, so phase 1 ends at lr 1e-4 * (1 - 890k/990k) = 1.01e-5. Phase 2, the last
+    # 100k steps at length 512 (256 x 512 tokens per step), starts from phase 1's weights and continues the decay to 0.
+    # As with BERT's run_pretraining.py --init_checkpoint, the weights carry over and the optimizer starts afresh:
     #   python train.py --model bert --preset bert-base --init-from out/bert-base/ckpt.pt --out-dir out/bert-base-512
     #       --max-seq-length 512 --batch-size 16 --tokens-per-step 131072 --max-iters 100000 --lr-decay-iters 100000
     #       --warmup-iters 0 --lr 1.0101e-5
@@ -167,8 +170,8 @@ TOKEN_IDS = {"pad_token_id": "[PAD]", "mask_token_id": "[MASK]", "cls_token_id":
 
 
 class Embeddings(nn.Module):
-    """Word + learned absolute position + token type (segment A/B), summed, then LayerNorm and dropout: (B, T) -> (B, T, E).
-    Devlin et al. Fig. 2. The three tables have width E; ALBERT and ELECTRA make E smaller than C and project up."""
+    """Word + learned absolute position + token type (segment A/B), summed, then LayerNorm and dropout.
+    (B, T) -> (B, T, E) (Devlin et al. Fig. 2). ALBERT and ELECTRA make E smaller than C and project up."""
 
     def __init__(self, config):
         super().__init__()
@@ -180,10 +183,10 @@ class Embeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, token_type_ids):
-        T = input_ids.size(1)
-        if T > self.position_embeddings.num_embeddings:
-            raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings="
-                             f"{self.position_embeddings.num_embeddings} (the learned position table has no more rows)")
+        T, rows = input_ids.size(1), self.position_embeddings.num_embeddings
+        if T > rows:
+            raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings={rows} (the learned "
+                             f"position table has no more rows)")
         pos = torch.arange(T, device=input_ids.device)  # (T,) absolute positions 0..T-1
         x = self.word_embeddings(input_ids) + self.position_embeddings(pos) + self.token_type_embeddings(token_type_ids)
         return self.dropout(self.LayerNorm(x))  # (B, T, E)
@@ -196,7 +199,8 @@ class SelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         C = config.hidden_size
-        self.n_head, self.attn, self.dropout_p = config.num_attention_heads, config.attn, config.attention_probs_dropout_prob
+        self.n_head, self.attn = config.num_attention_heads, config.attn
+        self.dropout_p = config.attention_probs_dropout_prob
         self.query, self.key, self.value = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
         self.dense = nn.Linear(C, C)
         self.attn_dropout = nn.Dropout(config.attention_probs_dropout_prob)
@@ -213,8 +217,7 @@ class SelfAttention(nn.Module):
                 att = att.masked_fill(~keep, float("-inf"))  # no query looks at padding
             att = self.attn_dropout(F.softmax(att, dim=-1))  # each row: a distribution over the real tokens
             y = att @ v  # (B, H, T, hs)
-        else:
-            # The same maths in one kernel. A boolean attn_mask means "may attend" (True), as `keep` does.
+        else:  # the same maths in one kernel; a boolean attn_mask means "may attend" (True), as `keep` does
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
                                                dropout_p=self.dropout_p if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
@@ -223,8 +226,8 @@ class SelfAttention(nn.Module):
 
 class Layer(nn.Module):
     """Post-LN Transformer layer, as in Vaswani et al. and BERT: x = LN(x + attn(x)), then x = LN(x + FFN(x)).
-    Trap: GPT-2 moved LayerNorm before each sub-layer (pre-LN); BERT normalises after the residual sum, so the residual
-    stream itself is normalised at every layer. Loading BERT weights into a pre-LN block runs, and gives garbage."""
+    Trap: GPT-2 moved LayerNorm before each sub-layer (pre-LN). BERT normalises after the residual sum, so the residual
+    stream itself is normalised at every layer. BERT weights in a pre-LN block run, and give garbage."""
 
     def __init__(self, config):
         super().__init__()
@@ -245,9 +248,9 @@ class Layer(nn.Module):
 
 class Encoder(nn.Module):
     """Embeddings -> (projection E -> C when E != C) -> L layers: (B, T) ids -> (B, T, C) hidden states.
-    ALBERT's cross-layer sharing (slide "ALBERT"): one Layer applied num_hidden_layers times, so the parameter count does
-    not grow with depth while the compute does. electra.py builds its generator and discriminator from this class and
-    passes both the same `embeddings` module: ELECTRA shares them (ELECTRA §3.2)."""
+    ALBERT's cross-layer sharing (slide "ALBERT"): one Layer applied num_hidden_layers times, so the parameter count
+    does not grow with depth while the compute does. electra.py builds its generator and discriminator from this class
+    and passes both the same `embeddings` module: ELECTRA shares them (ELECTRA §3.2)."""
 
     def __init__(self, config, embeddings=None):
         super().__init__()
@@ -275,7 +278,7 @@ class Encoder(nn.Module):
 class MLMHead(nn.Module):
     """Masked-LM head: dense C -> E, GELU, LayerNorm, then the word embedding matrix transposed (E -> V) plus an output
     bias of its own. BERT's cls.predictions; ELECTRA's generator head is the same computation.
-    The decoder is tied (Press & Wolf 2017, as in BERT): it IS the input embedding matrix, passed in at every call, so
+    The decoder is tied (Press & Wolf 2017, as in BERT): it IS the input embedding matrix, passed in at every call. So
     there is one tensor with two uses and no copy that could drift."""
 
     def __init__(self, config):
@@ -293,8 +296,8 @@ class MLMHead(nn.Module):
 class SpanBoundaryHead(nn.Module):
     """SpanBERT §3.2: predict each token x_i of a masked span (x_s .. x_e) from the two tokens just outside it and the
     position of x_i inside the span: y_i = f(x_{s-1}, x_{e+1}, p_{i-s+1}), f = two layers of Linear, GELU, LayerNorm,
-    scored against the tied word embeddings plus a bias of its own. It makes span-level meaning collect at the
-    boundaries, where span-selection tasks (question answering) read it."""
+    scored against the tied word embeddings plus a bias of its own. Span-level meaning thus collects at the boundaries,
+    where span-selection tasks (question answering) read it."""
 
     def __init__(self, config):
         super().__init__()
@@ -309,79 +312,9 @@ class SpanBoundaryHead(nn.Module):
         """left, right (N, C): hidden states of x_{s-1} and x_{e+1}; offset (N,) = i - s; word_embeddings (V, E).
         Returns (N, V) logits."""
         h = torch.cat([left, right, self.position_embeddings(offset)], dim=-1)  # (N, 3C)
-        h = self.norm2(self.gelu(self.dense2(self.norm1(self.gelu(self.dense1(h))))))  # (N, E)
+        h = self.norm1(self.gelu(self.dense1(h)))  # (N, C)
+        h = self.norm2(self.gelu(self.dense2(h)))  # (N, E)
         return h @ word_embeddings.t() + self.bias
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The model
-
-# Our parameter names -> BertLayer's in the released checkpoints (prefix "bert.encoder.layer.{i}.").
-HF_LAYER_NAMES = {
-    "attention.query": "attention.self.query", "attention.key": "attention.self.key",
-    "attention.value": "attention.self.value", "attention.dense": "attention.output.dense",
-    "attention_norm": "attention.output.LayerNorm", "intermediate": "intermediate.dense", "output": "output.dense",
-    "output_norm": "output.LayerNorm",
-}
-
-
-def hf_encoder_names(encoder, prefix):
-    """{our state_dict name: the released name} for an Encoder whose checkpoint prefix is `prefix` ("bert." for BERT,
-    "electra." for ELECTRA). encoder.layer.0.attention.query.weight -> bert.encoder.layer.0.attention.self.query.weight"""
-    names = {}
-    for name, _ in encoder.named_parameters(remove_duplicate=False):
-        if name.startswith("layer."):
-            _, i, rest = name.split(".", 2)
-            module, param = rest.rsplit(".", 1)
-            names[name] = f"{prefix}encoder.layer.{i}.{HF_LAYER_NAMES[module]}.{param}"
-        else:  # embeddings.*, embeddings_project.*: the same names
-            names[name] = prefix + name
-    return names
-
-
-def load_hf_tensors(module, names, sd, path):
-    """Copy sd[names[ours]] into each parameter of `module`. Older uploads name LayerNorm parameters gamma/beta (the
-    TensorFlow names); both are accepted."""
-    with torch.no_grad():
-        for ours, param in module.named_parameters(remove_duplicate=False):
-            if ours not in names:
-                continue  # a head the format does not have (SpanBERT's SBO): it keeps its initialisation
-            key = names[ours]
-            old = key.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
-            w = sd.get(key, sd.get(old))
-            if w is None:
-                raise KeyError(f"{path}: missing weight {key!r}")
-            if w.shape != param.shape:
-                raise ValueError(f"{path}: {key} has shape {tuple(w.shape)}, expected {tuple(param.shape)}")
-            param.copy_(w)
-
-
-def config_from_hf(hf, path, **overrides):
-    """Our config fields from a transformers config.json (BERT's or ELECTRA's), checking it is a model we compute."""
-    if hf.get("hidden_act", "gelu") != "gelu":
-        raise ValueError(f"{path}: activation {hf['hidden_act']!r} is not BERT's exact (erf) GELU")
-    if hf.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"{path}: position_embedding_type {hf['position_embedding_type']!r}; only BERT's learned "
-                         f"absolute positions are implemented")
-    fields = dict(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_hidden_layers=hf["num_hidden_layers"],
-                  num_attention_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
-                  max_position_embeddings=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
-                  layer_norm_eps=hf.get("layer_norm_eps", 1e-12), pad_token_id=hf.get("pad_token_id") or 0,
-                  hidden_dropout_prob=hf.get("hidden_dropout_prob", 0.1),
-                  attention_probs_dropout_prob=hf.get("attention_probs_dropout_prob", 0.1))
-    fields["max_seq_length"] = min(128, fields["max_position_embeddings"])
-    return {**fields, **overrides}
-
-
-def hf_encoder_config(c, architecture, model_type):
-    """The config.json fields every BERT-family export shares."""
-    return dict(architectures=[architecture], model_type=model_type, vocab_size=c.vocab_size,
-                hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
-                num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size, hidden_act="gelu",
-                hidden_dropout_prob=c.hidden_dropout_prob, attention_probs_dropout_prob=c.attention_probs_dropout_prob,
-                max_position_embeddings=c.max_position_embeddings, type_vocab_size=c.type_vocab_size,
-                initializer_range=0.02, layer_norm_eps=c.layer_norm_eps, pad_token_id=max(0, c.pad_token_id),
-                position_embedding_type="absolute", tie_word_embeddings=True)
 
 
 def init_bert_weights(module):
@@ -394,6 +327,10 @@ def init_bert_weights(module):
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
 
 
 class BERT(nn.Module):
@@ -414,12 +351,12 @@ class BERT(nn.Module):
         """-> (mlm_logits, nsp_logits): (B, T, V) and (B, 2).
 
         masked_positions (B, T) bool: MLM logits only there, (N, V) in row-major order, as BERT's own training code
-        gathers them (computing V logits at every position would be wasted on the 85% that are never scored).
+        gathers them (V logits at every position would be wasted on the 85% that are never scored).
         spans (left, right, offset), each (N,): for the span-boundary objective, the positions of x_{s-1} and x_{e+1}
         and i - s for each masked position; then a third output, the (N, V) SBO logits."""
         h = self.encoder(input_ids, token_type_ids, attention_mask)  # (B, T, C)
         wte = self.encoder.embeddings.word_embeddings.weight  # (V, E): also the MLM decoder (tied)
-        pooled = torch.tanh(self.pooler(h[:, 0]))  # (B, C): the hidden state of [CLS]
+        pooled = torch.tanh(self.pooler(h[:, 0]))  # (B, C): from the hidden state of [CLS]
         nsp_logits = self.nsp(pooled)  # (B, 2)
         if masked_positions is None:
             return self.mlm(h, wte), nsp_logits
@@ -434,14 +371,14 @@ class BERT(nn.Module):
         return sum(p.numel() for p in self.parameters())  # the tied decoder weight counts once, shared layers once
 
     def no_weight_decay(self):
-        """None beyond biases and LayerNorm gains (which train.py skips by shape): BERT's optimizer decays the embedding
+        """None beyond biases and LayerNorm gains (which train.py skips by shape). BERT's optimizer decays the embedding
         tables, position and segment tables included (AdamWeightDecayOptimizer excludes only LayerNorm and bias)."""
         return set()
 
     def flops_per_token(self):
-        """Training FLOPs per token (forward + backward): 6 per weight that every token passes (Kaplan et al. 2020, eq.
-        2.1; a shared layer counts once per use), the attention scores and mixing 12 * L * T * C (PaLM App. B), and the
-        MLM head, which runs on mask_prob of the tokens only."""
+        """Training FLOPs per token (forward + backward): 6 per weight that every token passes (Kaplan et al. 2020,
+        eq. 2.1; a shared layer counts once per use), the attention scores and mixing 12 * L * T * C (PaLM App. B),
+        and the MLM head, which runs on mask_prob of the tokens only."""
         c = self.config
         per_layer = sum(p.numel() for p in self.encoder.layer[0].parameters())
         dense = per_layer * c.num_hidden_layers + (c.emb_size * c.hidden_size if c.emb_size != c.hidden_size else 0)
@@ -451,47 +388,96 @@ class BERT(nn.Module):
     # ------------------------------------------------------------------------------------------------------------------
     # Hugging Face format: BertForPreTraining directories (Google's released BERTs, Turc et al.'s small BERTs).
 
-    def _hf_names(self):
-        names = {f"encoder.{k}": v for k, v in hf_encoder_names(self.encoder, "bert.").items()}
-        names.update({"pooler.weight": "bert.pooler.dense.weight", "pooler.bias": "bert.pooler.dense.bias",
-                      "mlm.dense.weight": "cls.predictions.transform.dense.weight",
-                      "mlm.dense.bias": "cls.predictions.transform.dense.bias",
-                      "mlm.LayerNorm.weight": "cls.predictions.transform.LayerNorm.weight",
-                      "mlm.LayerNorm.bias": "cls.predictions.transform.LayerNorm.bias",
-                      "mlm.bias": "cls.predictions.bias",
-                      "nsp.weight": "cls.seq_relationship.weight", "nsp.bias": "cls.seq_relationship.bias"})
-        return names
-
     @classmethod
     def from_pretrained(cls, path, **overrides):
         """Load a BertForPreTraining directory (config.json + model.safetensors or pytorch_model.bin) without
         transformers. overrides: any BertConfig field that does not change a weight's shape (attn="naive", ...)."""
-        hf, sd = read_hf_dir(path)
+        hf, sd = read_bert_dir(path)
         if hf.get("model_type", "bert") != "bert":
             raise ValueError(f"{path}: model_type {hf['model_type']!r}, not bert")
-        model = cls(BertConfig(**config_from_hf(hf, path, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                                **overrides)))
+        fields = config_from_hf(hf, path, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **overrides)
+        model = cls(BertConfig(**fields))
         if "cls.predictions.bias" not in sd and "cls.predictions.decoder.bias" in sd:
             sd["cls.predictions.bias"] = sd["cls.predictions.decoder.bias"]  # older uploads keep the bias there
-        load_hf_tensors(model, model._hf_names(), sd, path)
+        copy_weights(model, sd, path, name=hf_name, skip=("sbo.",))  # the format has no SBO head: it keeps its init
         return model
 
     def export_hf(self, path):
         """Write a directory that transformers' BertForPreTraining.from_pretrained(path) loads with the same logits.
-        The span-boundary head (pretraining only; SpanBERT's own release leaves it out too) is not part of the format."""
+        The span-boundary head (pretraining only; SpanBERT's release leaves it out too) is not part of the format."""
         c = self.config
         if c.share_layers or c.emb_size != c.hidden_size:
             raise ValueError("export_hf: BertForPreTraining has neither ALBERT's shared layers nor a factorized "
                              "embedding (share_layers / embedding_size); this model uses them")
-        names = self._hf_names()
-        sd = {names[k]: v.float() for k, v in self.named_parameters() if k in names}
+        sd = {hf_name(k): v.float() for k, v in self.named_parameters() if not k.startswith("sbo.")}
         write_hf_dir(path, hf_encoder_config(c, "BertForPreTraining", "bert"), sd)
 
 
 Model = BERT
 
+# Our names -> the released checkpoints'. Inside a layer (prefix "bert.encoder.layer.{i}."): BertLayer's modules.
+HF_LAYER = {
+    "attention.query": "attention.self.query", "attention.key": "attention.self.key",
+    "attention.value": "attention.self.value", "attention.dense": "attention.output.dense",
+    "attention_norm": "attention.output.LayerNorm", "intermediate": "intermediate.dense", "output": "output.dense",
+    "output_norm": "output.LayerNorm",
+}
+HF_HEADS = {"pooler.": "bert.pooler.dense.", "mlm.dense.": "cls.predictions.transform.dense.",
+            "mlm.LayerNorm.": "cls.predictions.transform.LayerNorm.", "mlm.bias": "cls.predictions.bias",
+            "nsp.": "cls.seq_relationship."}
+
+
+def hf_name(name, prefix="bert.", heads=HF_HEADS):
+    """Our parameter name -> the released checkpoint's: BertForPreTraining's, or ElectraFor*'s with prefix "electra."
+    and ELECTRA's heads. The encoder's names gain the prefix (and BertLayer's module names); heads are looked up.
+    hf_name("encoder.layer.0.attention_norm.weight") -> "bert.encoder.layer.0.attention.output.LayerNorm.weight"
+    hf_name("mlm.bias") -> "cls.predictions.bias" """
+    m = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)", name)
+    if m:
+        i, module, param = m.groups()
+        return f"{prefix}encoder.layer.{i}.{HF_LAYER[module]}.{param}"
+    if name.startswith("encoder."):  # embeddings.*, embeddings_project.*: the same names under the prefix
+        return prefix + name.removeprefix("encoder.")
+    ours = next((k for k in heads if name.startswith(k)), "")
+    return heads.get(ours, "") + name.removeprefix(ours)
+
+
+def read_bert_dir(path):
+    """hf_io.read_hf_dir, with the TensorFlow names of older uploads renamed: LayerNorm.gamma/beta -> weight/bias.
+    "bert.embeddings.LayerNorm.gamma" -> "bert.embeddings.LayerNorm.weight" (a file holding both keeps its weight)"""
+    hf, sd = read_hf_dir(path)
+    old = {"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "LayerNorm.bias"}
+    renamed = {re.sub(r"LayerNorm\.(gamma|beta)$", lambda m: old[m.group(0)], k): v for k, v in sd.items()}
+    return hf, {**renamed, **sd}  # a modern name present in the file wins
+
+
+# The config.json fields that are ours under the same name: required ones, then ones with a default.
+HF_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings")
+HF_OPTIONAL = dict(type_vocab_size=2, layer_norm_eps=1e-12, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+
+
+def config_from_hf(hf, path, **overrides):
+    """Our config fields from a transformers config.json (BERT's or ELECTRA's), checking it is a model we compute."""
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"{path}: activation {hf['hidden_act']!r} is not BERT's exact (erf) GELU")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"{path}: position_embedding_type {hf['position_embedding_type']!r}; only BERT's learned "
+                         f"absolute positions are implemented")
+    fields = {**{k: hf[k] for k in HF_REQUIRED}, **{k: hf.get(k, v) for k, v in HF_OPTIONAL.items()}}
+    fields.update(pad_token_id=hf.get("pad_token_id") or 0, max_seq_length=min(128, hf["max_position_embeddings"]))
+    return {**fields, **overrides}
+
+
+def hf_encoder_config(c, architecture, model_type):
+    """The config.json fields every BERT-family export shares."""
+    return dict(architectures=[architecture], model_type=model_type, **{k: getattr(c, k) for k in HF_REQUIRED},
+                **{k: getattr(c, k) for k in HF_OPTIONAL}, hidden_act="gelu", initializer_range=0.02,
+                pad_token_id=max(0, c.pad_token_id), position_embedding_type="absolute", tie_word_embeddings=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# The data: sentence pairs and packed rows, cut from the corpus's documents and lines (slide "Masked language models",
+# The data: sentence pairs and packed rows, cut from the corpus's documents and lines (slides "Masked language models",
 # "RoBERTa", "SpanBERT", "ALBERT"). A "sentence" is, as in BERT §3.1, any span of contiguous text; here, a run of the
 # corpus's lines (the plays' verse lines). Every random choice draws from the `generator` the loop passes in, so a
 # resumed run draws the same rows and the same masks.
@@ -499,7 +485,7 @@ Model = BERT
 
 class SplitIndex:
     """Where the lines and documents of one data.Split are. <|endoftext|> sits between documents as a one-token line of
-    its own (data.py); it is dropped here, so it never ends up inside a segment as if it were text: a document boundary
+    its own (data.py). It is dropped here, so it never ends up inside a segment as if it were text: a document boundary
     is a boundary. Lines of a document are consecutive, so a run of lines is one contiguous slice of tokens."""
 
     def __init__(self, split, eot_id):
@@ -521,8 +507,8 @@ class SplitIndex:
         return int(np.searchsorted(self.docs, self.doc[line]))
 
     def run(self, i, budget):
-        """(i, j): lines i..j-1, from line i on, until they hold at least `budget` tokens or the document ends (the line
-        that crosses the budget is included, as in BERT's create_pretraining_data; truncation trims it later).
+        """(i, j): lines i..j-1, from line i on, until they hold at least `budget` tokens or the document ends. The line
+        that crosses the budget is included, as in BERT's create_pretraining_data; truncation trims it later.
         With lines of 40, 30, 50 tokens in one document: run(0, 60) -> (0, 2)."""
         end = self.doc_end[self.doc_index(i)]
         j = int(np.searchsorted(self.cum, self.cum[i] + budget, side="left"))
@@ -556,6 +542,9 @@ def span_length_law(p, max_len):
     return law / law.sum()
 
 
+EVAL_SEED = 1234  # seeds every evaluation's masks and pairs (never the loop's generator: training stays untouched)
+
+
 class PretrainingObjective:
     """BERT's objectives, each a value of config.objective (train.py's Objective interface):
 
@@ -574,8 +563,8 @@ class PretrainingObjective:
         self.config = c = config
         self.kind = c.objective
         self.pairs = c.objective in ("mlm+nsp", "sop")
-        self.cls_id, self.sep_id, self.mask_id, self.pad_id = c.cls_token_id, c.sep_token_id, c.mask_token_id, \
-            c.pad_token_id
+        self.cls_id, self.sep_id = c.cls_token_id, c.sep_token_id
+        self.mask_id, self.pad_id = c.mask_token_id, c.pad_token_id
         self.eot_id = tokenizer.eot_id
         special = torch.zeros(c.vocab_size, dtype=torch.bool)
         special[list(tokenizer.specials.values())] = True
@@ -589,8 +578,6 @@ class PretrainingObjective:
             self.word_start = torch.tensor(starts)
             self.span_law = span_length_law(c.span_p, c.span_max)
         self._index = (None, None)
-
-    # --- reading the split ---
 
     def index(self, split):
         if self._index[0] is not split:
@@ -625,8 +612,7 @@ class PretrainingObjective:
             if other is None:
                 flip = False  # a piece too small for any other segment: this row is an IsNext row
             else:
-                o, _ = other
-                o, m = ix.run(o, max(1, target - len(a)))
+                o, m = ix.run(other[0], max(1, target - len(a)))
                 b = ix.text(o, m)
                 next_line = k  # B's lines were not used: they start the next pair (BERT puts them back too)
         a, b = truncate_pair(a, b, max_tokens, g)
@@ -635,8 +621,8 @@ class PretrainingObjective:
         return a, b, int(flip), next_line
 
     def _elsewhere(self, ix, i, j, g, training):
-        """A line to start an NSP negative's B at: in another document (BERT). A training split needs two documents;
-        an evaluation slice may hold only one (train.py scores slices of the train split): then a line at least two
+        """A line to start an NSP negative's B at: in another document (BERT). A training split needs two documents.
+        An evaluation slice may hold only one (train.py scores slices of the train split): then a line at least two
         rows' worth of tokens away from the pair, else any line outside it, else None."""
         if len(ix.docs) >= 2:
             d = ix.doc_index(i)
@@ -644,11 +630,9 @@ class PretrainingObjective:
             other += other >= d  # uniform over the other documents
             lo, hi = int(ix.doc_first[other]), int(ix.doc_end[other])
             return int(torch.randint(lo, hi, (1,), generator=g)), other
-        if training:
-            from data import UsageError
-            raise UsageError(f"--objective {self.kind}: next-sentence prediction draws its negatives from another "
-                             f"document, and the training split has only one; give --data a directory with several "
-                             f".txt files, or use --objective mlm or sop")
+        require(not training, f"--objective {self.kind}: next-sentence prediction draws its negatives from another "
+                f"document, and the training split has only one; give --data a directory with several .txt files, "
+                f"or use --objective mlm or sop")
         gap = 2 * self.config.max_seq_length
         near_lo = int(np.searchsorted(ix.cum, ix.cum[i] - gap, side="right"))
         near_hi = int(np.searchsorted(ix.cum, ix.cum[j] + gap, side="left"))
@@ -730,7 +714,7 @@ class PretrainingObjective:
         return rank < k[:, None]
 
     def mask_tokens(self, input_ids, attention_mask, g):
-        """BERT's masked LM (§3.1, slide "Masked language models"): choose mask_prob of the text tokens; of those,
+        """BERT's masked LM (§3.1, slide "Masked language models"): choose mask_prob of the text tokens. Of those,
         mask_token_prob become [MASK], random_token_prob a random ordinary token, the rest stay as they are (the model
         cannot tell which unmasked tokens it will be asked about, so it must represent every one). Returns (masked
         input_ids, labels): labels hold the original token at chosen positions and -100 everywhere else."""
@@ -798,9 +782,7 @@ class PretrainingObjective:
     def train_batch(self, split, batch_size, generator):
         """batch_size rows, each starting at a line drawn uniformly from the split, masked afresh."""
         ix = self.index(split)
-        if ix.n_lines == 0:
-            from data import UsageError
-            raise UsageError("the training split holds no text lines")
+        require(ix.n_lines > 0, "the training split holds no text lines")
         starts = torch.randint(ix.n_lines, (batch_size,), generator=generator).tolist()
         if self.pairs:
             rows = self._pair_rows(ix, starts, generator, training=True)
@@ -809,8 +791,8 @@ class PretrainingObjective:
         return self._rows_to_batch(rows, generator)
 
     def eval_batches(self, split, batch_size):
-        """The whole split, in order: every line once (pairs: as A or B; packed rows: every token once), with masks and
-        pair choices from a generator seeded here, so every evaluation scores the same rows with the same masks."""
+        """The whole split, in order: every line once (pairs: as A or B; packed rows: every token once). Masks and pair
+        choices come from a generator seeded here, so every evaluation scores the same rows with the same masks."""
         ix, g = self.index(split), torch.Generator().manual_seed(EVAL_SEED)
         rows, line, offset = [], 0, 0
         while line < ix.n_lines:
@@ -842,8 +824,8 @@ class PretrainingObjective:
         return den
 
     def loss(self, model, batch, denominators=None):
-        """(MLM mean over masked positions [+ NSP/SOP mean over rows] [+ SBO mean over masked positions], sums). The
-        terms are added unweighted, as in BERT and SpanBERT."""
+        """(MLM mean over masked positions [+ NSP/SOP mean over rows] [+ SBO mean over masked positions], sums).
+        The terms are added unweighted, as in BERT and SpanBERT."""
         den = denominators or self.denominators(batch)
         labels = batch["labels"]
         chosen = labels != -100
@@ -876,40 +858,45 @@ class PretrainingObjective:
         if self.pairs:
             name = "nsp" if self.kind == "mlm+nsp" else "sop"
             rows = max(1.0, float(sums["rows"]))
-            m.update({f"{name}_loss": float(sums["pair_nll"]) / rows, f"{name}_acc": float(sums["pair_correct"]) / rows})
+            m[f"{name}_loss"] = float(sums["pair_nll"]) / rows
+            m[f"{name}_acc"] = float(sums["pair_correct"]) / rows
         if "sbo_nll" in sums:
             m.update(sbo_loss=float(sums["sbo_nll"]) / masked, sbo_acc=float(sums["sbo_correct"]) / masked)
         return {"loss": sum(v for k, v in m.items() if k.endswith("_loss")), **m}
 
 
-EVAL_SEED = 1234  # the masks and pair choices of every evaluation (never the loop's generator: training stays untouched)
 Objective = PretrainingObjective
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Demo: what a run shows when it ends (train.py calls demo()), and filling masks from a checkpoint or a released model.
 
+# char-level default: a masked letter in three common words of a play the model never sees (Julius Caesar)
+FILL_TEXT = "Friends, Romans, countrymen, lend me y[MASK]ur ears; I come to bury Caesar, n[MASK]t to praise h[MASK]m."
+
 
 @dataclass
 class DemoConfig:
-    # char-level default: a masked letter in three common words of a play the model never sees (Julius Caesar)
-    fill_text: str = "Friends, Romans, countrymen, lend me y[MASK]ur ears; I come to bury Caesar, n[MASK]t to praise h[MASK]m."
+    fill_text: str = FILL_TEXT  # the sentence whose [MASK]s the run fills at its end
     top_k: int = 5  # candidates shown per [MASK] (0 = no demo)
+
+
+def with_cls_sep(tokenizer, ids, max_len, what="sentence"):
+    """(1, T) tensor [CLS] ids [SEP], the input format BERT trains on; refused when longer than max_len positions.
+    with_cls_sep(tok, [7, 8], 64) -> tensor([[cls, 7, 8, sep]])"""
+    row = torch.tensor([[tokenizer.specials["[CLS]"], *ids, tokenizer.specials["[SEP]"]]])
+    require(row.size(1) <= max_len,
+            f"the {what} is {row.size(1)} tokens with [CLS] and [SEP]; this model reads at most {max_len}")
+    return row
 
 
 @torch.no_grad()
 def fill_masks(model, tokenizer, text, top_k, device="cpu"):
     """Predict every [MASK] in `text` in one pass, as BERT does (each mask independently of the others). Returns
     (the text with each mask replaced by its best candidate, [[(candidate, probability), ...] per mask])."""
-    from data import UsageError
     mask_id = tokenizer.specials["[MASK]"]
     ids = tokenizer.encode(text)
-    if mask_id not in ids:
-        raise UsageError("the sentence has no [MASK] to fill (write [MASK] where a token should be predicted)")
-    cls_id, sep_id = tokenizer.specials["[CLS]"], tokenizer.specials["[SEP]"]
-    row = torch.tensor([[cls_id, *ids, sep_id]], device=device)  # the input format BERT was trained on
-    if row.size(1) > model.config.max_position_embeddings:
-        raise UsageError(f"the sentence is {row.size(1)} tokens with [CLS] and [SEP]; this model reads at most "
-                         f"{model.config.max_position_embeddings}")
+    require(mask_id in ids, "the sentence has no [MASK] to fill (write [MASK] where a token should be predicted)")
+    row = with_cls_sep(tokenizer, ids, model.config.max_position_embeddings).to(device)
     was_training = model.training
     model.eval()
     logits, _ = model(row)
@@ -933,7 +920,6 @@ def print_fill(text, filled, candidates):
 
 def demo(model, tokenizer, cfg, device):
     """Fill the masks of cfg.fill_text: what the model has learned, in its own words."""
-    from data import UsageError
     if cfg.top_k <= 0:
         return
     try:
@@ -946,43 +932,37 @@ def demo(model, tokenizer, cfg, device):
     print("-" * 80)
 
 
+@command
 def main(argv=None):
     p = argparse.ArgumentParser(description="Fill every [MASK] in a sentence with a BERT: a checkpoint written by "
                                             "train.py (--ckpt) or a Hugging Face BertForPreTraining directory with its "
                                             "vocab.txt (--hf).")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="path to ckpt.pt (e.g. out/bert/ckpt.pt)")
-    src.add_argument("--hf", help="a BertForPreTraining directory: config.json, model.safetensors or pytorch_model.bin, "
-                                  "and vocab.txt (read by bpe.WordPiece)")
+    src.add_argument("--hf", help="a BertForPreTraining directory: config.json, model.safetensors or "
+                                  "pytorch_model.bin, and vocab.txt (read by bpe.WordPiece)")
     p.add_argument("text", help='a sentence with one or more [MASK], e.g. "my dog is [MASK]."')
     p.add_argument("--top-k", type=int, default=5, help="candidates to show per [MASK]")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    require(args.top_k >= 1, f"--top-k {args.top_k}: must be at least 1")
     import bpe
     import train
 
-    try:
-        if args.top_k < 1:
-            raise train.UsageError("--top-k must be at least 1")
-        if args.ckpt:
-            model, tokenizer, _ = train.load_for_inference(args.ckpt, flag="--ckpt", model="bert")
-        else:
-            vocab = os.path.join(args.hf, "vocab.txt")
-            if not os.path.exists(vocab):
-                raise train.UsageError(f"--hf {args.hf}: no vocab.txt (BERT's WordPiece vocabulary) in the directory")
-            try:
-                model = BERT.from_pretrained(args.hf)
-                tokenizer = bpe.WordPiece.from_vocab_file(vocab)
-            except (OSError, KeyError, ValueError) as e:
-                raise train.UsageError(f"--hf {args.hf}: {e}") from None
-            missing = [s for s in ("[CLS]", "[SEP]", "[MASK]") if s not in tokenizer.specials]
-            if missing:
-                raise train.UsageError(f"--hf {args.hf}: vocab.txt lacks {', '.join(missing)}")
-        filled, candidates = fill_masks(model.to(args.device), tokenizer, args.text, args.top_k, args.device)
-    except train.UsageError as e:
-        print(f"bert.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print_fill(args.text, filled, candidates)
+    device = train.pick_device(args.device)
+    if args.ckpt:
+        model, tokenizer, _ = train.load_for_inference(args.ckpt, device, flag="--ckpt", model="bert")
+    else:
+        vocab = os.path.join(args.hf, "vocab.txt")
+        require(os.path.exists(vocab), f"--hf {args.hf}: no vocab.txt (BERT's WordPiece vocabulary) in the directory")
+        try:
+            model = BERT.from_pretrained(args.hf).to(device)
+            tokenizer = bpe.WordPiece.from_vocab_file(vocab)
+        except (OSError, KeyError, ValueError) as e:
+            raise UsageError(f"--hf {args.hf}: {e}") from None
+        missing = [s for s in ("[CLS]", "[SEP]", "[MASK]") if s not in tokenizer.specials]
+        require(not missing, f"--hf {args.hf}: vocab.txt lacks {', '.join(missing)}")
+    print_fill(args.text, *fill_masks(model, tokenizer, args.text, args.top_k, device))
 
 
 if __name__ == "__main__":

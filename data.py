@@ -38,7 +38,7 @@ BUNDLED_VAL_DOCS = ("julius_caesar", "twelfth_night", "henry_v")
 BUNDLED_VAL = {"shakespeare": BUNDLED_VAL_DOCS, "milton": ("paradise_regained",)}
 
 
-from common import UsageError  # noqa: E402  (temporary on rd-gpt: one error type; the data helper's data.py wins)
+from common import UsageError  # noqa: E402  (temporary on rd-enc: one error type; the data helper's data.py wins)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Tokenizers: text <-> ids, plus the plain-data identity a checkpoint records so sampling and resume rebuild the same one.

@@ -32,7 +32,6 @@ Legend
 import argparse
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -40,7 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bert
-from hf_io import read_hf_dir, write_hf_dir
+from common import UsageError, command, require
+from hf_io import copy_weights, write_hf_dir
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config and presets
@@ -77,8 +77,8 @@ class ElectraConfig:
     short_seq_prob = 0.0
 
     def __post_init__(self):
-        if self.embedding_size < 0 or not 0 < self.generator_size <= 1:
-            raise ValueError("need embedding_size >= 0 and 0 < generator_size <= 1")
+        require(self.embedding_size >= 0, f"--embedding-size {self.embedding_size}: must be >= 0 (0 = --hidden-size)")
+        require(0 < self.generator_size <= 1, f"--generator-size {self.generator_size}: must be in (0, 1]")
         self.discriminator_config(), self.generator_config()  # BERT's checks: heads divide the width, lengths fit, ...
 
     def _bert(self, **kw):
@@ -97,15 +97,16 @@ class ElectraConfig:
 Config = ElectraConfig
 
 # ELECTRA's recipe (App. A, Table 6; the released configure_pretraining.py): Adam lr 5e-4 (Small), beta2 0.999, epsilon
-# 1e-6, weight decay 0.01, 10k warm-up steps then linear decay to 0,
-# dropout 0.1, batch 128 sequences of 128 tokens, 1M steps.
+# 1e-6, weight decay 0.01, 10k warm-up steps then linear decay to 0, dropout 0.1, batch 128 sequences of 128 tokens,
+# 1M steps.
 PRESETS = {
-    # The quick start: a character-level ELECTRA on a laptop CPU in a few minutes (README path 7). The discriminator is
-    # bert.py's char-cpu model. What a short run needs, measured on the 2-core CPU (README errata): lr 5e-4 (ELECTRA-
-    # Small's), because at 1e-3 the discriminator collapsed to always answering "original" and never left it; 64-character
-    # rows, for twice the steps in the same time, since the discriminator first sits at that trivial answer for hundreds
-    # of steps; and a generator 1/8 of the discriminator instead of ELECTRA-Small's 1/4: its samples are easier to spot,
-    # and after 2,000 steps the discriminator caught 6.5% of the replaced characters (1/4: 1.5%). Dropout 0.
+    # The quick start (README path 7): a character-level ELECTRA on a laptop CPU in a few minutes. The discriminator is
+    # bert.py's char-cpu model. What a short run needs, measured on the 2-core CPU (README errata):
+    # - lr 5e-4 (ELECTRA-Small's): at 1e-3 the discriminator collapsed to always answering "original", for good;
+    # - 64-character rows, for twice the steps in the same time: the discriminator first sits at that trivial answer
+    #   for hundreds of steps;
+    # - a generator 1/8 of the discriminator instead of ELECTRA-Small's 1/4. Its samples are easier to spot: after
+    #   2,000 steps the discriminator caught 6.5% of the replaced characters (1/4: 1.5%). Dropout 0.
     "char-cpu": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
                      embedding_size=0, generator_size=0.125, max_position_embeddings=128, max_seq_length=64,
                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn="naive", tokenizer="char",
@@ -204,10 +205,13 @@ class ELECTRA(nn.Module):
         chosen = labels != -100  # (B, T) the masked positions
         gen_logits = self.generator(input_ids, token_type_ids, attention_mask, masked_positions=chosen)  # (N, V)
         with torch.no_grad():
-            u = torch.rand(gen_logits.size(0), device=gen_logits.device) if sample_noise is None else sample_noise[chosen]
+            if sample_noise is None:
+                u = torch.rand(gen_logits.size(0), device=gen_logits.device)
+            else:
+                u = sample_noise[chosen]
             sampled = sample_categorical(gen_logits.detach(), u)  # (N,)
         original = torch.where(chosen, labels, input_ids)  # (B, T) the text before masking
-        corrupted = original.masked_scatter(chosen, sampled)  # samples written in row-major order, as `chosen` lists them
+        corrupted = original.masked_scatter(chosen, sampled)  # in row-major order, as `chosen` lists the positions
         # Trap: a sample equal to the original is NOT replaced. Labelling every masked position "replaced" would teach
         # the discriminator to flag the generator's correct guesses, the very tokens that are genuine.
         replaced = chosen & (corrupted != original)
@@ -239,18 +243,6 @@ class ELECTRA(nn.Module):
     # Hugging Face format: an ElectraForMaskedLM directory (generator) and an ElectraForPreTraining one (discriminator),
     # as Google's released pairs (electra-small-generator / electra-small-discriminator, ...) come.
 
-    def _hf_names(self):
-        gen = {f"encoder.{k}": v for k, v in bert.hf_encoder_names(self.generator.encoder, "electra.").items()}
-        gen.update({"head.dense.weight": "generator_predictions.dense.weight",
-                    "head.dense.bias": "generator_predictions.dense.bias",
-                    "head.LayerNorm.weight": "generator_predictions.LayerNorm.weight",
-                    "head.LayerNorm.bias": "generator_predictions.LayerNorm.bias",
-                    "head.bias": "generator_lm_head.bias"})
-        disc = {f"encoder.{k}": v for k, v in bert.hf_encoder_names(self.discriminator.encoder, "electra.").items()}
-        disc.update({f"{n}.{p}": f"discriminator_predictions.{n}.{p}" for n in ("dense", "dense_prediction")
-                     for p in ("weight", "bias")})
-        return gen, disc
-
     @classmethod
     def from_pretrained(cls, generator_path, discriminator_path=None, **overrides):
         """Load an ElectraForMaskedLM directory and an ElectraForPreTraining directory (each config.json + weights)
@@ -263,8 +255,8 @@ class ELECTRA(nn.Module):
             if not (os.path.isdir(generator_path) and os.path.isdir(discriminator_path)):
                 raise FileNotFoundError(f"{both}: expected generator/ and discriminator/ directories in it (or give "
                                         f"the two directories separately)")
-        hf_g, sd_g = read_hf_dir(generator_path)
-        hf_d, sd_d = read_hf_dir(discriminator_path)
+        hf_g, sd_g = bert.read_bert_dir(generator_path)
+        hf_d, sd_d = bert.read_bert_dir(discriminator_path)
         for path, hf in ((generator_path, hf_g), (discriminator_path, hf_d)):
             if hf.get("model_type") != "electra":
                 raise ValueError(f"{path}: model_type {hf.get('model_type')!r}, not electra")
@@ -282,15 +274,14 @@ class ELECTRA(nn.Module):
                              f"FFN {hf_g['intermediate_size']} do not follow ELECTRA's generator rule (heads = hidden "
                              f"/ 64, FFN = 4 x hidden)")
         model = cls(config)
-        names_g, names_d = model._hf_names()
-        bert.load_hf_tensors(model.discriminator, names_d, sd_d, discriminator_path)
-        for ours, key in names_g.items():
-            if key.startswith("electra.embeddings.") and key in sd_g and key in sd_d and \
-                    not torch.equal(sd_g[key].to(sd_d[key].dtype), sd_d[key]):
+        copy_weights(model.discriminator, sd_d, discriminator_path, name=discriminator_hf_name)
+        for ours in model.generator.encoder.embeddings.state_dict():
+            key = f"electra.embeddings.{ours}"
+            if key in sd_g and key in sd_d and not torch.equal(sd_g[key].to(sd_d[key].dtype), sd_d[key]):
                 raise ValueError(f"{generator_path}: {key} differs from the discriminator's; ELECTRA shares its "
                                  f"embeddings, so these two checkpoints were not trained together")
-        bert.load_hf_tensors(model.generator, {k: v for k, v in names_g.items() if not k.startswith("encoder.embeddings.")},
-                             sd_g, generator_path)
+        # the shared embeddings are loaded (from the discriminator's file) once
+        copy_weights(model.generator, sd_g, generator_path, name=generator_hf_name, skip=("encoder.embeddings.",))
         return model
 
     def export_hf(self, generator_path, discriminator_path=None):
@@ -298,21 +289,35 @@ class ELECTRA(nn.Module):
         load with the same logits (each with its own copy of the shared embeddings). With one argument, generator/ and
         discriminator/ inside it."""
         if discriminator_path is None:
-            generator_path, discriminator_path = (os.path.join(generator_path, d) for d in ("generator", "discriminator"))
+            both = generator_path
+            generator_path, discriminator_path = os.path.join(both, "generator"), os.path.join(both, "discriminator")
         c = self.config
-        names_g, names_d = self._hf_names()
-        for path, net, names, part, arch in ((generator_path, self.generator, names_g, c.generator_config(),
-                                              "ElectraForMaskedLM"),
-                                             (discriminator_path, self.discriminator, names_d, c.discriminator_config(),
-                                              "ElectraForPreTraining")):
+        nets = ((generator_path, self.generator, generator_hf_name, c.generator_config(), "ElectraForMaskedLM"),
+                (discriminator_path, self.discriminator, discriminator_hf_name, c.discriminator_config(),
+                 "ElectraForPreTraining"))
+        for path, net, name, part, arch in nets:
             hf = bert.hf_encoder_config(part, arch, "electra")
             hf.update(embedding_size=part.emb_size, summary_type="first", summary_use_proj=True,
                       summary_activation="gelu", summary_last_dropout=0.1)
-            sd = {names[k]: v.float() for k, v in net.named_parameters(remove_duplicate=False)}
-            write_hf_dir(path, hf, sd)
+            write_hf_dir(path, hf, {name(k): v.float() for k, v in net.named_parameters()})
 
 
 Model = ELECTRA
+
+
+def generator_hf_name(name):
+    """The generator's parameter name -> ElectraForMaskedLM's: bert.hf_name with ELECTRA's prefix and head.
+    generator_hf_name("head.bias") -> "generator_lm_head.bias" """
+    return bert.hf_name(name, "electra.", {"head.dense.": "generator_predictions.dense.",
+                                           "head.LayerNorm.": "generator_predictions.LayerNorm.",
+                                           "head.bias": "generator_lm_head.bias"})
+
+
+def discriminator_hf_name(name):
+    """The discriminator's parameter name -> ElectraForPreTraining's.
+    discriminator_hf_name("dense.weight") -> "discriminator_predictions.dense.weight" """
+    return bert.hf_name(name, "electra.", {"dense.": "discriminator_predictions.dense.",
+                                           "dense_prediction.": "discriminator_predictions.dense_prediction."})
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The objective: replaced-token detection. Rows and masking are bert.py's (packed full sentences, dynamic masking);
@@ -343,7 +348,8 @@ class ReplacedTokenDetection(bert.PretrainingObjective):
                                                      batch["attention_mask"], batch.get("sample_noise"))
         target = labels[labels != -100]  # (N,)
         mlm_nll = F.cross_entropy(gen_logits.float(), target, reduction="sum")
-        disc_nll = F.binary_cross_entropy_with_logits(disc_logits.float()[real], replaced[real].float(), reduction="sum")
+        disc_nll = F.binary_cross_entropy_with_logits(disc_logits.float()[real], replaced[real].float(),
+                                                      reduction="sum")
         loss = mlm_nll / max(1, den["mlm"]) + self.config.disc_weight * disc_nll / max(1, den["disc"])
         flagged = disc_logits > 0
         return loss, {"mlm_nll": mlm_nll.detach(), "masked": (labels != -100).sum(),
@@ -353,9 +359,9 @@ class ReplacedTokenDetection(bert.PretrainingObjective):
 
     def summarize(self, sums):
         """loss as trained; the generator's MLM loss and accuracy; the discriminator's loss, its accuracy over all real
-        tokens and over the replaced ones (its recall), and the two numbers to judge those against: the share of tokens
-        that were replaced (always answering "original" scores 1 minus that) and disc_prior_loss, the loss of always
-        predicting that share (its binary entropy). A discriminator that has learned nothing about context sits there."""
+        tokens and over the replaced ones (its recall). And the two numbers to judge those against: the share of tokens
+        that were replaced (always answering "original" scores 1 minus that), and disc_prior_loss, the loss of always
+        predicting that share (its binary entropy): where a discriminator that has learned nothing of context sits."""
         masked, tokens, replaced = (max(1.0, float(sums[k])) for k in ("masked", "tokens", "replaced"))
         gen_loss, disc_loss = float(sums["mlm_nll"]) / masked, float(sums["disc_nll"]) / tokens
         share = float(sums["replaced"]) / tokens
@@ -371,11 +377,13 @@ Objective = ReplacedTokenDetection
 # ----------------------------------------------------------------------------------------------------------------------
 # Demo: corrupt a sentence with the generator and show what the discriminator flags.
 
+# a play the char-cpu run never sees (Julius Caesar)
+FLAG_TEXT = "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him."
+
 
 @dataclass
 class DemoConfig:
-    # a play the char-cpu run never sees (Julius Caesar); '' = no demo
-    flag_text: str = "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him."  # text to corrupt and flag
+    flag_text: str = FLAG_TEXT  # text to corrupt and flag ('' = no demo)
     demo_seed: int = 0  # seeds which positions are masked and what the generator samples there
 
 
@@ -390,15 +398,10 @@ def _render(tokenizer, ids, marks):
 def flag(model, tokenizer, text, device="cpu", seed=0, as_is=False):
     """(corrupted ids, replaced (T,) bool, flagged (T,) bool) for `text` without [CLS]/[SEP]. Unless as_is, the text
     is first corrupted as in training: mask_prob of its tokens masked (seeded), the generator's samples put in."""
-    from data import UsageError
     ids = tokenizer.encode(text)
-    if not ids:
-        raise UsageError("the text is empty")
+    require(ids, "the text is empty")
     c = model.config
-    row = torch.tensor([[tokenizer.specials["[CLS]"], *ids, tokenizer.specials["[SEP]"]]])
-    if row.size(1) > c.max_position_embeddings:
-        raise UsageError(f"the text is {row.size(1)} tokens with [CLS] and [SEP]; this model reads at most "
-                         f"{c.max_position_embeddings}")
+    row = bert.with_cls_sep(tokenizer, ids, c.max_position_embeddings, "text")
     was_training = model.training
     model.eval()
     attention_mask = torch.ones_like(row)
@@ -407,8 +410,9 @@ def flag(model, tokenizer, text, device="cpu", seed=0, as_is=False):
     else:
         g = torch.Generator().manual_seed(seed)
         masked, labels = ReplacedTokenDetection(c, tokenizer).mask_tokens(row, attention_mask, g)
-        _, _, replaced, corrupted = model(masked.to(device), labels.to(device), attention_mask=attention_mask.to(device),
-                                          sample_noise=torch.rand(row.shape, generator=g).to(device))
+        noise = torch.rand(row.shape, generator=g)
+        _, _, replaced, corrupted = model(masked.to(device), labels.to(device),
+                                          attention_mask=attention_mask.to(device), sample_noise=noise.to(device))
     flagged = model.discriminator(corrupted.to(device), attention_mask=attention_mask.to(device)) > 0
     model.train(was_training)
     return corrupted[0, 1:-1].tolist(), replaced[0, 1:-1].cpu(), flagged[0, 1:-1].cpu()
@@ -427,7 +431,6 @@ def print_flags(tokenizer, text, ids, replaced, flagged, as_is):
 
 def demo(model, tokenizer, cfg, device):
     """Corrupt cfg.flag_text with the generator and show which tokens the discriminator flags."""
-    from data import UsageError
     if not cfg.flag_text:
         return
     try:
@@ -440,6 +443,7 @@ def demo(model, tokenizer, cfg, device):
     print("-" * 80)
 
 
+@command
 def main(argv=None):
     p = argparse.ArgumentParser(description="Show which tokens an ELECTRA discriminator flags as replaced: in a text "
                                             "the generator corrupts first (default), or in the text as you give it.")
@@ -451,12 +455,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     import train
 
-    try:
-        model, tokenizer, _ = train.load_for_inference(args.ckpt, flag="--ckpt", model="electra")
-        out = flag(model.to(args.device), tokenizer, args.text, args.device, args.seed, args.as_is)
-    except train.UsageError as e:
-        print(f"electra.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    device = train.pick_device(args.device)
+    model, tokenizer, _ = train.load_for_inference(args.ckpt, device, flag="--ckpt", model="electra")
+    out = flag(model, tokenizer, args.text, device, args.seed, args.as_is)
     print_flags(tokenizer, args.text, *out, as_is=args.as_is)
 
 

@@ -3,13 +3,13 @@ T5: an encoder-decoder Transformer pretrained by span corruption, and the denois
 
 Papers
   - Raffel et al. 2020, "Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer" (T5).
-    §2.1 the model: Vaswani et al.'s encoder-decoder with a simplified layer norm (a rescale only: no mean, no bias,
-    i.e. RMSNorm) at the input of every sub-block and after each stack, no biases anywhere, no 1/sqrt(d) in attention
-    (folded into the initialisation), a relative position bias (a learned scalar per head and log-spaced distance
-    bucket) computed by the first layer of each stack and reused by all of its layers, dropout 0.1.
+    §2.1 the model: Vaswani et al.'s encoder-decoder with a simplified layer norm (a rescale only, i.e. RMSNorm) at
+    the input of every sub-block and after each stack. No biases anywhere. No 1/sqrt(d) in attention (it is folded into
+    the initialisation). A relative position bias (a learned scalar per head and log-spaced distance bucket), computed
+    by the first layer of each stack and reused by all its layers. Dropout 0.1.
     §3.1 the baseline's pretraining: span corruption, 2^19 steps of 128 rows x 512 tokens, inverse square-root lr.
     §3.2 architectures (Table 2: encoder-decoder, "Enc-dec, shared", 6 layers, language model, prefix LM).
-    §3.3 objectives: Table 3 (what each one feeds the encoder and asks of the decoder), Table 4 (BERT-style, MASS-style,
+    §3.3 objectives: Table 3 (what each feeds the encoder and asks of the decoder), Table 4 (BERT-style, MASS-style,
     replace corrupted spans, drop corrupted tokens), Table 5 (corruption rate), Table 6 (span length).
     T5's released preprocessors (t5/data/preprocessors.py): random_spans_helper, random_spans_noise_mask,
     noise_span_to_unique_sentinel, ... This file keeps their names, so it reads beside them.
@@ -37,28 +37,24 @@ Legend
 import argparse
 import os
 import re
-import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import UsageError
-from gpt import sample_next
-from hf_io import read_hf_dir, write_hf_dir
+import gpt
+from common import UsageError, command, require
+from hf_io import copy_weights, read_hf_dir, write_hf_dir
 from positions import T5RelativeBias, causal_mask
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Special tokens. T5 appropriates the top ids of its vocabulary as sentinels, counting DOWN: <extra_id_0> is the last
-# id, <extra_id_1> the one below it, ... (T5's noise_span_to_unique_sentinel computes them as vocab_size - 1 - k).
-# data.py puts a model's SPECIAL_TOKENS above the ordinary ids in list order, so the list ends with <extra_id_0>.
-#
-# How many: T5 has 100. We keep 100 for our own tokenizers too: a row needs one sentinel per corrupted span, and the
-# slide's harshest settings need many (50% corruption of single tokens at the CPU preset's 128 inputs: 64 spans); with
-# fewer, such a run would stop at start-up. The price is 100 extra rows in the embedding and the output layer, a few
-# percent of the CPU preset's compute. A released T5 brings its own (ids 32000..32099 of its SentencePiece vocabulary).
+# Special tokens. T5's sentinels are the top ids of its vocabulary, counting DOWN: <extra_id_k> = vocab_size - 1 - k
+# (noise_span_to_unique_sentinel). data.py puts SPECIAL_TOKENS above the ordinary ids in order, <extra_id_0> last.
+# 100 of them, as T5: a row needs one per corrupted span, and the slide's harshest setting needs 64 (50% corruption of
+# single tokens in 128 inputs). They cost a few percent of the CPU preset's compute. A released T5 has its own (ids
+# 32000..32099 above its SentencePiece vocabulary).
 
 N_SENTINELS = 100
 
@@ -72,20 +68,19 @@ SPECIAL_TOKENS = ("<pad>", "</s>") + tuple(sentinel(k) for k in reversed(range(N
 TOKEN_IDS = {"pad_token_id": "<pad>", "eos_token_id": "</s>", "decoder_start_token_id": "<pad>"}  # filled by train.py
 DTYPES = ("bf16", "fp32")  # never fp16: T5's activations overflow it (see the presets); train.py refuses it at start-up
 
-# The objectives, as named options (--objective). Each builds (encoder inputs, decoder targets) from R raw tokens; the
-# examples are T5's Table 3 on "Thank you for inviting me to your party last week ." (<M> the mask token).
+# The objectives (--objective). Each builds (encoder inputs, decoder targets) from R raw tokens. The examples are T5's
+# Table 3 on "Thank you for inviting me to your party last week ." (<M> is the mask token).
 OBJECTIVES = {
     # T5 §3.3.4, the default ("span corruption"): each corrupted span -> one unique sentinel; the targets are the
     # spans, each after its sentinel. "Thank you <X> me to your party <Y> week ." -> "<X> for inviting <Y> last <Z>"
     "replace-spans": "random_spans_noise_mask, noise_span_to_unique_sentinel / nonnoise_span_to_unique_sentinel",
-    # T5 §3.3.2 (Table 4, "drop corrupted tokens"): the corrupted tokens vanish from the inputs, the targets are just
+    # T5 §3.3.2 (Table 4, "drop corrupted tokens"): the corrupted tokens vanish from the inputs; the targets are just
     # them. "Thank you me to your party week ." -> "for inviting last"
     "drop-tokens": "random_spans_noise_mask, drop_noise_tokens / drop_nonnoise_tokens",
-    # T5 §3.3.1 after BERT (Devlin et al. 2019): 90% of the corrupted tokens -> <M>, 10% -> a random token; the targets
-    # are the whole original text. "Thank you <M> <M> me to your party apple week ." -> the original
+    # T5 §3.3.1 after BERT: 90% of the corrupted tokens -> <M>, 10% -> a random token; the targets are the whole
+    # original. "Thank you <M> <M> me to your party apple week ." -> the original
     "bert-style": "random_spans_noise_mask, noise_token_to_random_token_or_sentinel / the original",
-    # T5 §3.3.2 after MASS (Song et al. 2019): BERT-style without the random tokens. "Thank you <M> <M> me to your party
-    # <M> week ." -> the original
+    # T5 §3.3.2 after MASS: BERT-style without the random tokens. "Thank you <M> <M> me to your party <M> week ."
     "mass-style": "random_spans_noise_mask, noise_token_to_sentinel / the original",
     # T5 §3.2.3 / §3.3.1 ("prefix language modeling", the "LM" rows of the architecture table): the encoder reads a
     # prefix of random length, the decoder continues it. "Thank you for inviting" -> "me to your party last week ."
@@ -104,7 +99,7 @@ FEED_FORWARD = ("relu", "gated-gelu")
 
 @dataclass
 class T5Config:
-    vocab_size: int = 32128  # V, set by train.py from the tokenizer (released T5: 32,000 pieces + 100 sentinels, padded)
+    vocab_size: int = 32128  # V, from the tokenizer (released T5: 32,000 pieces + 100 sentinels, padded)
     d_model: int = 512  # C: width of the residual stream and of the embedding (the defaults are t5-small's)
     d_kv: int = 64  # dk: size of one attention head; T5 keeps 64 at every size
     d_ff: int = 2048  # F: hidden width of the feed-forward layer
@@ -120,7 +115,7 @@ class T5Config:
     initializer_factor: float = 1.0  # multiplies every init std (T5's own knob; the parity tests draw large weights)
     share_encoder_decoder: bool = False  # T5 Table 2 "Enc-dec, shared": the decoder reuses the encoder's layers
     attn: str = "sdpa"  # naive: softmax(QK^T + bias)V written out | sdpa: the fused kernel. Tests prove them equal.
-    objective: str = "replace-spans"  # replace-spans | drop-tokens | bert-style | mass-style | prefix-lm | text-infilling | sentence-permutation
+    objective: str = field(default="replace-spans", metadata={"help": " | ".join(OBJECTIVES)})  # see OBJECTIVES
     noise_density: float = 0.15  # corruption rate: the share of a row's tokens corrupted (T5: 0.15; BART: 0.3)
     mean_noise_span_length: float = 3.0  # mean corrupted span (T5: 3; 1 = single tokens; BART's Poisson lambda)
     inputs_length: int = 512  # S: encoder tokens of a row; the raw tokens drawn follow (512 -> 568 for replace-spans)
@@ -129,35 +124,36 @@ class T5Config:
     decoder_start_token_id: int = 0  # the decoder's first input; T5 uses <pad>
 
     def __post_init__(self):
-        if self.feed_forward_proj not in FEED_FORWARD:
-            raise ValueError(f"feed_forward_proj must be one of {', '.join(FEED_FORWARD)}; got {self.feed_forward_proj!r}")
-        if self.attn not in ("naive", "sdpa"):
-            raise ValueError(f"attn must be 'naive' or 'sdpa', got {self.attn!r}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
-        if not 0 < self.noise_density < 1:
-            raise ValueError(f"noise_density (the corruption rate) must lie in (0, 1), got {self.noise_density}")
-        if self.mean_noise_span_length < 1:
-            raise ValueError(f"mean_noise_span_length must be at least 1, got {self.mean_noise_span_length}")
-        if self.inputs_length < 4:
-            raise ValueError(f"inputs_length must be at least 4, got {self.inputs_length}")
-        if self.share_encoder_decoder and self.num_decoder_layers not in (0, self.num_layers):
-            raise ValueError("share_encoder_decoder needs as many decoder layers as encoder layers")
+        require(self.feed_forward_proj in FEED_FORWARD,
+                f"--feed-forward-proj {self.feed_forward_proj!r}: must be one of {', '.join(FEED_FORWARD)}")
+        require(self.attn in ("naive", "sdpa"), f"--attn {self.attn!r}: must be naive or sdpa")
+        require(self.objective in OBJECTIVES,
+                f"--objective {self.objective!r}: must be one of {', '.join(OBJECTIVES)}")
+        require(0 <= self.dropout_rate < 1, f"--dropout-rate {self.dropout_rate}: must be in [0, 1)")
+        require(self.num_layers >= 1, f"--num-layers {self.num_layers}: must be at least 1")
+        require(self.num_decoder_layers >= 0, f"--num-decoder-layers {self.num_decoder_layers}: must be >= 0 "
+                f"(0 = as many as the encoder)")
+        require(self.num_heads >= 1, f"--num-heads {self.num_heads}: must be at least 1")
+        require(0 < self.noise_density < 1, f"--noise-density {self.noise_density}: must lie in (0, 1)")
+        require(self.mean_noise_span_length >= 1,
+                f"--mean-noise-span-length {self.mean_noise_span_length}: must be at least 1")
+        require(self.inputs_length >= 4, f"--inputs-length {self.inputs_length}: must be at least 4")
+        require(not self.share_encoder_decoder or self.num_decoder_layers in (0, self.num_layers),
+                "--share-encoder-decoder needs as many decoder layers as encoder layers")
 
     @property
     def n_decoder_layers(self):
         return self.num_decoder_layers or self.num_layers
 
 
-# A preset sets model sizes and, where a recipe goes with them, training settings (train.py applies each key to whichever
-# config declares it). Never fp16: T5's activations overflow it (the released models produce inf/NaN in fp16, and
-# nanoT5 reports every fp16 run diverging), so the GPU presets pin bf16 and train.py refuses fp16 (DTYPES).
+# A preset sets model sizes and, where a recipe goes with them, training settings (train.py applies each key to the
+# config that declares it). Never fp16: T5's activations overflow it (the released models give inf/NaN, and nanoT5
+# reports every fp16 run diverging), so the GPU presets pin bf16 and train.py refuses fp16 (DTYPES).
 PRESETS = {
-    # The CPU default: characters of Shakespeare, span corruption as T5 does it. 128 encoder characters per row
-    # (141 raw -> 128 inputs, 29 targets), 32 rows. 2 + 2 layers of width 128, T5's proportions (d_ff = 4 d_model,
-    # H x dk = d_model); ReLU and a tied output layer, as T5 v1.0. Dropout 0 and no weight decay, as nanoT5 (a short
-    # run never sees a token twice). fp32: faster than bf16 at this size on the CPUs measured (README errata). Fewer,
-    # cheaper layers than 3 + 3: the loss is bound by the number of steps here, not by capacity (README errata).
+    # The CPU default: characters of Shakespeare, span corruption. Rows of 141 raw -> 128 inputs + 29 targets, 32 rows.
+    # 2 + 2 layers of width 128 in T5's proportions (d_ff = 4 d_model, H x dk = d_model); ReLU and a tied output layer
+    # as T5 v1.0. Dropout 0 and no weight decay, as nanoT5: a short run never sees a token twice. Measured (README
+    # errata): fp32 is faster than bf16 at this size, and 2 + 2 beats 3 + 3 layers (the steps bind, not capacity).
     "char-cpu": dict(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_heads=4, dropout_rate=0.0, inputs_length=128,
                      tokenizer="char", batch_size=32, lr=3e-3, min_lr=3e-4, warmup_iters=100, max_iters=1200,
                      eval_interval=400, eval_tokens=100_000, weight_decay=0.0, dtype="fp32"),
@@ -165,19 +161,18 @@ PRESETS = {
     "tiny": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0, inputs_length=32,
                  relative_attention_num_buckets=8, relative_attention_max_distance=16,
                  batch_size=4, max_iters=20, warmup_iters=5, eval_interval=10, eval_tokens=4096),
-    # T5-small (v1.0, 60M parameters with T5's vocabulary): T5 §3.1's baseline recipe as far as this loop can follow
-    # it: span corruption, 512 inputs / 114 targets, 128 rows per step, 2^19 steps, inverse square-root decay after a
-    # 10^4-step warm-up, dropout 0.1. T5 used Adafactor with a relative step (lr 0.01 scaled by each weight's RMS);
-    # adamw-scale is Adam with that same scaling (train.AdamWScale). Not measured here (no GPU).
+    # T5-small (v1.0, 60M parameters with T5's vocabulary), T5 §3.1's baseline recipe as far as this loop follows it:
+    # span corruption 512 / 114, 128 rows per step, 2^19 steps, inverse square-root decay after 10^4 warm-up steps,
+    # dropout 0.1. T5's Adafactor scales a relative step (lr 0.01) by each weight's RMS; adamw-scale is Adam scaled
+    # the same way (train.AdamWScale). Not measured here (no GPU).
     "t5-small": dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8, dropout_rate=0.1,
                      feed_forward_proj="relu", tie_word_embeddings=True, inputs_length=512, tokenizer="gpt2",
                      batch_size=32, tokens_per_step=128 * 626, optimizer="adamw-scale", lr=1e-2, min_lr=1e-5,
                      schedule="rsqrt", warmup_iters=10000, max_iters=2**19, weight_decay=0.0, eval_interval=5000,
                      dtype="bf16"),
-    # T5 v1.1 small and base with nanoT5's recipe: span corruption 512 / 114, 128 rows per step, 2^16 steps, linear
-    # warm-up over 10^4 steps then cosine to 1e-5, no weight decay, clipping at 1.0, bf16 autocast, dropout 0, and
-    # AdamW with each update scaled by the weight's RMS ("AdamWScale", lr 2e-2; nanoT5 reports plain AdamW diverging
-    # at its settings). Not measured here (no GPU).
+    # T5 v1.1 small and base, nanoT5's recipe: span corruption 512 / 114, 128 rows per step, 2^16 steps, 10^4 linear
+    # warm-up steps then cosine to 1e-5, no weight decay, clipping at 1.0, bf16, dropout 0, AdamWScale at lr 2e-2
+    # (nanoT5 reports plain AdamW diverging there). Not measured here (no GPU).
     "t5-v1_1-small": dict(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6, dropout_rate=0.0,
                           feed_forward_proj="gated-gelu", tie_word_embeddings=False, inputs_length=512,
                           tokenizer="gpt2", batch_size=64, tokens_per_step=128 * 626, optimizer="adamw-scale", lr=2e-2,
@@ -196,7 +191,7 @@ DEFAULT_PRESET = "char-cpu"
 
 
 class RMSNorm(nn.Module):
-    """T5's layer norm: x / sqrt(mean(x^2) + eps) * weight. No mean subtracted, no bias (Zhang & Sennrich 2019, RMSNorm).
+    """T5's layer norm: x / sqrt(mean(x^2) + eps) * weight. No mean subtracted, no bias (Zhang & Sennrich 2019).
     Trap: the mean of squares is computed in at least fp32; in bf16 it would lose the small components of x."""
 
     def __init__(self, dim, eps):
@@ -226,42 +221,32 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, x):
-        h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x) if self.gated else F.relu(self.wi(x))  # (B, L, F)
+        if self.gated:
+            h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)  # (B, L, F)
+        else:
+            h = F.relu(self.wi(x))
         return self.wo(self.dropout(h))
 
 
-class KVCache:
-    """The decoder's keys and values while generating: per layer, the self-attention keys/values of the tokens decoded
-    so far (preallocated and written in place, as gpt.KVCache), and the cross-attention keys/values of the encoder
-    output, which do not change while decoding and are computed once, at the first step."""
+class KVCache(gpt.KVCache):
+    """gpt.py's cache for the decoder's self-attention (the tokens decoded so far), plus `cross`: per layer, the keys
+    and values of the encoder output. Those do not change while decoding, so they are computed once, at the first step.
+    """
 
     def __init__(self, config, batch_size, max_len, device, dtype):
-        shape = (batch_size, config.num_heads, max_len, config.d_kv)
         n = config.n_decoder_layers
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)]
+        super().__init__(n, (batch_size, config.num_heads, max_len, config.d_kv), device, dtype)
         self.cross = [None] * n
-        self.length = 0
-
-    def update(self, layer, k, v):
-        """Append k, v (B, H, T_new, dk) to `layer`'s self-attention and return its keys and values so far."""
-        start, end = self.length, self.length + k.size(2)
-        if end > self.k[layer].size(2):
-            raise ValueError(f"the KV cache holds {self.k[layer].size(2)} positions; {end} do not fit")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class Attention(nn.Module):
     """Multi-head attention with T5's names (q, k, v, o; no biases): self-attention, or cross-attention when given the
-    encoder's output as `source`. Everything about positions and masking arrives in one float `bias` added to the logits:
-    T5's relative position bias plus -inf where a key is padding or in the future.
+    encoder's output as `source`. Positions and masking arrive in one float `bias` added to the logits: T5's relative
+    position bias, plus -inf where a key is padding or in the future.
 
-    T5 does not divide q.k by sqrt(dk): its q is initialised sqrt(dk) smaller instead (T5._init_weights), which is the same
-    function at init, and a released checkpoint's q carries the factor. So the logits here are q.k + bias; positions.py's
-    contract ("added to the scaled logits") holds with a scale of 1, and sdpa gets scale=1.0 explicitly (its default
-    would divide by sqrt(dk) a second time).
+    T5 does not divide q.k by sqrt(dk). Its q is initialised sqrt(dk) smaller instead (T5._init_weights): the same
+    function at init, and a released checkpoint's q carries the factor. So the logits here are q.k + bias, and sdpa gets
+    scale=1.0 explicitly (its default would divide by sqrt(dk) a second time).
     """
 
     def __init__(self, config, layer_idx):
@@ -279,14 +264,17 @@ class Attention(nn.Module):
         """x (B, T, C) -> (B, T, C). bias None or float (B or 1, H, T, T_k); source (B, S, C) for cross-attention;
         cache a KVCache (decoder only)."""
         B, T, _ = x.shape
-        heads = lambda t: t.view(B, -1, self.n_heads, self.d_kv).transpose(1, 2)  # (B, L, H*dk) -> (B, H, L, dk)
+
+        def heads(t):  # (B, L, H*dk) -> (B, H, L, dk)
+            return t.view(B, -1, self.n_heads, self.d_kv).transpose(1, 2)
+
         q = heads(self.q(x))
         if source is None:  # self-attention: keys and values from the same tokens (and, decoding, the cached past)
             k, v = heads(self.k(x)), heads(self.v(x))
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)  # (B, H, T_past + T, dk)
         elif cache is not None and cache.cross[self.layer_idx] is not None:
-            k, v = cache.cross[self.layer_idx]  # the encoder output's keys and values, computed at the first step
+            k, v = cache.cross[self.layer_idx]  # the encoder output's keys and values, from the first step
         else:  # cross-attention: queries from the decoder, keys and values from the encoder's output
             k, v = heads(self.k(source)), heads(self.v(source))  # (B, H, S, dk)
             if cache is not None:
@@ -295,13 +283,16 @@ class Attention(nn.Module):
             att = q @ k.transpose(-2, -1)  # (B, H, T, T_k) raw logits: no 1/sqrt(dk) in T5
             if bias is not None:
                 att = att + bias  # relative position bias, and -inf on padding / future keys
-            att = F.softmax(att.float(), dim=-1).type_as(att)  # softmax in fp32, as T5
+            wide = torch.promote_types(att.dtype, torch.float32)  # softmax in at least fp32, as T5
+            att = F.softmax(att, dim=-1, dtype=wide).type_as(att)
             y = self.attn_dropout(att) @ v  # (B, H, T, dk)
         else:
             # Trap: under autocast the float mask must be in q's dtype; and scale=1.0, or sdpa divides by sqrt(dk).
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
-                                               dropout_p=self.dropout if self.training else 0.0, scale=1.0)
-        return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.d_kv))  # heads side by side, then mixed
+            mask = None if bias is None else bias.to(q.dtype)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.d_kv)  # heads side by side ...
+        return self.o(y)  # ... then mixed
 
 
 class Block(nn.Module):
@@ -311,15 +302,17 @@ class Block(nn.Module):
 
     def __init__(self, config, layer_idx, is_decoder):
         super().__init__()
-        self.self_attn_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+        C, eps = config.d_model, config.layer_norm_epsilon
+        self.self_attn_norm = RMSNorm(C, eps)
         self.self_attn = Attention(config, layer_idx)
         if layer_idx == 0:
             self.self_attn.pos_bias = T5RelativeBias(config.num_heads, config.relative_attention_num_buckets,
-                                                     config.relative_attention_max_distance, bidirectional=not is_decoder)
+                                                     config.relative_attention_max_distance,
+                                                     bidirectional=not is_decoder)
         if is_decoder:
-            self.cross_attn_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+            self.cross_attn_norm = RMSNorm(C, eps)
             self.cross_attn = Attention(config, layer_idx)
-        self.ff_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+        self.ff_norm = RMSNorm(C, eps)
         self.ff = FeedForward(config)
         self.dropout = nn.Dropout(config.dropout_rate)
 
@@ -354,8 +347,8 @@ class Stack(nn.Module):
 def padding_bias(attention_mask, dtype):
     """(B, S) with 1 = token, 0 = padding -> (B, 1, 1, S): 0 where a key may be attended, -inf where it is padding.
     padding_bias(torch.tensor([[1, 1, 0]]), torch.float32) -> tensor([[[[0., 0., -inf]]]])"""
-    return torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(
-        attention_mask == 0, float("-inf"))[:, None, None, :]
+    bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    return bias.masked_fill(attention_mask == 0, float("-inf"))[:, None, None, :]
 
 
 def shift_right(labels, start_id, pad_id):
@@ -371,9 +364,8 @@ def shift_right(labels, start_id, pad_id):
 
 
 class T5(nn.Module):
-    """T5ForConditionalGeneration: shared embedding -> encoder; shared embedding of the shifted targets -> decoder, which
-    attends to the encoder's output -> the output layer. Parameter names map one-to-one onto the released checkpoints'
-    (hf_name)."""
+    """T5ForConditionalGeneration. The shared embedding feeds the encoder, and the shifted targets to the decoder, which
+    attends to the encoder's output; then the output layer. Names map one-to-one onto the released ones (hf_name)."""
 
     def __init__(self, config):
         super().__init__()
@@ -384,11 +376,11 @@ class T5(nn.Module):
         if config.share_encoder_decoder:
             # "Enc-dec, shared" (T5 §3.2.2, Table 2; the slide's "Can force sharing of parameters"): the decoder's
             # layers ARE the encoder's (self-attention, feed-forward, their norms, the final norm); only cross-attention
-            # is the decoder's own. The position table is shared too: with its bidirectional buckets, a bucket means
-            # the same offset in both stacks; the decoder's causal mask just never uses the future half.
+            # is the decoder's own. The position table is shared too: with bidirectional buckets, a bucket means the
+            # same offset in both stacks; the decoder's causal mask just never uses the future half.
             for enc, dec in zip(self.encoder.block, self.decoder.block):
-                dec.self_attn_norm, dec.self_attn, dec.ff_norm, dec.ff = (enc.self_attn_norm, enc.self_attn,
-                                                                          enc.ff_norm, enc.ff)
+                dec.self_attn_norm, dec.self_attn = enc.self_attn_norm, enc.self_attn
+                dec.ff_norm, dec.ff = enc.ff_norm, enc.ff
             self.decoder.final_layer_norm = self.encoder.final_layer_norm
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -397,11 +389,14 @@ class T5(nn.Module):
 
     def _init_weights(self):
         """T5's initialisation (Mesh TensorFlow's, as the released code and transformers do it), f = initializer_factor:
-        embedding N(0, f); q N(0, f / sqrt(C dk)) -- the 1/sqrt(dk) of scaled attention lives here -- k, v N(0, f/sqrt(C)),
+        embedding N(0, f); q N(0, f / sqrt(C dk)) (the 1/sqrt(dk) of scaled attention lives here); k, v N(0, f/sqrt(C));
         o N(0, f / sqrt(H dk)); wi N(0, f / sqrt(C)), wo N(0, f / sqrt(F)); position tables N(0, f / sqrt(C)); norms f.
         Each matrix's std is 1/sqrt(its fan-in), so activations keep unit scale through every layer."""
         c, f = self.config, self.config.initializer_factor
-        normal = lambda w, std: nn.init.normal_(w, mean=0.0, std=f * std)
+
+        def normal(w, std):
+            nn.init.normal_(w, mean=0.0, std=f * std)
+
         normal(self.shared.weight, 1.0)
         if not c.tie_word_embeddings:
             normal(self.lm_head.weight, 1.0)
@@ -430,23 +425,24 @@ class T5(nn.Module):
                 if isinstance(m, T5RelativeBias)}
 
     def flops_per_token(self):
-        """Training FLOPs per token the loop counts (encoder + decoder tokens), at a row's nominal lengths: 6 per weight a
-        token passes through (Kaplan et al. 2020 eq. 2.1; the decoder's tokens also through the output layer), plus the
-        attention scores and mixing, 12 x layers x keys x H dk (PaLM App. B): self-attention in both stacks, cross-
-        attention over the S encoder positions in the decoder."""
+        """Training FLOPs per token the loop counts (encoder + decoder tokens), at a row's nominal lengths.
+        6 per weight a token passes through (Kaplan et al. 2020 eq. 2.1); the decoder's tokens also pass the output
+        layer. Plus attention scores and mixing, 12 x layers x keys x H dk (PaLM App. B): self-attention in both
+        stacks, and cross-attention over the S encoder positions in the decoder."""
         c = self.config
         _, S, T = row_lengths(c)
         inner = c.num_heads * c.d_kv
-        stack = lambda s: sum(p.numel() for p in s.parameters())
-        enc = 6 * stack(self.encoder) + 12 * c.num_layers * S * inner
-        dec = 6 * (stack(self.decoder) + c.vocab_size * c.d_model) + 12 * c.n_decoder_layers * (T + S) * inner
+        enc_w = sum(p.numel() for p in self.encoder.parameters())
+        dec_w = sum(p.numel() for p in self.decoder.parameters()) + c.vocab_size * c.d_model
+        enc = 6 * enc_w + 12 * c.num_layers * S * inner
+        dec = 6 * dec_w + 12 * c.n_decoder_layers * (T + S) * inner
         return (S * enc + T * dec) / (S + T)
 
     def _check_dtype(self, device_type):
-        if self.shared.weight.dtype == torch.float16 or (
-                torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16):
-            raise UsageError("T5 does not run in fp16: its activations overflow it (inf, then NaN); use --dtype bf16 "
-                             "or fp32")
+        fp16 = self.shared.weight.dtype == torch.float16 or (
+            torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16)
+        require(not fp16, "T5 does not run in fp16: its activations overflow it (inf, then NaN); use --dtype bf16 "
+                "or fp32")
 
     def encode(self, input_ids, attention_mask=None):
         """input_ids (B, S), attention_mask (B, S) 1 = token, 0 = padding -> the encoder's output (B, S, C)."""
@@ -460,10 +456,10 @@ class T5(nn.Module):
     def decode(self, decoder_input_ids, encoder_out, attention_mask=None, cache=None):
         """decoder_input_ids (B, T) -> logits (B, T, V), attending to encoder_out (B, S, C) except its padding.
         With a cache, decoder_input_ids are the next T tokens after the cache.length already decoded."""
-        B, T = decoder_input_ids.shape
+        T, device = decoder_input_ids.size(1), decoder_input_ids.device
         past = cache.length if cache is not None else 0
-        pos = torch.arange(past, past + T, device=decoder_input_ids.device)  # (T,) positions of the new tokens
-        k_pos = torch.arange(past + T, device=decoder_input_ids.device)  # (T_k,) every position so far
+        pos = torch.arange(past, past + T, device=device)  # (T,) positions of the new tokens
+        k_pos = torch.arange(past + T, device=device)  # (T_k,) every position so far
         bias = self.decoder.position_bias(pos, k_pos)  # (H, T, T_k): causal buckets (the future maps to bucket 0) ...
         bias = bias.masked_fill(~causal_mask(pos, k_pos), float("-inf"))[None]  # ... and the future masked out
         cross_bias = None if attention_mask is None else padding_bias(attention_mask, bias.dtype)  # (B, 1, 1, S)
@@ -471,14 +467,14 @@ class T5(nn.Module):
         if cache is not None:
             cache.length += T
         if self.config.tie_word_embeddings:
-            # T5 v1.0 (Mesh TensorFlow): with the embedding reused as the output layer, the decoder's output is scaled
-            # by d_model**-0.5 first: the embedding was drawn with std 1, so unscaled logits would have std sqrt(C).
+            # T5 v1.0 (Mesh TensorFlow): with the embedding reused as the output layer, the decoder's output is first
+            # scaled by d_model**-0.5. The embedding was drawn with std 1, so unscaled logits would have std sqrt(C).
             x = x * self.config.d_model ** -0.5
         return self.lm_head(x)
 
     def forward(self, input_ids, decoder_input_ids=None, labels=None, attention_mask=None):
-        """logits (B, T, V), loss (mean cross-entropy over labels != -100, or None without labels). decoder_input_ids
-        default to the labels shifted right behind the start token (-100 -> pad), as T5 trains."""
+        """-> logits (B, T, V), loss (mean cross-entropy over labels != -100; None without labels).
+        decoder_input_ids default to the labels shifted right behind the start token (-100 -> pad), as T5 trains."""
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("T5.forward needs decoder_input_ids or labels")
@@ -490,9 +486,6 @@ class T5(nn.Module):
             loss = F.cross_entropy(wide.flatten(0, 1), labels.flatten(), ignore_index=-100)
         return logits, loss
 
-    # ------------------------------------------------------------------------------------------------------------------
-    # Decoding
-
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, attention_mask=None, temperature=0.0, top_k=None, top_p=None,
                  use_cache=True, generator=None):
@@ -502,15 +495,14 @@ class T5(nn.Module):
         encoder's are computed once); without it, each step re-runs the decoder on every token so far."""
         was_training = self.training
         self.eval()
-        c = self.config
+        c, B, device = self.config, input_ids.size(0), input_ids.device
         encoder_out = self.encode(input_ids, attention_mask)
-        B = input_ids.size(0)
-        out = torch.full((B, 1), c.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
-        cache = KVCache(c, B, max_new_tokens + 1, input_ids.device, encoder_out.dtype) if use_cache else None
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        out = torch.full((B, 1), c.decoder_start_token_id, dtype=torch.long, device=device)
+        cache = KVCache(c, B, max_new_tokens + 1, device, encoder_out.dtype) if use_cache else None
+        done = torch.zeros(B, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
             logits = self.decode(out[:, -1:] if use_cache else out, encoder_out, attention_mask, cache)
-            next_id = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B, 1)
+            next_id = gpt.sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B, 1)
             next_id = next_id.masked_fill(done[:, None], c.pad_token_id)
             out = torch.cat((out, next_id), dim=1)
             done |= next_id[:, 0] == c.eos_token_id
@@ -527,8 +519,8 @@ class T5(nn.Module):
         """Load a T5ForConditionalGeneration directory (config.json + model.safetensors or pytorch_model.bin), v1.0 or
         v1.1, without transformers. overrides: e.g. attn="naive", dropout_rate=0.0.
 
-        v1.0 or v1.1 is read from config.json: feed_forward_proj, and whether the output layer is the embedding.
-        Trap: two spellings of the second. The hub's v1.1 configs say tie_word_embeddings: false; transformers 5 writes
+        Which version is read from config.json: feed_forward_proj, and whether the output layer is the embedding.
+        Trap: the second has two spellings. The hub's v1.1 configs say tie_word_embeddings: false; transformers 5 writes
         tie_word_embeddings: true with scale_decoder_outputs: false and a separate lm_head.weight. Both mean: a head of
         its own and no d_model**-0.5 rescale. A v1.0 file may leave lm_head.weight out (it is the embedding)."""
         hf, sd = read_hf_dir(path)
@@ -541,35 +533,18 @@ class T5(nn.Module):
         if "shared.weight" not in sd:
             raise KeyError(f"{path}: missing weight 'shared.weight'")
         head = sd.get("lm_head.weight")
-        own_head = head is not None and not torch.equal(head, sd["shared.weight"])
-        if scaled and own_head:
+        if scaled and head is not None and not torch.equal(head, sd["shared.weight"]):
             raise ValueError(f"{path}: an output layer of its own with T5 v1.0's d_model**-0.5 rescale is neither T5 "
                              f"v1.0 nor v1.1")
-        pad = hf.get("pad_token_id", 0)
-        config = T5Config(**{**dict(
-            vocab_size=hf["vocab_size"], d_model=hf["d_model"], d_kv=hf["d_kv"], d_ff=hf["d_ff"],
-            num_layers=hf["num_layers"], num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
-            num_heads=hf["num_heads"], relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
-            relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
-            dropout_rate=hf.get("dropout_rate", 0.1), layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
-            feed_forward_proj=ff, tie_word_embeddings=scaled, initializer_factor=hf.get("initializer_factor", 1.0),
-            pad_token_id=pad, eos_token_id=hf.get("eos_token_id", 1),
-            decoder_start_token_id=hf.get("decoder_start_token_id", pad)), **overrides})
-        model = cls(config)
-        with torch.no_grad():
-            for name, param in model.state_dict().items():
-                if name == "lm_head.weight":
-                    if config.tie_word_embeddings:
-                        continue  # it is shared.weight
-                    w = head if head is not None else sd["shared.weight"]  # untied, unscaled, but saved as one matrix
-                else:
-                    key = hf_name(name)
-                    if key not in sd:
-                        raise KeyError(f"{path}: missing weight {key!r}")
-                    w = sd[key]
-                if w.shape != param.shape:
-                    raise ValueError(f"{path}: {hf_name(name)} has shape {tuple(w.shape)}, expected {tuple(param.shape)}")
-                param.copy_(w)
+        fields = {**{k: hf[k] for k in HF_REQUIRED}, **{k: hf.get(k, v) for k, v in HF_OPTIONAL.items()}}
+        fields.update(num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"], feed_forward_proj=ff,
+                      tie_word_embeddings=scaled, decoder_start_token_id=hf.get("decoder_start_token_id",
+                                                                                fields["pad_token_id"]))
+        model = cls(T5Config(**{**fields, **overrides}))
+        if model.config.tie_word_embeddings:  # lm_head.weight IS shared.weight: nothing more to load
+            copy_weights(model, sd, path, name=hf_name, skip=("lm_head.",))
+        else:  # untied and unscaled; a file may still store the head as the embedding (one matrix, saved once)
+            copy_weights(model, {"lm_head.weight": sd["shared.weight"], **sd}, path, name=hf_name)
         return model
 
     def export_hf(self, path):
@@ -577,20 +552,21 @@ class T5(nn.Module):
         model.safetensors). A tied output layer is left out, as transformers does (it re-ties it)."""
         c = self.config
         if c.share_encoder_decoder:
-            raise ValueError("export_hf: the HF T5 format has no encoder-decoder sharing (its decoder buckets positions "
-                             "causally); this model was built with share_encoder_decoder=True")
-        hf_config = dict(
-            architectures=["T5ForConditionalGeneration"], model_type="t5", vocab_size=c.vocab_size, d_model=c.d_model,
-            d_kv=c.d_kv, d_ff=c.d_ff, num_layers=c.num_layers, num_decoder_layers=c.n_decoder_layers,
-            num_heads=c.num_heads, relative_attention_num_buckets=c.relative_attention_num_buckets,
-            relative_attention_max_distance=c.relative_attention_max_distance, dropout_rate=c.dropout_rate,
-            layer_norm_epsilon=c.layer_norm_epsilon, initializer_factor=c.initializer_factor,
-            feed_forward_proj=c.feed_forward_proj, tie_word_embeddings=c.tie_word_embeddings, is_encoder_decoder=True,
-            use_cache=True, pad_token_id=c.pad_token_id, eos_token_id=c.eos_token_id,
-            decoder_start_token_id=c.decoder_start_token_id)
+            raise ValueError("export_hf: the HF T5 format has no encoder-decoder sharing (its decoder buckets "
+                             "positions causally); this model was built with share_encoder_decoder=True")
+        names = (*HF_REQUIRED, *HF_OPTIONAL, "feed_forward_proj", "tie_word_embeddings", "decoder_start_token_id")
+        hf_config = dict(architectures=["T5ForConditionalGeneration"], model_type="t5",
+                         **{k: getattr(c, k) for k in names}, num_decoder_layers=c.n_decoder_layers,
+                         is_encoder_decoder=True, use_cache=True)
         sd = {hf_name(name): w.float() for name, w in self.state_dict().items()
               if not (name == "lm_head.weight" and c.tie_word_embeddings)}
         write_hf_dir(path, hf_config, sd)
+
+
+# The config.json fields that are ours under the same name: required ones, then ones with a default.
+HF_REQUIRED = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
+HF_OPTIONAL = dict(relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.1,
+                   layer_norm_epsilon=1e-6, initializer_factor=1.0, pad_token_id=0, eos_token_id=1)
 
 
 def hf_name(name):
@@ -616,10 +592,11 @@ def hf_name(name):
 
 
 def noise_counts(length, noise_density, mean_noise_span_length):
-    """(noise tokens, noise spans) of a row, as random_spans_noise_mask fixes them: round(length x density), at least 1
-    and at most length - 1; spans round(noise / mean span length), at least 1. float32 and round-half-to-even, as TF.
-    One addition: at most as many spans as non-noise tokens (each noise span follows a non-noise one). T5's code
-    fails there (more than half noise in single tokens); we cap instead. noise_counts(568, 0.15, 3.0) -> (85, 28)"""
+    """(noise tokens, noise spans) of a row, as random_spans_noise_mask fixes them. Noise: round(length x density), at
+    least 1 and at most length - 1. Spans: round(noise / mean span length), at least 1. In float32 and rounding half to
+    even, as TF. One addition: at most as many spans as non-noise tokens (each noise span follows a non-noise one).
+    T5's code fails there (more than half noise in single tokens); we cap instead.
+    noise_counts(568, 0.15, 3.0) -> (85, 28)"""
     length = max(length, 2)
     num_noise = int(np.round(np.float32(length) * np.float32(noise_density)))
     num_noise = min(max(num_noise, 1), length - 1)
@@ -631,14 +608,15 @@ def _random_segmentation(num_items, num_segments, generator):
     """Split num_items into num_segments non-empty runs, every split equally likely: (num_segments,) lengths.
     _random_segmentation(5, 2, g) -> e.g. tensor([1, 4])"""
     first_in_segment = torch.zeros(num_items, dtype=torch.long)
-    first_in_segment[1 + torch.randperm(num_items - 1, generator=generator)[:num_segments - 1]] = 1  # segment starts
+    cuts = torch.randperm(num_items - 1, generator=generator)[:num_segments - 1]
+    first_in_segment[1 + cuts] = 1  # segment starts
     segment_id = first_in_segment.cumsum(0)  # (num_items,)
     return torch.bincount(segment_id, minlength=num_segments)
 
 
 def random_spans_noise_mask(length, noise_density=0.15, mean_noise_span_length=3.0, generator=None):
     """T5's noise mask (§3.3.4, "span corruption"): (length,) bools, True = corrupted. The number of noise tokens and of
-    spans is fixed (noise_counts); the row alternates non-noise and noise spans, beginning with non-noise and ending
+    spans is fixed (noise_counts). The row alternates non-noise and noise spans, beginning with non-noise and ending
     with noise, every span non-empty; subject to that, every mask is equally likely.
     random_spans_noise_mask(10, 0.3, 1.5) -> e.g. [F F F T F F F F T T]: 3 noise tokens in 2 spans"""
     num_noise, num_spans = noise_counts(length, noise_density, mean_noise_span_length)
@@ -646,9 +624,8 @@ def random_spans_noise_mask(length, noise_density=0.15, mean_noise_span_length=3
     noise_lengths = _random_segmentation(num_noise, num_spans, generator)
     nonnoise_lengths = _random_segmentation(padded - num_noise, num_spans, generator)
     interleaved = torch.stack([nonnoise_lengths, noise_lengths], dim=1).flatten()  # (2 * spans,) non-noise first
-    span_starts = interleaved.cumsum(0)[:-1]
     span_start_indicator = torch.zeros(padded, dtype=torch.long)
-    span_start_indicator[span_starts] = 1
+    span_start_indicator[interleaved.cumsum(0)[:-1]] = 1
     span_num = span_start_indicator.cumsum(0)  # which span each token is in: 0, 1, 2, ...
     return (span_num % 2 == 1)[:length]  # odd spans are noise
 
@@ -701,17 +678,19 @@ def compute_input_and_target_lengths(inputs_length, noise_density, mean_noise_sp
 
 def noise_token_to_random_token_or_sentinel(tokens, noise_mask, mask_id, n_ordinary, generator, random_prob=0.1):
     """BERT-style corruption as T5 does it: each noise token -> a random ordinary token with probability random_prob,
-    else the mask token (T5 uses the top sentinel as its mask). No "keep unchanged" share, unlike BERT's 80/10/10."""
+    else the mask token (T5 uses the top sentinel as its mask). No "keep unchanged" share, unlike BERT's 80/10/10.
+    noise_token_to_random_token_or_sentinel(tensor([5, 6, 7]), tensor([False, True, True]), 99, 20, g)
+        -> e.g. tensor([5, 99, 99]), or tensor([5, 13, 99]) one time in ten"""
     use_random = torch.rand(tokens.shape, generator=generator) < random_prob
     random_tokens = torch.randint(n_ordinary, tokens.shape, generator=generator)
     return torch.where(noise_mask, torch.where(use_random, random_tokens, mask_id), tokens)
 
 
 def infill(tokens, span_lengths, span_here, mask_id):
-    """Lay out BART's text infilling: walk the row; at each True of span_here one span begins -- emit ONE mask and skip
-    its length (0: a mask is inserted, nothing removed); at each False copy the next kept token.
-    span_here has (kept tokens + spans) entries. infill(tensor([1, 2, 3, 4]), tensor([0, 2]),
-    tensor([False, True, False, True]), 9) -> tensor([1, 9, 2, 9])"""
+    """Lay out BART's text infilling. Walk the row: at each True of span_here one span begins (emit ONE mask, skip its
+    length; a length 0 inserts a mask and removes nothing); at each False copy the next kept token.
+    span_here has (kept tokens + spans) entries.
+    infill(tensor([1, 2, 3, 4]), tensor([0, 2]), tensor([False, True, False, True]), 9) -> tensor([1, 9, 2, 9])"""
     consumed = torch.ones(len(span_here), dtype=torch.long)
     consumed[span_here] = span_lengths  # each span swallows its length, each kept token one
     source = consumed.cumsum(0) - consumed  # (len,) where in `tokens` each entry starts
@@ -720,8 +699,8 @@ def infill(tokens, span_lengths, span_here, mask_id):
 
 def text_infilling(tokens, noise_density, poisson_lambda, mask_id, generator):
     """BART §2.2: span lengths ~ Poisson(poisson_lambda), drawn until they cover N = round(density x R) tokens (the last
-    one cut to fit, as BART trims to its masking budget), spans at uniformly random places. Returns (inputs, noise mask).
-    Zero-length spans are insertions; at most N spans are kept, so the inputs are never longer than the row.
+    one cut to fit, as BART trims to its masking budget), spans at uniformly random places. Returns (inputs, noise
+    mask). Zero-length spans are insertions; at most N spans are kept, so the inputs are never longer than the row.
     Counted in tokens; BART's released code masks whole words (and rounds N up)."""
     R = len(tokens)
     num_noise = int(np.round(np.float32(R) * np.float32(noise_density)))
@@ -732,8 +711,8 @@ def text_infilling(tokens, noise_density, poisson_lambda, mask_id, generator):
         total += lengths[-1]
     lengths = torch.tensor(lengths, dtype=torch.long)
     if len(lengths) > max(num_noise, 1):  # many empty spans: keep the non-empty ones and as many empty ones as fit
-        keep = (lengths > 0) | (torch.cumsum((lengths == 0).long(), 0) <= num_noise - int((lengths > 0).sum()))
-        lengths = lengths[keep]
+        room = num_noise - int((lengths > 0).sum())
+        lengths = lengths[(lengths > 0) | (torch.cumsum((lengths == 0).long(), 0) <= room)]
     slots = R - num_noise + len(lengths)  # kept tokens + one mask per span
     span_here = torch.zeros(slots, dtype=torch.bool)
     span_here[torch.randperm(slots, generator=generator)[:len(lengths)]] = True
@@ -747,7 +726,7 @@ def text_infilling(tokens, noise_density, poisson_lambda, mask_id, generator):
 
 
 def sentence_permutation(tokens, sentence_starts, generator):
-    """BART §2.2: the row's sentences in a random order. sentence_starts: index of each sentence's first token (0 first).
+    """BART §2.2: the row's sentences in a random order. sentence_starts: each sentence's first token (0 first).
     sentence_permutation(tensor([1, 2, 3, 4, 5]), [0, 2, 3], g) -> e.g. tensor([3, 1, 2, 4, 5])"""
     bounds = list(sentence_starts) + [len(tokens)]
     pieces = [tokens[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
@@ -757,16 +736,18 @@ def sentence_permutation(tokens, sentence_starts, generator):
 def row_lengths(config):
     """(R raw tokens a row draws, S encoder length, T decoder length) for config.objective at config.inputs_length.
     Span corruption and drop-tokens follow T5's arithmetic (sentinels: 1 extra token per span on each side; dropping:
-    none); the objectives whose decoder rebuilds the whole row read R = S - 1 tokens (+ EOS).
+    none). The objectives whose decoder rebuilds the whole row read R = S - 1 tokens (+ EOS).
     row_lengths(T5Config()) -> (568, 512, 114)"""
     L, d, m = config.inputs_length, config.noise_density, config.mean_noise_span_length
     if config.objective not in ("replace-spans", "drop-tokens"):
         return L - 1, L, L
     extra = 1 if config.objective == "replace-spans" else 0
     R, _ = random_spans_helper(L, d, m, extra, extra)
-    while True:  # Trap: T5's helper ignores the mask's floor of one span, which bites in short rows with long spans
-        num_noise, num_spans = noise_counts(R, d, m)  # (e.g. 32 inputs, mean span 10); T5's pipeline would then
-        if R - num_noise + num_spans * extra + 1 <= L:  # truncate its inputs: we draw fewer raw tokens instead
+    # Trap: T5's helper ignores the mask's floor of one span, which bites in short rows with long spans (e.g. 32
+    # inputs, mean span 10). T5's pipeline would then truncate its inputs; we draw fewer raw tokens instead.
+    while True:
+        num_noise, num_spans = noise_counts(R, d, m)
+        if R - num_noise + num_spans * extra + 1 <= L:
             return R, L, num_noise + num_spans * extra + 1
         R -= 1
 
@@ -779,16 +760,15 @@ EVAL_SEED = 1234  # evaluation corrupts with its own generator, seeded afresh ea
 
 
 class DenoisingObjective:
-    """T5's objectives (and BART's two) through one interface. A batch: input_ids (B, S) and attention_mask (B, S) for the
-    encoder, decoder_input_ids (B, T) = the labels shifted right, labels (B, T) with -100 on padding. Metrics: loss
-    (nats per target token) and acc (share of target tokens predicted exactly, argmax). Tokens counted: real encoder
-    tokens + real decoder tokens; "per row" in train.py's log is S + T."""
+    """T5's objectives (and BART's two) through one interface. A batch: input_ids (B, S) and attention_mask (B, S) for
+    the encoder, decoder_input_ids (B, T) = the labels shifted right, labels (B, T) with -100 on padding.
+    Metrics: loss (nats per target token) and acc (share of target tokens predicted exactly, argmax). Tokens counted:
+    real encoder tokens + real decoder tokens; "per row" in train.py's log is S + T."""
 
     def __init__(self, config, tokenizer):
         self.config, self.objective = config, config.objective
         missing = [s for s in (sentinel(0), "<pad>", "</s>") if s not in tokenizer.specials]
-        if missing:
-            raise UsageError(f"t5: the tokenizer lacks the special tokens {missing}")
+        require(not missing, f"t5: the tokenizer lacks the special tokens {missing}")
         self.vocab_size = tokenizer.specials[sentinel(0)] + 1  # sentinel k = vocab_size - 1 - k, as in T5
         self.n_sentinels = sum(1 for s in tokenizer.specials if s.startswith("<extra_id_"))
         self.n_ordinary = min(tokenizer.specials.values())  # ids below are ordinary text: BERT-style's random tokens
@@ -798,10 +778,9 @@ class DenoisingObjective:
         self.tokens_per_row = self.inputs_length + self.targets_length
         if self.objective == "replace-spans":
             _, spans = noise_counts(self.raw_tokens_per_row, config.noise_density, config.mean_noise_span_length)
-            if spans > self.n_sentinels:
-                raise UsageError(f"t5: a row of {self.raw_tokens_per_row} tokens at --noise-density "
-                                 f"{config.noise_density} and --mean-noise-span-length {config.mean_noise_span_length} "
-                                 f"has {spans} spans, more than the {self.n_sentinels} sentinels of the vocabulary")
+            require(spans <= self.n_sentinels, f"t5: a row of {self.raw_tokens_per_row} tokens at --noise-density "
+                    f"{config.noise_density} and --mean-noise-span-length {config.mean_noise_span_length} has {spans} "
+                    f"spans, more than the {self.n_sentinels} sentinels of the vocabulary")
 
     def describe(self):
         """The line train.py prints at start-up: what one row is made of."""
@@ -814,26 +793,28 @@ class DenoisingObjective:
 
     def corrupt(self, tokens, generator, sentence_starts=(0,)):
         """tokens (R,) -> (encoder inputs, decoder targets), both ending with </s>."""
-        c, eos = self.config, torch.tensor([self.eos])
-        if self.objective == "prefix-lm":  # T5's random_prefix_noise_mask: the prefix has 1 .. R-1 tokens
+        c, eos, kind = self.config, torch.tensor([self.eos]), self.objective
+        if kind == "prefix-lm":  # T5's random_prefix_noise_mask: the prefix has 1 .. R-1 tokens
             split = int(torch.randint(1, max(2, len(tokens)), (1,), generator=generator))
-            return torch.cat([tokens[:split], eos]), torch.cat([tokens[split:], eos])
-        if self.objective == "sentence-permutation":
-            return torch.cat([sentence_permutation(tokens, sentence_starts, generator), eos]), torch.cat([tokens, eos])
-        if self.objective == "text-infilling":
+            inputs, targets = tokens[:split], tokens[split:]
+        elif kind == "sentence-permutation":
+            inputs, targets = sentence_permutation(tokens, sentence_starts, generator), tokens
+        elif kind == "text-infilling":
             inputs, _ = text_infilling(tokens, c.noise_density, c.mean_noise_span_length, self.mask_id, generator)
-            return torch.cat([inputs, eos]), torch.cat([tokens, eos])
-        noise = random_spans_noise_mask(len(tokens), c.noise_density, c.mean_noise_span_length, generator)
-        if self.objective == "replace-spans":
-            inputs = noise_span_to_unique_sentinel(tokens, noise, self.vocab_size)
-            targets = nonnoise_span_to_unique_sentinel(tokens, noise, self.vocab_size)
-        elif self.objective == "drop-tokens":
-            inputs, targets = tokens[~noise], tokens[noise]
-        elif self.objective == "bert-style":
-            inputs = noise_token_to_random_token_or_sentinel(tokens, noise, self.mask_id, self.n_ordinary, generator)
             targets = tokens
-        else:  # mass-style
-            inputs, targets = torch.where(noise, self.mask_id, tokens), tokens
+        else:
+            noise = random_spans_noise_mask(len(tokens), c.noise_density, c.mean_noise_span_length, generator)
+            if kind == "replace-spans":
+                inputs = noise_span_to_unique_sentinel(tokens, noise, self.vocab_size)
+                targets = nonnoise_span_to_unique_sentinel(tokens, noise, self.vocab_size)
+            elif kind == "drop-tokens":
+                inputs, targets = tokens[~noise], tokens[noise]
+            elif kind == "bert-style":
+                inputs = noise_token_to_random_token_or_sentinel(tokens, noise, self.mask_id, self.n_ordinary,
+                                                                 generator)
+                targets = tokens
+            else:  # mass-style
+                inputs, targets = torch.where(noise, self.mask_id, tokens), tokens
         return torch.cat([inputs, eos]), torch.cat([targets, eos])
 
     def _row(self, split, start, end, generator):
@@ -870,7 +851,7 @@ class DenoisingObjective:
         return self.collate([self._row(split, s, s + R, generator) for s in starts])
 
     def eval_batches(self, split, batch_size):
-        """Every token of the split once: consecutive rows of R tokens from its start, the last one shorter; corrupted
+        """Every token of the split once: consecutive rows of R tokens from its start, the last one shorter. Corrupted
         by a generator seeded here, so every evaluation scores the same corruption."""
         g = torch.Generator().manual_seed(EVAL_SEED)
         n, R = len(split.tokens), self.raw_tokens_per_row
@@ -916,15 +897,16 @@ Model, Config, Objective = T5, T5Config, DenoisingObjective  # what train.py's r
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Filling spans: the slide's example, and what a run shows when it ends.
-# "<X>", "<Y>", ... in a prompt are the slide's placeholders: numbered in order of appearance, they become sentinels
+# "<X>", "<Y>", ... in a prompt are the slide's placeholders. Numbered in order of appearance, they become sentinels
 # 0, 1, ... ("<extra_id_0>" may be written directly too); the model decodes "<extra_id_0> span <extra_id_1> span ...".
 
 PLACEHOLDER = re.compile(r"<[A-Z]>|<extra_id_\d+>")
 
 
 def to_sentinels(text):
-    """("Thank you <X> me to your party <Y> week.") -> ("Thank you <extra_id_0> me to your party <extra_id_1> week.",
-    ["<X>", "<Y>"]): the prompt as the tokenizer reads it, and the placeholders as the user wrote them."""
+    """The prompt as the tokenizer reads it, and the placeholders as the user wrote them:
+    to_sentinels("Thank you <X> me to your party <Y> week.")
+        -> ("Thank you <extra_id_0> me to your party <extra_id_1> week.", ["<X>", "<Y>"])"""
     found = PLACEHOLDER.findall(text)
     counter = iter(range(len(found)))
     return PLACEHOLDER.sub(lambda m: sentinel(next(counter)), text), found
@@ -932,18 +914,16 @@ def to_sentinels(text):
 
 @torch.no_grad()
 def fill_spans(model, tokenizer, text, max_new_tokens=32, temperature=0.0, top_k=None, generator=None):
-    """Encode text (with placeholders) + </s>, decode greedily (or sampled), and return (filled text, {placeholder:
-    fill}, the raw decoded text). Raises UsageError for a prompt without placeholders or longer than the model's rows."""
+    """Encode text (with placeholders) + </s>, decode greedily (or sampled). Returns (filled text, {placeholder: fill},
+    the raw decoded text). Raises UsageError for a prompt without placeholders or longer than the model's rows."""
     c = model.config
     prompt, names = to_sentinels(text)
-    if not names:
-        raise UsageError(f"no span to fill in {text!r}: mark each with <X>, <Y>, ... (or <extra_id_0>, ...)")
+    require(names, f"no span to fill in {text!r}: mark each with <X>, <Y>, ... (or <extra_id_0>, ...)")
     sentinel_ids = [tokenizer.specials.get(sentinel(k)) for k in range(len(names))]
-    if None in sentinel_ids:
-        raise UsageError(f"{len(names)} spans to fill; the vocabulary has sentinels for fewer")
+    require(None not in sentinel_ids, f"{len(names)} spans to fill; the vocabulary has sentinels for fewer")
     ids = tokenizer.encode(prompt) + [c.eos_token_id]
-    if len(ids) > c.inputs_length:
-        raise UsageError(f"the prompt is {len(ids)} tokens long; this model's inputs are at most {c.inputs_length}")
+    require(len(ids) <= c.inputs_length,
+            f"the prompt is {len(ids)} tokens long; this model's inputs are at most {c.inputs_length}")
     device = model.shared.weight.device
     out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=temperature, top_k=top_k,
                          generator=generator)[0, 1:].tolist()
@@ -955,8 +935,7 @@ def fill_spans(model, tokenizer, text, max_new_tokens=32, temperature=0.0, top_k
             break
         if i in all_sentinels:
             current = by_id.get(i)  # a sentinel beyond the prompt's: what follows fills no span of ours
-            continue
-        if current is not None:
+        elif current is not None:
             fills.setdefault(current, []).append(i)
     spans = [tokenizer.decode(fills.get(k, [])) for k in range(len(names))]
     counter = iter(spans)
@@ -965,10 +944,13 @@ def fill_spans(model, tokenizer, text, max_new_tokens=32, temperature=0.0, top_k
     return filled, dict(zip(names, spans)), raw
 
 
+# A held-out line (Julius Caesar, a val play), then the slide's example.
+FILL_TEXTS = "Friends, Romans, countrymen, <X> me your ears;|Thank you <X> me to your party <Y> week."
+
+
 @dataclass
 class DemoConfig:
-    # The first text is a held-out line (Julius Caesar, a val play), the second the slide's example.
-    fill: str = "Friends, Romans, countrymen, <X> me your ears;|Thank you <X> me to your party <Y> week."  # texts whose spans the run fills at its end ('|' between texts; '' = none)
+    fill: str = FILL_TEXTS  # texts whose spans the run fills at its end ('|' between texts; '' = none)
     fill_tokens: int = 24  # most tokens decoded for each text
     temperature: float = 0.0  # 0 = greedy decoding
 
@@ -1025,6 +1007,7 @@ class SentencePieceT5Tokenizer:
         return "".join(out + [self.sp.decode(run)])
 
 
+@command
 def main(argv=None):
     p = argparse.ArgumentParser(description="Fill the spans of a text with a T5: a checkpoint written by train.py "
                                             "(--ckpt) or a Hugging Face T5ForConditionalGeneration directory (--hf). "
@@ -1039,23 +1022,22 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    import train  # the checkpoint format, shared by every model
+    require(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    require(args.temperature >= 0, f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
+    require(args.top_k is None or args.top_k >= 1, f"--top-k {args.top_k}: must be at least 1")
+    import train  # the checkpoint format and the device check, shared by every model
 
-    try:
-        if args.ckpt:
-            model, tokenizer, _ = train.load_for_inference(args.ckpt, device=args.device, flag="--ckpt", model="t5")
-        else:
-            tokenizer = SentencePieceT5Tokenizer(os.path.join(args.hf, "spiece.model"))
-            try:
-                model = T5.from_pretrained(args.hf, inputs_length=100_000).to(args.device).eval()
-            except (OSError, KeyError, ValueError) as e:
-                raise UsageError(f"--hf {args.hf}: {e}") from None
-        g = torch.Generator(device=args.device).manual_seed(args.seed)
-        filled, fills, raw = fill_spans(model, tokenizer, args.text, args.max_new_tokens, args.temperature,
-                                        args.top_k, g)
-    except UsageError as e:
-        print(f"t5.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    device = train.pick_device(args.device)
+    if args.ckpt:
+        model, tokenizer, _ = train.load_for_inference(args.ckpt, device=device, flag="--ckpt", model="t5")
+    else:
+        tokenizer = SentencePieceT5Tokenizer(os.path.join(args.hf, "spiece.model"))
+        try:
+            model = T5.from_pretrained(args.hf, inputs_length=100_000).to(device).eval()
+        except (OSError, KeyError, ValueError) as e:
+            raise UsageError(f"--hf {args.hf}: {e}") from None
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    filled, fills, raw = fill_spans(model, tokenizer, args.text, args.max_new_tokens, args.temperature, args.top_k, g)
     print(f"decoded: {raw!r}")
     for name, text in fills.items():
         print(f"{name} = {text!r}")

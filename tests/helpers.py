@@ -111,3 +111,36 @@ def assert_resumes(train, args, stop_at, keys=KEYS):
         f"stopped at step {stop_at}: the resumed run differs (other batches, masks or losses, or an evaluation " \
         f"skipped or repeated)"
     return straight
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# BERT-family fixtures (test_bert.py and test_electra.py): weights large enough for parity tests to see a wrong
+# convention, a padded batch, and how far a count lies from a binomial's mean
+
+
+def sigmas(count, n, p):
+    """How many binomial standard deviations `count` out of `n` lies from the expected n * p."""
+    return abs(count - n * p) / max(1e-9, (n * p * (1 - p)) ** 0.5)
+
+
+def redraw(model, std=0.3):
+    """Every weight ~ N(0, std), LayerNorm gains 1 + N(0, std). At BERT's 0.02 every activation is tiny and a wrong GELU
+    or a pre-LN block hides below 1e-5; at 0.3 fp32 rounding alone approaches 1e-5, so parity tests run in float64."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm.weight" in name or name.endswith("norm.weight"):
+                p.copy_(1 + std * torch.randn_like(p))
+            else:
+                p.normal_(0.0, std)
+
+
+def padded_inputs(V=61, T=24):
+    """(input_ids, token_type_ids, attention_mask), each (3, T): two rows padded (one mostly), segment B from 9 on."""
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, V, (3, T), generator=g)
+    attention_mask = torch.ones(3, T, dtype=torch.long)
+    attention_mask[1, 15:] = 0
+    attention_mask[2, 4:] = 0
+    token_type_ids = torch.zeros_like(ids)
+    token_type_ids[:, 9:] = 1
+    return ids, token_type_ids, attention_mask

@@ -12,8 +12,12 @@ import bert
 import data
 import electra
 import train
-from helpers import exit_code
-from test_bert import assert_rel, padded_inputs, redraw, sigmas
+from helpers import (assert_resumes, assert_scaled_close, exit_code, padded_inputs, redraw, sigmas,
+                     tiny_args)
+
+
+def assert_rel(got, ref, what):
+    assert_scaled_close(got, ref, what, rel=1e-5)  # float64 on both sides: 1e-5 of the largest logit
 
 
 def hf_pair(seed=0, V=61, T=24, E=24, C=64):
@@ -29,7 +33,7 @@ def hf_pair(seed=0, V=61, T=24, E=24, C=64):
     redraw(gen)
     redraw(disc)
     with torch.no_grad():
-        for (_, p), (_, q) in zip(gen.electra.embeddings.named_parameters(), disc.electra.embeddings.named_parameters()):
+        for p, q in zip(gen.electra.embeddings.parameters(), disc.electra.embeddings.parameters()):
             q.copy_(p)
     return gen, disc
 
@@ -70,7 +74,7 @@ def test_export_hf_round_trips_through_transformers(tmp_path):
     back = electra.ELECTRA.from_pretrained(str(tmp_path / "gen"), str(tmp_path / "disc")).double()
     for (name, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), f"export -> from_pretrained changed {name}"
-    ours.export_hf(str(tmp_path / "both"))  # one directory: generator/ and discriminator/ inside, what --init-from reads
+    ours.export_hf(str(tmp_path / "both"))  # one directory, generator/ and discriminator/ in it: what --init-from reads
     assert electra.ELECTRA.from_pretrained(str(tmp_path / "both")).config == back.config
     with pytest.raises(FileNotFoundError, match="generator/ and discriminator/"):
         electra.ELECTRA.from_pretrained(str(tmp_path / "gen"))
@@ -177,13 +181,10 @@ def test_sample_categorical_draws_from_the_softmax():
 # Through train.py, and electra.py's command line
 
 
-def electra_args(tmp_path, corpus, *extra):
-    return ["--model", "electra", "--preset", "tiny", "--data", str(corpus), "--val-docs", "lear", "--cache-dir",
-            str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out"), "--dtype", "fp32", *extra]
-
 
 def test_train_py_model_electra_learns_reports_its_metrics_and_flags_tokens(tmp_path, corpus, capsys):
-    rows = train.train(electra_args(tmp_path, corpus, "--max-iters", "40", "--eval-interval", "20", "--lr", "3e-3"))
+    rows = train.train(tiny_args("electra", tmp_path, corpus, "--max-iters", "40", "--eval-interval", "20",
+                                 "--lr", "3e-3"))
     out = capsys.readouterr().out
     evals = [r for r in rows if r["kind"] == "eval"]
     assert {"val_gen_loss", "val_gen_acc", "val_disc_loss", "val_disc_acc", "val_disc_acc_replaced"} <= set(evals[-1])
@@ -199,6 +200,10 @@ def test_train_py_model_electra_learns_reports_its_metrics_and_flags_tokens(tmp_
     assert exit_code(bert.main, ["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "a [MASK]"]) == 2
     assert "a checkpoint of --model electra, not bert" in capsys.readouterr().err
     assert exit_code(electra.main, ["--ckpt", str(tmp_path / "nope.pt"), "x"]) == 2
+    capsys.readouterr()
+    assert exit_code(electra.main, ["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "x", "--device", "nonsense"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown --device" in err, err
 
 
 def test_evaluation_is_the_same_every_time_and_never_touches_the_training_rng(tmp_path, corpus):
@@ -216,19 +221,26 @@ def test_evaluation_is_the_same_every_time_and_never_touches_the_training_rng(tm
 
 
 def test_an_electra_run_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path, corpus):
-    import test_loop
+    # the same masks, samples and dropout after a resume
     common = ("--max-iters", "12", "--eval-interval", "6", "--log-interval", "1", "--hidden-dropout-prob", "0.1")
-    straight = train.train(electra_args(tmp_path / "a", corpus, *common))
-    train.train(electra_args(tmp_path / "b", corpus, *common), on_step=test_loop.interrupt_at(4))
-    resumed = train.train(electra_args(tmp_path / "b", corpus, *common, "--resume"))
     keys = ("step", "kind", "loss", "val_loss", "val_disc_acc")
-    strip = lambda rows: [{k: v for k, v in r.items() if k in keys} for r in rows]
-    assert strip(resumed) == strip(straight), "a resumed ELECTRA run must draw the same masks, samples and dropout"
+    assert_resumes(train.train, lambda sub: tiny_args("electra", tmp_path / sub, corpus, *common), stop_at=4, keys=keys)
 
 
 def test_electra_py_refuses_another_models_checkpoint(tmp_path, corpus, capsys):
-    import test_bert
-    train.train(test_bert.bert_args(tmp_path, corpus, "--max-iters", "1"))
+    train.train(tiny_args("bert", tmp_path, corpus, "--max-iters", "1"))
     assert exit_code(electra.main, ["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "a checkpoint of --model bert, not electra" in err
+
+
+def test_bad_settings_one_line_exit_2(tmp_path, corpus, capsys):
+    for extra, message in ((["--generator-size", "0"], "--generator-size 0.0: must be in (0, 1]"),
+                           (["--embedding-size", "-1"], "--embedding-size -1: must be >= 0"),
+                           (["--hidden-dropout-prob", "1"], "--hidden-dropout-prob 1.0: must be in [0, 1)"),
+                           (["--num-hidden-layers", "0"], "--num-hidden-layers 0: must be at least 1"),
+                           (["--num-attention-heads", "0"], "--num-attention-heads 0: must be at least 1")):
+        assert exit_code(train.main, tiny_args("electra", tmp_path, corpus, *extra)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, f"{extra}: {err!r}"
+        assert not (tmp_path / "out").exists(), f"{extra}: something was written"

@@ -1,6 +1,6 @@
-"""WordPiece (bpe.py) encodes exactly as transformers' BertTokenizer does, cased and uncased, on a vocab.txt generated
-from the bundled corpus, on the corpus itself and on text chosen to hit every rule (accents, CJK, control characters,
-Unicode punctuation and spaces, over-long words, special tokens). Nothing is downloaded: the vocabulary is built here."""
+"""WordPiece (bpe.py) encodes exactly as transformers' BertTokenizer does, cased and uncased. The vocab.txt is generated
+from the bundled corpus; the text is the corpus itself and text chosen to hit every rule (accents, CJK, control
+characters, Unicode punctuation and spaces, over-long words, special tokens). Nothing is downloaded."""
 
 import collections
 import os
@@ -45,7 +45,9 @@ def test_wordpiece_encodes_like_transformers_bert_tokenizer(tmp_path, lowercase)
     for name, sample in (("corpus", text), ("tricky text", TRICKY)):
         got = ours.encode(sample)
         want = theirs(sample, add_special_tokens=False)["input_ids"]
-        assert got == want, f"{name}: first difference at piece {next(i for i, (a, b) in enumerate(zip(got + [-1], want + [-1])) if a != b)}"
+        if got != want:
+            first = next(i for i, (a, b) in enumerate(zip(got + [-1], want + [-1])) if a != b)
+            raise AssertionError(f"{name}: first difference at piece {first}")
     n_unk = ours.encode(text).count(ours.specials["[UNK]"])
     assert n_unk > 10, "the generated vocabulary should leave some words unknown, so [UNK] is exercised"
     assert ours.tokenize("[MASK] x" + "a" * 120)[0] == "[MASK]" and ours.tokenize("x" + "a" * 120) == ["[UNK]"]
