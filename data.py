@@ -38,8 +38,7 @@ BUNDLED_VAL_DOCS = ("julius_caesar", "twelfth_night", "henry_v")
 BUNDLED_VAL = {"shakespeare": BUNDLED_VAL_DOCS, "milton": ("paradise_regained",)}
 
 
-class UsageError(Exception):
-    """Bad input: printed as one line, exit code 2, nothing written."""
+from common import UsageError  # noqa: E402,F401  (the one error type; re-exported for code that reads it here)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Tokenizers: text <-> ids, plus the plain-data identity a checkpoint records so sampling and resume rebuild the same one.

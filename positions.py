@@ -10,8 +10,10 @@ the equation it computes, in the order the slides present them:
        LearnedAbsolute       GPT-2's `wpe` (Radford et al. 2019); cannot extrapolate past its table
        probe_absolute_position   the linear-regression probe of "What do position embeddings learn?"
        probe_relative_order  and its logistic-regression twin (Wang & Chen 2020, the slide's two tables)
+       cosine_similarity_matrix  the slide's heatmap of a position table
   2. relative, inside attention                         (slide "Relative encoding")
        ShawRelative          Shaw et al. 2018, §3: learned key/value vectors of the clipped distance
+       shaw_attention        attention with both of them, naive or fused (gpt.py's --pos shaw calls it)
        t5_relative_bucket    Raffel et al. 2020 (T5), §2.1: one learned scalar per head per log-spaced
        T5RelativeBias          distance bucket -- the slide that reduces relative encoding to a bias b_ij
        alibi_slopes, ALiBi   Press et al. 2022, §3: a fixed, per-head linear penalty on distance
@@ -23,7 +25,7 @@ the equation it computes, in the order the slides present them:
   4. Transformer-XL relative sinusoid                   (slides "Transformer-XL", "XLNet")
        relative_sinusoid, relative_distances, rel_shift, transformer_xl_score:
                              Dai et al. 2019, §3.3, eq. for A^rel with terms (a)-(d); XLNet reuses it
-  5. experiments: extrapolate (Press et al. 2022, Fig. 1 in miniature), probe (the slide's heatmap and tables)
+  5. demo: what each scheme computes on a toy sequence
 
 How a model uses them (gpt.py's `--pos`):
   - absolute schemes return (T, C) vectors that are ADDED to the token embeddings before the first block;
@@ -39,22 +41,20 @@ Legend:  B batch, H heads, T sequence length (Tq queries, Tk keys), hs head size
          d the width of an encoding, k Shaw's clipping distance, m a slope (ALiBi) or a position (RoPE).
 
 Run
-  python positions.py demo                  # print each scheme on a toy sequence
-  python positions.py extrapolate           # one GPT per --pos, val loss at 1x..8x the training length (~15 min CPU)
-  python positions.py extrapolate --quick   # the same in ~2 minutes (3 schemes, 20 steps)
-  python positions.py probe [--hf DIR]      # cosine heatmap + the two probes (trains a learned GPT, ~10 min CPU)
-Tests: tests/test_positions.py (the schemes), tests/test_gpt_positions.py (inside gpt.py, and the experiments).
+  python positions.py                       # print each scheme on a toy sequence
+  python experiments.py extrapolate         # the experiments that train GPTs with these schemes: experiments.py
+  python experiments.py probe
+Tests: tests/test_positions.py (the schemes and the experiments), tests/test_gpt_positions.py (inside gpt.py).
 """
 
-import argparse
-import dataclasses
 import math
-import os
-import time
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common import command, require
 
 # -----------------------------------------------------------------------------
 # helpers shared by several schemes
@@ -251,6 +251,13 @@ def probe_relative_order(emb, n_pairs=None, folds=5, seed=0, l2=1.0):
     return wrong / len(y)
 
 
+def cosine_similarity_matrix(emb):
+    """(n, n) cosine similarity between every pair of rows: the slide's position-embedding heatmap.
+    cosine_similarity_matrix(torch.tensor([[1., 0.], [1., 1.]]))[0, 1] -> 0.7071"""
+    e = F.normalize(emb.detach().float(), dim=-1)
+    return e @ e.T
+
+
 # -----------------------------------------------------------------------------
 # 2a. Shaw et al. 2018: learned relative key and value vectors
 
@@ -326,26 +333,34 @@ class ShawRelative(nn.Module):
         return mass @ self.w_V.weight  # (B, H, Tq, hs)
 
 
-def shaw_attention(q, k, v, shaw, q_pos, k_pos, causal=True, use_sdpa=False):
-    """Reference multi-head attention with Shaw relative positions, both paths. q: (B, H, Tq, hs), k, v: (B, H, Tk, hs).
+def shaw_attention(q, k, v, shaw, q_pos, k_pos, causal=True, use_sdpa=False, allowed=None, dropout=None):
+    """Multi-head attention with Shaw relative positions, both paths. q: (B, H, Tq, hs), k, v: (B, H, Tk, hs).
 
     naive:  att = softmax(q k^T / sqrt(hs) + bias + mask);  y = att @ v + value_term(att)
     sdpa:   y = sdpa(q, k, v, attn_mask=bias + mask)       (content + key term, fused)
             + value_term(softmax(same logits))             (value term: alpha recomputed, see ShawRelative)
-    The mask is -inf for future keys when causal; returns (B, H, Tq, hs).
+    allowed: bool, True where query i may see key j, (Tq, Tk) or (B, 1, Tq, Tk) (e.g. a prefix LM's); by default
+    causal_mask(q_pos, k_pos), or every key when causal=False. The mask is -inf where not allowed.
+    dropout: the attention-probability nn.Dropout, or None. Trap: on the sdpa path the recomputed alpha draws its
+    own dropout mask, independent of the kernel's: the same model in expectation, not the same sample.
+    Returns (B, H, Tq, hs).
     """
     hs = q.shape[-1]
-    bias = shaw.score_bias(q, q_pos, k_pos)  # (B, H, Tq, Tk), already / sqrt(hs)
-    if causal:
-        bias = bias.masked_fill(~causal_mask(q_pos, k_pos), float("-inf"))
+    bias = shaw.score_bias(q, q_pos, k_pos).to(q.dtype)  # (B, H, Tq, Tk), already / sqrt(hs)
+    if allowed is None and causal:
+        allowed = causal_mask(q_pos, k_pos)
+    if allowed is not None:
+        bias = bias.masked_fill(~allowed, float("-inf"))
+    drop = dropout if dropout is not None else nn.Identity()
     if use_sdpa:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # adds attn_mask after scaling q k^T
-        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(hs) + bias, dim=-1) if shaw.values else None
+        p = dropout.p if dropout is not None and dropout.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)  # adds the mask after scaling
+        att = drop(torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(hs) + bias, dim=-1)) if shaw.values else None
     else:
-        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(hs) + bias, dim=-1)  # (B, H, Tq, Tk)
+        att = drop(torch.softmax((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs)) + bias, dim=-1))  # (B, H, Tq, Tk)
         y = att @ v
     if shaw.values:
-        y = y + shaw.value_term(att, q_pos, k_pos)
+        y = y + shaw.value_term(att, q_pos, k_pos)  # (B, H, Tq, hs): sum_j alpha_ij a^V_ij (eq. 3)
     return y
 
 
@@ -644,252 +659,40 @@ def transformer_xl_score(q, k, r, u, v):
 
 
 # -----------------------------------------------------------------------------
-# 5. experiments: `python positions.py extrapolate` and `python positions.py probe` (and `demo`)
-#
-# They train real GPTs with train.py and gpt.py, which import this file; importing them lazily inside the functions
-# keeps positions.py importable on its own (no import cycle).
-
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-EXTRAPOLATION_SCHEMES = ("learned", "sinusoidal", "shaw", "t5", "alibi", "rope", "none")
+# 5. a look at each scheme: `python positions.py` (the experiments live in experiments.py: extrapolate, probe)
 
 
-def _train_gpt(args, scheme, out_dir, extra=()):
-    """Train a char-level GPT with train.py in-process (its CLI flags, its checkpoint).
-    Returns (train.open_run of the result: model, splits, evaluate(), training seconds)."""
-    import train
-
-    # Every setting that shapes the result is spelled out, so the figures do not move when a preset is retuned.
-    argv = ["--model", "gpt", "--preset", "nanogpt-cpu", "--n-layer", "4", "--n-head", "4", "--n-embd", "128",
-            "--dropout", "0", "--bias", "--attn", "sdpa", "--dtype", "auto", "--tokenizer", "char",
-            "--weight-decay", "0.1", "--beta2", "0.99", "--pos", scheme, "--block-size", str(args.block_size),
-            "--batch-size", str(args.batch_size), "--max-iters", str(args.iters), "--eval-interval", str(args.iters),
-            "--warmup-iters", str(max(1, args.iters // 10)), "--lr", "3e-3", "--min-lr", "3e-4",
-            "--eval-train-tokens", "4096", "--log-interval", str(max(1, args.iters // 4)), "--seed", str(args.seed),
-            "--out-dir", out_dir, "--overwrite", "--sample-tokens", "0", "--cache-dir", args.cache_dir, *extra]
-    if args.data:
-        argv += ["--data", args.data]
-    else:  # one held-out play instead of three: train.py scores val twice per run, and we run seven
-        argv += ["--val-docs", "julius_caesar"]
-    t0 = time.time()
-    train.train(argv)
-    seconds = time.time() - t0
-    return train.open_run(os.path.join(out_dir, "ckpt.pt")), seconds
-
-
-def extrapolate(args):
-    """Press et al. 2022's Figure 1 in miniature: train the same GPT on windows of block_size with each scheme, then
-    score the held-out text in non-overlapping windows of 1x, 2x, 4x, 8x that length (their evaluation, too). A scheme
-    extrapolates if its loss does not blow up past the training length. Returns {scheme: {multiple: loss or None}}."""
-    import gpt
-
-    schemes = [s for s in args.schemes.split(",") if s]
-    unknown = [s for s in schemes if s not in EXTRAPOLATION_SCHEMES]
-    if unknown or not schemes:
-        raise SystemExit(f"positions.py: error: --schemes: unknown {unknown}; "
-                         f"choose from {','.join(EXTRAPOLATION_SCHEMES)}")
-    try:
-        mults = [int(m) for m in args.multiples.split(",")]
-    except ValueError:
-        raise SystemExit(f"positions.py: error: --multiples {args.multiples!r}: expected integers, e.g. 1,2,4,8") \
-            from None
-    if min(mults) < 1:
-        raise SystemExit("positions.py: error: --multiples must be >= 1")
-    results, seconds = {}, {}
-    for scheme in schemes:
-        print(f"=== {scheme}: training {args.iters} steps on windows of {args.block_size} ===", flush=True)
-        run, seconds[scheme] = _train_gpt(args, scheme, os.path.join(args.out_dir, scheme))
-        results[scheme] = {}
-        for m in mults:
-            # same model, longer windows: only the objective's window length changes (gpt.py allows T > block_size
-            # for every scheme without a position table)
-            objective = gpt.NextTokenObjective(dataclasses.replace(run.model.config, block_size=m * args.block_size),
-                                               run.tokenizer)
-            try:
-                loss = run.evaluate(objective, "val", args.eval_tokens)["loss"]
-            except ValueError:  # learned absolute: no row for position block_size (gpt.py says so)
-                loss = None
-            results[scheme][m] = loss
-    _print_extrapolation(results, seconds, args)
-    _plot_extrapolation(results, args)
-    return results
-
-
-def _print_extrapolation(results, seconds, args):
-    mults = list(next(iter(results.values())))
-    head = f"{'pos':<11}" + "".join(f"{f'{m}x ({m * args.block_size})':>12}" for m in mults) + f"{'train s':>10}"
-    print(f"\nval loss (nats/char) on the first {args.eval_tokens:,} held-out characters, windows of each length")
-    print(head + "\n" + "-" * len(head))
-    for scheme, row in results.items():
-        cells = "".join(f"{'n/a':>12}" if v is None else f"{v:>12.4f}" for v in row.values())
-        print(f"{scheme:<11}{cells}{seconds[scheme]:>10.0f}")
-    if any(v is None for row in results.values() for v in row.values()):
-        print(f"n/a: learned absolute has no position rows past {args.block_size - 1}: it cannot run on longer windows")
-
-
-def _plot_extrapolation(results, args):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for scheme, row in results.items():
-        xs = [m * args.block_size for m, v in row.items() if v is not None]
-        ax.plot(xs, [v for v in row.values() if v is not None], "o-", label=scheme)
-    ax.axvline(args.block_size, color="gray", ls="--", lw=1)
-    ax.annotate("training length", (args.block_size, ax.get_ylim()[1]), xytext=(4, -12), textcoords="offset points",
-                color="gray", fontsize=8)
-    ax.set_xscale("log", base=2)
-    ax.set(xlabel="evaluation window (tokens)", ylabel="val loss (nats/token)",
-           title=f"Extrapolation: trained on {args.block_size}-token windows ({args.iters} steps each)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
-    fig.savefig(args.png, dpi=100)
-    plt.close(fig)
-    print(f"wrote {args.png}")
-
-
-def cosine_similarity_matrix(emb):
-    """(n, n) cosine similarity between every pair of rows: the slide's position-embedding heatmap.
-    cosine_similarity_matrix(torch.tensor([[1., 0.], [1., 1.]]))[0, 1] -> 0.7071"""
-    e = F.normalize(emb.detach().float(), dim=-1)
-    return e @ e.T
-
-
-def probe(args):
-    """Wang & Chen 2020's two probes (the slide's table) on a position table we trained, on the sinusoid of the same
-    shape, on an untrained table of that shape, and on every Hugging Face GPT-2 directory given with --hf.
-    Returns [(name, absolute MAE, relative error rate)] and writes the cosine-similarity heatmaps."""
-    import train
-    import gpt
-
-    tables = []
-    if args.ckpt:
-        model, _, _ = train.load_for_inference(args.ckpt)
-        how = f"{args.ckpt}"
-    else:
-        print(f"=== training a learned-absolute GPT, {args.iters} steps on windows of {args.block_size} ===",
-              flush=True)
-        run, seconds = _train_gpt(args, "learned", args.out_dir)
-        model = run.model
-        how = f"char GPT, {args.iters} steps, {seconds:.0f} s"
-    if model.config.pos != "learned":
-        raise SystemExit(f"positions.py: error: {args.ckpt} was trained with pos={model.config.pos!r}: it has no table "
-                         f"of position embeddings to probe")
-    ours = model.transformer.wpe.weight.detach()[:512]  # the paper probes the first 512 positions
-    n, d = ours.shape
-    tables.append((f"ours: learned ({how})", ours))
-    torch.manual_seed(args.seed)
-    tables.append((f"untrained N(0, 0.01) ({n}x{d})", 0.01 * torch.randn(n, d)))  # what training started from
-    tables.append((f"sinusoid ({n}x{d})", sinusoidal(n, d)))
-    for path in args.hf:
-        wpe = gpt.GPT.from_pretrained(path).transformer.wpe.weight.detach()[:512]
-        tables.append((f"hf: {path} ({wpe.shape[0]}x{wpe.shape[1]})", wpe))
-
-    rows = [(name, probe_absolute_position(e, seed=args.seed), probe_relative_order(e, seed=args.seed))
-            for name, e in tables]
-    width = max(len(r[0]) for r in rows) + 2
-    print(f"\n{'position table':<{width}}{'absolute MAE':>14}{'relative error':>16}")
-    print("-" * (width + 30))
-    for name, mae, err in rows:
-        print(f"{name:<{width}}{mae:>14.2f}{err:>15.2%}")
-    print("lecture (Wang & Chen 2020, 512 positions, d=768): GPT-2 1.03 / 1.56%, RoBERTa 6.06 / 7.23%, "
-          "BERT 34.14 / 19.72%, sinusoid 0.0 / 5.08%")
-    _plot_cosine([t for t in tables if not t[0].startswith("untrained")], args.png)
-    return rows
-
-
-def _plot_cosine(tables, png):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 4), squeeze=False)
-    for ax, (name, emb) in zip(axes[0], tables):
-        im = ax.imshow(cosine_similarity_matrix(emb).numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
-        ax.set(title=name if len(name) < 40 else name[:37] + "...", xlabel="position", ylabel="position")
-        ax.title.set_fontsize(9)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="cosine similarity")
-    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    print(f"wrote {png}")
-
-
-def demo(args):
+def demo(T=6, n_heads=4):
+    """Print what each scheme computes on a toy sequence of T positions."""
     torch.set_printoptions(precision=3, sci_mode=False, linewidth=120)
-    pos = torch.arange(args.T)
-    show = lambda s: args.scheme in (s, "all")
-    if show("sinusoidal"):
-        print("sinusoidal(T, 8): row = position, even cols sin, odd cols cos\n", sinusoidal(args.T, 8))
-        print("linear-probe MAE of sinusoidal(512, 768):", round(probe_absolute_position(sinusoidal(512, 768)), 4))
-    if show("alibi"):
-        print(f"alibi_slopes({args.n_heads}):", alibi_slopes(args.n_heads))
-        print("ALiBi bias of head 0 (rows = queries, lower triangle is what a causal model sees)\n",
-              alibi_bias(args.n_heads, pos, pos)[0])
-    if show("t5"):
-        rel = torch.arange(-args.T + 1, args.T)
-        print("offset (key - query):        ", rel.tolist())
-        print("T5 bucket, bidirectional:    ", t5_relative_bucket(rel).tolist())
-        print("T5 bucket, causal:           ", t5_relative_bucket(rel, bidirectional=False).tolist())
-        big = torch.tensor([-8, -12, -16, -32, -64, -127, -128, -1000])
-        print("far offsets", big.tolist(), "-> causal buckets", t5_relative_bucket(big, False).tolist())
-    if show("shaw"):
-        print("Shaw clipped-distance index (k=2): row = query, col = key\n", ShawRelative.relative_index(pos, pos, 2))
-    if show("rope"):
-        torch.manual_seed(0)
-        qv, kv = torch.randn(1, 8), torch.randn(1, 8)
-        for m, n in [(0, 3), (5, 8), (100, 103)]:
-            s = (apply_rope(qv, torch.tensor([m])) @ apply_rope(kv, torch.tensor([n])).T).item()
-            print(f"RoPE score q at {m:3d}, k at {n:3d} (offset {n - m}): {s:.5f}")
-    if show("xl"):
-        print("Transformer-XL distances, qlen 3 klen 5:", relative_distances(3, 5).tolist(),
-              " bidirectional:", relative_distances(3, 5, True).tolist())
+    pos = torch.arange(T)
+    print("sinusoidal(T, 8): row = position, even cols sin, odd cols cos\n", sinusoidal(T, 8))
+    print("linear-probe MAE of sinusoidal(512, 768):", round(probe_absolute_position(sinusoidal(512, 768)), 4))
+    print(f"alibi_slopes({n_heads}):", alibi_slopes(n_heads))
+    print("ALiBi bias of head 0 (rows = queries; a causal model sees the lower triangle)\n",
+          alibi_bias(n_heads, pos, pos)[0])
+    rel = torch.arange(-T + 1, T)
+    print("offset (key - query):        ", rel.tolist())
+    print("T5 bucket, bidirectional:    ", t5_relative_bucket(rel).tolist())
+    print("T5 bucket, causal:           ", t5_relative_bucket(rel, bidirectional=False).tolist())
+    far = torch.tensor([-8, -12, -16, -32, -64, -127, -128, -1000])
+    print("far offsets", far.tolist(), "-> causal buckets", t5_relative_bucket(far, False).tolist())
+    print("Shaw clipped-distance index (k=2): row = query, col = key\n", ShawRelative.relative_index(pos, pos, 2))
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 8), torch.randn(1, 8)
+    for m, n in [(0, 3), (5, 8), (100, 103)]:
+        s = (apply_rope(q, torch.tensor([m])) @ apply_rope(k, torch.tensor([n])).T).item()
+        print(f"RoPE score q at {m:3d}, k at {n:3d} (offset {n - m}): {s:.5f}")
+    print("Transformer-XL distances, qlen 3 klen 5:", relative_distances(3, 5).tolist(),
+          " bidirectional:", relative_distances(3, 5, True).tolist())
 
 
+@command
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Positional encodings: a toy demo and the lecture's two experiments.")
-    sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="print each encoding on a toy sequence")
-    d.add_argument("--scheme", choices=["sinusoidal", "alibi", "t5", "shaw", "rope", "xl", "all"], default="all")
-    d.add_argument("--T", type=int, default=6, help="sequence length of the toy example (default 6)")
-    d.add_argument("--n-heads", type=int, default=4, help="number of heads for ALiBi/T5 (default 4)")
-
-    def training_flags(q, iters, block_size, batch_size, out_dir, png):
-        q.add_argument("--iters", type=int, default=iters, help=f"training steps per model (default {iters})")
-        q.add_argument("--block-size", type=int, default=block_size, help=f"training window (default {block_size})")
-        q.add_argument("--batch-size", type=int, default=batch_size, help=f"windows per step (default {batch_size})")
-        q.add_argument("--data", default="", help="corpus directory (default: the bundled Shakespeare)")
-        q.add_argument("--seed", type=int, default=1337)
-        q.add_argument("--out-dir", default=out_dir, help=f"checkpoints go here (default {out_dir})")
-        q.add_argument("--cache-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cache"),
-                       help="train.py's token cache")
-        q.add_argument("--png", default=os.path.join(ASSETS, png), help=f"figure path (default assets/{png})")
-
-    e = sub.add_parser("extrapolate", help="train one GPT per scheme, evaluate at 1x..8x the training length")
-    training_flags(e, 1000, 64, 12, os.path.join("out", "positions", "extrapolate"), "positions_extrapolation.png")
-    e.add_argument("--schemes", default=",".join(EXTRAPOLATION_SCHEMES), help="comma-separated --pos values")
-    e.add_argument("--multiples", default="1,2,4,8", help="evaluation lengths as multiples of --block-size")
-    e.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens scored at each length")
-    e.add_argument("--quick", action="store_true", help="a 2-minute smoke run: 20 steps, 3 schemes, 8K eval tokens")
-    r = sub.add_parser("probe", help="cosine heatmap + linear probes of learned position embeddings vs the sinusoid")
-    training_flags(r, 1500, 256, 8, os.path.join("out", "positions", "probe"), "positions_cosine.png")
-    r.add_argument("--ckpt", default="", help="probe this train.py checkpoint (pos=learned) instead of training one")
-    r.add_argument("--hf", action="append", default=[], metavar="DIR",
-                   help="also probe a Hugging Face GPT-2 directory (repeatable), e.g. real GPT-2 weights")
-    args = p.parse_args(argv)
-    if args.command == "demo":
-        if args.T < 1 or args.n_heads < 1:
-            p.error("--T and --n-heads must be >= 1")
-        return demo(args)
-    if args.iters < 1 or args.block_size < 2 or args.batch_size < 1:
-        p.error("--iters, --batch-size must be >= 1 and --block-size >= 2")
-    if args.command == "extrapolate":
-        if args.quick:
-            args.iters, args.eval_tokens, args.schemes = 20, 8192, "learned,alibi,rope"
-        return extrapolate(args)
-    return probe(args)
+    argv = sys.argv[1:] if argv is None else argv
+    require(argv in ([], ["demo"]), f"{' '.join(argv)}: positions.py only prints its demo; the experiments are "
+                                    f"`python experiments.py extrapolate` and `python experiments.py probe`")
+    demo()
 
 
 if __name__ == "__main__":

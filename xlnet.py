@@ -28,9 +28,9 @@ the real tokens, never a <mask>.
 
 Run
   python train.py --model xlnet                    # permutation LM on char-level Shakespeare (CPU, a few minutes)
-  python xlnet.py views                            # which tokens each target may see, for one order: text + PNG
-  python xlnet.py two-phase                        # Transformer-XL's evaluation with memory vs the sliding window
   python xlnet.py fill --ckpt out/xlnet/ckpt.pt --text "Friends, Romans, countrymen"   # fill blanks in any order
+  python experiments.py views                      # which tokens each target may see, for one order: text + PNG
+  python experiments.py two-phase                  # Transformer-XL's evaluation with memory vs the sliding window
 
 Memory and the loop: the objective (not the model) keeps each batch row's memory between steps, row i continuing row i,
 and saves it with its stream cursors in every checkpoint, so a resumed run continues exactly (stronger than resetting
@@ -46,7 +46,6 @@ Legend
 import argparse
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -55,11 +54,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import UsageError
-from hf_io import read_hf_dir, write_hf_dir
+from common import UsageError, command, require
+from hf_io import copy_weights, read_hf_dir, write_hf_dir
 from positions import rel_shift, relative_distances, relative_sinusoid, transformer_xl_score
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config and presets
@@ -95,28 +92,29 @@ class XLNetConfig:
     mask_token_id: int = -1  # set by train.py: <mask>, a placeholder where a token is unknown (never attended to)
 
     def __post_init__(self):
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
-        if self.attn not in ("naive", "sdpa"):
-            raise ValueError(f"attn must be 'naive' or 'sdpa', got {self.attn!r}")
-        if self.query_stream not in ("all", "gather"):
-            raise ValueError(f"query_stream must be 'all' or 'gather', got {self.query_stream!r}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.ff_activation not in ACTIVATIONS:
-            raise ValueError(f"ff_activation must be one of {', '.join(ACTIVATIONS)}, got {self.ff_activation!r}")
-        if self.mem_len < 0:
-            raise ValueError(f"mem_len must be >= 0 (0 = no memory), got {self.mem_len}")
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
-        if not 2 <= self.partial_k <= self.seq_len:
-            raise ValueError(f"partial_k (K) must be in 2..seq_len={self.seq_len}: seq_len // K targets per segment, "
-                             f"at least one, and at least one non-target for every target to see; got {self.partial_k}")
-        if self.perm_size < 0 or (self.perm_size and self.seq_len % self.perm_size):
-            raise ValueError(f"seq_len={self.seq_len} cannot be split into blocks of perm_size={self.perm_size}: the "
-                             f"order is permuted within blocks, so perm_size must divide seq_len (0 = whole segment)")
-        if self.max_span < 1 or self.mask_alpha < 1:
-            raise ValueError(f"max_span and mask_alpha must be >= 1, got {self.max_span} and {self.mask_alpha}")
+        # Each message names the flag train.py makes of the field (n_layer -> --n-layer), with the value typed.
+        def flag(name):
+            value = getattr(self, name)
+            return f"--{name.replace('_', '-')} " + (f"{value:g}" if isinstance(value, float) else str(value))
+
+        for name in ("d_model", "n_layer", "n_head", "d_inner", "max_span", "mask_alpha"):
+            require(getattr(self, name) >= 1, f"{flag(name)}: must be >= 1")
+        require(self.d_model % self.n_head == 0, f"{flag('d_model')}: must be divisible by {flag('n_head')}")
+        require(0 <= self.dropout < 1, f"{flag('dropout')}: must be in [0, 1)")
+        require(self.layer_norm_eps > 0, f"{flag('layer_norm_eps')}: must be > 0")
+        require(self.initializer_range >= 0, f"{flag('initializer_range')}: must be >= 0 (a std)")
+        require(self.attn in ("naive", "sdpa"), f"{flag('attn')}: choose naive or sdpa")
+        require(self.query_stream in ("all", "gather"), f"{flag('query_stream')}: choose all or gather")
+        require(self.objective in OBJECTIVES, f"{flag('objective')}: choose from {', '.join(OBJECTIVES)}")
+        require(self.ff_activation in ACTIVATIONS, f"{flag('ff_activation')}: choose from {', '.join(ACTIVATIONS)}")
+        require(self.mem_len >= 0, f"{flag('mem_len')}: must be >= 0 (0 = no memory)")
+        require(self.seq_len >= 2, f"{flag('seq_len')}: must be >= 2")
+        require(2 <= self.partial_k <= self.seq_len,
+                f"{flag('partial_k')}: K must be in 2..{self.seq_len} (--seq-len): seq_len // K targets per segment, "
+                f"at least one, and at least one non-target for every target to see")
+        require(self.perm_size >= 0 and not (self.perm_size and self.seq_len % self.perm_size),
+                f"{flag('perm_size')}: must divide {flag('seq_len')}, the order being permuted within blocks of "
+                f"--perm-size positions (0 = the whole segment)")
 
     @property
     def d_head(self):
@@ -138,7 +136,7 @@ PRESETS = {
                     attn="naive", tokenizer="char", batch_size=32, lr=2e-3, min_lr=2e-4, warmup_iters=100,
                     max_iters=2000, eval_interval=500, eval_tokens=65536, weight_decay=0.01, beta2=0.99),
     # Transformer-XL's training phase with the same model: left to right, every token a target, memory carried over.
-    # What `python xlnet.py two-phase` trains (fewer steps: it measures evaluation, not the best model).
+    # What `python experiments.py two-phase` trains (fewer steps: it measures evaluation, not the best model).
     "txl-cpu": dict(d_model=128, n_layer=4, n_head=4, d_inner=512, seq_len=64, mem_len=64, objective="lm",
                     dropout=0.0, attn="naive", tokenizer="char", batch_size=32, lr=2e-3, min_lr=2e-4,
                     warmup_iters=100, max_iters=800, eval_interval=400, eval_tokens=32768, weight_decay=0.01,
@@ -517,15 +515,7 @@ class XLNet(nn.Module):
             clamp_len=hf.get("clamp_len", -1),
             pad_token_id=-1 if hf.get("pad_token_id") is None else hf["pad_token_id"]), **overrides})
         model = cls(config)
-        with torch.no_grad():
-            for name, param in model.state_dict().items():
-                if name == "lm_loss.weight":
-                    continue  # tied to the word embedding
-                if name not in sd:
-                    raise KeyError(f"{path}: missing weight {name!r}")
-                if sd[name].shape != param.shape:
-                    raise ValueError(f"{path}: {name} has shape {tuple(sd[name].shape)}, expected {tuple(param.shape)}")
-                param.copy_(sd[name])
+        copy_weights(model, sd, path, skip=("lm_loss.weight",))  # lm_loss.weight is tied to the word embedding
         return model
 
     def export_hf(self, path):
@@ -773,13 +763,12 @@ Model, Config, Objective = XLNet, XLNetConfig, PermutationLMObjective  # what tr
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Transformer-XL's two phases (slides "Transformer-XL"): evaluating a left-to-right LM on a long text.
-#   vanilla model: a window of the last W tokens slides by one token per prediction, and everything in it is recomputed
-#                  every time: W token computations per predicted token;
-#   with memory:   the text is read a segment of T tokens at a time; each layer's inputs of the previous segments stay
-#                  in memory (M of them) and are attended to, not recomputed: about one token computation per token,
-#                  with a direct context of M to M + T - 1 tokens, and longer ones through the memory's own memory.
-# Both here use the same XLNet in the identity order (the query stream at t predicts x_t from x_<t).
+# Transformer-XL's two evaluation phases (slides "Transformer-XL"), the computations `python experiments.py two-phase`
+# measures and compares. Both use the XLNet in the identity order (the query stream at t predicts x_t from x_<t).
+#   vanilla model: a window of the last W tokens slides by one token per prediction; everything in it is recomputed
+#                  each time: W token computations per predicted token;
+#   with memory:   the text is read T tokens at a time; each layer's inputs of earlier segments stay in memory (M of
+#                  them) and are attended to, not recomputed: about one token computation per token.
 
 
 def split_streams(tokens, rows):
@@ -837,109 +826,15 @@ def eval_sliding_window(model, tokens, rows, window):
     return nll, count, seconds
 
 
-def two_phase(model, tokens, rows=8, seg_len=None, mem_len=None):
-    """Both evaluations on the same held-out tokens. The sliding window is as long as the longest attention span with
-    memory (mem_len + seg_len), so it never sees less. Returns a list of result dicts and prints the table."""
-    model.eval()
-    seg_len = seg_len or model.config.seq_len
-    if mem_len is not None:
-        model.config.mem_len = mem_len
-    M = model.config.mem_len
-    window = M + seg_len
-    eval_with_memory(model, tokens[:rows * 2 * seg_len], rows, seg_len)  # warm-up: first calls allocate
-    eval_sliding_window(model, tokens[:rows * 4], rows, window)
-    results = []
-    for name, context, run in (
-            (f"with memory (T={seg_len}, M={M})", f"{M}..{M + seg_len - 1} + recurrence", lambda: eval_with_memory(
-                model, tokens, rows, seg_len)),
-            (f"sliding window (W={window})", f"{window - 1}", lambda: eval_sliding_window(
-                model, tokens, rows, window))):
-        nll, count, seconds = run()
-        results.append({"name": name, "context": context, "loss": nll / count, "ms_per_token": 1000 * seconds / count,
-                        "tokens": count})
-    print(f"{'evaluation':<28} {'context (tokens)':<20} {'loss (nats/tok)':>15} {'ms/token':>9} {'tokens':>7}")
-    for r in results:
-        print(f"{r['name']:<28} {r['context']:<20} {r['loss']:>15.4f} {r['ms_per_token']:>9.3f} {r['tokens']:>7}")
-    print(f"memory is {results[1]['ms_per_token'] / results[0]['ms_per_token']:.0f}x cheaper per token; loss "
-          f"{results[0]['loss'] - results[1]['loss']:+.4f} nats/token against the window")
-    return results
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The order views (slide "Split View of the Query Stream (Factorization order: 3 -> 2 -> 4 -> 1)"): for one order, what
-# each prediction may see. Computed with the same masks the model uses (attention_masks), not drawn by hand.
+# each prediction may see, from the masks the model uses (attention_masks). `python experiments.py views` draws them.
 
 
 def query_views(rank, is_target, mlen=0):
     """(mask_g, mask_h) for one sequence: (T, mlen + T) bool, True = hidden from that position's query / content."""
     mask_h, mask_g = attention_masks(permutation_mask(rank, is_target)[None], None, mlen)
     return mask_g[0], mask_h[0]
-
-
-def slide_views():
-    """The slide's example: four tokens, memory, order 3 -> 2 -> 4 -> 1, every token predicted. Lines of text."""
-    order = [3, 2, 4, 1]  # 1-based positions, as on the slide
-    rank = torch.tensor([order.index(p) for p in range(1, 5)])
-    mask_g, mask_h = query_views(rank, torch.ones(4, dtype=torch.bool), mlen=1)
-    names = ["mem", "x1", "x2", "x3", "x4"]
-    lines = ["The slide's order 3 -> 2 -> 4 -> 1 (every token predicted, one memory slot):"]
-    for p in order:
-        g = [names[j] for j in range(5) if not mask_g[p - 1, j]]
-        h = [names[j] for j in range(5) if not mask_h[p - 1, j]]
-        lines.append(f"  position-{p} view: query g{p} predicts x{p} from {', '.join(g):<16} content h{p} sees "
-                     f"{', '.join(h)}")
-    return lines, (rank, mask_g)
-
-
-def text_views(text, partial_k=6, seed=0):
-    """One order the objective samples for a line of text: its targets in order, and what each sees ('_' hidden,
-    '?' the token it predicts). Returns (lines, (ids as characters, rank, is_target, mask_g))."""
-    g = torch.Generator().manual_seed(seed)
-    is_target = sample_targets(len(text), len(text) // partial_k, g)
-    rank = sample_order(len(text), len(text), g)
-    mask_g, _ = query_views(rank, is_target)
-    targets = sorted(is_target.nonzero()[:, 0].tolist(), key=lambda i: int(rank[i]))
-    lines = [f"A line of a held-out play, K = {partial_k}: {len(targets)} targets of {len(text)} characters, in spans; "
-             f"the other characters are context that every target sees.",
-             f"  order of the targets: {' -> '.join(f'{text[i]!r}@{i}' for i in targets)}"]
-    for step, i in enumerate(targets, 1):
-        seen = "".join("?" if j == i else ("_" if mask_g[i, j] else ("¶" if text[j] == "\n" else text[j]))
-                       for j in range(len(text)))
-        lines.append(f"  {step:>2}. {text[i]!r:>5}@{i:<3} sees: {seen}")
-    return lines, (list(text), rank, is_target, mask_g, targets)
-
-
-def plot_views(slide, real, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
-    colors = ListedColormap(["#d9d9d9", "#74c476", "#fd8d3c", "#6baed6"])  # hidden, visible, predicted, memory
-    fig, axes = plt.subplots(1, 2, figsize=(15, 4.6), gridspec_kw={"width_ratios": [1, 4]})
-    rank, mask_g = slide
-    order = rank.argsort().tolist()
-    grid = np.array([[3 if j == 0 and not mask_g[i, j] else 2 if j == i + 1 else 0 if mask_g[i, j] else 1
-                      for j in range(5)] for i in order])
-    ax = axes[0]
-    ax.imshow(grid, cmap=colors, vmin=0, vmax=3)
-    ax.set_xticks(range(5), ["mem", "x1", "x2", "x3", "x4"])
-    ax.set_yticks(range(4), [f"position-{i + 1} view" for i in order])
-    ax.set_title("the slide: order 3 -> 2 -> 4 -> 1\n(query streams; blue = memory)", fontsize=10)
-    chars, rank, is_target, mask_g, targets = real
-    grid = np.array([[2 if j == i else 0 if mask_g[i, j] else 1 for j in range(len(chars))] for i in targets])
-    ax = axes[1]
-    ax.imshow(grid, cmap=colors, vmin=0, vmax=3, aspect="auto")
-    ax.set_xticks(range(len(chars)), ["\\n" if c == "\n" else "␣" if c == " " else c for c in chars], fontsize=7)
-    ax.set_yticks(range(len(targets)), [f"{n}. {chars[i]!r}@{i}" for n, i in enumerate(targets, 1)], fontsize=8)
-    ax.set_title("one sampled order on a held-out line: rows = the targets in factorization order\n"
-                 "green = what its query stream may read, orange = the token it predicts, grey = hidden",
-                 fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1011,84 +906,28 @@ def demo(model, tokenizer, cfg, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Command line: views | two-phase | fill
+# Command line: fill the blanks of a text with a trained checkpoint (the pictures and experiments: experiments.py)
 
 
-def held_out_line():
-    with open(os.path.join(ROOT, "data", "shakespeare", "julius_caesar.txt")) as f:
-        text = f.read()
-    start = text.index("Friends, Romans, countrymen")
-    return text[start:text.index("\n", text.index("\n", start) + 1)]  # two lines of verse
-
-
-def cmd_views(args):
-    slide_lines, slide = slide_views()
-    real_lines, real = text_views(held_out_line(), partial_k=args.k, seed=args.seed)
-    print("\n".join(slide_lines + [""] + real_lines))
-    plot_views(slide, real, args.png)
-    print(f"wrote {args.png}")
-
-
-def cmd_two_phase(args):
-    import train
-
-    path = args.ckpt
-    if not path:
-        out = os.path.join("out", "xlnet-txl")
-        path = os.path.join(out, "ckpt.pt")
-        if os.path.exists(path):
-            print(f"using {path} (remove it, or pass --ckpt, to evaluate another model)")
-        else:
-            print(f"training Transformer-XL's train phase first: python train.py --model xlnet --preset txl-cpu "
-                  f"--out-dir {out}")
-            train.train(["--model", "xlnet", "--preset", "txl-cpu", "--out-dir", out, "--demo-text", ""])
-    run = train.open_run(path, model="xlnet", flag="--ckpt")
-    model = run.model.float()
-    tokens = run.splits["val"].tokens[:args.tokens]
-    print(f"{path}: {run.cfg.preset} ({model.config.objective}), held-out text: the first {len(tokens):,} tokens of "
-          f"{', '.join(run.splits['val'].doc_names)}; {args.rows} streams side by side; fp32 on {run.device}")
-    return two_phase(model, tokens, args.rows, args.seq_len, args.mem_len)
-
-
-def cmd_fill(args):
-    import train
-
-    run = train.open_run(args.ckpt, model="xlnet", flag="--ckpt")
-    demo(run.model, run.tokenizer, DemoConfig(args.text, args.seed), run.device)
-
-
+@command
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="xlnet.py", description="XLNet's pictures and experiments (training: "
-                                "python train.py --model xlnet)")
+    p = argparse.ArgumentParser(prog="xlnet.py", description="Fill the blanks of a text in a random order with an "
+                                "XLNet checkpoint written by train.py --model xlnet. The pictures and experiments: "
+                                "python experiments.py views | two-phase.")
+    p.error = lambda message: require(False, f"{message} (see --help)")
     sub = p.add_subparsers(dest="cmd", required=True)
-    v = sub.add_parser("views", help="which tokens each target may see, for one factorization order (text + PNG)")
-    v.add_argument("--k", type=int, default=6, help="K: predict the last 1/K of the order")
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--png", default=os.path.join(ROOT, "assets", "xlnet_order_views.png"))
-    t = sub.add_parser("two-phase", help="Transformer-XL's evaluation with memory vs the vanilla sliding window")
-    t.add_argument("--ckpt", default="", help="an xlnet checkpoint (default: train --preset txl-cpu into "
-                                              "out/xlnet-txl first, or reuse it)")
-    t.add_argument("--tokens", type=int, default=4096, help="held-out tokens to score")
-    t.add_argument("--rows", type=int, default=8, help="streams evaluated side by side")
-    t.add_argument("--seq-len", type=int, default=0, help="segment length with memory (default: the model's)")
-    t.add_argument("--mem-len", type=int, default=None, help="memory length (default: the model's)")
     f = sub.add_parser("fill", help="fill blanks of a text in a random order with a trained checkpoint")
+    f.error = p.error
     f.add_argument("--ckpt", default=os.path.join("out", "xlnet", "ckpt.pt"))
     f.add_argument("--text", default=DEMO_TEXT)
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    try:
-        if args.cmd == "views" and not 2 <= args.k <= 40:
-            raise UsageError(f"--k {args.k}: K must be in 2..40 (a line of 89 characters)")
-        if args.cmd == "two-phase":
-            if args.tokens < 2 * args.rows or args.rows < 1:
-                raise UsageError(f"--tokens {args.tokens} / --rows {args.rows}: need at least 2 tokens per row")
-            if args.seq_len < 0 or (args.mem_len is not None and args.mem_len < 1):
-                raise UsageError("--seq-len must be >= 1 and --mem-len >= 1 (memory is what is measured)")
-        return {"views": cmd_views, "two-phase": cmd_two_phase, "fill": cmd_fill}[args.cmd](args)
-    except UsageError as e:
-        print(f"xlnet.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    import train  # the checkpoint format, shared by every model
+
+    device = train.pick_device(args.device)
+    model, tokenizer, _ = train.load_for_inference(args.ckpt, device, flag="--ckpt", model="xlnet")
+    demo(model, tokenizer, DemoConfig(args.text, args.seed), device)
 
 
 if __name__ == "__main__":

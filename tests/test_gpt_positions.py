@@ -173,36 +173,3 @@ def test_relative_order_probe_separates_ordered_embeddings_from_noise():
     assert 0.4 < err_rand < 0.6, f"random embeddings carry no order: error should be near chance, got {err_rand:.3f}"
     ramp = torch.arange(512.0)[:, None] * torch.tensor([[1.0, -0.5]]) / 512  # position written in two coordinates
     assert positions.probe_relative_order(ramp) < 0.03, "a linear position code must be (almost) perfectly ordered"
-
-
-def test_extrapolation_experiment_runs_end_to_end(tmp_path, corpus, capsys):
-    rows = positions.main(["extrapolate", "--schemes", "learned,alibi", "--iters", "3", "--block-size", "16",
-                           "--multiples", "1,2", "--eval-tokens", "256", "--data", str(corpus), "--out-dir",
-                           str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"), "--png",
-                           str(tmp_path / "extrapolation.png")])
-    printed = capsys.readouterr().out
-    assert (tmp_path / "extrapolation.png").stat().st_size > 0, "the figure was not written"
-    assert rows["learned"][2] is None and "n/a" in printed, "learned absolute at 2x must be reported as n/a"
-    assert all(v is not None and 0 < v < 10 for v in rows["alibi"].values()), f"ALiBi losses missing: {rows}"
-
-
-def test_probe_experiment_reads_a_train_py_checkpoint_and_an_hf_directory(tmp_path, corpus, capsys):
-    import transformers
-
-    out = tmp_path / "out"
-    train.train(["--model", "gpt", "--preset", "tiny", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
-                 "--out-dir", str(out), "--sample-tokens", "0", "--max-iters", "2"])
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64,
-                                                              vocab_size=50))
-    hf.save_pretrained(tmp_path / "hf")
-    table = positions.main(["probe", "--ckpt", str(out / "ckpt.pt"), "--hf", str(tmp_path / "hf"),
-                            "--png", str(tmp_path / "cos.png")])
-    printed = capsys.readouterr().out
-    assert (tmp_path / "cos.png").stat().st_size > 0, "the cosine-similarity figure was not written"
-    names = [name for name, _, _ in table]
-    assert len(names) == 4 and names[0].startswith("ours") and "untrained" in names[1] and "sinusoid" in names[2] \
-        and names[3].startswith("hf:"), f"expected rows ours, untrained, sinusoid, hf; got {names}"
-    sin_mae = next(mae for name, mae, _ in table if "sinusoid" in name)
-    assert sin_mae < 0.05, f"the sinusoid row should have MAE ~0, got {sin_mae}"
-    assert "MAE" in printed and "error" in printed, "the table must be printed"
