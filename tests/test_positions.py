@@ -17,7 +17,7 @@ from positions import (
     probe_absolute_position, rel_shift, relative_distances, relative_sinusoid, rope_matrix, shaw_attention,
     sinusoidal, t5_relative_bucket, transformer_xl_score,
 )
-from helpers import assert_scaled_close, exit_code
+from helpers import assert_paths_agree, assert_scaled_close, exit_code
 
 
 @pytest.fixture(autouse=True)
@@ -291,6 +291,29 @@ def test_shaw_attention_both_paths_equal_naive_loop(use_sdpa, values):
     v2[:, :, -1] += 1.0
     z2 = shaw_attention(q, k2, v2, shaw, pos, pos, causal=True, use_sdpa=use_sdpa)
     assert_scaled_close(z2[:, :, :-1], z[:, :, :-1], "Shaw attention leaks the future")
+
+
+@pytest.mark.parametrize("values", [True, False])
+def test_shaw_attention_naive_and_sdpa_agree_in_outputs_and_gradients(values):
+    pos = torch.arange(7)
+
+    def build(path):
+        torch.manual_seed(0)
+        model = torch.nn.Module()
+        model.shaw = ShawRelative(head_dim=8, max_distance=3, values=values)
+        with torch.no_grad():  # relative vectors as large as the content
+            for p in model.shaw.parameters():
+                p.normal_()
+        model.qkv = torch.nn.Parameter(torch.randn(3, 2, 3, 7, 8))  # q, k, v: (B, H, T, hs) each
+        model.use_sdpa = path == "sdpa"
+        return model
+
+    def run(model):
+        q, k, v = model.qkv
+        y = shaw_attention(q, k, v, model.shaw, pos, pos, use_sdpa=model.use_sdpa)
+        return y, (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum()
+
+    assert_paths_agree(build, run)
 
 
 @pytest.mark.parametrize("use_sdpa", [False, True])
