@@ -1,22 +1,25 @@
 """
-The readings' experiments at toy scale, one subcommand each. Every run trains through train.py in-process (its flags,
-its checkpoints), so a figure here is what the loop computes; the models and their slides' computations stay in the
-model files, and this file holds the orchestration: which runs, which table, which figure.
+The readings' experiments at toy scale, one subcommand each. Every run trains through train.py,
+in-process (its flags, its checkpoints): a figure here is what the loop computes. The models, and
+the computations their slides show, stay in the model files; this file holds the orchestration:
+which runs, which table, which figure (under assets/).
 
-  python experiments.py continue      continued pretraining: re-warm, replay, scratch (Gupta et al. 2023 §3-4;
-                                      Ibrahim et al. 2024 §5-7)                      -> assets/continue_pretraining.png
-  python experiments.py mtp           next-token vs multi-token prediction at equal compute (Gloeckle et al. 2024;
-                                      DeepSeek-V3 §2.2)                                      -> assets/mtp_compare.png
-  python experiments.py extrapolate   ALiBi's Figure 1 in miniature: val loss at 1x..8x the training length, one GPT
-                                      per --pos (Press et al. 2022)              -> assets/positions_extrapolation.png
-  python experiments.py probe         "What do position embeddings learn?": the cosine heatmap and the two probes
-                                      (Wang & Chen 2020)                                -> assets/positions_cosine.png
-  python experiments.py views         XLNet's "Split View of the Query Stream" (order 3 -> 2 -> 4 -> 1), from the
-                                      model's own masks (Yang et al. 2019 §2.3)        -> assets/xlnet_order_views.png
-  python experiments.py two-phase     Transformer-XL's evaluation phase: memory vs the vanilla sliding window
-                                      (Dai et al. 2019 §3.1-3.2, §4)                                       -> a table
---help lists each one's flags (continue and extrapolate have --quick: a smoke run in minutes). Tests:
-tests/test_continue.py, test_mtp.py, test_positions.py, test_xlnet.py, each with tiny settings.
+  python experiments.py continue      continued pretraining: re-warm, replay, scratch
+                                      (Gupta et al. 2023 §3-4; Ibrahim et al. 2024 §5-7)
+                                      -> continue_pretraining.png
+  python experiments.py mtp           next-token vs multi-token prediction at equal compute
+                                      (Gloeckle et al. 2024; DeepSeek-V3 §2.2) -> mtp_compare.png
+  python experiments.py extrapolate   ALiBi's Figure 1 in miniature (Press et al. 2022): a GPT per
+                                      --pos, scored at 1x..8x its training length
+                                      -> positions_extrapolation.png
+  python experiments.py probe         "What do position embeddings learn?" (Wang & Chen 2020): the
+                                      cosine heatmap and the two probes -> positions_cosine.png
+  python experiments.py views         XLNet's "Split View of the Query Stream", order 3 -> 2 -> 4 -> 1,
+                                      from the model's own masks -> xlnet_order_views.png
+  python experiments.py two-phase     Transformer-XL's evaluation: memory vs the vanilla sliding
+                                      window (Dai et al. 2019 §3.1-3.2, §4) -> a table
+--help lists each one's flags; continue and extrapolate have --quick, a smoke run in minutes.
+Tests (tiny settings): tests/test_continue.py, test_mtp.py, test_positions.py, test_xlnet.py.
 
 `mtp` (Gloeckle et al. 2024, "Better & Faster Large Language Models via Multi-token Prediction"; DeepSeek-V3 §2.2;
 the slides "Multi-token prediction"): trains gpt.py with 0, 1 or 3 extra heads, parallel or sequential, at equal
@@ -45,7 +48,7 @@ CACHE = os.path.join(HERE, "data", "cache")
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are UsageErrors: one line and exit code 2 through common.command, like every bad value."""
+    """argparse whose errors are UsageErrors: one line and exit code 2 (common.command), like any."""
 
     def error(self, message):
         raise UsageError(f"{message} (see --help)")
@@ -60,30 +63,30 @@ def save(fig, png, plt):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# continue: pretrain on Shakespeare, continue on Milton (slides "Pretraining language models": data and domain)
+# continue: pretrain on Shakespeare, continue on Milton (slides "Pretraining language models")
 #
-#   - Gupta et al. 2023, "Continual Pre-Training of Large Language Models: How to (re)warm your model?" §3-4:
-#     re-warming the learning rate on new data first raises the loss on both the old and the new data, then helps on
-#     the new one; the higher the new peak lr, the better the adaptation and the more the forgetting.
-#   - Ibrahim et al. 2024, "Simple and Scalable Strategies to Continually Pre-train Large Language Models" §5-7:
-#     re-warm + re-decay, and replaying a small share of the old data (~5% is often enough) prevents most of the
-#     forgetting at little cost to the new data; "infinite" schedules (constant, then a cooldown) avoid re-warming.
-#   - Parmar et al. 2024, "Reuse, Don't Retrain": continuing a trained model beats scratch at equal compute.
+#   - Gupta et al. 2023, "Continual Pre-Training of Large Language Models: How to (re)warm your
+#     model?" §3-4: re-warming the lr on new data first raises the loss on old and new data, then
+#     helps on the new. The higher the new peak, the more adaptation, and the more forgetting.
+#   - Ibrahim et al. 2024, "Simple and Scalable Strategies to Continually Pre-train Large Language
+#     Models" §5-7: re-warm + re-decay; replaying a small share of the old data (~5% is often
+#     enough) prevents most of the forgetting. "Infinite" schedules avoid re-warming.
+#   - Parmar et al. 2024, "Reuse, Don't Retrain": continuing beats scratch at equal compute.
 #
 # The runs, under out/experiments/continue:
-#   1. pretrain: a char GPT on Shakespeare, Milton evaluated all along but never trained on (weight 0), so one
-#      alphabet covers both and the plot shows Milton's loss before the switch;
-#   2. from that checkpoint (--init-from: weights only; fresh optimizer and schedule), --cont-iters steps on Milton:
-#      no re-warm (constant at the pretraining's final lr), re-warm to each --rewarm-lrs peak (warm-up, then cosine
-#      to the floor), and each --replay share of Shakespeare at the largest re-warm peak;
-#   3. scratch: the same model on Milton alone from random weights, pretrain + continue steps (equal compute).
-# A table of final val losses on both corpora (bits per byte too); the figure plots Shakespeare (upstream:
-# forgetting) and Milton (downstream: adaptation) val loss against total steps.
+#   1. pretrain: a char GPT on Shakespeare. Milton is evaluated all along, never trained on
+#      (weight 0): one alphabet covers both, and the plot shows Milton's loss before the switch;
+#   2. from that checkpoint (--init-from: weights only), --cont-iters steps on Milton: no re-warm
+#      (constant at the final lr), a re-warm to each --rewarm-lrs peak (warm-up, then cosine),
+#      and each --replay share of Shakespeare at the largest peak;
+#   3. scratch: the same model on Milton alone, pretrain + continue steps (equal compute).
+# A table of final val losses on both corpora (and bits per byte). The figure: Shakespeare
+# (upstream: forgetting) and Milton (downstream: adaptation) val loss against total steps.
 
 
 def _run(args, name, data, extra):
     """One train.py run; returns its metric rows."""
-    # Every setting that shapes the result is spelled out, so the figures do not move when a preset is retuned.
+    # Every setting that shapes the result is spelled out: retuning a preset moves no figure.
     argv = ["--model", "gpt", "--preset", "char-cpu", "--n-layer", "4", "--n-head", "4", "--n-embd", "128",
             "--block-size", "64", "--batch-size", "32", "--dropout", "0", "--bias", "--attn", "sdpa",
             "--pos", "learned", "--weight-decay", "0.1", "--beta1", "0.9", "--beta2", "0.99", "--grad-clip", "1.0",
@@ -206,16 +209,16 @@ def continue_flags(c):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# extrapolate and probe: positional encodings in a trained GPT (positions.py's schemes, gpt.py's --pos)
+# extrapolate and probe: positional encodings in a trained GPT (positions.py, gpt.py's --pos)
 #
-#   extrapolate: Press et al. 2022's Figure 1 in miniature. The same GPT is trained on windows of --block-size with
-#                each scheme, then scores the held-out text in non-overlapping windows of 1x, 2x, 4x, 8x that length
-#                (their evaluation, too). A scheme extrapolates if its loss does not blow up past the training length.
-#                ~15 min on a CPU; --quick: ~2 min (3 schemes, 20 steps).
-#   probe:       the slide "What do position embeddings learn?" (Wang & Chen 2020): the cosine-similarity heatmap of
-#                a learned position table, and the two probes (positions.probe_absolute_position,
-#                probe_relative_order) on it, on the sinusoid of the same shape, on an untrained table, and on any
-#                Hugging Face GPT-2 given with --hf. ~10 min on a CPU (it trains the learned GPT; --ckpt skips that).
+#   extrapolate: Press et al. 2022's Figure 1 in miniature. The same GPT is trained with each scheme
+#                on windows of --block-size, then scores the held-out text in windows of 1x, 2x,
+#                4x, 8x that length (their evaluation too). A scheme extrapolates if its loss does
+#                not blow up past the training length. ~15 min on a CPU; --quick: ~2 min.
+#   probe:       the slide "What do position embeddings learn?" (Wang & Chen 2020): the heatmap of
+#                a learned position table, and the two probes of positions.py, on it, on the
+#                sinusoid of its shape, on an untrained table, and on any GPT-2 given with --hf.
+#                ~10 min on a CPU (training the GPT; --ckpt skips that).
 
 EXTRAPOLATION_SCHEMES = ("learned", "sinusoidal", "shaw", "t5", "alibi", "rope", "none")
 
@@ -223,7 +226,7 @@ EXTRAPOLATION_SCHEMES = ("learned", "sinusoidal", "shaw", "t5", "alibi", "rope",
 def _train_gpt(args, scheme, out_dir, extra=()):
     """Train a char-level GPT with train.py in-process (its CLI flags, its checkpoint).
     Returns (train.open_run of the result: model, splits, evaluate(), training seconds)."""
-    # Every setting that shapes the result is spelled out, so the figures do not move when a preset is retuned.
+    # Every setting that shapes the result is spelled out: retuning a preset moves no figure.
     argv = ["--model", "gpt", "--preset", "nanogpt-cpu", "--n-layer", "4", "--n-head", "4", "--n-embd", "128",
             "--dropout", "0", "--bias", "--attn", "sdpa", "--dtype", "auto", "--tokenizer", "char",
             "--weight-decay", "0.1", "--beta2", "0.99", "--pos", scheme, "--block-size", str(args.block_size),
@@ -312,9 +315,9 @@ def _plot_extrapolation(results, args):
 
 
 def probe(args):
-    """Wang & Chen 2020's two probes (the slide's table) on a position table we trained, on the sinusoid of the same
-    shape, on an untrained table of that shape, and on every Hugging Face GPT-2 directory given with --hf.
-    Returns [(name, absolute MAE, relative error rate)] and writes the cosine-similarity heatmaps."""
+    """Wang & Chen 2020's two probes (the slide's table) on a position table we trained, on the
+    sinusoid and an untrained table of its shape, and on every GPT-2 directory given with --hf.
+    Returns [(name, absolute MAE, relative error rate)]; writes the cosine-similarity heatmaps."""
     _check_training_flags(args)
     hf_tables = []  # read first: a bad --hf fails before anything is trained
     for path in args.hf:
@@ -394,19 +397,19 @@ def probe_flags(r):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# views and two-phase: XLNet's and Transformer-XL's slides, computed with xlnet.py's own masks and evaluations
+# views and two-phase: XLNet's and Transformer-XL's slides, from xlnet.py's masks and evaluations
 #
-#   views:     the slide "Split View of the Query Stream (Factorization order: 3 -> 2 -> 4 -> 1)": for one order,
-#              what each prediction may see, from xlnet.query_views (the masks the model uses, not drawn by hand);
-#              then one order the objective samples on a held-out line.
-#   two-phase: the slides "Transformer-XL": evaluating a left-to-right LM on a long text.
-#                vanilla model: a window of the last W tokens slides by one token per prediction, and everything in
-#                  it is recomputed every time: W token computations per predicted token (xlnet.eval_sliding_window);
-#                with memory: the text is read a segment of T tokens at a time; each layer's inputs of the previous
-#                  segments stay in memory (M of them) and are attended to, not recomputed: about one token
-#                  computation per token, a direct context of M to M + T - 1 tokens, and longer ones through the
-#                  memory's own memory (xlnet.eval_with_memory).
-#              Both use the same XLNet in the identity order (the query stream at t predicts x_t from x_<t).
+#   views:     the slide "Split View of the Query Stream (Factorization order: 3 -> 2 -> 4 -> 1)":
+#              for one order, what each prediction may see (xlnet.query_views: the model's own
+#              masks, not drawn by hand); then one order the objective samples on a held-out line.
+#   two-phase: the slides "Transformer-XL": scoring a left-to-right LM on a long text.
+#                vanilla model: a window of the last W tokens slides by one token per prediction,
+#                  all recomputed: W token computations per token (xlnet.eval_sliding_window);
+#                with memory: T tokens at a time; the layer inputs of earlier segments stay in
+#                  memory (M of them), attended to, not recomputed: about one computation per
+#                  token, a context of M to M + T - 1 tokens, longer through the memory's own
+#                  memory (xlnet.eval_with_memory).
+#              Both use the same XLNet in the identity order (g at t predicts x_t from x_<t).
 
 
 def held_out_line():
@@ -417,7 +420,7 @@ def held_out_line():
 
 
 def slide_views():
-    """The slide's example: four tokens, memory, order 3 -> 2 -> 4 -> 1, every token predicted. Lines of text."""
+    """The slide's example, as lines of text: four tokens, memory, order 3 -> 2 -> 4 -> 1, all predicted."""
     order = [3, 2, 4, 1]  # 1-based positions, as on the slide
     rank = torch.tensor([order.index(p) for p in range(1, 5)])
     mask_g, mask_h = xlnet.query_views(rank, torch.ones(4, dtype=torch.bool), mlen=1)
@@ -432,8 +435,8 @@ def slide_views():
 
 
 def text_views(text, partial_k=6, seed=0):
-    """One order the objective samples for a line of text: its targets in order, and what each sees ('_' hidden,
-    '?' the token it predicts). Returns (lines, (ids as characters, rank, is_target, mask_g, targets))."""
+    """One order the objective samples for a line of text: its targets in order, and what each sees
+    ('_' hidden, '?' the token it predicts). Returns (lines, (chars, rank, is_target, mask_g, targets))."""
     g = torch.Generator().manual_seed(seed)
     is_target = xlnet.sample_targets(len(text), len(text) // partial_k, g)
     rank = xlnet.sample_order(len(text), len(text), g)
@@ -490,8 +493,8 @@ def views(args):
 
 
 def two_phase(model, tokens, rows=8, seg_len=None, mem_len=None):
-    """Both evaluations on the same held-out tokens. The sliding window is as long as the longest attention span with
-    memory (mem_len + seg_len), so it never sees less. Returns a list of result dicts and prints the table."""
+    """Both evaluations on the same held-out tokens; prints the table, returns the results.
+    The window is as long as memory's longest direct span (mem_len + seg_len): it never sees less."""
     model.eval()
     seg_len = seg_len or model.config.seq_len
     if mem_len is not None:
