@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import bpe
+from common import UsageError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(ROOT, "data", "shakespeare")
@@ -37,8 +38,6 @@ DEFAULT_DATA = os.path.join(ROOT, "data", "shakespeare")
 BUNDLED_VAL_DOCS = ("julius_caesar", "twelfth_night", "henry_v")
 BUNDLED_VAL = {"shakespeare": BUNDLED_VAL_DOCS, "milton": ("paradise_regained",)}
 
-
-from common import UsageError  # noqa: E402  (temporary on rd-enc: one error type; the data helper's data.py wins)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Tokenizers: text <-> ids, plus the plain-data identity a checkpoint records so sampling and resume rebuild the same one.

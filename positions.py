@@ -1,60 +1,59 @@
 """
 positions.py -- every positional encoding from the lecture, one readable block each.
 
-A Transformer's attention is permutation invariant: without help, "dog bites man" and "man bites dog" look alike.
-The lecture's "Positional embeddings" slides list the ways to inject order; this file implements each of them with
-the equation it computes, in the order the slides present them:
+Attention is permutation invariant: without help, "dog bites man" and "man bites dog" look alike.
+The lecture's "Positional embeddings" slides list the ways to put order back. Here is each of them,
+with the equation it computes, in the slides' order:
 
-  1. absolute, added to the token embeddings           (slides "Positional encoding", "Learned encoding")
+  1. absolute, added to the token embeddings (slides "Positional encoding", "Learned encoding")
        sinusoidal            Vaswani et al. 2017, "Attention Is All You Need", §3.5
        LearnedAbsolute       GPT-2's `wpe` (Radford et al. 2019); cannot extrapolate past its table
-       probe_absolute_position   the linear-regression probe of "What do position embeddings learn?"
-       probe_relative_order  and its logistic-regression twin (Wang & Chen 2020, the slide's two tables)
-  2. relative, inside attention                         (slide "Relative encoding")
+       probe_absolute_position, probe_relative_order, cosine_similarity_matrix
+                             the slide "What do position embeddings learn?" (Wang & Chen 2020):
+                             its two probes and its heatmap
+  2. relative, inside attention (slide "Relative encoding")
        ShawRelative          Shaw et al. 2018, §3: learned key/value vectors of the clipped distance
-       t5_relative_bucket    Raffel et al. 2020 (T5), §2.1: one learned scalar per head per log-spaced
-       T5RelativeBias          distance bucket -- the slide that reduces relative encoding to a bias b_ij
-       alibi_slopes, ALiBi   Press et al. 2022, §3: a fixed, per-head linear penalty on distance
+       shaw_attention        attention with both, naive or fused (gpt.py's --pos shaw)
+       t5_relative_bucket,   Raffel et al. 2020 (T5), §2.1: one learned scalar per head per
+       T5RelativeBias        log-spaced distance bucket: relative encoding as a bias b_ij
+       alibi_slopes, ALiBi   Press et al. 2022, §3: a fixed per-head linear penalty on distance
                              (slides "Attention with Linear Biases")
-  3. rotary                                             (slides "Rotary encoding", RoFormer, Su et al. 2021, §3.4)
+  3. rotary (slides "Rotary encoding"; RoFormer, Su et al. 2021, §3.4)
        rope_matrix           the block-diagonal rotation R^d_{Θ,m} (first slide)
-       apply_rope            the element-wise cos/sin form (the second RoPE slide)
+       apply_rope            the element-wise cos/sin form (second slide)
        apply_rope_half_split the GPT-NeoX / LLaMA-HF layout of the same rotation
-  4. Transformer-XL relative sinusoid                   (slides "Transformer-XL", "XLNet")
+  4. Transformer-XL's relative sinusoid (slides "Transformer-XL", "XLNet")
        relative_sinusoid, relative_distances, rel_shift, transformer_xl_score:
-                             Dai et al. 2019, §3.3, eq. for A^rel with terms (a)-(d); XLNet reuses it
-  5. experiments: extrapolate (Press et al. 2022, Fig. 1 in miniature), probe (the slide's heatmap and tables)
+                             Dai et al. 2019, §3.3, A^rel and its terms (a)-(d); XLNet reuses it
+  5. demo: what each scheme computes on a toy sequence
 
 How a model uses them (gpt.py's `--pos`):
-  - absolute schemes return (T, C) vectors that are ADDED to the token embeddings before the first block;
-  - ALiBi, T5 and Shaw's key term return an additive LOGIT BIAS of shape (H, Tq, Tk) or (B, H, Tq, Tk).
-    Contract for every bias here: it is added to the already scaled scores q.k/sqrt(hs), i.e. exactly where
-    `F.scaled_dot_product_attention(..., attn_mask=bias)` adds its float mask, so one bias serves both the naive
-    path and the sdpa path;
+  - absolute schemes return (T, C) vectors, ADDED to the token embeddings before the first block;
+  - ALiBi, T5 and Shaw's key term return a LOGIT BIAS, (H, Tq, Tk) or (B, H, Tq, Tk). Every bias here
+    is added to the already scaled scores q.k/sqrt(hs). That is where sdpa adds a float attn_mask,
+    so one bias serves the naive path and the sdpa path;
   - RoPE rotates q and k (never v) before the dot product;
-  - every function takes explicit position tensors, so a KV cache just passes q_pos = arange(L, L+T) for L cached
-    tokens and k_pos = arange(0, L+T).
+  - every function takes explicit positions. With L tokens in a KV cache, pass
+    q_pos = arange(L, L+T) and k_pos = arange(0, L+T).
 
 Legend:  B batch, H heads, T sequence length (Tq queries, Tk keys), hs head size, C model width,
-         d the width of an encoding, k Shaw's clipping distance, m a slope (ALiBi) or a position (RoPE).
+         d the width of an encoding, k Shaw's clipping distance, m a slope (ALiBi) or a position.
 
 Run
-  python positions.py demo                  # print each scheme on a toy sequence
-  python positions.py extrapolate           # one GPT per --pos, val loss at 1x..8x the training length (~15 min CPU)
-  python positions.py extrapolate --quick   # the same in ~2 minutes (3 schemes, 20 steps)
-  python positions.py probe [--hf DIR]      # cosine heatmap + the two probes (trains a learned GPT, ~10 min CPU)
-Tests: tests/test_positions.py (the schemes), tests/test_gpt_positions.py (inside gpt.py, and the experiments).
+  python positions.py                  # print each scheme on a toy sequence
+  python experiments.py extrapolate    # a GPT per scheme, scored at 1x..8x its training length
+  python experiments.py probe          # the probes and heatmap of a trained position table
+Tests: tests/test_positions.py (the schemes, the experiments); tests/test_gpt_positions.py (in gpt.py).
 """
 
-import argparse
-import dataclasses
 import math
-import os
-import time
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common import command, require
 
 # -----------------------------------------------------------------------------
 # helpers shared by several schemes
@@ -62,14 +61,14 @@ import torch.nn.functional as F
 
 def _check_even(dim, who):
     if dim <= 0 or dim % 2 != 0:
-        raise ValueError(f"{who}: dim must be a positive even number (it is split into sin/cos pairs), got {dim}")
+        raise ValueError(f"{who}: dim must be a positive even number (sin/cos pairs), got {dim}")
 
 
 def _inverse_frequencies(dim, base=10000.0):
-    """The d/2 angular frequencies shared by the sinusoid, RoPE and Transformer-XL: base^(-2i/d), i = 0..d/2-1.
+    """The d/2 frequencies of the sinusoid, RoPE and Transformer-XL: base^(-2i/d), i = 0..d/2-1.
 
-    RoPE's slide writes the same set 1-indexed: theta_i = 10000^(-2(i-1)/d), i = 1..d/2.
-    Frequency 0 turns once per 2*pi positions, the last one once per ~2*pi*base positions.
+    RoPE's slide writes them 1-indexed: theta_i = 10000^(-2(i-1)/d), i = 1..d/2.
+    The first turns once per 2*pi positions, the last once per ~2*pi*base positions.
 
     >>> _inverse_frequencies(4)
     tensor([1.0000, 0.0100])
@@ -79,18 +78,19 @@ def _inverse_frequencies(dim, base=10000.0):
 
 
 def _angles(pos, dim, base=10000.0):
-    """Outer product pos x frequency: the angle m*theta_i for every position m and pair i. Always float32,
-    because bf16 cannot even hold the position: it rounds 2001 to 2000 (trap when training in low precision)."""
-    return pos.to(torch.float32)[:, None] * _inverse_frequencies(dim, base).to(pos.device)[None, :]  # (T, d/2)
+    """The angle m*theta_i for every position m and pair i: (T, d/2).
+    Trap: always float32. bf16 cannot even hold the position: it rounds 2001 to 2000."""
+    freqs = _inverse_frequencies(dim, base).to(pos.device)
+    return pos.to(torch.float32)[:, None] * freqs[None, :]  # (T, d/2)
 
 
 def causal_mask(q_pos, k_pos):
-    """Boolean (Tq, Tk) mask, True where key j may be attended by query i, i.e. k_pos[j] <= q_pos[i].
+    """(Tq, Tk) bool, True where query i may attend to key j: k_pos[j] <= q_pos[i].
 
-    Written with positions rather than `torch.tril` so it stays right with a KV cache, where the Tq new queries sit
-    at positions L..L+Tq-1 and the keys at 0..L+Tq-1 (tril on a (Tq, Tk) matrix would be wrong then).
+    Written with positions, not `torch.tril`, so it stays right with a KV cache: the Tq new queries
+    sit at L..L+Tq-1 and the keys at 0..L+Tq-1, where tril would be wrong.
 
-    >>> causal_mask(torch.tensor([2]), torch.arange(4))  # one new token at position 2, three keys cached before it
+    >>> causal_mask(torch.tensor([2]), torch.arange(4))  # a new token at 2, three keys cached
     tensor([[ True,  True,  True, False]])
     """
     return k_pos[None, :] <= q_pos[:, None]  # (Tq, Tk)
@@ -106,10 +106,10 @@ def sinusoidal(n_pos, dim, base=10000.0):
         PE[pos, 2i]   = sin(pos / base^(2i/d))
         PE[pos, 2i+1] = cos(pos / base^(2i/d))
 
-    Each pair of dimensions is a clock turning at its own speed, so PE[pos + c] is a fixed rotation of PE[pos]
-    (a linear function of it) -- the property the paper hoped would let attention pick up relative offsets, and the
-    reason a linear probe can read the absolute position back (the slide's MAE 0.0 for "sinusoid").
-    Returns (n_pos, dim); even dims are sin, odd dims cos (interleaved, as in the paper).
+    Each pair of dimensions is a clock turning at its own speed. So PE[pos + c] is a fixed rotation
+    of PE[pos], a linear function of it: the paper hoped attention would pick up offsets that way.
+    It is also why a linear probe reads the position back (the slide's MAE 0.0 for "sinusoid").
+    Returns (n_pos, dim): even dims sin, odd dims cos (interleaved, as in the paper).
 
     >>> sinusoidal(2, 4)  # position 0: sin 0 = 0, cos 0 = 1; position 1, frequencies 1 and 1/100
     tensor([[0.0000, 1.0000, 0.0000, 1.0000],
@@ -130,44 +130,42 @@ def _sinusoid_at(pos, dim, base=10000.0):
 
 
 class SinusoidalAbsolute(nn.Module):
-    """The sinusoid as a module with the same interface as LearnedAbsolute: forward(pos (T,)) -> (T, dim).
+    """The sinusoid as a module, like LearnedAbsolute: forward(pos (T,)) -> (T, dim).
 
-    No parameters and no buffer: the table is recomputed from the formula on each call (T*dim sines, negligible next
-    to a Transformer block), so it is defined at every position -- nothing to outgrow at 2x, 4x the training length.
+    No parameters, no buffer: each call recomputes the formula (T*dim sines, nothing next to a
+    block). So it is defined at every position: nothing to outgrow at 4x the training length.
     """
 
     def __init__(self, n_pos, dim, base=10000.0):
         super().__init__()
         _check_even(dim, "SinusoidalAbsolute")
-        self.n_pos, self.dim, self.base = n_pos, dim, base  # n_pos only for symmetry with LearnedAbsolute
+        self.n_pos, self.dim, self.base = n_pos, dim, base  # n_pos: only to match LearnedAbsolute
 
     def forward(self, pos):
         return _sinusoid_at(pos, self.dim, self.base)  # (T, dim)
 
 
 class LearnedAbsolute(nn.Embedding):
-    """A learned vector per absolute position (GPT-2's `wpe`, BERT's position embeddings): P[pos] is a free parameter.
+    """A learned vector per position (GPT-2's `wpe`, BERT's position embeddings): P[pos] is free.
 
-    Subclasses nn.Embedding so that a GPT holding `self.wpe = LearnedAbsolute(...)` keeps GPT-2's state-dict key
-    `wpe.weight` and loads Hugging Face checkpoints unchanged. The slide's trade-off: flexible, but n_pos*dim extra
-    parameters and no vector at all for positions >= n_pos -- it cannot extrapolate. The check that says so in words
-    lives in the caller (gpt.py's GPT.forward compares past + T with block_size before any lookup), not here: a
-    data-dependent `if pos.max() >= n_pos` in forward would force a host sync and break torch.compile graphs. Called
-    directly with a position >= n_pos, nn.Embedding raises its own IndexError.
+    An nn.Embedding, so a GPT's `wpe` keeps GPT-2's key `wpe.weight` and loads its checkpoints.
+    The slide's trade-off: flexible, but n_pos*dim more parameters and no vector at all for a
+    position >= n_pos: it cannot extrapolate. The caller says so in words (gpt.py's GPT.forward,
+    before any lookup). A check here, on the data, would force a host sync and break
+    torch.compile. Called with a position >= n_pos, nn.Embedding raises its own IndexError.
 
     >>> LearnedAbsolute(4, 2)(torch.arange(3)).shape
     torch.Size([3, 2])
     """
 
     def reset_parameters(self):
-        # N(0, 0.02), GPT-2's initializer_range. Overriding reset_parameters (called once by nn.Embedding.__init__)
-        # instead of re-initialising afterwards draws the same number of random values as a plain nn.Embedding, so a
-        # seeded GPT builds bit-identical weights whether its wpe is this class or nn.Embedding.
+        # N(0, 0.02), GPT-2's initializer_range. Done here, not after __init__, this draws as many
+        # random values as a plain nn.Embedding: a seeded GPT gets the same weights either way.
         nn.init.normal_(self.weight, mean=0.0, std=0.02)
 
 
 def _folds(n, folds, seed):
-    """Seeded k-fold split of range(n): a list of (train index, test index) pairs, every item tested exactly once."""
+    """Seeded k-fold split of range(n): [(train index, test index)], each item tested once."""
     if not 2 <= folds <= n:
         raise ValueError(f"need 2 <= folds <= {n} items, got folds={folds}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -176,14 +174,15 @@ def _folds(n, folds, seed):
 
 
 def probe_absolute_position(emb, folds=5, seed=0):
-    """How much absolute position a table of position embeddings carries, as one number: the held-out mean absolute
-    error of a least-squares linear regression from emb[p] to p, predictions rounded to whole positions (Wang & Chen
-    2020, "What do position embeddings learn?", the slide's "Absolute" table: sinusoid 0.0, GPT-2 1.03, RoBERTa 6.06,
-    BERT 34.14; they probe the first 512 positions -- the caller slices).
+    """How much absolute position a table of position embeddings carries, as one number.
 
-    emb: (n_pos, d). 5-fold cross-validation over positions (seeded), as in the paper, so a table cannot score 0 by
-    recalling the positions it was fitted on. When d + 1 > the training positions the system is underdetermined and
-    lstsq returns the minimum-norm solution (what the paper's solver does too). Solved in float64, with an intercept.
+    Wang & Chen 2020, "What do position embeddings learn?", the slide's "Absolute" table (sinusoid
+    0.0, GPT-2 1.03, RoBERTa 6.06, BERT 34.14): a least-squares linear regression from emb[p] to p,
+    rounded to whole positions; the held-out mean absolute error. They probe the first 512
+    positions (the caller slices). emb: (n_pos, d).
+    5-fold cross-validation over positions (seeded), as in the paper: a table cannot score 0 by
+    recalling the positions it was fitted on. With d + 1 > the training positions, lstsq returns
+    the minimum-norm solution, as the paper's solver does. Float64, with an intercept.
 
     >>> round(probe_absolute_position(sinusoidal(512, 128)), 2)
     0.0
@@ -199,20 +198,21 @@ def probe_absolute_position(emb, folds=5, seed=0):
 
 
 def probe_relative_order(emb, n_pairs=None, folds=5, seed=0, l2=1.0):
-    """How well a LINEAR classifier reads the order of two positions from their embeddings: the held-out error rate of
-    an L2-regularised logistic regression on [emb[i]; emb[j]] predicting "i < j" (Wang & Chen 2020's relative probe,
-    the slide's "Relative" table: GPT-2 1.56%, sinusoid 5.08%, RoBERTa 7.23%, BERT 19.72%; chance is 50%).
+    """How well a LINEAR classifier reads the order of two positions from their embeddings.
 
-    Protocol as in the paper: n_pairs = n_pos random pairs (i, j) of distinct positions (seeded), 5-fold
-    cross-validation, loss = sum of log-losses + l2 * ||w||^2 / 2 (scikit-learn's default C = 1, which they used;
-    intercept not penalised). Few pairs and no feature scaling are why even the sinusoid is not at 0%. Trap: test
-    pairs mostly reuse positions seen in training pairs, so a table of n_pos random vectors in d >= n_pos dimensions
-    -- linearly independent, able to encode any function of position -- scores well below chance: compare with a
-    random baseline of the same shape, not with 50%.
+    Wang & Chen 2020's relative probe, the slide's "Relative" table (GPT-2 1.56%, sinusoid 5.08%,
+    RoBERTa 7.23%, BERT 19.72%; chance is 50%): the held-out error rate of an L2-regularised
+    logistic regression on [emb[i]; emb[j]] predicting "i < j".
+    The paper's protocol: n_pairs = n_pos random pairs of distinct positions (seeded), 5-fold
+    cross-validation, loss = sum of log-losses + l2 * ||w||^2 / 2 (scikit-learn's default C = 1;
+    intercept not penalised). Few pairs and no feature scaling keep even the sinusoid above 0%.
+    Trap: test pairs mostly reuse positions seen in training. So n_pos random vectors in d >= n_pos
+    dimensions (independent: they can encode any function of position) score well below chance.
+    Compare with a random table of the same shape, not with 50%.
 
-    Solved exactly by Newton's method in float64. With fewer training pairs than features the optimal w lies in the
-    span of the training rows (the penalty only grows outside it), so we first rotate onto that span with an SVD:
-    a (n_train, n_train) problem instead of (2d, 2d).
+    Solved exactly by Newton's method in float64. With fewer training pairs than features, the
+    optimal w lies in the span of the training rows (the penalty only grows outside it). An SVD
+    rotates onto that span first: an (n_train, n_train) problem instead of (2d, 2d).
 
     >>> probe_relative_order(torch.arange(64.)[:, None]) < 0.05  # position written in one coordinate
     True
@@ -221,34 +221,44 @@ def probe_relative_order(emb, n_pairs=None, folds=5, seed=0, l2=1.0):
     n_pairs = n_pairs or n_pos
     g = torch.Generator().manual_seed(seed)
     i, j = torch.randint(n_pos, (2, 4 * n_pairs), generator=g)
-    keep = (i != j).nonzero().squeeze(1)[:n_pairs]  # distinct pairs only: "i < j" is undefined for i == j
+    keep = (i != j).nonzero().squeeze(1)[:n_pairs]  # distinct pairs: "i < j" means nothing for i == j
     i, j = i[keep], j[keep]
     E = emb.detach().to(torch.float64).cpu()
     X, y = torch.cat([E[i], E[j]], dim=1), (i < j).to(torch.float64)  # (n_pairs, 2d), (n_pairs,)
     wrong = 0
     for tr, te in _folds(len(y), folds, seed):
-        U, S, Vh = torch.linalg.svd(X[tr], full_matrices=False)  # X_tr = U S Vh; w = Vh^T beta loses nothing
-        Z_tr = torch.cat([U * S, torch.ones(len(tr), 1, dtype=torch.float64)], dim=1)  # (n_tr, r + 1), + intercept
-        Z_te = torch.cat([X[te] @ Vh.T, torch.ones(len(te), 1, dtype=torch.float64)], dim=1)
+        U, S, Vh = torch.linalg.svd(X[tr], full_matrices=False)  # X_tr = U S Vh; w = Vh^T beta
+        ones = lambda n: torch.ones(n, 1, dtype=torch.float64)  # the intercept's column
+        Z_tr = torch.cat([U * S, ones(len(tr))], dim=1)  # (n_tr, r + 1)
+        Z_te = torch.cat([X[te] @ Vh.T, ones(len(te))], dim=1)
         reg = torch.full((Z_tr.shape[1],), l2, dtype=torch.float64)
         reg[-1] = 0.0  # no penalty on the intercept
 
         def objective(b):
-            return F.binary_cross_entropy_with_logits(Z_tr @ b, y[tr], reduction="sum") + 0.5 * (reg * b * b).sum()
+            log_loss = F.binary_cross_entropy_with_logits(Z_tr @ b, y[tr], reduction="sum")
+            return log_loss + 0.5 * (reg * b * b).sum()
 
         b = torch.zeros(Z_tr.shape[1], dtype=torch.float64)
         for _ in range(100):
             p = torch.sigmoid(Z_tr @ b)
             grad = Z_tr.T @ (p - y[tr]) + reg * b
-            hess = (Z_tr.T * (p * (1 - p))) @ Z_tr + torch.diag(reg) + 1e-12 * torch.eye(len(b), dtype=torch.float64)
+            hess = (Z_tr.T * (p * (1 - p))) @ Z_tr + torch.diag(reg)
+            hess = hess + 1e-12 * torch.eye(len(b), dtype=torch.float64)
             step, t = torch.linalg.solve(hess, grad), 1.0
-            while objective(b - t * step) > objective(b) and t > 1e-8:  # backtracking keeps Newton monotone
+            while objective(b - t * step) > objective(b) and t > 1e-8:  # backtracking: never worse
                 t /= 2
             b = b - t * step
             if (t * step).abs().max() < 1e-10:
                 break
         wrong += ((Z_te @ b > 0).to(torch.float64) != y[te]).sum().item()
     return wrong / len(y)
+
+
+def cosine_similarity_matrix(emb):
+    """(n, n) cosine similarity between every pair of rows: the slide's position-embedding heatmap.
+    cosine_similarity_matrix(torch.tensor([[1., 0.], [1., 1.]]))[0, 1] -> 0.7071"""
+    e = F.normalize(emb.detach().float(), dim=-1)
+    return e @ e.T
 
 
 # -----------------------------------------------------------------------------
@@ -262,26 +272,24 @@ class ShawRelative(nn.Module):
         z_i  = sum_j alpha_ij (v_j + a^V_ij)            (eq. 3: so does the value)
         a^K_ij = w^K_{clip(j - i, -k, k)},   a^V_ij = w^V_{clip(j - i, -k, k)}
 
-    w^K, w^V are 2k+1 learned vectors of size hs, shared by all heads of a layer (as in the paper). Clipping means
-    every offset beyond k is "far": the model only distinguishes nearby positions, which is also why it can run on
-    sequences longer than it was trained on. On the slide this is f_k(x_n, n) = W_k(x_n + p~^k_r).
+    w^K, w^V: 2k+1 learned vectors of size hs, shared by the heads of a layer (as in the paper).
+    Every offset beyond k is "far": the model tells apart nearby positions only, which is also why
+    it runs on sequences longer than it was trained on. The slide: f_k(x_n, n) = W_k(x_n + p~^k_r).
 
-    The two relative terms split off from ordinary attention (the paper's §3.3 efficient implementation):
-        score_bias(q, q_pos, k_pos)  -> (B, H, Tq, Tk)  = q_i . a^K_ij / sqrt(hs), ALREADY SCALED: add it to
-                                        q.k/sqrt(hs) (naive path) or pass it as sdpa's float attn_mask;
-        value_term(att, q_pos, k_pos) -> (B, H, Tq, hs) = sum_j alpha_ij a^V_ij, to add to att @ v.
-    Both are computed per distance bucket, never per (i, j, hs) triple: q @ w^K^T gives the 2k+1 possible key terms
-    of every query, then a gather places them; alpha is summed per bucket (scatter_add) before touching w^V.
+    The two relative terms, split off from ordinary attention (the paper's §3.3):
+        score_bias(q, q_pos, k_pos)   -> (B, H, Tq, Tk) = q_i . a^K_ij / sqrt(hs), ALREADY SCALED:
+                                         a logit bias (naive path) or sdpa's float attn_mask;
+        value_term(att, q_pos, k_pos) -> (B, H, Tq, hs) = sum_j alpha_ij a^V_ij, added to att @ v.
+    Both work per distance bucket, never per (i, j, hs): q @ w^K^T gives each query's 2k+1 key
+    terms, a gather places them; alpha is summed per bucket (scatter_add) before touching w^V.
 
-    The sdpa path and the value term (a real limitation, not an oversight): F.scaled_dot_product_attention returns
-    only sum_j alpha_ij v_j and never the probabilities alpha, but the value term needs alpha weighted by a vector
-    that depends on (i, j) -- it is not of the form alpha @ V for any single V, so no extra sdpa call can produce it
-    exactly. Our design, implemented and tested in `shaw_attention`: the key term goes in exactly as attn_mask, the
-    fused kernel computes the content output, and alpha is recomputed explicitly (one softmax over the same biased,
-    masked logits) only for the value term. That keeps both paths the same model (they agree to float precision) at
-    the price of materialising (B, H, Tq, Tk) once more -- which the dense attn_mask already costs anyway.
-    `values=False` gives the keys-only variant (Shaw et al.'s §4.3 ablation suggests a^K alone may suffice, a question
-    they leave open); then the sdpa path is fully fused.
+    sdpa and the value term: the fused kernel never returns the probabilities alpha, and the value
+    term weights alpha by a vector that depends on (i, j). It is not alpha @ V for any one V, so no
+    extra sdpa call computes it. shaw_attention therefore passes the key term as attn_mask, lets
+    the kernel compute the content, and recomputes alpha (one softmax over the same logits) for the
+    value term only. Both paths stay one model, at the price of one more (B, H, Tq, Tk) matrix (the
+    dense attn_mask costs one anyway). values=False is the keys-only variant, fully fused (Shaw et
+    al.'s §4.3 ablation suggests a^K alone may suffice).
 
     >>> ShawRelative.relative_index(torch.arange(4), torch.arange(4), 2)  # clip(j - i, -2, 2) + 2
     tensor([[2, 3, 4, 4],
@@ -293,7 +301,7 @@ class ShawRelative(nn.Module):
     def __init__(self, head_dim, max_distance, values=True):
         super().__init__()
         if max_distance < 0:
-            raise ValueError(f"ShawRelative: max_distance (the paper's k) must be >= 0, got {max_distance}")
+            raise ValueError(f"ShawRelative: max_distance (k) must be >= 0, got {max_distance}")
         self.head_dim, self.max_distance, self.values = head_dim, max_distance, values
         self.w_K = nn.Embedding(2 * max_distance + 1, head_dim)  # row r holds w^K_{r - k}
         nn.init.normal_(self.w_K.weight, std=0.02)
@@ -308,7 +316,7 @@ class ShawRelative(nn.Module):
         return rel.clamp(-max_distance, max_distance) + max_distance
 
     def score_bias(self, q, q_pos, k_pos):
-        """q: (B, H, Tq, hs). Returns (B, H, Tq, Tk) = q_i . a^K_ij / sqrt(hs), to add to the scaled logits."""
+        """q: (B, H, Tq, hs) -> (B, H, Tq, Tk) = q_i . a^K_ij / sqrt(hs), added to the scaled logits."""
         B, H, Tq, hs = q.shape
         idx = self.relative_index(q_pos, k_pos, self.max_distance)  # (Tq, Tk)
         per_bucket = q @ self.w_K.weight.T  # (B, H, Tq, 2k+1): q_i . w^K_r for every bucket r
@@ -364,26 +372,26 @@ def shaw_attention(q, k, v, shaw, q_pos, k_pos, causal=True, use_sdpa=False, all
 
 
 def t5_relative_bucket(relative_position, bidirectional=True, num_buckets=32, max_distance=128):
-    """T5's bucketing of relative positions (Raffel et al. 2020 §2.1; the function of the released T5 code).
+    """T5's bucketing of relative positions (Raffel et al. 2020 §2.1; the released T5 code's).
 
     relative_position = key position - query position (negative: the key is in the past).
-    The offset's size n is mapped to a bucket:
-      - bidirectional: half of the buckets for keys before the query, half (offset by num_buckets/2) for keys
-        after it; causal (bidirectional=False): future offsets are clamped to 0, all buckets serve the past;
-      - of a direction's B buckets, the first B/2 are exact (n = 0, 1, ..., B/2 - 1),
-      - the rest are log-spaced: bucket = B/2 + floor(log(n / (B/2)) / log(max_distance / (B/2)) * (B - B/2)),
-        capped at B - 1, so every offset >= max_distance shares the last bucket.
-    Fine near the query, coarse far away: the model can tell 1 from 2 tokens back, but not 100 from 110.
-    Trap: bidirectional puts keys AFTER the query in the upper half (sign of key - query, not query - key).
+    Its size n is mapped to a bucket:
+      - bidirectional: half of the buckets for keys before the query, half (offset by
+        num_buckets/2) for keys after it. Causal: the future is clamped to 0, all buckets serve the past;
+      - of a direction's B buckets, the first B/2 are exact (n = 0, 1, ..., B/2 - 1);
+      - the rest are log-spaced, capped at B - 1 (every n >= max_distance shares the last):
+        bucket = B/2 + floor(log(n / (B/2)) / log(max_distance / (B/2)) * (B - B/2)).
+    Fine near the query, coarse far away: 1 and 2 tokens back differ, 100 and 110 do not.
+    Trap: bidirectional puts keys AFTER the query in the upper half (the sign of key - query).
 
-    >>> t5_relative_bucket(torch.tensor([-3, -1, 0, 1, 3, 20, 200]))  # 16 buckets per side, 8 of them exact
+    >>> t5_relative_bucket(torch.tensor([-3, -1, 0, 1, 3, 20, 200]))  # 16 per side, 8 of them exact
     tensor([ 3,  1,  0, 17, 19, 26, 31])
     >>> t5_relative_bucket(torch.tensor([-3, -20, -200, 5]), bidirectional=False)  # 32 buckets, future -> 0
     tensor([ 3, 17, 31,  0])
     """
     if num_buckets < (4 if bidirectional else 2) or max_distance < 1:
-        raise ValueError(f"t5_relative_bucket: need num_buckets >= {4 if bidirectional else 2} and max_distance >= 1, "
-                         f"got {num_buckets}, {max_distance}")
+        raise ValueError(f"t5_relative_bucket: need num_buckets >= {4 if bidirectional else 2} and "
+                         f"max_distance >= 1, got {num_buckets}, {max_distance}")
     bucket = torch.zeros_like(relative_position)
     if bidirectional:
         num_buckets //= 2
@@ -393,8 +401,8 @@ def t5_relative_bucket(relative_position, bidirectional=True, num_buckets=32, ma
         n = (-relative_position).clamp(min=0)  # distance into the past; the future collapses onto 0
     max_exact = num_buckets // 2
     is_small = n < max_exact
-    # log-spaced buckets; the clamp only guards log(0) in lanes that is_small discards. The float32 operations are
-    # T5's, in T5's order, so an offset landing exactly on a bucket boundary rounds the same way as in T5.
+    # Log-spaced buckets. The clamp only guards log(0) in lanes that is_small discards. The float32
+    # operations are T5's, in T5's order: an offset on a bucket boundary rounds as in T5.
     n_large = n.clamp(min=max_exact).float()
     large = max_exact + (torch.log(n_large / max_exact) / math.log(max_distance / max_exact)
                          * (num_buckets - max_exact)).long()
@@ -406,19 +414,19 @@ class T5RelativeBias(nn.Module):
     """T5's learned relative attention bias: bias[h, i, j] = b[bucket(k_pos[j] - q_pos[i]), h].
 
     The "Relative encoding" slide's last step, a scalar bias instead of vectors:
-    q_m.k_n = x_m^T W_q^T W_k x_n + b_ij, with b_ij depending only on the bucketed offset.
-    T5 computes it once, in the first layer, and reuses it in all layers; gpt.py may do
-    the same or keep one per layer. T5 itself does not scale q.k by 1/sqrt(hs) (it folds that into the init); here,
-    like every bias in this file, it is added to the scaled logits. Use bidirectional=False in a causal decoder
-    (T5's decoder does), so that no buckets are wasted on the masked future.
-    The table is named `relative_attention_bias` as in T5's released checkpoints.
+    q_m.k_n = x_m^T W_q^T W_k x_n + b_ij, with b_ij a function of the bucketed offset only.
+    T5 computes it once, in the first layer, and reuses it in all layers.
+    T5 does not scale q.k by 1/sqrt(hs) (its init absorbs it). Here, like every bias in this file,
+    it is added to the scaled logits. A causal decoder (T5's too) uses bidirectional=False: no
+    bucket is wasted on the masked future. The table's name is T5's: `relative_attention_bias`.
 
     forward(q_pos (Tq,), k_pos (Tk,)) -> (H, Tq, Tk).
     """
 
     def __init__(self, n_heads, num_buckets=32, max_distance=128, bidirectional=True):
         super().__init__()
-        self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
+        self.num_buckets, self.max_distance = num_buckets, max_distance
+        self.bidirectional = bidirectional
         self.relative_attention_bias = nn.Embedding(num_buckets, n_heads)
         nn.init.normal_(self.relative_attention_bias.weight, std=0.02)
 
@@ -435,11 +443,11 @@ class T5RelativeBias(nn.Module):
 def alibi_slopes(n_heads):
     """ALiBi's per-head slopes m (Press et al. 2022 §3).
 
-    n a power of two: the geometric sequence starting at and with ratio 2^(-8/n): m_h = 2^(-8h/n), h = 1..n.
-    Otherwise (the paper's rule, from its released code): take the slopes of the closest power of two below n,
-    P, and fill the remaining n - P heads with every other slope of the 2P sequence (its odd-numbered terms
-    2^(-8(2j-1)/(2P)), which interleave with the first list).
-    Large slopes make a head look locally, small ones almost globally.
+    n a power of two: the geometric sequence with start and ratio 2^(-8/n): m_h = 2^(-8h/n).
+    Otherwise (the rule of the paper's code): the slopes of P, the power of two below n, then the
+    remaining n - P heads take every other slope of the 2P sequence: its odd terms
+    2^(-8(2j-1)/(2P)), which interleave with the first list.
+    A large slope makes a head look locally, a small one almost globally.
 
     >>> alibi_slopes(8) * 256  # 1/2, 1/4, ..., 1/256
     tensor([128.,  64.,  32.,  16.,   8.,   4.,   2.,   1.])
@@ -459,15 +467,16 @@ def alibi_slopes(n_heads):
 
 
 def _linear_bias(slopes, q_pos, k_pos):
-    neg_dist = -(q_pos[:, None] - k_pos[None, :]).abs()  # (Tq, Tk): j - i for past keys; integer, so no -0.0
+    neg_dist = -(q_pos[:, None] - k_pos[None, :]).abs()  # (Tq, Tk): j - i for past keys; ints: no -0.0
     return slopes[:, None, None] * neg_dist.to(slopes.dtype)  # (H, Tq, Tk)
 
 
 def alibi_bias(n_heads, q_pos, k_pos):
-    """ALiBi's additive bias, (H, Tq, Tk): bias[h, i, j] = -m_h * (q_pos[i] - k_pos[j]) for keys at or before the query.
+    """ALiBi's bias, (H, Tq, Tk): bias[h, i, j] = -m_h * (q_pos[i] - k_pos[j]) for past keys.
 
-    The slide's figure: query i's scores get m * [-(i-1), ..., -2, -1, 0] added. Keys after the query get
-    -m_h * |i - j| (the symmetric extension); a causal model masks them, and this bias is NOT that mask.
+    The slide's figure: query i's scores get m * [-(i-1), ..., -2, -1, 0] added. A key after the
+    query gets -m_h * |i - j| (the symmetric extension). A causal model masks those keys: this
+    bias is NOT that mask.
 
     >>> alibi_bias(2, torch.arange(3), torch.arange(3))[0]  # slope 1/16
     tensor([[ 0.0000, -0.0625, -0.1250],
@@ -478,8 +487,8 @@ def alibi_bias(n_heads, q_pos, k_pos):
 
 
 class ALiBi(nn.Module):
-    """alibi_bias as a module: slopes stored as a non-persistent buffer (they follow .to(device) but add nothing to
-    the state dict -- ALiBi has no parameters). forward(q_pos (Tq,), k_pos (Tk,)) -> (H, Tq, Tk)."""
+    """alibi_bias as a module: forward(q_pos (Tq,), k_pos (Tk,)) -> (H, Tq, Tk). The slopes are a
+    non-persistent buffer: they follow .to(device) but stay out of the state dict (no parameters)."""
 
     def __init__(self, n_heads):
         super().__init__()
@@ -494,12 +503,14 @@ class ALiBi(nn.Module):
 
 
 def rope_matrix(pos, dim, base=10000.0):
-    """The slide's R^d_{Θ,m}: for each position m a (dim, dim) block-diagonal matrix whose i-th 2x2 block is
-    [[cos m theta_i, -sin m theta_i], [sin m theta_i, cos m theta_i]], theta_i = base^(-2(i-1)/d).
-    Returns (T, dim, dim). Teaching form only: it costs dim^2 per position where apply_rope costs dim.
+    """The slide's R^d_{Θ,m}: for each position m a (dim, dim) block-diagonal matrix, whose i-th
+    2x2 block is [[cos m theta_i, -sin m theta_i], [sin m theta_i, cos m theta_i]].
+    theta_i = base^(-2(i-1)/d). Returns (T, dim, dim). For teaching: dim^2 per position, where
+    apply_rope costs dim.
 
-    Why it encodes relative position (RoFormer §3.4): R_m is a rotation, so R_m^T R_n = R_{n-m} and
-    (R_m q) . (R_n k) = q^T R_{n-m} k depends on n - m only -- the slide's f_q(x_m, m) . f_k(x_n, n) = g(x_m, x_n, m-n).
+    Why it encodes relative position (RoFormer §3.4): R_m is a rotation, so R_m^T R_n = R_{n-m},
+    and (R_m q) . (R_n k) = q^T R_{n-m} k depends on n - m only. The slide:
+    f_q(x_m, m) . f_k(x_n, n) = g(x_m, x_n, m-n).
 
     >>> rope_matrix(torch.tensor([1]), 2)[0]  # one pair, theta_1 = 1, position 1
     tensor([[ 0.5403, -0.8415],
@@ -516,21 +527,21 @@ def rope_matrix(pos, dim, base=10000.0):
 
 
 def apply_rope_matrix(x, pos, base=10000.0):
-    """x: (..., T, dim) -> R_{pos[t]} x[..., t, :] for every t, by explicit matrix-vector products."""
+    """x: (..., T, dim) -> R_{pos[t]} x[..., t, :] for every t, as matrix-vector products."""
     R = rope_matrix(pos, x.shape[-1], base).to(x.dtype)  # (T, d, d)
     return torch.einsum("tij,...tj->...ti", R, x)
 
 
 def apply_rope(x, pos, base=10000.0):
-    """RoPE in the element-wise form of the second RoPE slide (no matrix: two products and a sum), on interleaved
-    pairs (x1, x2), (x3, x4), ...:
+    """RoPE in the element-wise form of the second RoPE slide: no matrix, two products and a sum.
+    The pairs are interleaved, (x1, x2), (x3, x4), ...:
 
         R x = x * [cos m theta_1, cos m theta_1, cos m theta_2, cos m theta_2, ...]
-            + [-x2, x1, -x4, x3, ...] * [sin m theta_1, sin m theta_1, sin m theta_2, sin m theta_2, ...]
+            + [-x2, x1, -x4, x3, ...] * [sin m theta_1, sin m theta_1, sin m theta_2, ...]
 
-    x: (..., T, head_dim), e.g. q or k of shape (B, H, T, hs); pos: (T,) the absolute positions of those T rows
-    (with a KV cache: arange(L, L + T)). Apply it to q and k after the projection, never to v. Norms are preserved
-    (a rotation), so RoPE changes which keys a query prefers, not the magnitude of anything.
+    x: (..., T, head_dim), e.g. q or k, (B, H, T, hs); pos: (T,) the positions of those T rows
+    (with a KV cache: arange(L, L + T)). Apply it to q and k after the projection, never to v.
+    A rotation keeps norms: RoPE changes which keys a query prefers, not the size of anything.
 
     >>> apply_rope(torch.tensor([[1., 0.]]), torch.tensor([1]))  # (1, 0) rotated by 1 radian
     tensor([[0.5403, 0.8415]])
@@ -545,14 +556,16 @@ def apply_rope(x, pos, base=10000.0):
 
 
 def apply_rope_half_split(x, pos, base=10000.0):
-    """The same rotation in the GPT-NeoX / LLaMA (Hugging Face) layout: pair i is (x_i, x_{i + d/2}), not
-    (x_{2i-1}, x_{2i}); the second half is rotated into the first with "rotate_half" = [-x_back, x_front].
+    """The same rotation in the GPT-NeoX / LLaMA (Hugging Face) layout: pair i is (x_i, x_{i+d/2}),
+    not (x_{2i-1}, x_{2i}). "rotate_half" = [-x_back, x_front] rotates the second half into the first.
 
-    Same frequencies, same angles -- only which coordinates form a pair differs. Hence
-        apply_rope_half_split(x[..., P], pos) == apply_rope(x, pos)[..., P],   P = half_split_permutation(d),
-    and since permuting q and k together leaves q.k unchanged, attention scores are identical once W_q and W_k
-    have their output rows permuted by P. Trap: loading weights trained in one layout into code using the other
-    without that permutation silently scrambles positions (it is why LLaMA conversion scripts permute W_q, W_k).
+    Same frequencies, same angles: only which coordinates form a pair differs. Hence, with
+    P = half_split_permutation(d):
+        apply_rope_half_split(x[..., P], pos) == apply_rope(x, pos)[..., P]
+    Permuting q and k together leaves q.k unchanged: the scores are identical once the output rows
+    of W_q and W_k are permuted by P. Trap: weights trained in one layout, loaded into code using
+    the other without that permutation, silently scramble positions (hence the permutation of
+    W_q, W_k in LLaMA's conversion scripts).
 
     >>> half_split_permutation(6)
     tensor([0, 2, 4, 1, 3, 5])
@@ -567,33 +580,33 @@ def apply_rope_half_split(x, pos, base=10000.0):
 
 
 def half_split_permutation(dim):
-    """Index P with x_half = x_interleaved[..., P]: the first coordinates of all pairs, then the second ones."""
+    """P with x_half = x_interleaved[..., P]: the pairs' first coordinates, then their second ones."""
     _check_even(dim, "half_split_permutation")
     return torch.cat((torch.arange(0, dim, 2), torch.arange(1, dim, 2)))
 
 
 # -----------------------------------------------------------------------------
-# 4. Transformer-XL's relative sinusoid (Dai et al. 2019 §3.3); XLNet (Yang et al. 2019) uses the same machinery
+# 4. Transformer-XL's relative sinusoid (Dai et al. 2019 §3.3); XLNet (Yang et al. 2019) reuses it
 #
 #   A^rel_ij = q_i . k_j           (a) content: E_xi^T W_q^T W_kE E_xj
 #            + q_i . r_{i-j}       (b) content-dependent position bias: E_xi^T W_q^T W_kR R_{i-j}
 #            + u . k_j             (c) global content bias
 #            + v . r_{i-j}         (d) global position bias
 #
-# with R_{i-j} a fixed sinusoid of the DISTANCE i - j (never of an absolute position, so memory from the previous
-# segment can be reused: its positions need no renumbering), r = W_kR R its projection (per head), and u, v learned
-# vectors replacing the query where the query's position used to be. Computing (b)+(d) naively needs a different
-# r for every (i, j) pair; instead one computes (q_i + v) . r_d for every query and every distance d in a list, a
-# (qlen, rlen) matrix, and `rel_shift` slides row i so that column j lands on distance i - j.
+# R_{i-j} is a fixed sinusoid of the DISTANCE i - j, never of a position: the previous segment's
+# memory is reused without renumbering. r = W_kR R is its projection (per head); u, v are learned
+# vectors in the query's place where its position used to be. Computed naively, (b)+(d) needs an
+# r per (i, j) pair. Instead: (q_i + v) . r_d for every query and every distance d of a list, a
+# (qlen, rlen) matrix; then `rel_shift` slides row i so that column j lands on distance i - j.
 
 
 def relative_distances(qlen, klen, bidirectional=False):
     """Distances the relative sinusoid is evaluated at, in Transformer-XL's descending order.
 
-    Queries are the last qlen of the klen keys (the first mlen = klen - qlen keys are the cached memory).
+    The queries are the last qlen of the klen keys (the first mlen = klen - qlen: the memory).
     Causal (Transformer-XL, XLNet attn_type='uni'): klen-1, ..., 1, 0 (rlen = klen).
     Bidirectional (XLNet attn_type='bi', keys after the query too): klen-1, ..., 0, ..., -(qlen-1)
-    (rlen = klen + qlen - 1). XLNet's own list starts at klen, one distance that no pair uses.
+    (rlen = klen + qlen - 1). XLNet's own list starts at klen, a distance no pair uses.
 
     >>> relative_distances(2, 3), relative_distances(2, 3, bidirectional=True)
     (tensor([2, 1, 0]), tensor([ 2,  1,  0, -1]))
@@ -605,9 +618,9 @@ def relative_distances(qlen, klen, bidirectional=False):
 
 
 def relative_sinusoid(distances, dim, base=10000.0):
-    """R_d for each distance d: the Vaswani sinusoid evaluated at d, but laid out [sin ... | cos ...] (all sines,
-    then all cosines) as Transformer-XL's and XLNet's code do, not interleaved like `sinusoidal`. The layout only
-    matters for loading their checkpoints (W_kR's input columns follow it). Returns (rlen, dim).
+    """R_d for each distance d: Vaswani's sinusoid at d, laid out [sin ... | cos ...] as in
+    Transformer-XL's and XLNet's code, not interleaved like `sinusoidal`. Only their checkpoints
+    care (W_kR's input columns follow the layout). Returns (rlen, dim).
 
     >>> relative_sinusoid(torch.tensor([1, 0]), 4)
     tensor([[0.8415, 0.0100, 0.5403, 0.9999],
@@ -619,34 +632,35 @@ def relative_sinusoid(distances, dim, base=10000.0):
 
 
 def rel_shift(x, klen):
-    """Turn x[..., i, m] = score of query i against distance list entry m into out[..., i, j] = score against the
-    distance of key j, i.e. out[i, j] = x[i, j + qlen - 1 - i] (row i slides left by qlen - 1 - i).
+    """x[..., i, m], query i's score against distance entry m -> out[..., i, j], its score against
+    key j's distance: out[i, j] = x[i, j + qlen - 1 - i] (row i slides left by qlen - 1 - i).
 
-    The trick of the released code, without any gather: pad one zero column on the left, reinterpret the
-    (qlen, rlen + 1) buffer as (rlen + 1, qlen), drop its first row, reinterpret as (qlen, rlen). Each reshape
-    moves row i by one more element than row i - 1, which is exactly the slide. Keep the first klen columns.
-    Trap: in the causal case (rlen = klen) entries for future keys j > mlen + i are garbage (wrapped-around values
-    or the zero pad), so the causal mask must be applied after the shift.
+    The released code's trick, with no gather: pad a zero column on the left, read the
+    (qlen, rlen + 1) buffer as (rlen + 1, qlen), drop its first row, read it as (qlen, rlen).
+    Row i moves by one more element than row i - 1: the slide. Keep the first klen columns.
+    Trap: causal (rlen = klen), the entries of future keys j > mlen + i are garbage (wrapped
+    values or the zero pad): the causal mask comes after the shift.
 
-    >>> x = torch.tensor([[0., 1, 2], [10, 11, 12]])  # qlen 2, klen 3: distances [2, 1, 0], query 0 is at position 1
-    >>> rel_shift(x, 3)  # query 0: key 0 at distance 1 -> x[0, 1]; key 1 -> x[0, 2]; key 2 is future (garbage 0)
+    >>> x = torch.tensor([[0., 1, 2], [10, 11, 12]])  # qlen 2, klen 3: distances [2, 1, 0]
+    >>> rel_shift(x, 3)  # query 0 (at 1): key 0 -> x[0, 1]; key 1 -> x[0, 2]; key 2: future
     tensor([[ 1.,  2.,  0.],
             [10., 11., 12.]])
     """
     *lead, qlen, rlen = x.shape
     x = F.pad(x, (1, 0))  # (..., qlen, rlen + 1)
-    x = x.reshape(*lead, rlen + 1, qlen)[..., 1:, :]  # same memory read as (rlen + 1, qlen); drop first row
+    x = x.reshape(*lead, rlen + 1, qlen)[..., 1:, :]  # the memory read as (rlen + 1, qlen); drop row 0
     return x.reshape(*lead, qlen, rlen)[..., :klen]  # (..., qlen, klen)
 
 
 def transformer_xl_score(q, k, r, u, v):
-    """The four-term relative attention score A^rel of Transformer-XL §3.3, before scaling and masking.
+    """The four-term relative attention score A^rel of Transformer-XL §3.3, unscaled and unmasked.
 
-    q: (B, H, qlen, hs)  W_q x for the current segment;   k: (B, H, klen, hs)  W_kE x over [memory; segment]
-    r: (H, rlen, hs)     W_kR R for R = relative_sinusoid(relative_distances(qlen, klen, bidirectional), C)
+    q: (B, H, qlen, hs)  W_q x for the current segment
+    k: (B, H, klen, hs)  W_kE x over [memory; segment]
+    r: (H, rlen, hs)     W_kR R, R = relative_sinusoid(relative_distances(qlen, klen, bidir), C)
     u, v: (H, hs)        the learned global biases of terms (c) and (d)
-    Returns (B, H, qlen, klen) = (a)+(c) + rel_shift((b)+(d)); like the paper's code, the caller then multiplies
-    by 1/sqrt(hs), masks (including the garbage future entries of the causal case) and applies softmax.
+    Returns (B, H, qlen, klen) = (a)+(c) + rel_shift((b)+(d)). As in the paper's code, the caller
+    scales by 1/sqrt(hs), masks (also the causal case's garbage future entries), and softmaxes.
     """
     ac = (q + u[:, None, :]) @ k.transpose(-2, -1)  # (B, H, qlen, klen): terms (a) + (c)
     bd = (q + v[:, None, :]) @ r.transpose(-2, -1)  # (B, H, qlen, rlen): terms (b) + (d), per distance
@@ -654,252 +668,42 @@ def transformer_xl_score(q, k, r, u, v):
 
 
 # -----------------------------------------------------------------------------
-# 5. experiments: `python positions.py extrapolate` and `python positions.py probe` (and `demo`)
-#
-# They train real GPTs with train.py and gpt.py, which import this file; importing them lazily inside the functions
-# keeps positions.py importable on its own (no import cycle).
-
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-EXTRAPOLATION_SCHEMES = ("learned", "sinusoidal", "shaw", "t5", "alibi", "rope", "none")
+# 5. a look at each scheme: `python positions.py` (the experiments: experiments.py extrapolate, probe)
 
 
-def _train_gpt(args, scheme, out_dir, extra=()):
-    """Train a char-level GPT with train.py in-process (its CLI flags, its checkpoint).
-    Returns (train.open_run of the result: model, splits, evaluate(), training seconds)."""
-    import train
-
-    # Every setting that shapes the result is spelled out, so the figures do not move when a preset is retuned.
-    argv = ["--model", "gpt", "--preset", "nanogpt-cpu", "--n-layer", "4", "--n-head", "4", "--n-embd", "128",
-            "--dropout", "0", "--bias", "--attn", "sdpa", "--dtype", "auto", "--tokenizer", "char",
-            "--weight-decay", "0.1", "--beta2", "0.99", "--pos", scheme, "--block-size", str(args.block_size),
-            "--batch-size", str(args.batch_size), "--max-iters", str(args.iters), "--eval-interval", str(args.iters),
-            "--warmup-iters", str(max(1, args.iters // 10)), "--lr", "3e-3", "--min-lr", "3e-4",
-            "--eval-train-tokens", "4096", "--log-interval", str(max(1, args.iters // 4)), "--seed", str(args.seed),
-            "--out-dir", out_dir, "--overwrite", "--sample-tokens", "0", "--cache-dir", args.cache_dir, *extra]
-    if args.data:
-        argv += ["--data", args.data]
-    else:  # one held-out play instead of three: train.py scores val twice per run, and we run seven
-        argv += ["--val-docs", "julius_caesar"]
-    t0 = time.time()
-    train.train(argv)
-    seconds = time.time() - t0
-    return train.open_run(os.path.join(out_dir, "ckpt.pt")), seconds
-
-
-def extrapolate(args):
-    """Press et al. 2022's Figure 1 in miniature: train the same GPT on windows of block_size with each scheme, then
-    score the held-out text in non-overlapping windows of 1x, 2x, 4x, 8x that length (their evaluation, too). A scheme
-    extrapolates if its loss does not blow up past the training length. Returns {scheme: {multiple: loss or None}}."""
-    import gpt
-
-    schemes = [s for s in args.schemes.split(",") if s]
-    unknown = [s for s in schemes if s not in EXTRAPOLATION_SCHEMES]
-    if unknown or not schemes:
-        raise SystemExit(f"positions.py: error: --schemes: unknown {unknown}; "
-                         f"choose from {','.join(EXTRAPOLATION_SCHEMES)}")
-    try:
-        mults = [int(m) for m in args.multiples.split(",")]
-    except ValueError:
-        raise SystemExit(f"positions.py: error: --multiples {args.multiples!r}: expected integers, e.g. 1,2,4,8") \
-            from None
-    if min(mults) < 1:
-        raise SystemExit("positions.py: error: --multiples must be >= 1")
-    results, seconds = {}, {}
-    for scheme in schemes:
-        print(f"=== {scheme}: training {args.iters} steps on windows of {args.block_size} ===", flush=True)
-        run, seconds[scheme] = _train_gpt(args, scheme, os.path.join(args.out_dir, scheme))
-        results[scheme] = {}
-        for m in mults:
-            # same model, longer windows: only the objective's window length changes (gpt.py allows T > block_size
-            # for every scheme without a position table)
-            objective = gpt.NextTokenObjective(dataclasses.replace(run.model.config, block_size=m * args.block_size),
-                                               run.tokenizer)
-            try:
-                loss = run.evaluate(objective, "val", args.eval_tokens)["loss"]
-            except ValueError:  # learned absolute: no row for position block_size (gpt.py says so)
-                loss = None
-            results[scheme][m] = loss
-    _print_extrapolation(results, seconds, args)
-    _plot_extrapolation(results, args)
-    return results
-
-
-def _print_extrapolation(results, seconds, args):
-    mults = list(next(iter(results.values())))
-    head = f"{'pos':<11}" + "".join(f"{f'{m}x ({m * args.block_size})':>12}" for m in mults) + f"{'train s':>10}"
-    print(f"\nval loss (nats/char) on the first {args.eval_tokens:,} held-out characters, windows of each length")
-    print(head + "\n" + "-" * len(head))
-    for scheme, row in results.items():
-        cells = "".join(f"{'n/a':>12}" if v is None else f"{v:>12.4f}" for v in row.values())
-        print(f"{scheme:<11}{cells}{seconds[scheme]:>10.0f}")
-    if any(v is None for row in results.values() for v in row.values()):
-        print(f"n/a: learned absolute has no position rows past {args.block_size - 1}: it cannot run on longer windows")
-
-
-def _plot_extrapolation(results, args):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for scheme, row in results.items():
-        xs = [m * args.block_size for m, v in row.items() if v is not None]
-        ax.plot(xs, [v for v in row.values() if v is not None], "o-", label=scheme)
-    ax.axvline(args.block_size, color="gray", ls="--", lw=1)
-    ax.annotate("training length", (args.block_size, ax.get_ylim()[1]), xytext=(4, -12), textcoords="offset points",
-                color="gray", fontsize=8)
-    ax.set_xscale("log", base=2)
-    ax.set(xlabel="evaluation window (tokens)", ylabel="val loss (nats/token)",
-           title=f"Extrapolation: trained on {args.block_size}-token windows ({args.iters} steps each)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
-    fig.savefig(args.png, dpi=100)
-    plt.close(fig)
-    print(f"wrote {args.png}")
-
-
-def cosine_similarity_matrix(emb):
-    """(n, n) cosine similarity between every pair of rows: the slide's position-embedding heatmap.
-    cosine_similarity_matrix(torch.tensor([[1., 0.], [1., 1.]]))[0, 1] -> 0.7071"""
-    e = F.normalize(emb.detach().float(), dim=-1)
-    return e @ e.T
-
-
-def probe(args):
-    """Wang & Chen 2020's two probes (the slide's table) on a position table we trained, on the sinusoid of the same
-    shape, on an untrained table of that shape, and on every Hugging Face GPT-2 directory given with --hf.
-    Returns [(name, absolute MAE, relative error rate)] and writes the cosine-similarity heatmaps."""
-    import train
-    import gpt
-
-    tables = []
-    if args.ckpt:
-        model, _, _ = train.load_for_inference(args.ckpt)
-        how = f"{args.ckpt}"
-    else:
-        print(f"=== training a learned-absolute GPT, {args.iters} steps on windows of {args.block_size} ===",
-              flush=True)
-        run, seconds = _train_gpt(args, "learned", args.out_dir)
-        model = run.model
-        how = f"char GPT, {args.iters} steps, {seconds:.0f} s"
-    if model.config.pos != "learned":
-        raise SystemExit(f"positions.py: error: {args.ckpt} was trained with pos={model.config.pos!r}: it has no table "
-                         f"of position embeddings to probe")
-    ours = model.transformer.wpe.weight.detach()[:512]  # the paper probes the first 512 positions
-    n, d = ours.shape
-    tables.append((f"ours: learned ({how})", ours))
-    torch.manual_seed(args.seed)
-    tables.append((f"untrained N(0, 0.01) ({n}x{d})", 0.01 * torch.randn(n, d)))  # what training started from
-    tables.append((f"sinusoid ({n}x{d})", sinusoidal(n, d)))
-    for path in args.hf:
-        wpe = gpt.GPT.from_pretrained(path).transformer.wpe.weight.detach()[:512]
-        tables.append((f"hf: {path} ({wpe.shape[0]}x{wpe.shape[1]})", wpe))
-
-    rows = [(name, probe_absolute_position(e, seed=args.seed), probe_relative_order(e, seed=args.seed))
-            for name, e in tables]
-    width = max(len(r[0]) for r in rows) + 2
-    print(f"\n{'position table':<{width}}{'absolute MAE':>14}{'relative error':>16}")
-    print("-" * (width + 30))
-    for name, mae, err in rows:
-        print(f"{name:<{width}}{mae:>14.2f}{err:>15.2%}")
-    print("lecture (Wang & Chen 2020, 512 positions, d=768): GPT-2 1.03 / 1.56%, RoBERTa 6.06 / 7.23%, "
-          "BERT 34.14 / 19.72%, sinusoid 0.0 / 5.08%")
-    _plot_cosine([t for t in tables if not t[0].startswith("untrained")], args.png)
-    return rows
-
-
-def _plot_cosine(tables, png):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 4), squeeze=False)
-    for ax, (name, emb) in zip(axes[0], tables):
-        im = ax.imshow(cosine_similarity_matrix(emb).numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
-        ax.set(title=name if len(name) < 40 else name[:37] + "...", xlabel="position", ylabel="position")
-        ax.title.set_fontsize(9)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="cosine similarity")
-    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    print(f"wrote {png}")
-
-
-def demo(args):
+def demo(T=6, n_heads=4):
+    """Print what each scheme computes on a toy sequence of T positions."""
     torch.set_printoptions(precision=3, sci_mode=False, linewidth=120)
-    pos = torch.arange(args.T)
-    show = lambda s: args.scheme in (s, "all")
-    if show("sinusoidal"):
-        print("sinusoidal(T, 8): row = position, even cols sin, odd cols cos\n", sinusoidal(args.T, 8))
-        print("linear-probe MAE of sinusoidal(512, 768):", round(probe_absolute_position(sinusoidal(512, 768)), 4))
-    if show("alibi"):
-        print(f"alibi_slopes({args.n_heads}):", alibi_slopes(args.n_heads))
-        print("ALiBi bias of head 0 (rows = queries, lower triangle is what a causal model sees)\n",
-              alibi_bias(args.n_heads, pos, pos)[0])
-    if show("t5"):
-        rel = torch.arange(-args.T + 1, args.T)
-        print("offset (key - query):        ", rel.tolist())
-        print("T5 bucket, bidirectional:    ", t5_relative_bucket(rel).tolist())
-        print("T5 bucket, causal:           ", t5_relative_bucket(rel, bidirectional=False).tolist())
-        big = torch.tensor([-8, -12, -16, -32, -64, -127, -128, -1000])
-        print("far offsets", big.tolist(), "-> causal buckets", t5_relative_bucket(big, False).tolist())
-    if show("shaw"):
-        print("Shaw clipped-distance index (k=2): row = query, col = key\n", ShawRelative.relative_index(pos, pos, 2))
-    if show("rope"):
-        torch.manual_seed(0)
-        qv, kv = torch.randn(1, 8), torch.randn(1, 8)
-        for m, n in [(0, 3), (5, 8), (100, 103)]:
-            s = (apply_rope(qv, torch.tensor([m])) @ apply_rope(kv, torch.tensor([n])).T).item()
-            print(f"RoPE score q at {m:3d}, k at {n:3d} (offset {n - m}): {s:.5f}")
-    if show("xl"):
-        print("Transformer-XL distances, qlen 3 klen 5:", relative_distances(3, 5).tolist(),
-              " bidirectional:", relative_distances(3, 5, True).tolist())
+    pos = torch.arange(T)
+    print("sinusoidal(T, 8): row = position, even cols sin, odd cols cos\n", sinusoidal(T, 8))
+    mae = probe_absolute_position(sinusoidal(512, 768))
+    print("linear-probe MAE of sinusoidal(512, 768):", round(mae, 4))
+    print(f"alibi_slopes({n_heads}):", alibi_slopes(n_heads))
+    print("ALiBi bias of head 0 (rows = queries; a causal model sees the lower triangle)\n",
+          alibi_bias(n_heads, pos, pos)[0])
+    rel = torch.arange(-T + 1, T)
+    print("offset (key - query):        ", rel.tolist())
+    print("T5 bucket, bidirectional:    ", t5_relative_bucket(rel).tolist())
+    print("T5 bucket, causal:           ", t5_relative_bucket(rel, bidirectional=False).tolist())
+    far = torch.tensor([-8, -12, -16, -32, -64, -127, -128, -1000])
+    print("far offsets", far.tolist(), "-> causal buckets", t5_relative_bucket(far, False).tolist())
+    print("Shaw clipped-distance index (k=2): row = query, col = key\n",
+          ShawRelative.relative_index(pos, pos, 2))
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 8), torch.randn(1, 8)
+    for m, n in [(0, 3), (5, 8), (100, 103)]:
+        s = (apply_rope(q, torch.tensor([m])) @ apply_rope(k, torch.tensor([n])).T).item()
+        print(f"RoPE score q at {m:3d}, k at {n:3d} (offset {n - m}): {s:.5f}")
+    print("Transformer-XL distances, qlen 3 klen 5:", relative_distances(3, 5).tolist(),
+          " bidirectional:", relative_distances(3, 5, True).tolist())
 
 
+@command
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Positional encodings: a toy demo and the lecture's two experiments.")
-    sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="print each encoding on a toy sequence")
-    d.add_argument("--scheme", choices=["sinusoidal", "alibi", "t5", "shaw", "rope", "xl", "all"], default="all")
-    d.add_argument("--T", type=int, default=6, help="sequence length of the toy example (default 6)")
-    d.add_argument("--n-heads", type=int, default=4, help="number of heads for ALiBi/T5 (default 4)")
-
-    def training_flags(q, iters, block_size, batch_size, out_dir, png):
-        q.add_argument("--iters", type=int, default=iters, help=f"training steps per model (default {iters})")
-        q.add_argument("--block-size", type=int, default=block_size, help=f"training window (default {block_size})")
-        q.add_argument("--batch-size", type=int, default=batch_size, help=f"windows per step (default {batch_size})")
-        q.add_argument("--data", default="", help="corpus directory (default: the bundled Shakespeare)")
-        q.add_argument("--seed", type=int, default=1337)
-        q.add_argument("--out-dir", default=out_dir, help=f"checkpoints go here (default {out_dir})")
-        q.add_argument("--cache-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cache"),
-                       help="train.py's token cache")
-        q.add_argument("--png", default=os.path.join(ASSETS, png), help=f"figure path (default assets/{png})")
-
-    e = sub.add_parser("extrapolate", help="train one GPT per scheme, evaluate at 1x..8x the training length")
-    training_flags(e, 1000, 64, 12, os.path.join("out", "positions", "extrapolate"), "positions_extrapolation.png")
-    e.add_argument("--schemes", default=",".join(EXTRAPOLATION_SCHEMES), help="comma-separated --pos values")
-    e.add_argument("--multiples", default="1,2,4,8", help="evaluation lengths as multiples of --block-size")
-    e.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens scored at each length")
-    e.add_argument("--quick", action="store_true", help="a 2-minute smoke run: 20 steps, 3 schemes, 8K eval tokens")
-    r = sub.add_parser("probe", help="cosine heatmap + linear probes of learned position embeddings vs the sinusoid")
-    training_flags(r, 1500, 256, 8, os.path.join("out", "positions", "probe"), "positions_cosine.png")
-    r.add_argument("--ckpt", default="", help="probe this train.py checkpoint (pos=learned) instead of training one")
-    r.add_argument("--hf", action="append", default=[], metavar="DIR",
-                   help="also probe a Hugging Face GPT-2 directory (repeatable), e.g. real GPT-2 weights")
-    args = p.parse_args(argv)
-    if args.command == "demo":
-        if args.T < 1 or args.n_heads < 1:
-            p.error("--T and --n-heads must be >= 1")
-        return demo(args)
-    if args.iters < 1 or args.block_size < 2 or args.batch_size < 1:
-        p.error("--iters, --batch-size must be >= 1 and --block-size >= 2")
-    if args.command == "extrapolate":
-        if args.quick:
-            args.iters, args.eval_tokens, args.schemes = 20, 8192, "learned,alibi,rope"
-        return extrapolate(args)
-    return probe(args)
+    argv = sys.argv[1:] if argv is None else argv
+    require(argv in ([], ["demo"]), f"{' '.join(argv)}: positions.py only prints its demo. The experiments: "
+                                    f"`python experiments.py extrapolate`, `python experiments.py probe`")
+    demo()
 
 
 if __name__ == "__main__":

@@ -1,52 +1,52 @@
 """
-XLNet: permutation language modeling with two-stream attention and Transformer-XL memory, in one file.
+XLNet: permutation language modeling with two-stream attention and Transformer-XL memory.
 
 Papers
   - Yang et al. 2019, "XLNet: Generalized Autoregressive Pretraining for Language Understanding":
-      §2.2 the permutation LM objective: maximise E_z [ sum_t log p(x_{z_t} | x_{z_<t}) ] over factorization orders z
-           (eq. 3); only the order is permuted, never the sequence: every token keeps its position;
-      §2.3 two-stream self-attention (eq. 4): a content stream h (sees its own token, like any Transformer) and a query
-           stream g (knows its position, never its own token), both per layer, sharing every weight;
-           partial prediction: predict only the last 1/K of each order (eq. 5; K = 6 or 7);
-      §2.4 Transformer-XL inside: relative positional encoding and segment recurrence with memory (eq. for h^(m));
+      §2.2 the permutation LM: maximise E_z [ sum_t log p(x_{z_t} | x_{z_<t}) ] over orders z (eq. 3).
+           Only the order is permuted, never the sequence: every token keeps its position;
+      §2.3 two-stream self-attention (eq. 4): a content stream h sees its own token, like any
+           Transformer; a query stream g knows its position, never its own token. Both in every
+           layer, sharing every weight. Partial prediction: only the last 1/K of each order (eq. 5);
+      §2.4 Transformer-XL inside: relative positions, and segment recurrence with memory;
       §2.5 relative segment encodings (s_ij, b, the (q_i + b) . s_ij term).
-  - Dai et al. 2019, "Transformer-XL": §3.1 the vanilla model (separate segments; evaluation by a window sliding one
-      token at a time), §3.2 segment-level recurrence (memory = the previous segment's layer inputs, gradient stopped),
-      §3.3 the relative attention score A^rel with terms (a)-(d), §4 the evaluation speed-up over the sliding window.
-  Slides (lecture 001): "Transformer-XL" (vanilla model: train phase / evaluation phase; segment-level recurrence +
-  relative positional embeddings: training phase / evaluation phase), "XLNet" (autoregressive model for masked LM using
-  permutations; relative position embeddings; two-stream self-attention; "Split View of the Query Stream
-  (Factorization order: 3 -> 2 -> 4 -> 1)", the position-3/2/4/1 views).
+  - Dai et al. 2019, "Transformer-XL": §3.1 the vanilla model (evaluated by a window sliding one
+      token at a time), §3.2 segment-level recurrence (memory = the previous segment's layer inputs,
+      no gradient), §3.3 the relative score A^rel, terms (a)-(d), §4 the evaluation speed-up.
+  Slides (lecture 001): "Transformer-XL" (the vanilla model and segment-level recurrence, each in
+  its training and evaluation phase), "XLNet" (permutations; relative position embeddings;
+  two-stream self-attention; "Split View of the Query Stream (Factorization order: 3 -> 2 -> 4 -> 1)").
 
-Faithful to the released model (github.com/zihangdai/xlnet, modeling.py, data_utils.py) and to Hugging Face's
-XLNetLMHeadModel, which tests/test_xlnet.py uses as an oracle: the same parameter names and shapes (q, k, v, o, r of
-shape (C, H, hs); r_w_bias, r_r_bias, r_s_bias, seg_embed per layer; mask_emb; lm_loss tied to word_embedding, with a
-bias), post-LayerNorm with eps 1e-12, no LayerNorm on the embeddings, perm_mask with Hugging Face's meaning (1 = may not
-attend), target_mapping, mems. The objective follows the original data pipeline: span-based targets (_sample_mask),
-non-targets first in the order, the factorization order permuted within blocks (_local_perm), the content stream fed
-the real tokens, never a <mask>.
+Faithful to the released model (github.com/zihangdai/xlnet: modeling.py, data_utils.py) and to
+Hugging Face's XLNetLMHeadModel, the oracle of tests/test_xlnet.py:
+  - the same parameter names and shapes: q, k, v, o, r of shape (C, H, hs); r_w_bias, r_r_bias,
+    r_s_bias, seg_embed per layer; mask_emb; lm_loss tied to word_embedding, with a bias;
+  - post-LayerNorm, eps 1e-12, none on the embeddings; perm_mask as Hugging Face means it
+    (1 = may not attend), target_mapping, mems;
+  - the original data pipeline: targets in spans (_sample_mask), non-targets first in the order,
+    the order permuted within blocks (_local_perm), the content stream fed the real tokens.
 
 Run
-  python train.py --model xlnet                    # permutation LM on char-level Shakespeare (CPU, a few minutes)
-  python xlnet.py views                            # which tokens each target may see, for one order: text + PNG
-  python xlnet.py two-phase                        # Transformer-XL's evaluation with memory vs the sliding window
-  python xlnet.py fill --ckpt out/xlnet/ckpt.pt --text "Friends, Romans, countrymen"   # fill blanks in any order
+  python train.py --model xlnet          # permutation LM on char-level Shakespeare (CPU, minutes)
+  python xlnet.py fill --ckpt out/xlnet/ckpt.pt --text "Friends, Romans"   # fill blanks in any order
+  python experiments.py views            # which tokens each target may see, for one order
+  python experiments.py two-phase        # Transformer-XL's evaluation: memory vs sliding window
 
-Memory and the loop: the objective (not the model) keeps each batch row's memory between steps, row i continuing row i,
-and saves it with its stream cursors in every checkpoint, so a resumed run continues exactly (stronger than resetting
-memory on resume, which would change the losses); evaluation uses a separate objective whose memory starts empty.
+Memory and the loop: the objective, not the model, keeps each batch row's memory between steps
+(row i continues row i). Every checkpoint saves it with the rows' cursors, so a resumed run
+continues exactly. Evaluation uses a separate objective, whose memory starts empty.
 
 Legend
-  B batch rows, T tokens per segment (the query length, qlen), M memory length (mlen), Tk = M + T keys (klen),
-  R = Tk + T - 1 relative distances, P predictions per row (num_predict), C d_model, H n_head, hs = C // H head size,
-  F d_inner, V vocabulary, L n_layer. rank[i]: position i's place in the factorization order (0 = first).
+  B batch rows, T tokens per segment (qlen), M memory length (mlen), Tk = M + T keys (klen),
+  R = Tk + T - 1 relative distances, P predictions per row (num_predict), C d_model, H n_head,
+  hs = C // H head size, F d_inner, V vocabulary, L n_layer.
+  rank[i]: position i's place in the factorization order (0 = first).
   perm_mask[b, i, j] = 1: position i may NOT attend to position j.
 """
 
 import argparse
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -55,11 +55,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import UsageError
-from hf_io import read_hf_dir, write_hf_dir
+from common import UsageError, command, require
+from hf_io import copy_weights, read_hf_dir, write_hf_dir
 from positions import rel_shift, relative_distances, relative_sinusoid, transformer_xl_score
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config and presets
@@ -95,28 +93,29 @@ class XLNetConfig:
     mask_token_id: int = -1  # set by train.py: <mask>, a placeholder where a token is unknown (never attended to)
 
     def __post_init__(self):
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
-        if self.attn not in ("naive", "sdpa"):
-            raise ValueError(f"attn must be 'naive' or 'sdpa', got {self.attn!r}")
-        if self.query_stream not in ("all", "gather"):
-            raise ValueError(f"query_stream must be 'all' or 'gather', got {self.query_stream!r}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.ff_activation not in ACTIVATIONS:
-            raise ValueError(f"ff_activation must be one of {', '.join(ACTIVATIONS)}, got {self.ff_activation!r}")
-        if self.mem_len < 0:
-            raise ValueError(f"mem_len must be >= 0 (0 = no memory), got {self.mem_len}")
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
-        if not 2 <= self.partial_k <= self.seq_len:
-            raise ValueError(f"partial_k (K) must be in 2..seq_len={self.seq_len}: seq_len // K targets per segment, "
-                             f"at least one, and at least one non-target for every target to see; got {self.partial_k}")
-        if self.perm_size < 0 or (self.perm_size and self.seq_len % self.perm_size):
-            raise ValueError(f"seq_len={self.seq_len} cannot be split into blocks of perm_size={self.perm_size}: the "
-                             f"order is permuted within blocks, so perm_size must divide seq_len (0 = whole segment)")
-        if self.max_span < 1 or self.mask_alpha < 1:
-            raise ValueError(f"max_span and mask_alpha must be >= 1, got {self.max_span} and {self.mask_alpha}")
+        # Each message names the flag train.py makes of the field (n_layer -> --n-layer), with the value typed.
+        def flag(name):
+            value = getattr(self, name)
+            return f"--{name.replace('_', '-')} " + (f"{value:g}" if isinstance(value, float) else str(value))
+
+        for name in ("d_model", "n_layer", "n_head", "d_inner", "max_span", "mask_alpha"):
+            require(getattr(self, name) >= 1, f"{flag(name)}: must be >= 1")
+        require(self.d_model % self.n_head == 0, f"{flag('d_model')}: must be divisible by {flag('n_head')}")
+        require(0 <= self.dropout < 1, f"{flag('dropout')}: must be in [0, 1)")
+        require(self.layer_norm_eps > 0, f"{flag('layer_norm_eps')}: must be > 0")
+        require(self.initializer_range >= 0, f"{flag('initializer_range')}: must be >= 0 (a std)")
+        require(self.attn in ("naive", "sdpa"), f"{flag('attn')}: choose naive or sdpa")
+        require(self.query_stream in ("all", "gather"), f"{flag('query_stream')}: choose all or gather")
+        require(self.objective in OBJECTIVES, f"{flag('objective')}: choose from {', '.join(OBJECTIVES)}")
+        require(self.ff_activation in ACTIVATIONS, f"{flag('ff_activation')}: choose from {', '.join(ACTIVATIONS)}")
+        require(self.mem_len >= 0, f"{flag('mem_len')}: must be >= 0 (0 = no memory)")
+        require(self.seq_len >= 2, f"{flag('seq_len')}: must be >= 2")
+        require(2 <= self.partial_k <= self.seq_len,
+                f"{flag('partial_k')}: K must be in 2..{self.seq_len} (--seq-len): seq_len // K targets per segment, "
+                f"at least one, and at least one non-target for every target to see")
+        require(self.perm_size >= 0 and not (self.perm_size and self.seq_len % self.perm_size),
+                f"{flag('perm_size')}: must divide {flag('seq_len')}, the order being permuted within blocks of "
+                f"--perm-size positions (0 = the whole segment)")
 
     @property
     def d_head(self):
@@ -138,7 +137,7 @@ PRESETS = {
                     attn="naive", tokenizer="char", batch_size=32, lr=2e-3, min_lr=2e-4, warmup_iters=100,
                     max_iters=2000, eval_interval=500, eval_tokens=65536, weight_decay=0.01, beta2=0.99),
     # Transformer-XL's training phase with the same model: left to right, every token a target, memory carried over.
-    # What `python xlnet.py two-phase` trains (fewer steps: it measures evaluation, not the best model).
+    # What `python experiments.py two-phase` trains (fewer steps: it measures evaluation, not the best model).
     "txl-cpu": dict(d_model=128, n_layer=4, n_head=4, d_inner=512, seq_len=64, mem_len=64, objective="lm",
                     dropout=0.0, attn="naive", tokenizer="char", batch_size=32, lr=2e-3, min_lr=2e-4,
                     warmup_iters=100, max_iters=800, eval_interval=400, eval_tokens=32768, weight_decay=0.01,
@@ -227,12 +226,14 @@ def segment_matrix(token_type_ids, mlen):
 
 
 def gather_shift(x, q_pos, klen):
-    """rel_shift for queries at any positions: x (B, H, P, R) holds P queries' scores against the distance list
-    klen-1 ... -(qlen-1) (R = klen + qlen - 1), q_pos (B, P) each query's position in the segment. Returns
-    (B, H, P, klen): out[..., p, j] = x[..., p, j + qlen - 1 - q_pos[p]], the score against key j's distance
-    mlen + q_pos[p] - j. With
-    q_pos = 0 .. qlen-1 this is positions.rel_shift (tested). qlen 2, klen 3 (one memory slot), distances [2, 1, 0, -1]:
-    a query at position 0 is at distances 1, 0, -1 from keys 0, 1, 2, so x = [[0, 1, 2, 3]] -> [[1, 2, 3]].
+    """rel_shift for queries at any positions.
+
+    x (B, H, P, R): P queries' scores against the distances klen-1 ... -(qlen-1) (R = klen + qlen - 1);
+    q_pos (B, P): each query's position in the segment. Returns (B, H, P, klen), the score against
+    key j's distance mlen + q_pos[p] - j: out[..., p, j] = x[..., p, j + qlen - 1 - q_pos[p]].
+    With q_pos = 0 .. qlen-1 it is positions.rel_shift (tested).
+    Example: qlen 2, klen 3 (one memory slot), distances [2, 1, 0, -1]. A query at position 0 is at
+    distances 1, 0, -1 from keys 0, 1, 2: x = [[0, 1, 2, 3]] -> [[1, 2, 3]].
     """
     B, H, P, R = x.shape
     qlen = R - klen + 1
@@ -244,14 +245,14 @@ def gather_shift(x, q_pos, klen):
 class QueryRows:
     """The query stream's fast path: for each of the P predictions, its position and its rows of the masks."""
     pos: torch.Tensor  # (B, P) position of each prediction (0 for an empty target_mapping row)
-    present: torch.Tensor  # (B, P) 1.0, or 0.0 for an empty row (whose attention output is 0, as in the released code)
+    present: torch.Tensor  # (B, P) 1.0, or 0.0 for an empty row (it reads nothing, as in the released code)
     mask: torch.Tensor  # (B, P, Tk) bool or None: the query stream's mask at those positions
     seg: torch.Tensor  # (B, P, Tk) bool or None: segment_matrix at those positions
 
 
 def query_rows(target_mapping, mask_g, seg_mat):
-    """QueryRows from a target_mapping whose rows are one-hot (or empty), else None: a row that mixes positions
-    needs the released formulation (query_stream "all")."""
+    """QueryRows from a target_mapping whose rows are one-hot (or empty), else None. A row that mixes
+    positions needs the released formulation (query_stream "all")."""
     tm = target_mapping
     if not (bool(((tm == 0) | (tm == 1)).all()) and bool((tm.sum(-1) <= 1).all())):
         return None
@@ -263,13 +264,13 @@ def query_rows(target_mapping, mask_g, seg_mat):
 class RelativeAttention(nn.Module):
     """Two-stream relative multi-head attention, post-LayerNorm (the released `rel_attn` block).
 
-    The score of query i against key j sums three terms, each with a learned per-head bias vector in place of a query
-    where the query's position would have been (Transformer-XL §3.3, XLNet §2.5):
+    The score of query i against key j sums three terms. In each, a learned per-head bias vector
+    stands where the query's position would have been (Transformer-XL §3.3, XLNet §2.5):
         content   (q_i + r_w_bias) . k_j                  terms (a) + (c) of A^rel
-        position  (q_i + r_r_bias) . W_r R_{i-j}          terms (b) + (d): R the sinusoid of the distance
+        position  (q_i + r_r_bias) . W_r R_{i-j}          terms (b) + (d): R, the distance's sinusoid
         segment   (q_i + r_s_bias) . seg_embed[s_ij]      s_ij = same or different segment
-    scaled by 1/sqrt(hs). Both streams use the same weights and the same keys and values: the content stream h (and the
-    memory), i.e. g only ever reads content, never another query.
+    scaled by 1/sqrt(hs). Both streams share the weights, and the keys and values: those of the
+    content stream h and the memory. So g only ever reads content, never another query.
     """
 
     def __init__(self, config):
@@ -292,9 +293,9 @@ class RelativeAttention(nn.Module):
         return torch.where(seg_mat[:, None], both[..., 1:], both[..., :1])
 
     def attend(self, q, k, v, r, seg_mat, mask, q_pos=None):
-        """q (B, H, Tq, hs) queries; k, v (B, H, Tk, hs); r (H, R, hs) = W_r R; seg_mat and mask (B, Tq, Tk) bool or
-        None. The queries are the T positions in order, or, with q_pos (B, Tq), at those positions (the query stream's
-        fast path). Returns (B, H, Tq, hs)."""
+        """q (B, H, Tq, hs); k, v (B, H, Tk, hs); r (H, R, hs) = W_r R; seg_mat, mask (B, Tq, Tk) bool
+        or None. The queries are the T positions in order or, with q_pos (B, Tq), at those positions
+        (the query stream's fast path). Returns (B, H, Tq, hs)."""
         Tk = k.size(-2)
         position = (lambda x: rel_shift(x, Tk)) if q_pos is None else (lambda x: gather_shift(x, q_pos, Tk))
         if self.attn == "naive":
@@ -311,11 +312,11 @@ class RelativeAttention(nn.Module):
                 score = score.masked_fill(mask[:, None], MASKED_FP16 if score.dtype == torch.float16 else MASKED)
             prob = self.dropout(F.softmax(score, dim=-1))  # (B, H, Tq, Tk)
             return prob @ v
-        # The fused path: sdpa computes softmax(q'.k * scale + bias) v. The content term is a plain dot product with
-        # q' = q + r_w_bias; the position and segment terms depend on (i, j) through i - j and s_ij, not on a key
-        # vector, so they go in as the float bias, computed here as in the naive path (this materialises (Tq, Tk) after
-        # all; the kernel still avoids storing the probabilities). Trap: under autocast q + r_w_bias is promoted to
-        # fp32, and sdpa wants q, k, v and the bias in one dtype.
+        # The fused path: sdpa computes softmax(q'.k * scale + bias) v. The content term is a plain dot
+        # product, with q' = q + r_w_bias. The position and segment terms depend on (i, j) through i - j
+        # and s_ij, not on a key vector: they are the float bias, computed as in the naive path. (That
+        # materialises (Tq, Tk); the kernel still never stores the probabilities.)
+        # Trap: under autocast, q + r_w_bias is promoted to fp32; sdpa wants one dtype for all.
         bias = position((q + self.r_r_bias[:, None, :]) @ r.transpose(-2, -1))  # (B, H, Tq, Tk)
         if seg_mat is not None:
             bias = bias + self.segment_score(q, seg_mat)
@@ -331,9 +332,9 @@ class RelativeAttention(nn.Module):
         return self.layer_norm(x + self.dropout(torch.einsum("bhtd,chd->btc", y, self.o)))
 
     def forward(self, h, g, mask_h, mask_g, r, seg_mat=None, mems=None, target_mapping=None, queries=None):
-        """h (B, T, C) content stream; g (B, P, C) query stream or None; r (R, C) relative sinusoid; mems (B, M, C) or
-        None; target_mapping (B, P, T): prediction p sits at position t where it is 1; queries: QueryRows for the fast
-        path, or None. Returns (h', g')."""
+        """h (B, T, C) content stream; g (B, P, C) query stream or None; r (R, C) relative sinusoid;
+        mems (B, M, C) or None; target_mapping (B, P, T): prediction p sits where its row is 1;
+        queries: QueryRows for the fast path, or None. Returns (h', g')."""
         cat = h if mems is None else torch.cat([mems, h], dim=1)  # (B, Tk, C): memory first, then the segment
         k, v = heads(cat, self.k), heads(cat, self.v)  # (B, H, Tk, hs): keys and values come from content only
         r = torch.einsum("rc,chd->hrd", r, self.r)  # (H, R, hs): W_r R for every distance, shared by the batch
@@ -360,8 +361,8 @@ class FeedForward(nn.Module):
         self.layer_2 = nn.Linear(config.d_inner, config.d_model)
         self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
-        # Trap: the original TF code computes GELU with the tanh approximation; Hugging Face's config says "gelu" and
-        # computes the exact erf form. ~1e-3 apart per activation; we follow the config's name as Hugging Face reads it.
+        # Trap: the original TF code computes GELU's tanh approximation; Hugging Face's config says
+        # "gelu" and computes the exact erf form (~1e-3 apart). We read the name as Hugging Face does.
         self.act = ACTIVATIONS[config.ff_activation]
 
     def forward(self, x):
@@ -387,10 +388,12 @@ class Layer(nn.Module):
 
 
 class XLNetModel(nn.Module):
-    """The stack without the output layer (Hugging Face's `transformer.` prefix): word embedding (no position embedding,
-    no LayerNorm: positions enter every layer's attention as relative distances), the query stream's start vector
-    mask_emb (the trainable w of XLNet §2.3: the same for every target, so g starts knowing nothing but, through the
-    distances, its position), L layers, and the memory."""
+    """The stack without the output layer (Hugging Face's `transformer.` prefix).
+
+    The word embedding: no position embedding, no LayerNorm (positions enter every layer's
+    attention as relative distances). mask_emb, where the query stream starts: XLNet §2.3's
+    trainable w, the same for every target, so g knows nothing but, through the distances, its
+    position. Then L layers, and the memory."""
 
     def __init__(self, config):
         super().__init__()
@@ -401,9 +404,9 @@ class XLNetModel(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def cache_mem(self, h, prev):
-        """The memory the next segment attends to: the last mem_len layer inputs of [previous memory; this segment],
-        detached (Transformer-XL §3.2: SG(h_{tau-1}), no gradient flows into the past). (B, M, C), or None if mem_len
-        is 0. With mem_len 3, memory [a, b] and h = [c, d] -> [b, c, d]."""
+        """What the next segment attends to: the last mem_len layer inputs of [memory; segment], detached
+        (Transformer-XL §3.2: SG(h_{tau-1}), no gradient into the past). (B, M, C), or None (mem_len 0).
+        With mem_len 3, memory [a, b] and h = [c, d] -> [b, c, d]."""
         if not self.config.mem_len:
             return None
         cat = h if prev is None else torch.cat([prev, h], dim=1)
@@ -411,8 +414,8 @@ class XLNetModel(nn.Module):
 
     def forward(self, input_ids, token_type_ids=None, perm_mask=None, target_mapping=None, mems=None,
                 attention_mask=None):
-        """(output, new_mems): output (B, P, C) from the query stream when target_mapping is given, else (B, T, C)
-        from the content stream; new_mems one (B, M, C) tensor per layer (None if mem_len is 0)."""
+        """(output, new_mems). output: (B, P, C) from the query stream when target_mapping is given,
+        else (B, T, C) from the content stream. new_mems: a (B, M, C) per layer (None if mem_len is 0)."""
         B, T = input_ids.shape
         mlen = mems[0].size(1) if mems is not None else 0
         mask_h, mask_g = attention_masks(perm_mask, attention_mask, mlen)
@@ -444,8 +447,8 @@ class XLNet(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
-        # The released models: every weight ~ N(0, initializer_range), the three bias vectors, seg_embed and mask_emb
-        # included; Linear biases 0, LayerNorm gain 1.
+        # The released models: every weight ~ N(0, initializer_range), with the three bias vectors,
+        # seg_embed and mask_emb; Linear biases 0, LayerNorm gain 1.
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, 0.0, std)
@@ -462,16 +465,19 @@ class XLNet(nn.Module):
         return sum(p.numel() for p in self.parameters())  # the tied embedding counts once
 
     def no_weight_decay(self):
-        """The three attention bias vectors of every layer: biases, not weights (the original optimizer excludes every
-        name containing "bias" or "LayerNorm"; train.py already skips vectors, so only these 2-D ones need naming)."""
+        """Each layer's three attention bias vectors: biases, not weights. The original optimizer skips
+        every "bias" and "LayerNorm"; train.py already skips vectors, so only these 2-D ones are named."""
         return {n for n, _ in self.named_parameters() if n.endswith(("r_w_bias", "r_r_bias", "r_s_bias"))}
 
     def flops_per_token(self):
-        """Training FLOPs per token (forward + backward = 3 forwards), an estimate for MFU. Per layer and token: the
-        content stream's projections (q, o on T rows; k, v on the Tk rows of memory + segment) and feed-forward; the
-        query stream's q, o and feed-forward on P/T of the rows; W_r on R/T rows; and attention for both streams, every
-        query row: scores (Tk), positions (R) and mixing (Tk), on T rows for h and on P rows for g (T with
-        query_stream "all", as in the released code). Plus the output layer on the predictions."""
+        """Training FLOPs per token (forward + backward = 3 forwards), an estimate for MFU.
+
+        Per layer and token:
+          - the content stream: q, o on T rows; k, v on the Tk rows of memory + segment; feed-forward;
+          - the query stream: q, o and feed-forward on P/T of the rows; W_r on R/T rows;
+          - attention, every query row: scores (Tk), positions (R), mixing (Tk); T rows for h, P rows
+            for g (T with query_stream "all", as in the released code).
+        Plus the output layer on the predictions."""
         c = self.config
         T, Tk = c.seq_len, c.seq_len + c.mem_len
         R, P, C = Tk + T - 1, c.num_predict, c.d_model
@@ -484,23 +490,25 @@ class XLNet(nn.Module):
                 attention_mask=None):
         """logits, mems = model(input_ids (B, T), ...).
 
-        token_type_ids (B, T): segment ids (only same/different matters). perm_mask (B, T, T): 1 where position i may
-        not attend to position j (Hugging Face's meaning). target_mapping (B, P, T): one-hot rows, prediction p is the
-        token at the position where row p is 1; then logits are (B, P, V) from the query stream, else (B, T, V) from the
-        content stream. mems: the list returned for the previous segment (one (B, M, C) tensor per layer, detached),
-        or None. attention_mask (B, T): 1 for real tokens, 0 for padding. Returns the new mems (None if mem_len is 0).
+        token_type_ids (B, T): segment ids (only same/different matters).
+        perm_mask (B, T, T): 1 where position i may not attend to position j (Hugging Face's meaning).
+        target_mapping (B, P, T): one-hot rows; prediction p is the token where row p is 1. Then the
+          logits are (B, P, V), from the query stream; else (B, T, V), from the content stream.
+        mems: what the previous segment returned (a detached (B, M, C) per layer), or None.
+        attention_mask (B, T): 1 for real tokens, 0 for padding.
+        Returns the new mems too (None if mem_len is 0).
         """
         out, new_mems = self.transformer(input_ids, token_type_ids, perm_mask, target_mapping, mems, attention_mask)
         return self.lm_loss(out), new_mems
 
     # ------------------------------------------------------------------------------------------------------------------
-    # Hugging Face format: our parameter names ARE XLNetLMHeadModel's, so loading is a checked copy. Its memory layout
-    # is (M, B, C), time first, as in the TF original; ours is (B, M, C) like every other tensor here.
+    # Hugging Face format: our parameter names ARE XLNetLMHeadModel's: loading is a checked copy.
+    # Its memory is (M, B, C), time first as in the TF original; ours is (B, M, C), like all else here.
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
-        """Load an XLNetLMHeadModel directory (config.json + model.safetensors or pytorch_model.bin; e.g. the released
-        xlnet-base-cased), without transformers. overrides: any XLNetConfig field, e.g. mem_len=384, attn="sdpa"."""
+        """Load an XLNetLMHeadModel directory, e.g. the released xlnet-base-cased, without transformers.
+        overrides: any XLNetConfig field, e.g. mem_len=384, attn="sdpa"."""
         hf, sd = read_hf_dir(path)
         if hf.get("model_type", "xlnet") != "xlnet":
             raise ValueError(f"{path}: a {hf.get('model_type')!r} checkpoint, not XLNet")
@@ -517,20 +525,12 @@ class XLNet(nn.Module):
             clamp_len=hf.get("clamp_len", -1),
             pad_token_id=-1 if hf.get("pad_token_id") is None else hf["pad_token_id"]), **overrides})
         model = cls(config)
-        with torch.no_grad():
-            for name, param in model.state_dict().items():
-                if name == "lm_loss.weight":
-                    continue  # tied to the word embedding
-                if name not in sd:
-                    raise KeyError(f"{path}: missing weight {name!r}")
-                if sd[name].shape != param.shape:
-                    raise ValueError(f"{path}: {name} has shape {tuple(sd[name].shape)}, expected {tuple(param.shape)}")
-                param.copy_(sd[name])
+        copy_weights(model, sd, path, skip=("lm_loss.weight",))  # lm_loss.weight is tied to the word embedding
         return model
 
     def export_hf(self, path):
-        """Write a directory that transformers' XLNetLMHeadModel.from_pretrained(path) loads. The inverse of
-        from_pretrained. mem_len 0 (no memory) is written as null, which Hugging Face reads as "keep everything"."""
+        """Write what transformers' XLNetLMHeadModel.from_pretrained(path) loads: from_pretrained's
+        inverse. mem_len 0 (no memory) is written as null, read by Hugging Face as "keep everything"."""
         c = self.config
         hf_config = dict(
             architectures=["XLNetLMHeadModel"], model_type="xlnet", vocab_size=c.vocab_size, d_model=c.d_model,
@@ -544,28 +544,30 @@ class XLNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The objective: permutation language modeling with partial prediction (XLNet §2.2-2.3), as the original data pipeline
-# builds it (data_utils.py: _sample_mask, _local_perm), on consecutive segments of one stream per batch row.
+# The objective: permutation LM with partial prediction (XLNet §2.2-2.3), built as the original
+# data pipeline does (data_utils.py: _sample_mask, _local_perm), on consecutive segments of one
+# stream per batch row.
 #
-# Which tokens are predicted (the targets) is decided first, in spans; then a factorization order in which every
-# non-target comes before every target: the targets are "the last 1/K of the order" (§2.3, eq. 5), and the non-targets
-# form the context x_{z<=c} that every target sees. Among the targets the order is random. Non-targets see each other
-# (the original gives them all rank -1: they are never predicted, so their mutual order does not matter, and letting
-# them see all of the context makes the representations the targets read richer).
+# First the targets (the tokens to predict), in spans. Then an order with every non-target before
+# every target: the targets are "the last 1/K of the order" (§2.3, eq. 5), and the non-targets are
+# the context x_{z<=c} every target sees. Among the targets the order is random. The non-targets
+# see each other: the original ranks them all -1. They are never predicted, so their mutual order
+# does not matter, and seeing all the context enriches what the targets read.
 
 
 def sample_targets(length, num_predict, generator, max_span=5, alpha=6):
-    """(length,) bool, exactly num_predict True: the positions to predict, mostly in spans (the original _sample_mask).
+    """(length,) bool, num_predict True: the positions to predict, in spans (the original _sample_mask).
 
-    Walk left to right: draw a span length n in 1..max_span with P(n) ~ 1/n, reserve a context of alpha * n tokens,
-    put the span at a random offset inside it (a span never ends on the last token, as in the original), move past the
-    context. Stop at num_predict; if the walk ends short, add single random positions until there are num_predict.
-    alpha = 6: about one token in six is a target, i.e. K = 6. The original aligns each span's start to a word piece;
-    its loop then counts tokens, not words (it tests seg[beg] where seg[end] was meant), so a span is n tokens, as here.
+    Walk left to right: draw a span length n in 1..max_span with P(n) ~ 1/n; reserve a context of
+    alpha * n tokens; put the span at a random offset in it (never ending on the last token, as in
+    the original); move past the context. Stop at num_predict. A walk that ends short adds single
+    random positions. alpha = 6: about one token in six is a target, i.e. K = 6.
+    The original aligns each span's start to a word piece, but its loop then counts tokens (it tests
+    seg[beg] where seg[end] was meant): a span is n tokens, as here.
     sample_targets(12, 2, g) -> e.g. tensor([F, F, F, T, T, F, F, F, F, F, F, F]) (a span of 2)
     """
     mask = torch.zeros(length, dtype=torch.bool)
-    p = 1.0 / torch.arange(1, max_span + 1, dtype=torch.float)  # P(n) ~ 1/n: short spans are the most common
+    p = 1.0 / torch.arange(1, max_span + 1, dtype=torch.float)  # P(n) ~ 1/n: mostly short spans
     count = cur = 0
     while cur < length and count < num_predict:
         n = min(int(torch.multinomial(p, 1, generator=generator)) + 1, num_predict - count)
@@ -586,22 +588,24 @@ def sample_targets(length, num_predict, generator, max_span=5, alpha=6):
 
 
 def sample_order(length, perm_size, generator):
-    """rank (length,): each position's place in a random factorization order, permuted within consecutive blocks of
-    perm_size positions (the original _local_perm: blocks keep their order and share one shuffle; perm_size = length is
-    one uniformly random order). With perm_size 2 and the shuffle [1, 0]: sample_order(4, 2, g) -> [1, 0, 3, 2]."""
+    """rank (length,): each position's place in a random order, permuted within blocks of perm_size
+    positions (the original _local_perm). The blocks keep their order and share one shuffle;
+    perm_size = length is one uniformly random order.
+    With perm_size 2 and the shuffle [1, 0]: sample_order(4, 2, g) -> [1, 0, 3, 2]."""
     shuffle = torch.randperm(perm_size, generator=generator)  # (perm_size,)
-    blocks = torch.arange(length).view(-1, perm_size)  # (length / perm_size, perm_size): row b = block b's ranks
+    blocks = torch.arange(length).view(-1, perm_size)  # (length / perm_size, perm_size): block b's ranks
     return blocks[:, shuffle].reshape(-1)  # position (b, o) gets rank b * perm_size + shuffle[o]
 
 
 def permutation_mask(rank, is_target):
-    """perm_mask (T, T) bool from an order and its targets: position i may NOT attend to position j iff j is a target
-    that does not come before i in the order, with every non-target placed before every target (rank -1).
+    """perm_mask (T, T) bool from an order and its targets. Every non-target comes first (rank -1);
+    position i may NOT attend to position j iff j is a target that does not come before i.
 
-    So a target sees every non-target and the targets earlier in the order, and not itself (its query stream; the
-    content stream sees itself anyway); a non-target sees every non-target and no target. Targets at positions 0 and 2
-    with rank[2] < rank[0]: permutation_mask(tensor([1, 3, 0]), tensor([T, F, T])) ->
-    [[1, 0, 0], [1, 0, 1], [1, 0, 1]]  (position 0 sees 1 and 2; 1 sees neither target; 2 sees only 1)
+    So a target sees every non-target and the targets before it, not itself (in its query stream;
+    the content stream sees itself anyway). A non-target sees every non-target and no target.
+    Targets at positions 0 and 2, rank[2] < rank[0]:
+    permutation_mask(tensor([1, 3, 0]), tensor([T, F, T])) -> [[1, 0, 0], [1, 0, 1], [1, 0, 1]]
+    (position 0 sees 1 and 2; 1 sees neither target; 2 sees only 1)
     """
     r = torch.where(is_target, rank, -1)
     return is_target[None, :] & (r[None, :] >= r[:, None])
@@ -610,15 +614,16 @@ def permutation_mask(rank, is_target):
 class PermutationLMObjective:
     """Batches of consecutive segments, one stream per row, scored by the permutation LM loss on the targets.
 
-    State (saved in every checkpoint by train.py, so a resumed run continues exactly): where each row's stream goes on
-    (`cursors`), and each row's memory (`mems`: per row, one (M, C) tensor per layer). Row i at step t+1 continues row i
-    at step t and reads only its own memory; gradient accumulation splits a step's rows into micro-batches, and the
-    batch carries the row ids ("rows") so each micro-batch finds its rows' memory. Evaluation runs on a separate
-    instance (train.py) whose memory starts empty at every eval_batches() call (and at reset()).
+    State, in every checkpoint (a resumed run continues exactly): where each row's stream goes on
+    (`cursors`) and each row's memory (`mems`: per row, one (M, C) tensor per layer). Row i at step
+    t+1 continues row i at step t and reads only its own memory. Gradient accumulation splits a
+    step's rows into micro-batches; the batch carries the row ids ("rows"), so each micro-batch
+    finds its rows' memory. Evaluation runs on another instance, whose memory starts empty at every
+    eval_batches() call (and at reset()).
 
-    objective "lm" is Transformer-XL's training phase in XLNet's terms: the identity order, every token a target, so
-    the query stream at position t predicts x_t from x_<t and the memory (position 0 of a row's first segment has
-    nothing to see and is not predicted).
+    objective "lm" is Transformer-XL's training phase in XLNet's terms: the identity order, every
+    token a target. The query stream at t predicts x_t from x_<t and the memory. Position 0 of a
+    row's first segment has nothing to see: it is not predicted.
     """
 
     EVAL_SEED = 1234  # evaluation draws its targets and orders from its own generator, the same every time
@@ -672,9 +677,9 @@ class PermutationLMObjective:
     def make_batch(self, segments, rows, has_memory, generator):
         """Rows of token ids (each <= T long; shorter ones are padded) -> the model's inputs and the targets.
 
-        input_ids (B, T) the real tokens (the content stream never sees a <mask>), attention_mask (B, T), perm_mask
-        (B, T, T) bool, target_mapping (B, P, T), target_ids (B, P) with -100 where a row has fewer than P targets,
-        rows (B,) the row ids for the memory."""
+        input_ids (B, T): the real tokens (the content stream never sees a <mask>);
+        attention_mask (B, T); perm_mask (B, T, T) bool; target_mapping (B, P, T);
+        target_ids (B, P), -100 where a row has fewer than P targets; rows (B,): the rows' memory ids."""
         B, T, P = len(segments), self.T, self.config.num_predict
         batch = {"rows": torch.tensor(rows, dtype=torch.long),
                  "input_ids": torch.full((B, T), max(self.config.pad_token_id, 0), dtype=torch.long),  # pads masked
@@ -695,31 +700,32 @@ class PermutationLMObjective:
         return batch
 
     def train_batch(self, split, batch_size, generator):
-        """The next segment of every row's stream. The first call spreads the rows evenly over the split from a random
-        offset (the original's batchify: row i reads its own contiguous part of the corpus); a stream that reaches the
-        end of the split continues from its start."""
+        """The next segment of every row's stream. The first call spreads the rows evenly over the split,
+        from a random offset (the original's batchify: row i reads its own part of the corpus).
+        A stream that reaches the end of the split starts over."""
         n, T = len(split.tokens), self.T
         if self.cursors is None:
             offset = int(torch.randint(n, (1,), generator=generator))
             self.cursors = [(offset + i * n // batch_size) % n for i in range(batch_size)]
             self.mems = [None] * batch_size
         if len(self.cursors) != batch_size:
-            raise UsageError(f"this run reads {len(self.cursors)} streams (batch_size x grad_accum), each with its own "
-                             f"memory; it cannot continue with {batch_size} rows per step")
+            raise UsageError(f"this run reads {len(self.cursors)} streams (batch_size x grad_accum), each with "
+                             f"its own memory; it cannot continue with {batch_size} rows per step")
         segments = []
         for i in range(batch_size):
             if self.cursors[i] + T > n:
                 self.cursors[i] = 0
             segments.append(split.tokens[self.cursors[i]:self.cursors[i] + T])
             self.cursors[i] += T
-        return self.make_batch(segments, list(range(batch_size)), [self.has_memory(i) for i in range(batch_size)],
-                               generator)
+        rows = list(range(batch_size))
+        return self.make_batch(segments, rows, [self.has_memory(i) for i in rows], generator)
 
     def eval_batches(self, split, batch_size):
-        """Every token of `split` once, as consecutive segments: the split is cut into up to batch_size contiguous
-        parts, one per row, each read segment by segment with its memory (Transformer-XL's evaluation phase), from
-        empty memory. Targets and orders come from a fixed seed: the same batches every time. The last segment is
-        padded."""
+        """Every token of `split` once, as consecutive segments (Transformer-XL's evaluation phase).
+
+        The split is cut into up to batch_size parts, one per row, each read segment by segment with
+        its memory, which starts empty. A fixed seed draws the targets and orders: the same batches
+        every time. The last segment is padded."""
         T, n = self.T, len(split.tokens)
         n_seg = -(-n // T)
         rows = min(batch_size, n_seg)
@@ -773,26 +779,25 @@ Model, Config, Objective = XLNet, XLNetConfig, PermutationLMObjective  # what tr
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Transformer-XL's two phases (slides "Transformer-XL"): evaluating a left-to-right LM on a long text.
-#   vanilla model: a window of the last W tokens slides by one token per prediction, and everything in it is recomputed
-#                  every time: W token computations per predicted token;
-#   with memory:   the text is read a segment of T tokens at a time; each layer's inputs of the previous segments stay
-#                  in memory (M of them) and are attended to, not recomputed: about one token computation per token,
-#                  with a direct context of M to M + T - 1 tokens, and longer ones through the memory's own memory.
-# Both here use the same XLNet in the identity order (the query stream at t predicts x_t from x_<t).
+# Transformer-XL's two evaluation phases (slides "Transformer-XL"), which `python experiments.py
+# two-phase` measures. Both use the XLNet in the identity order (g at t predicts x_t from x_<t).
+#   vanilla model: a window of the last W tokens slides by one token per prediction, all of it
+#                  recomputed each time: W token computations per predicted token;
+#   with memory:   the text is read T tokens at a time; each layer's inputs of earlier segments stay
+#                  in memory (M of them), attended to, not recomputed: about one computation per token.
 
 
 def split_streams(tokens, rows):
-    """The text cut into `rows` contiguous streams of equal length (the remainder dropped), (rows, n // rows)."""
+    """The text cut into `rows` contiguous streams of equal length, (rows, n // rows); the rest dropped."""
     n = len(tokens) // rows
     return torch.from_numpy(np.asarray(tokens[:n * rows], dtype=np.int64)).view(rows, n)
 
 
 @torch.no_grad()
 def eval_with_memory(model, tokens, rows, seg_len):
-    """Transformer-XL's evaluation phase: each stream read seg_len tokens at a time, memory carried over (mem_len from
-    the model's config). Every token but each stream's first is predicted. Returns (sum of nll, predictions, seconds
-    spent in the model)."""
+    """Transformer-XL's evaluation phase: each stream read seg_len tokens at a time, its memory
+    carried over (mem_len: the model's). Every token but each stream's first is predicted.
+    Returns (sum of nll, predictions, seconds spent in the model)."""
     cfg = XLNetConfig(**{**model.config.__dict__, "seq_len": seg_len, "objective": "lm"})
     objective = PermutationLMObjective(cfg)
     streams = split_streams(tokens, rows)
@@ -837,115 +842,22 @@ def eval_sliding_window(model, tokens, rows, window):
     return nll, count, seconds
 
 
-def two_phase(model, tokens, rows=8, seg_len=None, mem_len=None):
-    """Both evaluations on the same held-out tokens. The sliding window is as long as the longest attention span with
-    memory (mem_len + seg_len), so it never sees less. Returns a list of result dicts and prints the table."""
-    model.eval()
-    seg_len = seg_len or model.config.seq_len
-    if mem_len is not None:
-        model.config.mem_len = mem_len
-    M = model.config.mem_len
-    window = M + seg_len
-    eval_with_memory(model, tokens[:rows * 2 * seg_len], rows, seg_len)  # warm-up: first calls allocate
-    eval_sliding_window(model, tokens[:rows * 4], rows, window)
-    results = []
-    for name, context, run in (
-            (f"with memory (T={seg_len}, M={M})", f"{M}..{M + seg_len - 1} + recurrence", lambda: eval_with_memory(
-                model, tokens, rows, seg_len)),
-            (f"sliding window (W={window})", f"{window - 1}", lambda: eval_sliding_window(
-                model, tokens, rows, window))):
-        nll, count, seconds = run()
-        results.append({"name": name, "context": context, "loss": nll / count, "ms_per_token": 1000 * seconds / count,
-                        "tokens": count})
-    print(f"{'evaluation':<28} {'context (tokens)':<20} {'loss (nats/tok)':>15} {'ms/token':>9} {'tokens':>7}")
-    for r in results:
-        print(f"{r['name']:<28} {r['context']:<20} {r['loss']:>15.4f} {r['ms_per_token']:>9.3f} {r['tokens']:>7}")
-    print(f"memory is {results[1]['ms_per_token'] / results[0]['ms_per_token']:.0f}x cheaper per token; loss "
-          f"{results[0]['loss'] - results[1]['loss']:+.4f} nats/token against the window")
-    return results
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# The order views (slide "Split View of the Query Stream (Factorization order: 3 -> 2 -> 4 -> 1)"): for one order, what
-# each prediction may see. Computed with the same masks the model uses (attention_masks), not drawn by hand.
+# The order views (slide "Split View of the Query Stream (Factorization order: 3 -> 2 -> 4 -> 1)"):
+# for one order, what each prediction may see, from the model's own masks (attention_masks).
+# `python experiments.py views` draws them.
 
 
 def query_views(rank, is_target, mlen=0):
-    """(mask_g, mask_h) for one sequence: (T, mlen + T) bool, True = hidden from that position's query / content."""
+    """(mask_g, mask_h) for one sequence: (T, mlen + T) bool, True = hidden from its query / content."""
     mask_h, mask_g = attention_masks(permutation_mask(rank, is_target)[None], None, mlen)
     return mask_g[0], mask_h[0]
 
 
-def slide_views():
-    """The slide's example: four tokens, memory, order 3 -> 2 -> 4 -> 1, every token predicted. Lines of text."""
-    order = [3, 2, 4, 1]  # 1-based positions, as on the slide
-    rank = torch.tensor([order.index(p) for p in range(1, 5)])
-    mask_g, mask_h = query_views(rank, torch.ones(4, dtype=torch.bool), mlen=1)
-    names = ["mem", "x1", "x2", "x3", "x4"]
-    lines = ["The slide's order 3 -> 2 -> 4 -> 1 (every token predicted, one memory slot):"]
-    for p in order:
-        g = [names[j] for j in range(5) if not mask_g[p - 1, j]]
-        h = [names[j] for j in range(5) if not mask_h[p - 1, j]]
-        lines.append(f"  position-{p} view: query g{p} predicts x{p} from {', '.join(g):<16} content h{p} sees "
-                     f"{', '.join(h)}")
-    return lines, (rank, mask_g)
-
-
-def text_views(text, partial_k=6, seed=0):
-    """One order the objective samples for a line of text: its targets in order, and what each sees ('_' hidden,
-    '?' the token it predicts). Returns (lines, (ids as characters, rank, is_target, mask_g))."""
-    g = torch.Generator().manual_seed(seed)
-    is_target = sample_targets(len(text), len(text) // partial_k, g)
-    rank = sample_order(len(text), len(text), g)
-    mask_g, _ = query_views(rank, is_target)
-    targets = sorted(is_target.nonzero()[:, 0].tolist(), key=lambda i: int(rank[i]))
-    lines = [f"A line of a held-out play, K = {partial_k}: {len(targets)} targets of {len(text)} characters, in spans; "
-             f"the other characters are context that every target sees.",
-             f"  order of the targets: {' -> '.join(f'{text[i]!r}@{i}' for i in targets)}"]
-    for step, i in enumerate(targets, 1):
-        seen = "".join("?" if j == i else ("_" if mask_g[i, j] else ("¶" if text[j] == "\n" else text[j]))
-                       for j in range(len(text)))
-        lines.append(f"  {step:>2}. {text[i]!r:>5}@{i:<3} sees: {seen}")
-    return lines, (list(text), rank, is_target, mask_g, targets)
-
-
-def plot_views(slide, real, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
-    colors = ListedColormap(["#d9d9d9", "#74c476", "#fd8d3c", "#6baed6"])  # hidden, visible, predicted, memory
-    fig, axes = plt.subplots(1, 2, figsize=(15, 4.6), gridspec_kw={"width_ratios": [1, 4]})
-    rank, mask_g = slide
-    order = rank.argsort().tolist()
-    grid = np.array([[3 if j == 0 and not mask_g[i, j] else 2 if j == i + 1 else 0 if mask_g[i, j] else 1
-                      for j in range(5)] for i in order])
-    ax = axes[0]
-    ax.imshow(grid, cmap=colors, vmin=0, vmax=3)
-    ax.set_xticks(range(5), ["mem", "x1", "x2", "x3", "x4"])
-    ax.set_yticks(range(4), [f"position-{i + 1} view" for i in order])
-    ax.set_title("the slide: order 3 -> 2 -> 4 -> 1\n(query streams; blue = memory)", fontsize=10)
-    chars, rank, is_target, mask_g, targets = real
-    grid = np.array([[2 if j == i else 0 if mask_g[i, j] else 1 for j in range(len(chars))] for i in targets])
-    ax = axes[1]
-    ax.imshow(grid, cmap=colors, vmin=0, vmax=3, aspect="auto")
-    ax.set_xticks(range(len(chars)), ["\\n" if c == "\n" else "␣" if c == " " else c for c in chars], fontsize=7)
-    ax.set_yticks(range(len(targets)), [f"{n}. {chars[i]!r}@{i}" for n, i in enumerate(targets, 1)], fontsize=8)
-    ax.set_title("one sampled order on a held-out line: rows = the targets in factorization order\n"
-                 "green = what its query stream may read, orange = the token it predicts, grey = hidden",
-                 fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# Demo: what a run shows when it ends (train.py calls demo()). XLNet fills blanks in a held-out line one at a time, in
-# a random order, each prediction seeing the context and the blanks it has already filled: the order is the model's
-# factorization order, so this is exactly the product of eq. 3 for one z, decoded greedily.
+# Demo: what a run shows when it ends (train.py calls demo()). XLNet fills the blanks of a held-out
+# line one at a time, in a random order, each seeing the context and the blanks filled before it.
+# The order is a factorization order: this is eq. 3's product for one z, decoded greedily.
 
 
 DEMO_TEXT = "Friends, Romans, countrymen, lend me your ears;\nI come to bury Caesar, not to praise him."
@@ -959,8 +871,9 @@ class DemoConfig:
 
 @torch.no_grad()
 def fill_blanks(model, ids, seed=0):
-    """Blank the tokens the objective would predict in ids (a list), then fill them one at a time in a sampled order
-    (left to right for objective "lm"), greedily. Returns (is_target, order of target positions, filled ids)."""
+    """Blank the tokens the objective would predict in ids (a list), then fill them greedily, one at
+    a time, in a sampled order (left to right for objective "lm").
+    Returns (is_target, the order of the target positions, the filled ids)."""
     c = model.config
     g = torch.Generator().manual_seed(seed)
     n = len(ids)
@@ -1011,84 +924,28 @@ def demo(model, tokenizer, cfg, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Command line: views | two-phase | fill
+# Command line: fill the blanks of a text with a trained checkpoint (the pictures and experiments: experiments.py)
 
 
-def held_out_line():
-    with open(os.path.join(ROOT, "data", "shakespeare", "julius_caesar.txt")) as f:
-        text = f.read()
-    start = text.index("Friends, Romans, countrymen")
-    return text[start:text.index("\n", text.index("\n", start) + 1)]  # two lines of verse
-
-
-def cmd_views(args):
-    slide_lines, slide = slide_views()
-    real_lines, real = text_views(held_out_line(), partial_k=args.k, seed=args.seed)
-    print("\n".join(slide_lines + [""] + real_lines))
-    plot_views(slide, real, args.png)
-    print(f"wrote {args.png}")
-
-
-def cmd_two_phase(args):
-    import train
-
-    path = args.ckpt
-    if not path:
-        out = os.path.join("out", "xlnet-txl")
-        path = os.path.join(out, "ckpt.pt")
-        if os.path.exists(path):
-            print(f"using {path} (remove it, or pass --ckpt, to evaluate another model)")
-        else:
-            print(f"training Transformer-XL's train phase first: python train.py --model xlnet --preset txl-cpu "
-                  f"--out-dir {out}")
-            train.train(["--model", "xlnet", "--preset", "txl-cpu", "--out-dir", out, "--demo-text", ""])
-    run = train.open_run(path, model="xlnet", flag="--ckpt")
-    model = run.model.float()
-    tokens = run.splits["val"].tokens[:args.tokens]
-    print(f"{path}: {run.cfg.preset} ({model.config.objective}), held-out text: the first {len(tokens):,} tokens of "
-          f"{', '.join(run.splits['val'].doc_names)}; {args.rows} streams side by side; fp32 on {run.device}")
-    return two_phase(model, tokens, args.rows, args.seq_len, args.mem_len)
-
-
-def cmd_fill(args):
-    import train
-
-    run = train.open_run(args.ckpt, model="xlnet", flag="--ckpt")
-    demo(run.model, run.tokenizer, DemoConfig(args.text, args.seed), run.device)
-
-
+@command
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="xlnet.py", description="XLNet's pictures and experiments (training: "
-                                "python train.py --model xlnet)")
+    p = argparse.ArgumentParser(prog="xlnet.py", description="Fill the blanks of a text in a random order with an "
+                                "XLNet checkpoint written by train.py --model xlnet. The pictures and experiments: "
+                                "python experiments.py views | two-phase.")
+    p.error = lambda message: require(False, f"{message} (see --help)")
     sub = p.add_subparsers(dest="cmd", required=True)
-    v = sub.add_parser("views", help="which tokens each target may see, for one factorization order (text + PNG)")
-    v.add_argument("--k", type=int, default=6, help="K: predict the last 1/K of the order")
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--png", default=os.path.join(ROOT, "assets", "xlnet_order_views.png"))
-    t = sub.add_parser("two-phase", help="Transformer-XL's evaluation with memory vs the vanilla sliding window")
-    t.add_argument("--ckpt", default="", help="an xlnet checkpoint (default: train --preset txl-cpu into "
-                                              "out/xlnet-txl first, or reuse it)")
-    t.add_argument("--tokens", type=int, default=4096, help="held-out tokens to score")
-    t.add_argument("--rows", type=int, default=8, help="streams evaluated side by side")
-    t.add_argument("--seq-len", type=int, default=0, help="segment length with memory (default: the model's)")
-    t.add_argument("--mem-len", type=int, default=None, help="memory length (default: the model's)")
     f = sub.add_parser("fill", help="fill blanks of a text in a random order with a trained checkpoint")
+    f.error = p.error
     f.add_argument("--ckpt", default=os.path.join("out", "xlnet", "ckpt.pt"))
     f.add_argument("--text", default=DEMO_TEXT)
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    try:
-        if args.cmd == "views" and not 2 <= args.k <= 40:
-            raise UsageError(f"--k {args.k}: K must be in 2..40 (a line of 89 characters)")
-        if args.cmd == "two-phase":
-            if args.tokens < 2 * args.rows or args.rows < 1:
-                raise UsageError(f"--tokens {args.tokens} / --rows {args.rows}: need at least 2 tokens per row")
-            if args.seq_len < 0 or (args.mem_len is not None and args.mem_len < 1):
-                raise UsageError("--seq-len must be >= 1 and --mem-len >= 1 (memory is what is measured)")
-        return {"views": cmd_views, "two-phase": cmd_two_phase, "fill": cmd_fill}[args.cmd](args)
-    except UsageError as e:
-        print(f"xlnet.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    import train  # the checkpoint format, shared by every model
+
+    device = train.pick_device(args.device)
+    model, tokenizer, _ = train.load_for_inference(args.ckpt, device, flag="--ckpt", model="xlnet")
+    demo(model, tokenizer, DemoConfig(args.text, args.seed), device)
 
 
 if __name__ == "__main__":

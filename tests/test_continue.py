@@ -3,7 +3,6 @@ from the loop's generator, so resume stays exact; every named corpus is evaluate
 schedules have their shapes (tests/test_loop.py checks wsd and --init-from)."""
 
 import os
-import signal
 import types
 
 import numpy as np
@@ -11,8 +10,10 @@ import pytest
 import torch
 
 import data
+import experiments
 import gpt
 import train
+from helpers import assert_resumes, exit_code, tiny_args
 
 
 @pytest.fixture
@@ -61,25 +62,15 @@ def test_the_mixture_sampler_draws_each_corpus_in_proportion(two_corpora):
 def test_a_mixture_evaluates_every_corpus_and_resumes_exactly(tmp_path, two_corpora):
     spec = f"{two_corpora / 'plays'}:0.7,{two_corpora / 'poems'}:0.3"
 
-    def args(sub, *extra):
-        return ["--model", "gpt", "--preset", "tiny", "--data", spec, "--cache-dir", str(two_corpora / "cache"),
-                "--out-dir", str(tmp_path / sub), "--sample-tokens", "0", "--dtype", "fp32", "--max-iters", "12",
-                "--eval-interval", "6", "--log-interval", "1", "--dropout", "0.1", *extra]
+    def args(sub):
+        return tiny_args("gpt", tmp_path / sub, spec, "--max-iters", "12", "--eval-interval", "6", "--log-interval",
+                         "1", "--dropout", "0.1")
 
-    straight = train.train(args("a"))
+    keys = ("step", "kind", "loss", "val_plays_loss", "val_poems_loss")
+    straight = assert_resumes(train.train, args, stop_at=8, keys=keys)  # the mixture's stream resumes exactly
     evals = [r for r in straight if r["kind"] == "eval"]
     assert {"val_plays_loss", "val_poems_loss", "val_plays_bpb", "train_poems_loss", "val_loss"} <= set(evals[-1])
     assert evals[-1]["val_loss"] == pytest.approx(0.7 * evals[-1]["val_plays_loss"] + 0.3 * evals[-1]["val_poems_loss"])
-
-    def stop(step, loss):
-        if step == 8:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    train.train(args("b"), on_step=stop)
-    resumed = train.train(args("b", "--resume"))
-    keys = ("step", "kind", "loss", "val_plays_loss", "val_poems_loss")
-    strip = lambda rows: [{k: r[k] for k in keys if k in r} for r in rows]
-    assert strip(resumed) == strip(straight), "the mixture's stream did not resume exactly"
 
 
 def test_continued_pretraining_starts_from_the_checkpoint_and_evaluates_the_old_corpus(tmp_path, two_corpora):
@@ -103,15 +94,25 @@ def test_continued_pretraining_starts_from_the_checkpoint_and_evaluates_the_old_
 
 
 def test_the_continue_experiment_runs_its_grid_and_writes_its_table_and_figure(tmp_path, two_corpora, capsys):
-    import experiments
+    tiny_model = "--n-layer 1 --n-embd 32 --n-head 2 --block-size 32 --batch-size 4"
     pre, runs, scratch = experiments.main([
         "continue", "--upstream", str(two_corpora / "plays"), "--downstream", str(two_corpora / "poems"),
-        "--pre-iters", "10", "--cont-iters", "10", "--rewarm-lrs", "1e-3", "--replay", "0.25", "--eval-tokens", "512", "--evals", "2",
-        "--out-dir", str(tmp_path / "exp"), "--cache-dir", str(two_corpora / "cache"), "--png", str(tmp_path / "c.png"),
-        "--dtype", "fp32", "--train-args", "--n-layer 1 --n-embd 32 --n-head 2 --block-size 32 --batch-size 4"])
+        "--pre-iters", "10", "--cont-iters", "10", "--rewarm-lrs", "1e-3", "--replay", "0.25", "--eval-tokens", "512",
+        "--evals", "2", "--out-dir", str(tmp_path / "exp"), "--cache-dir", str(two_corpora / "cache"),
+        "--png", str(tmp_path / "c.png"), "--dtype", "fp32", "--train-args", tiny_model])
     assert list(runs) == ["no re-warm", "re-warm to 0.001", "re-warm 0.001 + 25% replay"]
     assert [r["step"] for r in scratch if r["kind"] == "eval"][-1] == 20, "scratch gets pretrain + continue steps"
     nr = [r for r in runs["no re-warm"] if r["kind"] == "train"]
     assert {r["lr"] for r in nr} == {3e-4}, "no re-warm continues at the pretraining's final lr"
     out = capsys.readouterr().out
     assert "scratch on" in out and "re-warm 0.001 + 25% replay" in out and (tmp_path / "c.png").exists()
+
+
+def test_the_continue_experiment_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, capsys):
+    where = ["--out-dir", str(tmp_path / "exp"), "--png", str(tmp_path / "c.png")]
+    for argv, word in ((["--pre-iters", "5"], "--pre-iters"), (["--replay", "1.5"], "--replay"),
+                       (["--rewarm-lrs", "x"], "--rewarm-lrs"), (["--bogus"], "--bogus")):
+        assert exit_code(experiments.main, ["continue", *argv, *where]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("experiments.py: error:") and word in err and len(err.splitlines()) == 1, (argv, err)
+        assert not (tmp_path / "exp").exists() and not (tmp_path / "c.png").exists(), f"{argv}: wrote something"

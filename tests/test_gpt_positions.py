@@ -175,4 +175,3 @@ def test_relative_order_probe_separates_ordered_embeddings_from_noise():
     assert 0.4 < err_rand < 0.6, f"random embeddings carry no order: error should be near chance, got {err_rand:.3f}"
     ramp = torch.arange(512.0)[:, None] * torch.tensor([[1.0, -0.5]]) / 512  # position written in two coordinates
     assert positions.probe_relative_order(ramp) < 0.03, "a linear position code must be (almost) perfectly ordered"
-

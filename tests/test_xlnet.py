@@ -3,16 +3,17 @@ target_mapping, token types, padding) in float64, and planted convention errors 
 and fast paths equal the readable ones; no target ever sees its own token or a later one in its order; perm_mask follows
 the rank rule; the content stream sees itself and the query stream does not; about 1/K of the tokens are targets, in
 spans; memory is the previous segment's layer inputs, detached, per row; evaluation starts from empty memory; training
-resumes exactly through train.py; Transformer-XL's memory equals recomputation when nothing falls out of it."""
+resumes exactly through train.py; Transformer-XL's memory equals recomputation when nothing falls out of it; the
+experiments (experiments.py views, two-phase) and the fill command run. Two computations of one thing are compared in
+float64, with tolerances scaled to their magnitude (tests/helpers.py)."""
 
 import json
-import os
-import signal
 
 import numpy as np
 import pytest
 import torch
 
+import experiments
 import train
 import xlnet
 from positions import rel_shift, relative_distances, relative_sinusoid
@@ -20,7 +21,7 @@ from xlnet import XLNet, XLNetConfig, permutation_mask, sample_order, sample_tar
 
 import transformers  # noqa: E402  (a test requirement: the oracle for parity)
 from transformers.models.xlnet import modeling_xlnet  # noqa: E402
-from helpers import exit_code
+from helpers import assert_paths_agree, assert_resumes, assert_scaled_close, exit_code, tiny_args
 
 
 def small_config(**kw):
@@ -60,17 +61,28 @@ def random_plm_inputs(B, T, P, vocab, seed, dtype=torch.float32):
 
 
 @pytest.fixture
-def hf_dir(tmp_path, monkeypatch):
-    """A random XLNetLMHeadModel, weights at std 0.3, saved as transformers saves it. Its relative encoding is built in
-    float32 whatever the model's dtype, which fails in float64; the patch casts it, values unchanged."""
+def hf_float64(monkeypatch):
+    """transformers' XLNet builds its relative encoding in float32 whatever the model's dtype, which fails in float64;
+    the patch casts it, values unchanged."""
     real = modeling_xlnet.XLNetModel.relative_positional_encoding
     monkeypatch.setattr(modeling_xlnet.XLNetModel, "relative_positional_encoding",
                         lambda self, *a, **k: real(self, *a, **k).to(self.dtype))
+
+
+@pytest.fixture
+def hf_dir(tmp_path, hf_float64):
+    """A random XLNetLMHeadModel, weights at std 0.3, saved as transformers saves it."""
     torch.manual_seed(0)
     cfg = transformers.XLNetConfig(vocab_size=53, d_model=32, n_layer=2, n_head=4, d_inner=64, mem_len=6, dropout=0.0)
     hf = redraw(transformers.XLNetLMHeadModel(cfg).eval())
     hf.save_pretrained(tmp_path / "hf")
     return tmp_path / "hf", hf
+
+
+# Parity in float64 with one float32 input on each side by design: the relative sinusoid (ours: positions._angles,
+# always float32; transformers': float32, cast by hf_float64). The two differ by ~1e-7 in the sinusoid, ~5e-9 in the
+# outputs; a convention error is off by > 1e-3 (test_planted_convention_errors_fail_parity).
+PARITY = 1e-7
 
 
 def two_segments(model_call, segments):
@@ -107,17 +119,16 @@ def test_matches_transformers_over_two_segments_with_memory_in_every_path(hf_dir
 
             with torch.no_grad():
                 got = two_segments(our_call, segments)
+            path_name = f"{attn}, query_stream={query_stream}"
             for s, ((g_logits, g_mems), (r_logits, r_mems)) in enumerate(zip(got, ref)):
-                torch.testing.assert_close(g_logits, r_logits, rtol=1e-5, atol=1e-5 * r_logits.abs().max().item(),
-                                           msg=f"segment {s + 1} logits differ from XLNetLMHeadModel ({attn}, "
-                                               f"query_stream={query_stream})")
+                assert_scaled_close(g_logits, r_logits, f"segment {s + 1} logits vs XLNetLMHeadModel ({path_name})",
+                                    PARITY)
                 for layer, (a, b) in enumerate(zip(g_mems, r_mems)):
-                    torch.testing.assert_close(a, b.transpose(0, 1), rtol=1e-5, atol=1e-5,
-                                               msg=f"segment {s + 1} memory of layer {layer} differs ({attn})")
+                    assert_scaled_close(a, b.transpose(0, 1), f"segment {s + 1} memory of layer {layer} ({path_name})",
+                                        PARITY)
             with torch.no_grad():
                 got_h, _ = ours(segments[0][0], token_type_ids=segments[0][1])
-            torch.testing.assert_close(got_h, ref_h, rtol=1e-5, atol=1e-5 * ref_h.abs().max().item(),
-                                       msg=f"content-stream logits (no target_mapping) differ ({attn})")
+            assert_scaled_close(got_h, ref_h, f"content-stream logits, no target_mapping ({path_name})", PARITY)
 
 
 @pytest.mark.parametrize("mistake", ["flipped distance sign", "interleaved sin/cos"])
@@ -143,23 +154,22 @@ def test_planted_convention_errors_fail_parity(hf_dir, monkeypatch, mistake):
     assert (bad - ref).abs().max() / scale > 1e-3, f"a {mistake} went unnoticed by the parity comparison"
 
 
-def test_export_round_trips_through_transformers(tmp_path):
+def test_export_round_trips_through_transformers(tmp_path, hf_float64):
     torch.manual_seed(0)
-    ours = redraw(XLNet(small_config(vocab_size=41, pad_token_id=40))).eval()
+    ours = redraw(XLNet(small_config(vocab_size=41, pad_token_id=40))).double().eval()
     ours.export_hf(str(tmp_path / "export"))
     cfg = json.loads((tmp_path / "export" / "config.json").read_text())
     assert cfg["model_type"] == "xlnet" and cfg["vocab_size"] == 41 and cfg["mem_len"] == 6
-    hf = transformers.XLNetLMHeadModel.from_pretrained(str(tmp_path / "export")).eval()
-    segments = [random_plm_inputs(2, 8, 2, 41, seed) for seed in (4, 5)]
+    hf = transformers.XLNetLMHeadModel.from_pretrained(str(tmp_path / "export")).double().eval()
+    segments = [random_plm_inputs(2, 8, 2, 41, seed, dtype=torch.float64) for seed in (4, 5)]
     with torch.no_grad():
         got = two_segments(lambda s, m: ours(s[0], s[1], s[2], s[3], m, s[4]), segments)
         ref = two_segments(lambda s, m: (lambda r: (r.logits, r.mems))(hf(
             s[0], token_type_ids=s[1], perm_mask=s[2], target_mapping=s[3], mems=m, attention_mask=s[4],
             use_mems=True)), segments)
         for (g, _), (r, _) in zip(got, ref):
-            torch.testing.assert_close(r, g, rtol=1e-5, atol=1e-5 * g.abs().max().item(),
-                                       msg="transformers reads our export differently")
-        back = XLNet.from_pretrained(str(tmp_path / "export")).eval()
+            assert_scaled_close(r, g, "transformers' logits from our export vs ours", PARITY)
+        back = XLNet.from_pretrained(str(tmp_path / "export")).double().eval()
         again = two_segments(lambda s, m: back(s[0], s[1], s[2], s[3], m, s[4]), segments)
     for (a, _), (b, _) in zip(again, got):
         assert torch.equal(a, b), "export -> from_pretrained is not the identity"
@@ -180,28 +190,28 @@ def test_from_pretrained_refuses_other_checkpoints(tmp_path):
 # Fast paths equal the readable ones
 
 
-def run_with_grads(model, seg, mems):
-    ids, types, pm, tm, am = seg
-    model.zero_grad()
-    logits, new_mems = model(ids, types, pm, tm, mems, am)
-    (logits * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
-    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("fast", [dict(attn="sdpa"), dict(query_stream="gather"),
                                   dict(attn="sdpa", query_stream="gather")])
 def test_fused_and_gathered_paths_equal_the_readable_one_in_outputs_and_gradients(fast):
     torch.manual_seed(0)
-    readable = redraw(XLNet(small_config(attn="naive", query_stream="all")), std=0.1)
-    other = XLNet(small_config(**{"attn": "naive", "query_stream": "all", **fast}))
-    other.load_state_dict(readable.state_dict())
-    seg = random_plm_inputs(3, 8, 3, 53, seed=7)
-    mems = [torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    a, ga = run_with_grads(readable, seg, mems)
-    b, gb = run_with_grads(other, seg, mems)
-    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=f"{fast}: outputs differ from the readable path")
-    for n in ga:
-        torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-5, msg=f"{fast}: gradient of {n} differs")
+    weights = redraw(XLNet(small_config()), std=0.1).state_dict()
+    configs = {"readable": dict(attn="naive", query_stream="all"),
+               "fast": {"attn": "naive", "query_stream": "all", **fast}}
+
+    def build(path):
+        model = XLNet(small_config(**configs[path]))
+        model.load_state_dict(weights)
+        return model
+
+    ids, types, pm, tm, am = random_plm_inputs(3, 8, 3, 53, seed=7, dtype=torch.float64)
+    mems = [torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(2)]
+
+    def run(model):
+        logits, new_mems = model(ids, types, pm, tm, mems, am)
+        weights = torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype).view_as(logits)
+        return (logits, *new_mems), (logits * weights).sum()
+
+    assert_paths_agree(build, run, paths=("readable", "fast"))
 
 
 def test_gather_shift_of_the_positions_in_order_is_rel_shift():
@@ -221,15 +231,15 @@ def test_no_target_ever_sees_its_own_token_or_a_later_one_for_many_random_orders
     g = torch.Generator().manual_seed(11)
     for trial in range(20):
         cfg = small_config(attn=("naive", "sdpa")[trial % 2], query_stream=("gather", "all")[trial // 2 % 2])
-        model = redraw(XLNet(cfg), std=0.2, seed=trial).eval()
+        model = redraw(XLNet(cfg), std=0.2, seed=trial).double().eval()
         ids = torch.randint(0, V, (T,), generator=g)
         is_target = sample_targets(T, P, g, max_span=3, alpha=2)
         rank = sample_order(T, T if trial % 3 else 4, g)  # also the original's blockwise permutation
         pm = permutation_mask(rank, is_target)
         where = is_target.nonzero()[:, 0]
-        tm = torch.zeros(1, P, T)
+        tm = torch.zeros(1, P, T, dtype=torch.float64)
         tm[0, torch.arange(P), where] = 1
-        mems = [torch.randn(1, 3, 32, generator=g) for _ in range(2)]
+        mems = [torch.randn(1, 3, 32, generator=g, dtype=torch.float64) for _ in range(2)]
         # row p of the batch: the sequence with target p's own token and every token after it in the order re-drawn;
         # row P + p: with the tokens every target may see (the non-targets) re-drawn instead -- that must matter
         rows = []
@@ -249,9 +259,9 @@ def test_no_target_ever_sees_its_own_token_or_a_later_one_for_many_random_orders
             logits, _ = model(batch, perm_mask=pm.expand(n, T, T), target_mapping=tm.expand(n, P, T),
                               mems=[m.expand(n, 3, 32) for m in mems])
         for p in range(P):
-            torch.testing.assert_close(logits[1 + p, p], logits[0, p], rtol=0, atol=1e-5,
-                                       msg=f"order {trial}: target {p} saw its own token or a later one ({cfg.attn}, "
-                                           f"{cfg.query_stream})")
+            assert_scaled_close(logits[1 + p, p], logits[0, p],
+                                f"order {trial}: target {p} saw its own token or a later one ({cfg.attn}, "
+                                f"{cfg.query_stream})")
             assert (logits[1 + P + p, p] - logits[0, p]).abs().max() > 1e-4, \
                 f"order {trial}: target {p} ignores a token it may see: the test would pass vacuously"
 
@@ -281,19 +291,19 @@ def test_the_content_stream_sees_itself_and_the_query_stream_does_not():
     assert not mask_h[0, :, :2].any() and not mask_g[0, :, :2].any(), "memory is visible to everyone"
     # and in the model: the content stream's output at a target changes with its own token, the query stream's does not
     torch.manual_seed(0)
-    model = redraw(XLNet(small_config()), std=0.3).eval()
+    model = redraw(XLNet(small_config()), std=0.3).double().eval()
     ids = torch.tensor([[3, 4, 5, 6]])
     other = ids.clone()
     other[0, 0] = 9  # the token of target 0
     pm = permutation_mask(rank, is_target)[None]
-    tm = torch.tensor([[[1.0, 0, 0, 0]]])
+    tm = torch.tensor([[[1.0, 0, 0, 0]]], dtype=torch.float64)
     with torch.no_grad():
         h_a, _ = model(ids, perm_mask=pm)
         h_b, _ = model(other, perm_mask=pm)
         g_a, _ = model(ids, perm_mask=pm, target_mapping=tm)
         g_b, _ = model(other, perm_mask=pm, target_mapping=tm)
     assert (h_a[0, 0] - h_b[0, 0]).abs().max() > 1e-3, "the content stream must see its own token"
-    torch.testing.assert_close(g_a, g_b, rtol=0, atol=1e-6, msg="the query stream saw the token it predicts")
+    assert_scaled_close(g_a, g_b, "the query stream saw the token it predicts")
 
 
 def test_about_one_in_k_tokens_are_targets_in_spans_and_orders_are_permutations():
@@ -400,20 +410,13 @@ def test_evaluation_covers_the_split_once_starts_from_empty_memory_and_repeats_i
 
 
 def xl_args(tmp_path, corpus, *extra):
-    return ["--model", "xlnet", "--preset", "tiny", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
-            "--out-dir", str(tmp_path / "out"), "--dtype", "fp32", "--val-docs", "lear", "--demo-text", "", *extra]
-
-
-KEYS = ("step", "kind", "loss", "lr", "val_loss", "train_loss", "val_acc", "train_acc")
-
-
-def strip(rows):
-    return [{k: v for k, v in r.items() if k in KEYS} for r in rows]
+    return tiny_args("xlnet", tmp_path, corpus, *extra)
 
 
 def test_trains_and_resumes_exactly_with_its_memory_through_train_py(tmp_path, corpus, capsys):
     common = ("--max-iters", "16", "--eval-interval", "8", "--log-interval", "1", "--dropout", "0.1")
-    straight = train.train(xl_args(tmp_path / "a", corpus, *common))
+    # stopped after step 5 and resumed with the saved memory: the uninterrupted run's losses
+    straight = assert_resumes(train.train, lambda sub: xl_args(tmp_path / sub, corpus, *common), stop_at=5)
     evals = [r for r in straight if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 8, 16] and {"val_loss", "val_acc"} <= set(evals[0])
     assert "val_bpb" not in evals[0], "a permutation LM reports its own metrics, not bits per byte"
@@ -422,17 +425,10 @@ def test_trains_and_resumes_exactly_with_its_memory_through_train_py(tmp_path, c
     fresh = run.evaluate(xlnet.PermutationLMObjective(run.model.config), "val", 2048)
     assert fresh["loss"] == pytest.approx(evals[-1]["val_loss"], abs=1e-6), \
         "the evaluation after training must equal one by a fresh objective: no training memory in it"
-
-    def stop_at(step, loss):
-        if step == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-    train.train(xl_args(tmp_path / "b", corpus, *common), on_step=stop_at)
     ckpt = torch.load(tmp_path / "b" / "out" / "ckpt.pt", weights_only=True)
     state = ckpt["objective"]
     assert len(state["cursors"]) == 4 and all(m is not None and len(m) == 2 for m in state["mems"]), \
         "the checkpoint must hold every row's cursor and memory"
-    resumed = train.train(xl_args(tmp_path / "b", corpus, *common, "--resume"))
-    assert strip(resumed) == strip(straight), "resuming with the saved memory must give the uninterrupted run's losses"
 
 
 def test_accumulation_keeps_each_rows_memory_and_evaluation_never_touches_training(tmp_path, corpus):
@@ -448,9 +444,11 @@ def test_accumulation_keeps_each_rows_memory_and_evaluation_never_touches_traini
 
 
 def test_bad_input_fails_in_one_line_with_exit_2_and_writes_nothing(tmp_path, corpus, capsys):
-    cases = [(("--mem-len", "-1"), "mem_len"), (("--partial-k", "1"), "partial_k"),
-             (("--partial-k", "17"), "partial_k"), (("--seq-len", "30", "--perm-size", "8"), "perm_size"),
-             (("--objective", "mlm"), "objective")]
+    cases = [(("--mem-len", "-1"), "--mem-len -1"), (("--partial-k", "1"), "--partial-k 1"),
+             (("--partial-k", "17"), "--partial-k 17"), (("--seq-len", "30", "--perm-size", "8"), "--perm-size 8"),
+             (("--objective", "mlm"), "--objective mlm"), (("--n-layer", "0"), "--n-layer 0: must be >= 1"),
+             (("--dropout", "2"), "--dropout 2: must be in [0, 1)"), (("--n-head", "3"), "--n-head 3"),
+             (("--d-inner", "0"), "--d-inner 0")]
     for extra, word in cases:
         code = exit_code(train.main, xl_args(tmp_path, corpus, *extra))
         err = capsys.readouterr().err.strip()
@@ -462,38 +460,47 @@ def test_two_phase_memory_equals_recomputation_when_nothing_falls_out_of_it(caps
     # Transformer-XL's claim in its exact form: with a memory that holds the whole past, reading segment by segment
     # gives the same predictions as recomputing the full context for every token, at a fraction of the cost.
     torch.manual_seed(0)
-    model = redraw(XLNet(small_config(seq_len=8, mem_len=16, objective="lm")), std=0.1).eval()
+    model = redraw(XLNet(small_config(seq_len=8, mem_len=16, objective="lm")), std=0.1).double().eval()
     tokens = np.random.default_rng(1).integers(0, 50, 48)  # 2 streams of 24 = 3 segments each
-    results = xlnet.two_phase(model, tokens, rows=2)
+    results = experiments.two_phase(model, tokens, rows=2)
     out = capsys.readouterr().out
     assert "with memory" in out and "sliding window" in out and "cheaper" in out
     memory, window = results
     assert memory["tokens"] == window["tokens"] == 46
-    assert memory["loss"] == pytest.approx(window["loss"], rel=1e-5), "full memory must equal full recomputation"
+    assert_scaled_close(memory["loss"], window["loss"], "full memory vs full recomputation (mean loss)")
 
 
 def test_two_phase_and_fill_commands_on_a_checkpoint_and_bad_checkpoints(tmp_path, corpus, capsys):
     train.train(xl_args(tmp_path, corpus, "--max-iters", "2", "--eval-interval", "2"))
     ckpt = str(tmp_path / "out" / "ckpt.pt")
     capsys.readouterr()
-    assert exit_code(xlnet.main, ["two-phase", "--ckpt", ckpt, "--tokens", "96", "--rows", "2"]) == 0
+    assert exit_code(experiments.main, ["two-phase", "--ckpt", ckpt, "--tokens", "96", "--rows", "2"]) == 0
     assert "sliding window (W=32)" in capsys.readouterr().out
     assert exit_code(xlnet.main, ["fill", "--ckpt", ckpt, "--text", "To be, or not to be"]) == 0
     assert "truth  : To be, or not to be" in capsys.readouterr().out
-    train.train(["--model", "gpt", "--preset", "tiny", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
-                 "--out-dir", str(tmp_path / "gpt"), "--max-iters", "1", "--sample-tokens", "0"])
+    train.train(tiny_args("gpt", tmp_path / "gpt", corpus, "--max-iters", "1"))
     capsys.readouterr()
-    for argv, msg in ((["two-phase", "--ckpt", str(tmp_path / "gpt" / "ckpt.pt")], "a checkpoint of --model gpt, not xlnet"),
-                      (["fill", "--ckpt", str(tmp_path / "missing.pt")], "no checkpoint at"),
-                      (["two-phase", "--ckpt", ckpt, "--mem-len", "0"], "--mem-len")):
-        code = exit_code(xlnet.main, argv)
+    gpt_ckpt = str(tmp_path / "gpt" / "out" / "ckpt.pt")
+    refused = "a checkpoint of --model gpt, not xlnet"
+    cases = [(experiments.main, ["two-phase", "--ckpt", gpt_ckpt], "experiments.py", refused),
+             (experiments.main, ["two-phase", "--ckpt", ckpt, "--mem-len", "0"], "experiments.py", "--mem-len"),
+             (experiments.main, ["two-phase", "--ckpt", ckpt, "--rows", "0"], "experiments.py", "--rows"),
+             (experiments.main, ["views", "--k", "1"], "experiments.py", "--k 1"),
+             (xlnet.main, ["fill", "--ckpt", gpt_ckpt], "xlnet.py", refused),
+             (xlnet.main, ["fill", "--ckpt", str(tmp_path / "missing.pt")], "xlnet.py", "no checkpoint at"),
+             (xlnet.main, ["fill", "--ckpt", ckpt, "--seed", "x"], "xlnet.py", "--seed"),
+             (xlnet.main, ["views"], "xlnet.py", "views")]
+    if not torch.cuda.is_available():
+        cases.append((xlnet.main, ["fill", "--ckpt", ckpt, "--device", "cuda"], "xlnet.py", "--device cuda"))
+    for main, argv, prog, msg in cases:
+        code = exit_code(main, argv)
         err = capsys.readouterr().err.strip()
-        assert code == 2 and err.startswith("xlnet.py: error:") and msg in err and len(err.splitlines()) == 1, \
+        assert code == 2 and err.startswith(f"{prog}: error:") and msg in err and len(err.splitlines()) == 1, \
             (argv, err)
 
 
 def test_views_show_the_slides_order_and_write_the_png(tmp_path, capsys):
-    xlnet.main(["views", "--png", str(tmp_path / "views.png")])
+    experiments.main(["views", "--png", str(tmp_path / "views.png")])
     out = capsys.readouterr().out
     assert "position-3 view: query g3 predicts x3 from mem " in out
     assert "position-2 view: query g2 predicts x2 from mem, x3 " in out
