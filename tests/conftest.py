@@ -23,3 +23,16 @@ def corpus(tmp_path):
         with open(os.path.join(ROOT, "data", "shakespeare", name + ".txt")) as f:
             (d / f"{name}.txt").write_text(f.read()[5000:9000])
     return d
+
+
+@pytest.fixture
+def float64():
+    """Models built in float64 while a test compares two numerical paths (accumulation and one big batch, fused and
+    per-tensor AdamW): the check is then about the maths, not about how this CPU's fp32 kernels round, which differs
+    between AMX, AVX-512 and AVX2 machines."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
