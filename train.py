@@ -9,37 +9,29 @@ One training loop for every model in this repository (MODELS below): each plugs 
     torchrun --standalone --nproc_per_node=4 train.py --model gpt --preset gpt2 --data PREPARED   # 4 GPUs
     python train.py --model gpt --preset nanogpt-cpu --bench   # ms/step, tokens/s, MFU; writes nothing
 
-The file follows a run: configuration -> (data: data.py) -> device and precision -> optimisation -> checkpoints ->
-evaluation -> the time budget -> many processes -> setting a run up -> the loop (`loop`, one screen).
-
-The loop owns what every objective shares: device and precision, tokenizers (with each model's special tokens), the
-corpus split by document, batching, AdamW and its schedule, accumulation and clipping, a time budget, evaluation,
-logging, checkpoints and resume. A model file owns the rest, looked up in MODELS:
-  Config          a dataclass of the architecture's settings (each field becomes a --flag)
-  PRESETS         named sizes and recipes, and DEFAULT_PRESET (--preset; keys may set any config)
-  SPECIAL_TOKENS  token strings the objective needs ([CLS], [MASK], ...), above every tokenizer's ordinary ids
-  TOKEN_IDS       optional {config field: special token}: fields the loop fills with those tokens' ids
-  Model           the nn.Module, built from a Config. Optional: no_weight_decay() -> parameter names,
-                  flops_per_token(), num_params(), from_pretrained(path) for --init-from a Hugging Face directory
-  Objective       Objective(model_config, tokenizer) turns token data into batches and scores them:
-                    raw_tokens_per_row   raw tokens one training row draws from the stream (GPT: block_size + 1)
-                    tokens_per_row       tokens a row counts as processed (GPT: block_size): --tokens-per-step
-                    count_tokens(batch)  real tokens in a batch, for tokens/s
-                    train_batch(split, batch_size, generator) -> dict of tensors, rows first
-                    eval_batches(split, batch_size) -> iterator of dicts: deterministic, covers `split`
-                    denominators(batch) -> {term: count}: what each loss term is averaged over, for a whole step
-                    loss(model, batch, denominators=None) -> (loss, dict of sums); summarize(sums) -> metrics
-                  loss() calls model(...) itself, once per micro-batch, never a submodule or method: under torchrun
-                  `model` is the DistributedDataParallel wrapper, which syncs gradients only through its forward.
-                  Optional: describe() -> one line for the log; for state across steps (XLNet's memory)
-                  state_dict(), load_state_dict(), and reset(), called before every evaluation.
-  DemoConfig, demo(model, tokenizer, demo_config, device)   optional: what a run shows when it ends (GPT samples)
-  DTYPES          optional: the precisions the model trains in (T5: never fp16); others are refused at start-up
-Slides (lecture 001): "Training recipe for LLMs" and "Pretraining language models" (model, data, objective, details).
-Papers: Loshchilov & Hutter 2019 (AdamW) and 2017 (cosine schedule, SGDR), Goyal et al. 2017 §2.2 (linear warm-up),
-GPT-3 (Brown et al. 2020) §2.3 and App. B (the gpt2 preset), Devlin et al. 2019 App. A.2 (BERT's linear decay),
-Raffel et al. 2020 §3.1.2 (T5's inverse square root), Geiping & Goldstein 2023 "Cramming" §4 (a schedule fitted to
-a wall-clock budget).
+The file follows a run: configuration -> device and precision -> optimisation -> checkpoints -> evaluation -> the
+time budget -> many processes -> setting a run up -> the loop (`loop`, one screen). Data and tokenizers: data.py.
+A model file plugs in with (optional ones marked ?):
+  Config, PRESETS, DEFAULT_PRESET   the architecture's dataclass (a --flag per field); named sizes and recipes
+  SPECIAL_TOKENS, TOKEN_IDS?        tokens the objective needs ([MASK], ...), above every tokenizer's ordinary ids;
+                                    {config field: special token}, the fields the loop fills with their ids
+  Model(config)                     the nn.Module. ?no_weight_decay(), ?flops_per_token(), ?num_params(),
+                                    ?from_pretrained(path) (--init-from a Hugging Face directory)
+  Objective(config, tokenizer)      turns token data into batches and scores them:
+    raw_tokens_per_row, tokens_per_row   tokens a row draws from the stream / counts as processed (GPT: T + 1, T)
+    train_batch(split, batch_size, generator) -> dict of tensors, rows first; count_tokens(batch) for tokens/s
+    eval_batches(split, batch_size) -> iterator of dicts, deterministic, covering `split`
+    denominators(batch) -> {term: count}, what each loss term is averaged over, for a whole step
+    loss(model, batch, denominators=None) -> (loss, dict of sums); summarize(sums) -> metrics
+    ?describe() -> a line for the log; ?state_dict(), ?load_state_dict(), ?reset(): state across steps (XLNet)
+    Trap: loss() calls model(...) itself, never a submodule: under torchrun `model` is the DDP wrapper, which syncs
+    gradients only through its forward.
+  DemoConfig?, demo?(model, tokenizer, demo_config, device)   what a run shows when it ends (GPT samples)
+  DTYPES?                           the precisions the model trains in (T5: never fp16)
+Slides (lecture 001): "Training recipe for LLMs" and "Pretraining language models". Papers: Loshchilov & Hutter
+2019 (AdamW) and 2017 (cosine, SGDR), Goyal et al. 2017 §2.2 (linear warm-up), GPT-3 (Brown et al. 2020) §2.3 and
+App. B (the gpt2 preset), Devlin et al. 2019 App. A.2 (BERT's linear decay), Raffel et al. 2020 §3.1.2 (T5's inverse
+square root), Geiping & Goldstein 2023 "Cramming" §4 (a schedule fitted to a wall-clock budget).
 """
 
 import argparse
@@ -297,9 +289,9 @@ def autocast(device, dtype):
 
 @functools.lru_cache(maxsize=None)
 def cpu_slowdown(dtype):
-    """How many times slower a 128^3 matmul is in `dtype` than in fp32 on this CPU (best of 3; a few ms at most,
-    even where the dtype is emulated). ~0.5 with AMX for bf16, ~1 with AVX512-BF16, 100+ where it is emulated.
-    The CPU flags alone can say 'native' where the math library was told not to use them (ONEDNN_MAX_CPU_ISA)."""
+    """How many times slower a 128^3 matmul is in `dtype` than in fp32 here (best of 3, a few ms): ~0.5 for bf16
+    with AMX, ~1 with AVX512-BF16, 100+ emulated. Measured, because the CPU flags say 'native' even where the math
+    library was told not to use them (ONEDNN_MAX_CPU_ISA)."""
     def best(dt):
         a = torch.ones(128, 128, dtype=dt)
         times = []
@@ -352,12 +344,10 @@ def _cpu_name():
 
 
 def peak_flops(device, dtype, cache_dir, measure=True, remeasure=False):
-    """(FLOP/s or None, how it was obtained). GPUs: the datasheet; an unknown GPU gets None (no MFU rather than a
-    wrong one). A CPU has no datasheet number that means anything, so we time its best case once per machine and
-    dtype and cache it in cache_dir: the best of 5 square matmuls of the first size (256 ... 2048) that takes 5 ms.
-    MFU is then relative to what this CPU actually reaches. measure=False only reads the cache; remeasure=True
-    (--bench) keeps the best ever seen, so a probe on a busy machine is corrected by a quiet one. Never in an
-    emulated dtype."""
+    """(FLOP/s or None, how it was obtained). A GPU: its datasheet (an unknown one: None, rather than a wrong MFU).
+    A CPU: the best of 5 square matmuls of the first size that takes 5 ms, timed once per machine and dtype and
+    cached in cache_dir: MFU relative to what this CPU reaches. measure=False only reads the cache; remeasure=True
+    (--bench) keeps the best ever seen, so a quiet machine corrects a busy one. Never in an emulated dtype."""
     kind = device.split(":")[0]
     if kind == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -397,9 +387,9 @@ def peak_flops(device, dtype, cache_dir, measure=True, remeasure=False):
 
 
 def make_optimizer(model, cfg, device):
-    """AdamW with decoupled weight decay on weight matrices only. Biases, norm gains and position tables (whatever
-    the model lists in no_weight_decay()) are not decayed: pulling them toward 0 is not a "simpler" model, just a
-    different one (the convention since BERT's AdamWeightDecayOptimizer). Returns (optimizer, a line on the groups)."""
+    """(AdamW, a line on its groups): decoupled weight decay on weight matrices only. Biases, norm gains and what the
+    model lists in no_weight_decay() (position tables) are not pulled toward 0: that is not a "simpler" model, just
+    another one (the convention since BERT's AdamWeightDecayOptimizer)."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in named if p.dim() >= 2 and n not in skip]
@@ -494,13 +484,11 @@ class NonFiniteLoss(Exception):
 
 def optimizer_step(run, batch, draw_next=None):
     """One optimizer step on `batch` (batch_size * grad_accum rows): forward and backward per micro-batch, then clip
-    and update. Returns the step's loss.
-
-    Each loss term is averaged over the whole step, not per micro-batch: `denominators` counts the step's targets
-    once, up front, and each micro-batch's loss is its sum divided by that count. Accumulation is then exactly one big
-    batch, also when micro-batches hold different numbers of targets (MLM's random 15%, T5's padding), where the mean
-    of the micro-batch means would be wrong. The loss is read back once per step (one host sync) and checked before
-    the update, so a NaN never reaches the weights. draw_next() prepares the next batch while the device is busy."""
+    and update. Returns the step's loss. Each loss term is averaged over the whole step: `denominators` counts the
+    step's targets up front and each micro-batch's loss is its sum over that count, so accumulation is exactly one
+    big batch even when micro-batches hold different numbers of targets (MLM's random 15%, T5's padding). The loss
+    is read back once (one host sync) and checked before the update: a NaN never reaches the weights. draw_next()
+    prepares the next batch while the device is busy."""
     denominators = run.objective.denominators(batch)
     world = run.dist.world
     micro_batches = chunk(batch, run.cfg.grad_accum)
@@ -588,9 +576,9 @@ def eval_view(split, max_tokens, spread, min_piece=1):
 
 
 def eval_rows(cfg, objective):
-    """Rows per eval forward pass: --eval-batch-size, else about 2K tokens (at least a training micro-batch). Bigger
-    is not faster on a CPU: 256 x 64 characters scored the held-out plays in 7.6 s, 32 x 64 in 5.9 s (fp32, AVX2;
-    the (B, H, T, T) scores stop fitting in cache)."""
+    """Rows per eval forward pass: --eval-batch-size, else about 2K tokens (at least a micro-batch). Bigger is not
+    faster on a CPU: 256 x 64 characters scored the held-out plays in 7.6 s, 32 x 64 in 5.9 s (the (B, H, T, T)
+    scores stop fitting in cache)."""
     return cfg.eval_batch_size or max(cfg.batch_size, 2048 // objective.tokens_per_row)
 
 
@@ -750,9 +738,9 @@ class Dist:
 
 
 def main_first(dist, build):
-    """build() on process 0, then on the others, which then find what it cached (the token cache, a trained BPE
-    vocabulary): two processes writing the same cache files at once corrupt them. An error on process 0 reaches every
-    other process as the same UsageError instead of leaving them waiting."""
+    """build() on process 0, then on the others, which find what it cached (tokens, a BPE vocabulary): two
+    processes writing one cache file corrupt it. Process 0's error reaches the others instead of leaving them
+    waiting."""
     if dist.world == 1:
         return build()
     failed = [None]
@@ -834,18 +822,16 @@ def setup(argv, dist=Dist()):
     ckpt = open_out_dir(s)
     init = weights_to_start_from(s, mod) if cfg.init_from and not cfg.resume else None
     device, dtype = pick_precision(cfg, mod, dist)
-    try:
-        mod.Config(vocab_size=1, **s.model)  # the model file's own checks, before any data is read
-    except (TypeError, ValueError) as e:
-        raise UsageError(str(e)) from None
+    check_model_config(s, mod)
     tokenizer, domains, data_key = read_data(s, mod, dist, ckpt, init)
     model_cfg, model = build_model(s, mod, tokenizer, device, init)
     objective, eval_objective = mod.Objective(model_cfg, tokenizer), mod.Objective(model_cfg, tokenizer)
     fit_batches(cfg, objective, domains, dist)
     optimizer, decay_line = make_optimizer(model, cfg, device)
+    train_model = wrap_model(model, cfg, dist, device)
     run = Run(cfg=cfg, mod=mod, model_cfg=model_cfg, demo_cfg=None, tokenizer=tokenizer, domains=domains,
               data_key=data_key, device=device, dtype=dtype, model=model, objective=objective,
-              train_model=wrap_model(model, cfg, dist, device), eval_objective=eval_objective, optimizer=optimizer,
+              train_model=train_model, eval_objective=eval_objective, optimizer=optimizer,
               scaler=torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "fp16"),
               autocast=autocast(device, dtype), batch_gen=torch.Generator().manual_seed(cfg.seed), dist=dist,
               ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"), resumed=ckpt, t_start=t_start)
@@ -952,6 +938,14 @@ def pick_precision(cfg, mod, dist):
         auto = " (what --dtype auto picks here)" if cfg.dtype == "auto" else ""
         raise UsageError(f"{cfg.model} does not train in {dtype}{auto}; use --dtype {' or '.join(mod.DTYPES)}")
     return device, dtype
+
+
+def check_model_config(s, mod):
+    """The model file's own checks of its flags (a dataclass __post_init__), before any data is read."""
+    try:
+        mod.Config(vocab_size=1, **s.model)  # the real vocabulary size comes with the tokenizer
+    except (TypeError, ValueError) as e:  # a UsageError is a ValueError; TypeError: a key the Config lacks
+        raise UsageError(str(e)) from None
 
 
 def read_data(s, mod, dist, ckpt, init):

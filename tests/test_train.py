@@ -1,6 +1,7 @@
 """Properties of train.py a user relies on: runs resume exactly, accumulation is a big batch, evaluation is complete and
 deterministic, bad input fails clearly without damage. (The data and tokenizers: tests/test_data.py.)"""
 
+import functools
 import hashlib
 import json
 import os
@@ -19,9 +20,7 @@ import train
 from common import UsageError
 from helpers import assert_scaled_close, exit_code, interrupt_at, strip, tiny_args
 
-
-def args(tmp_path, corpus, *extra):
-    return tiny_args("gpt", tmp_path, corpus, *extra)
+args = functools.partial(tiny_args, "gpt")  # argv of a tiny fp32 GPT run under tmp_path
 
 
 # ----------------------------------------------------------------------------------------------------------------------
