@@ -41,8 +41,9 @@ def test_two_gloo_processes_train_like_one_with_the_same_global_batch_and_resume
         two = [json.loads(line) for line in f]
     pick = lambda rows, key: [(r["step"], r[key]) for r in rows if key in r]
     assert [s for s, _ in pick(two, "loss")] == list(range(1, 9))
-    # The same micro-batches in both runs; only the order of summing the gradients differs (DDP's all-reduce):
-    # rounding, compared relative to the values' magnitude
+    # The same micro-batches (same shapes, same kernels) in both runs; only the order of summing the gradients
+    # differs (DDP's all-reduce): rounding, which Adam's normalised steps carry into the weights (~1.5e-5 of a
+    # tensor's largest value after 8 steps at lr 1e-2). Compared relative to each tensor's magnitude.
     for key in ("loss", "val_loss"):
         assert [s for s, _ in pick(one, key)] == [s for s, _ in pick(two, key)]
         assert_scaled_close([a for _, a in pick(two, key)], [a for _, a in pick(one, key)], f"{key}: two and one "
@@ -50,7 +51,7 @@ def test_two_gloo_processes_train_like_one_with_the_same_global_batch_and_resume
     w1 = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
     w2 = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
     for k in w1:
-        assert_scaled_close(w2[k], w1[k], f"{k} after 8 steps, two processes and one", rel=1e-5)
+        assert_scaled_close(w2[k], w1[k], f"{k} after 8 steps, two processes and one", rel=1e-4)
     assert sorted(os.listdir(out_dir)) == ["ckpt.pt", "loss.png", "metrics.jsonl"], "only process 0 writes, once"
 
 
