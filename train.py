@@ -800,7 +800,6 @@ class Run:
     evaluated: bool = False  # has the eval at `step` run? (a run stopped on an eval step resumes with it)
     rows: list = field(default_factory=list)
     ckpt_path: str = ""
-    resumed: dict = None  # the checkpoint resumed from
     t_start: float = 0.0  # when setup() began: budgets and logged times count from there, as a stopwatch would
     next_batch: dict = None  # drawn while the previous step still runs
     resume_point: tuple = None  # (batch generator state, objective state) from before next_batch was drawn
@@ -834,7 +833,7 @@ def setup(argv, dist=Dist()):
               train_model=train_model, eval_objective=eval_objective, optimizer=optimizer,
               scaler=torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "fp16"),
               autocast=autocast(device, dtype), batch_gen=torch.Generator().manual_seed(cfg.seed), dist=dist,
-              ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"), resumed=ckpt, t_start=t_start)
+              ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"), t_start=t_start)
     run.demo_cfg = mod.DemoConfig(**s.demo) if hasattr(mod, "DemoConfig") else None
     run.budget = plan_steps(cfg, ckpt)
     if ckpt:
@@ -891,6 +890,7 @@ def _restore_settings(s, ckpt):
     for key, value in saved_train.items():
         if key not in s.explicit and key not in ("resume", "overwrite", "bench", "out_dir") and hasattr(s.cfg, key):
             setattr(s.cfg, key, value)
+    s.cfg.__post_init__()  # the saved values and the new ones must make a valid run together
     s.model = {k: v for k, v in saved.items() if k not in derived(model_module(s.cfg.model))}
     s.demo = {**ckpt.get("demo_config", {}), **{k: v for k, v in s.demo.items() if k in s.explicit}}
 
