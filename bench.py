@@ -21,6 +21,7 @@ import time
 import torch
 
 import train
+from common import UsageError, command, require
 
 
 def bench_models(args):
@@ -42,7 +43,7 @@ def bench_models(args):
                     try:
                         with contextlib.redirect_stdout(quiet):
                             result = train.train(argv)[0]
-                    except train.UsageError as e:
+                    except UsageError as e:
                         print(f"{model}/{preset}/{attn}: skipped ({e})")
                         continue
                     mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
@@ -61,15 +62,20 @@ def bench_attention(args):
     """Forward + backward of one gpt.CausalSelfAttention, naive vs sdpa, at each length; returns rows."""
     import gpt
 
+    try:
+        lengths = [int(t) for t in args.lengths.split(",")]
+    except ValueError:
+        raise UsageError(f"--lengths {args.lengths!r}: expected sequence lengths such as 256,512,1024") from None
+    require(min(lengths) >= 1, f"--lengths {args.lengths}: every length must be at least 1")
     device = train.pick_device(args.device)
-    dtype = train.TORCH_DTYPES[train.pick_dtype(args.dtype or "auto", device)]
+    dtype = train.pick_dtype(args.dtype or "auto", device)
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     print(f"one causal self-attention layer, batch {args.batch}, {args.n_head} heads, width {args.n_embd}, {device} "
           f"{dtype}; forward + backward")
     print(f"{'T':>6}{'naive ms':>11}{'fused ms':>11}{'speed-up':>10}{'naive mem':>12}{'fused mem':>12}")
     rows = []
-    for T in (int(t) for t in args.lengths.split(",")):
+    for T in lengths:
         cfg = gpt.GPTConfig(block_size=T, n_layer=1, n_head=args.n_head, n_embd=args.n_embd, dropout=0.0)
         result = {}
         for attn in ("naive", "sdpa"):
@@ -77,8 +83,7 @@ def bench_attention(args):
             layer = gpt.CausalSelfAttention(gpt.GPTConfig(**{**cfg.__dict__, "attn": attn}), 0).to(device)
             x = torch.randn(args.batch, T, args.n_embd, device=device, requires_grad=True)
             pos = torch.arange(T, device=device)
-            autocast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 \
-                else contextlib.nullcontext()
+            autocast = train.autocast(device, dtype)
 
             def step():
                 with autocast:
@@ -105,9 +110,15 @@ def bench_attention(args):
     return rows
 
 
+def _usage_error(message):
+    raise UsageError(f"{message} (see --help)")
+
+
+@command
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = _usage_error  # one line, exit 2, like every other bad input
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("models", help="train.py --bench for each model / preset / attention path / compile")
     m.add_argument("--models", default=",".join(train.MODELS), help="comma-separated --model names")
@@ -120,6 +131,7 @@ def main(argv=None):
     m.add_argument("--data", default="", help="corpus (default: each preset's, i.e. the bundled Shakespeare)")
     m.add_argument("--cache-dir", default="", help="train.py's token cache (default: data/cache)")
     a = sub.add_parser("attention", help="one attention layer: time and memory, naive vs fused, over lengths")
+    m.error = a.error = _usage_error
     a.add_argument("--lengths", default="256,512,1024,2048")
     a.add_argument("--batch", type=int, default=8)
     a.add_argument("--n-head", type=int, default=12)
@@ -128,6 +140,7 @@ def main(argv=None):
     a.add_argument("--device", default="auto")
     a.add_argument("--dtype", default="")
     args = p.parse_args(argv)
+    require(args.iters >= 1, f"--iters {args.iters}: must be at least 1")
     if args.command == "models":
         print(f"{'model':<8}{'preset':<14}{'attn':<7}{'compile':<9}{'ms/step':>10}{'tokens/s':>14}{'MFU':>8}"
               f"{'peak mem':>12}")

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 
@@ -28,19 +27,18 @@ import numpy as np
 import torch
 
 import bpe
-from common import UsageError
+from common import UsageError, command, require
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(ROOT, "data", "shakespeare")
-# Held-out works of the bundled corpora: whole works, so val loss measures generalisation to unseen text, not memory of a
-# neighbouring passage. Shakespeare: one tragedy, one comedy, one history (384 KB, 7.6% of 5.06 MB). Milton: Paradise
-# Regained (93 KB of 726 KB), verse like Paradise Lost, which stays in training.
+# Held-out works of the bundled corpora: whole works, so val loss measures generalisation to unseen text, not memory
+# of a neighbouring passage. Shakespeare: one tragedy, one comedy, one history (384 KB, 7.6% of 5.06 MB).
+# Milton: Paradise Regained (93 KB of 726 KB), verse like Paradise Lost, which stays in training.
 BUNDLED_VAL_DOCS = ("julius_caesar", "twelfth_night", "henry_v")
 BUNDLED_VAL = {"shakespeare": BUNDLED_VAL_DOCS, "milton": ("paradise_regained",)}
 
-
 # ----------------------------------------------------------------------------------------------------------------------
-# Tokenizers: text <-> ids, plus the plain-data identity a checkpoint records so sampling and resume rebuild the same one.
+# Tokenizers: text <-> ids, and the plain-data identity a checkpoint records, so sampling and resume rebuild the same.
 # Special tokens sit above the ordinary vocabulary: <|endoftext|> (between documents; every model has it), then the
 # model file's SPECIAL_TOKENS in their order. Ordinary text never turns into a special token when the corpus is encoded.
 
@@ -302,7 +300,7 @@ def parse_data(spec):
     domains = []
     for p in parts:
         if len(p) != 2:
-            raise UsageError(f"--data {spec!r}: a mixture is name:weight,name:weight (e.g. milton:0.75,shakespeare:0.25)")
+            raise UsageError(f"--data {spec!r}: a mixture is name:weight,name:weight (milton:0.75,shakespeare:0.25)")
         path, weight = p
         try:
             weight = float(weight)
@@ -574,6 +572,11 @@ def atomic_write_text(path, text):
     os.replace(tmp, path)
 
 
+def _usage_error(message):
+    raise UsageError(f"{message} (see --help)")
+
+
+@command
 def main(argv=None):
     import argparse
 
@@ -582,6 +585,7 @@ def main(argv=None):
                                 "command again after an interruption.")
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("prepare", help="tokenise a corpus into OUT (train/val .bin + boundaries + prepared.json)")
+    p.error = q.error = _usage_error  # one line, exit 2, like every other bad input
     q.add_argument("--data", required=True, help="a directory or glob of .txt files (one document each), or a "
                                                  "`datasets` directory written by save_to_disk")
     q.add_argument("--out", required=True, help="output directory; give it to train.py as --data")
@@ -591,15 +595,14 @@ def main(argv=None):
     q.add_argument("--commit-every", type=int, default=1000, help="documents between resumable commits")
     q.add_argument("--text-column", default="text", help="the text column of a `datasets` dataset")
     args = p.parse_args(argv)
-    try:
-        meta = prepare(args.data, args.out, args.tokenizer, args.val_docs, args.val_every, args.commit_every,
-                       args.text_column)
-    except UsageError as e:
-        print(f"data.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    print(f"prepared {args.out}: train {meta['train']['tokens']:,} tokens in {meta['train']['docs']:,} documents, "
-          f"val {meta['val']['tokens']:,} in {meta['val']['docs']:,}; train with --data {args.out} --tokenizer "
-          f"{args.tokenizer}")
+    for name in ("val_every", "commit_every"):
+        n = getattr(args, name)
+        require(n >= 1, f"--{name.replace('_', '-')} {n}: must be at least 1")
+    meta = prepare(args.data, args.out, args.tokenizer, args.val_docs, args.val_every, args.commit_every,
+                   args.text_column)
+    train, val = meta["train"], meta["val"]
+    print(f"prepared {args.out}: train {train['tokens']:,} tokens in {train['docs']:,} documents, val "
+          f"{val['tokens']:,} in {val['docs']:,}; train with --data {args.out} --tokenizer {args.tokenizer}")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    """Five small 'works' cut from the bundled plays (so the text is real), one file each, in tmp_path/corpus."""
-    d = tmp_path / "corpus"
+def write_corpus(d):
+    """Five small 'works' cut from the bundled plays (so the text is real), one file each, in directory d."""
     d.mkdir()
     for name in ("hamlet", "macbeth", "othello", "lear", "tempest"):
         with open(os.path.join(ROOT, "data", "shakespeare", name + ".txt")) as f:
             (d / f"{name}.txt").write_text(f.read()[5000:9000])
     return d
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """The five-work test corpus in tmp_path/corpus."""
+    return write_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture(scope="module")
+def module_corpus(tmp_path_factory):
+    """The same corpus, once per test module (for fixtures that train once and serve every test of a module)."""
+    return write_corpus(tmp_path_factory.mktemp("shared") / "corpus")
+
+
+@pytest.fixture
+def float64():
+    """Models built in float64 while a test compares two numerical paths (accumulation and one big batch, fused and
+    per-tensor AdamW): the check is then about the maths, not about how this CPU's fp32 kernels round, which differs
+    between AMX, AVX-512 and AVX2 machines."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

@@ -6,20 +6,19 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 import train
+from helpers import assert_scaled_close, tiny_args
 
 
 def common(tmp_path, corpus):
-    # grad_accum 4 over 2 processes: each takes 2 micro-batches of 2 rows; --lr-decay-iters pins the schedule's horizon
-    # so the 4-step first half and its 8-step continuation follow the same one. --no-bias: the key bias's gradient is
-    # float noise (softmax ignores a constant on every key's score), which Adam turns into steps of random sign
-    return ["--model", "gpt", "--preset", "tiny", "--no-bias", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
-            "--batch-size", "2", "--grad-accum", "4", "--dtype", "fp32", "--dropout", "0", "--log-interval", "1",
-            "--eval-interval", "4", "--lr", "1e-2", "--warmup-iters", "2", "--lr-decay-iters", "8", "--sample-tokens",
-            "0"]
+    # grad_accum 4 over 2 processes: each takes 2 micro-batches of 2 rows; --lr-decay-iters pins the schedule's
+    # horizon so the 4-step first half and its 8-step continuation follow the same one. --no-bias: the key bias's
+    # gradient is float noise (softmax ignores a constant on every key's score), which Adam turns into random steps
+    return tiny_args("gpt", tmp_path, corpus, "--no-bias", "--batch-size", "2", "--grad-accum", "4", "--dropout", "0",
+                     "--log-interval", "1", "--eval-interval", "4", "--lr", "1e-2", "--warmup-iters", "2",
+                     "--lr-decay-iters", "8")
 
 
 def torchrun(args, tmp_path):
@@ -42,13 +41,17 @@ def test_two_gloo_processes_train_like_one_with_the_same_global_batch_and_resume
         two = [json.loads(line) for line in f]
     pick = lambda rows, key: [(r["step"], r[key]) for r in rows if key in r]
     assert [s for s, _ in pick(two, "loss")] == list(range(1, 9))
+    # The same micro-batches (same shapes, same kernels) in both runs; only the order of summing the gradients
+    # differs (DDP's all-reduce): rounding, which Adam's normalised steps carry into the weights (~1.5e-5 of a
+    # tensor's largest value after 8 steps at lr 1e-2). Compared relative to each tensor's magnitude.
     for key in ("loss", "val_loss"):
-        for (s1, a), (s2, b) in zip(pick(one, key), pick(two, key)):
-            assert s1 == s2 and a == pytest.approx(b, abs=2e-5), f"{key} at step {s1}: one process {a}, two {b}"
+        assert [s for s, _ in pick(one, key)] == [s for s, _ in pick(two, key)]
+        assert_scaled_close([a for _, a in pick(two, key)], [a for _, a in pick(one, key)], f"{key}: two and one "
+                            f"process", rel=1e-6)
     w1 = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
     w2 = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4, msg=f"{k} differs after 8 steps")
+        assert_scaled_close(w2[k], w1[k], f"{k} after 8 steps, two processes and one", rel=1e-4)
     assert sorted(os.listdir(out_dir)) == ["ckpt.pt", "loss.png", "metrics.jsonl"], "only process 0 writes, once"
 
 

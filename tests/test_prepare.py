@@ -9,6 +9,8 @@ import pytest
 
 import data
 import train
+from common import UsageError
+from helpers import exit_code, tiny_args
 
 
 def arrays(split):
@@ -51,7 +53,7 @@ def test_an_interrupted_prepare_resumes_from_its_last_commit_to_the_same_result(
     with open(out / "train.bin", "ab") as f:
         f.write(b"\x01\x02" * 7)  # half-written tokens after the last commit (a crash mid-batch)
     monkeypatch.setattr(data, "read_text", real)
-    with pytest.raises(train.UsageError, match="did not finish"):
+    with pytest.raises(UsageError, match="did not finish"):
         data.prepare_data(train.TrainConfig(data=str(out), tokenizer="gpt2"))
     resumed = data.prepare(str(corpus), str(out), "gpt2", val_docs="lear", commit_every=1)
     assert {k: resumed[k] for k in ("train", "val")} == {k: reference[k] for k in ("train", "val")}
@@ -65,17 +67,14 @@ def test_train_py_trains_on_a_prepared_directory(tmp_path, corpus, capsys):
     data.main(["prepare", "--data", str(corpus), "--out", str(tmp_path / "prep"), "--val-docs", "lear"])
     out = capsys.readouterr().out
     assert "prepare train: 4/4 documents" in out and "train with --data" in out
-    rows = train.train(["--model", "gpt", "--preset", "tiny", "--data", str(tmp_path / "prep"), "--tokenizer", "gpt2",
-                        "--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--max-iters", "2",
-                        "--sample-tokens", "0"])
+    rows = train.train(tiny_args("gpt", tmp_path, tmp_path / "prep", "--tokenizer", "gpt2", "--max-iters", "2"))
     assert rows[-1]["step"] == 2 and rows[-1]["val_loss"] > 0
-    with pytest.raises(train.UsageError, match="prepared with --tokenizer gpt2, not char"):
+    with pytest.raises(UsageError, match="prepared with --tokenizer gpt2, not char"):
         train.train(["--model", "gpt", "--preset", "tiny", "--data", str(tmp_path / "prep"), "--out-dir",
                      str(tmp_path / "out2")])
 
 
 def test_prepare_refuses_another_corpus_in_the_same_directory(tmp_path, corpus, capsys):
     data.prepare(str(corpus), str(tmp_path / "prep"), "gpt2", val_docs="lear")
-    with pytest.raises(SystemExit) as e:
-        data.main(["prepare", "--data", str(corpus), "--out", str(tmp_path / "prep"), "--val-docs", "hamlet"])
-    assert e.value.code == 2 and "holds a prepare of other data" in capsys.readouterr().err
+    argv = ["prepare", "--data", str(corpus), "--out", str(tmp_path / "prep"), "--val-docs", "hamlet"]
+    assert exit_code(data.main, argv) == 2 and "holds a prepare of other data" in capsys.readouterr().err

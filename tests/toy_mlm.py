@@ -120,4 +120,5 @@ class Objective:
 
     @staticmethod
     def summarize(sums):
-        return {"loss": float(sums["nll"]) / float(sums["masked"]), "acc": float(sums["correct"]) / float(sums["masked"])}
+        masked = float(sums["masked"])
+        return {"loss": float(sums["nll"]) / masked, "acc": float(sums["correct"]) / masked}
