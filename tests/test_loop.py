@@ -398,7 +398,7 @@ def test_adamw_scale_is_adamw_with_each_tensors_step_scaled_by_its_rms():
 
 
 def test_a_model_that_refuses_a_dtype_is_stopped_before_anything_is_written(tmp_path, corpus, monkeypatch, capsys):
-    monkeypatch.setattr(gpt, "DTYPES", ("bf16", "fp32"), raising=False)
+    monkeypatch.setattr(train.model_module("gpt"), "DTYPES", ("bf16", "fp32"), raising=False)
     assert exit_code(train.main, gpt_args(tmp_path, corpus, "--dtype", "fp16")) == 2
     assert "gpt does not train in fp16; use --dtype bf16 or fp32" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
