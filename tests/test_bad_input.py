@@ -14,7 +14,12 @@ import bert
 import bpe
 import data
 import electra
+import assignment
+import bench
+import experiments
 import gpt
+import mtp
+import positions
 import t5
 import train
 import xlnet
@@ -197,6 +202,14 @@ INFERENCE_CASES = {
     "data-prepare-commit-every-0": (data.main, lambda s: ["prepare", "--data", str(s / "corpus"), "--out", "prep",
                                                           "--commit-every", "0"]),
     "data-prepare-no-out": (data.main, lambda s: ["prepare", "--data", str(s / "corpus")]),
+    "mtp-ckpt-of-bert": (mtp.main, lambda s: ["--ckpt", ckpt(s, "bert"), "--max-new-tokens", "2"]),
+    "mtp-speculative-without-heads": (mtp.main, lambda s: ["--ckpt", ckpt(s, "gpt"), "--speculative",
+                                                           "--max-new-tokens", "2"]),
+    "experiments-unknown-variant": (experiments.main, lambda s: ["mtp", "--variants", "nine-heads"]),
+    "experiments-extrapolate-unknown-scheme": (experiments.main, lambda s: ["extrapolate", "--schemes", "spiral"]),
+    "positions-argument": (positions.main, lambda s: ["extrapolate"]),
+    "bench-unknown-model": (bench.main, lambda s: ["models", "--models", "lstm"]),
+    "assignment-unknown": (assignment.main, lambda s: ["make", "no-such-assignment", "--out", "handout"]),
 }
 
 
