@@ -142,7 +142,7 @@ ASSIGNMENTS = {
                "not on the slides: generation keeps the keys and values of earlier tokens instead of recomputing them"),
         Target("gpt.py:CausalSelfAttention.forward", "Transformers for pretraining",
                "both paths (the naive equation and F.scaled_dot_product_attention) must agree; rope rotates q and k "
-               "before the cache, shaw adds self.shaw.score_bias / value_term, t5 and alibi arrive as `bias`"),
+               "before the cache, shaw goes through positions.shaw_attention, t5 and alibi arrive as `bias`"),
         Target("gpt.py:MLP.forward", "GPT1", "C -> 4C -> C with GPT-2's tanh-approximated GELU (self.gelu)"),
         Target("gpt.py:Block.forward", "GPT-2", "pre-LN: x + attn(ln_1(x)), then x + mlp(ln_2(x))"),
     ],
