@@ -1,38 +1,43 @@
 """
-BERT: a bidirectional Transformer encoder pretrained by masked-language modelling, and its family's objectives.
+BERT, a bidirectional Transformer encoder pretrained by masked LM, and its family's objectives.
 
 Papers
-  - Devlin et al. 2019, "BERT: Pre-training of Deep Bidirectional Transformers for Language Understanding": the model
-    (§3, Fig. 2: token + segment + position embeddings), masked LM with the 80/10/10 rule (§3.1 Task #1, App. C.2), next
-    sentence prediction (§3.1 Task #2), the pretraining procedure and recipe (App. A.2).
+  - Devlin et al. 2019, "BERT: Pre-training of Deep Bidirectional Transformers for Language Understanding".
+    The model (§3, Fig. 2: token + segment + position embeddings). Masked LM with the 80/10/10 rule
+    (§3.1 Task #1, App. C.2). Next sentence prediction (§3.1 Task #2). The recipe (App. A.2).
   - Liu et al. 2019, "RoBERTa" §4.1 (dynamic masking), §4.2 (FULL-SENTENCES packing without NSP).
-  - Joshi et al. 2020, "SpanBERT" §3.1 (span masking: lengths ~ Geo(0.2) clipped at 10 words), §3.2 (span boundary
-    objective), §3.3 (single segments, no NSP).
-  - Lan et al. 2020, "ALBERT" §3.1 (factorized embeddings, cross-layer parameter sharing, sentence-order prediction).
-  - Turc et al. 2019, "Well-Read Students Learn Better": the small BERTs (Tiny 2/128 ... Medium 8/512).
+  - Joshi et al. 2020, "SpanBERT" §3.1 (span masking: lengths ~ Geo(0.2) clipped at 10 words),
+    §3.2 (span boundary objective), §3.3 (single segments, no NSP).
+  - Lan et al. 2020, "ALBERT" §3.1: factorized embeddings, cross-layer parameter sharing,
+    sentence-order prediction.
+  - Turc et al. 2019, "Well-Read Students Learn Better": small BERTs (Tiny 2/128 ... Medium 8/512).
   - Vaswani et al. 2017 §3.2.1: scaled dot-product attention softmax(QK^T / sqrt(d_k)) V.
-  Slides (lecture 001): "BERT", "Masked language models (MLMs)" (the "my dog is [MASK]" example), "RoBERTa" (dynamic
-  masking, no NSP), "SpanBERT" (mask out spans), "ALBERT" (factorized embeddings, cross-layer sharing), "Bidirectional
-  encoder models", "Transformers for pretraining: encoder only". ELECTRA ("Discriminative training") is electra.py,
+  Slides (lecture 001): "BERT", "Masked language models (MLMs)" (the "my dog is [MASK]" example),
+  "RoBERTa" (dynamic masking, no NSP), "SpanBERT" (mask out spans),
+  "ALBERT" (factorized embeddings, cross-layer sharing), "Bidirectional encoder models",
+  "Transformers for pretraining: encoder only". ELECTRA ("Discriminative training") is electra.py,
   built from this file's encoder.
 
-Faithful to Google's released BERT (github.com/google-research/bert, modeling.py), hence to Hugging Face's
-BertForPreTraining, which tests/test_bert.py uses as an oracle: post-LayerNorm blocks (eps 1e-12), GELU in its exact erf
-form, learned absolute positions plus token-type (segment) embeddings summed with the word embeddings, then normalised.
-On top: a pooler (tanh dense on [CLS]), an MLM head (dense + GELU + LayerNorm, then the word embeddings transposed plus
-a bias of its own) and an NSP head on the pooled output (label 0 = IsNext).
+Faithful to Google's released BERT (github.com/google-research/bert, modeling.py).
+Hence also to Hugging Face's BertForPreTraining, the oracle of tests/test_bert.py:
+post-LayerNorm blocks (eps 1e-12), GELU in its exact erf form, learned absolute positions plus
+token-type (segment) embeddings summed with the word embeddings, then normalised.
+On top: a pooler (tanh dense on [CLS]); an MLM head (dense + GELU + LayerNorm, then the transposed
+word embeddings plus a bias of its own); an NSP head on the pooled output (label 0 = IsNext).
 
 Run
-  python train.py --model bert                               # char-level BERT (MLM + NSP) on Shakespeare, CPU, minutes
-  python train.py --model bert --objective mlm               # RoBERTa: dynamic masking, packed full sentences, no NSP
-  python train.py --model bert --objective span --span-boundary   # SpanBERT; --objective sop for ALBERT's SOP
-  python bert.py --ckpt out/bert/ckpt.pt "I come to bury Caesar, n[MASK]t to praise him."   # fill the masks
-  python bert.py --hf path/to/bert-base-uncased "my dog is [MASK]."   # a released checkpoint, with its vocab.txt
+  python train.py --model bert                    # char BERT (MLM + NSP), Shakespeare, CPU, minutes
+  python train.py --model bert --objective mlm    # RoBERTa: dynamic masking, full sentences, no NSP
+  python train.py --model bert --objective span --span-boundary  # SpanBERT
+  python train.py --model bert --objective sop    # ALBERT's sentence-order prediction
+  # fill the masks, from a checkpoint or from a released model with its vocab.txt:
+  python bert.py --ckpt out/bert/ckpt.pt "I come to bury Caesar, n[MASK]t to praise him."
+  python bert.py --hf path/to/bert-base-uncased "my dog is [MASK]."
 
 Legend
-  B batch size, T sequence length, C hidden_size, E embedding_size (= C except ALBERT/ELECTRA), H heads, hs = C // H
-  head size, V vocabulary size, L layers, N masked positions in a batch. input_ids, token_type_ids, attention_mask:
-  (B, T); attention_mask 1 = real token, 0 = padding.
+  B batch size, T sequence length, C hidden_size, E embedding_size (= C except ALBERT/ELECTRA),
+  H heads, hs = C // H head size, V vocabulary size, L layers, N masked positions in a batch.
+  input_ids, token_type_ids, attention_mask: (B, T). attention_mask 1 = real token, 0 = padding.
 """
 
 import argparse
@@ -57,28 +62,28 @@ OBJECTIVES = ("mlm+nsp", "mlm", "span", "sop")
 
 @dataclass
 class BertConfig:
-    vocab_size: int = 30522  # V: BERT's WordPiece vocabulary (train.py overwrites it from the tokenizer it builds)
+    vocab_size: int = 30522  # V: BERT's WordPiece vocabulary (train.py sets it from its tokenizer)
     hidden_size: int = 256  # C: width of every layer
     num_hidden_layers: int = 4  # L: Transformer layers
-    num_attention_heads: int = 4  # H: heads per layer, each of size hidden_size / num_attention_heads
-    intermediate_size: int = 1024  # inner width of the feed-forward network (4C in every released BERT)
+    num_attention_heads: int = 4  # H: heads per layer, each of size hidden_size / H
+    intermediate_size: int = 1024  # feed-forward inner width (4C in every released BERT)
     max_position_embeddings: int = 512  # rows of the learned position table: the longest input
     type_vocab_size: int = 2  # segment (token type) embeddings: 0 = [CLS] A [SEP], 1 = B [SEP]
-    embedding_size: int = 0  # E: width of the embeddings; 0 = hidden_size (BERT). ALBERT's factorization: E < C
-    share_layers: bool = False  # ALBERT's cross-layer sharing: one layer's weights applied num_hidden_layers times
-    hidden_dropout_prob: float = 0.1  # dropout on embeddings and on each sub-layer's output, as released
+    embedding_size: int = 0  # E: embedding width; 0 = C (BERT). ALBERT's factorization: E < C
+    share_layers: bool = False  # ALBERT's cross-layer sharing: one layer's weights, used L times
+    hidden_dropout_prob: float = 0.1  # on embeddings and each sub-layer's output, as released
     attention_probs_dropout_prob: float = 0.1  # dropout on the attention probabilities
-    layer_norm_eps: float = 1e-12  # BERT's value; every released checkpoint computes LayerNorm with it
-    attn: str = "sdpa"  # naive: softmax(QK^T/sqrt(hs))V written out | sdpa: the fused kernel. Tests prove them equal.
+    layer_norm_eps: float = 1e-12  # BERT's; every released checkpoint's LayerNorm uses it
+    attn: str = "sdpa"  # naive: softmax(QK^T/sqrt(hs))V by hand | sdpa: fused kernel. Tested equal.
     objective: str = "mlm+nsp"  # mlm+nsp (BERT) | mlm (RoBERTa) | span (SpanBERT) | sop (ALBERT)
-    max_seq_length: int = 128  # tokens per training row, [CLS] and [SEP]s included; shorter rows are padded
+    max_seq_length: int = 128  # tokens per row, [CLS] and [SEP]s included; shorter rows padded
     mask_prob: float = 0.15  # share of a row's text tokens chosen for prediction (BERT §3.1)
     mask_token_prob: float = 0.8  # of the chosen: replaced by [MASK] ...
     random_token_prob: float = 0.1  # ... by a random token; the rest (0.1) stay unchanged
-    short_seq_prob: float = 0.1  # mlm+nsp, sop: this share of pairs gets a random shorter length (as BERT's data code)
+    short_seq_prob: float = 0.1  # mlm+nsp, sop: probability of a random shorter pair (as in BERT)
     span_p: float = 0.2  # span: span lengths in words ~ Geometric(span_p) ...
-    span_max: int = 10  # ... clipped (renormalised) to at most span_max words: mean 3.8 (SpanBERT §3.1)
-    span_boundary: bool = False  # span: add SpanBERT's span-boundary objective (SBO) to the MLM loss
+    span_max: int = 10  # ... clipped (renormalised) at span_max words: mean 3.8 (SpanBERT §3.1)
+    span_boundary: bool = False  # span: add SpanBERT's span-boundary objective (SBO) to MLM
     pad_token_id: int = 0  # [PAD] (train.py sets the [SPECIAL] ids from the tokenizer)
     mask_token_id: int = -1  # [MASK]
     cls_token_id: int = -1  # [CLS]
@@ -98,12 +103,15 @@ class BertConfig:
         require(not self.span_boundary or self.objective == "span",
                 "--span-boundary is SpanBERT's objective: it needs --objective span")
         require(4 <= self.max_seq_length <= self.max_position_embeddings,
-                f"--max-seq-length {self.max_seq_length}: must be at least 4 and at most --max-position-embeddings "
-                f"{self.max_position_embeddings} (the rows of the position table)")
+                f"--max-seq-length {self.max_seq_length}: must be at least 4 and at most "
+                f"--max-position-embeddings {self.max_position_embeddings} "
+                "(the rows of the position table)")
         require(0 < self.mask_prob < 1 and self.mask_token_prob >= 0 and self.random_token_prob >= 0
                 and self.mask_token_prob + self.random_token_prob <= 1,
-                "masking rates: need 0 < --mask-prob < 1 and --mask-token-prob + --random-token-prob <= 1")
-        require(0 < self.span_p <= 1 and self.span_max >= 1, "span masking: need 0 < --span-p <= 1 and --span-max >= 1")
+                "masking rates: need 0 < --mask-prob < 1 and "
+                "--mask-token-prob + --random-token-prob <= 1")
+        require(0 < self.span_p <= 1 and self.span_max >= 1,
+                "span masking: need 0 < --span-p <= 1 and --span-max >= 1")
 
     @property
     def emb_size(self):
@@ -113,65 +121,71 @@ class BertConfig:
 
 Config = BertConfig
 
-# A preset sets model sizes and, where a recipe goes with them, training settings (train.py applies each key to the
-# config that declares it). BERT's recipe (Devlin et al. App. A.2): batch 256 sequences, 1M steps, Adam lr 1e-4, beta2
-# 0.999, epsilon 1e-6, weight decay 0.01, 10k warm-up steps then linear decay, dropout 0.1, sequence length 128 for 90%
-# of the steps and 512 for the rest.
-# Vocabulary: our BPE trained to 30,518 ids (<|endoftext|> included) + [CLS] [SEP] [MASK] [PAD] = BERT's 30,522.
-_BERT_RECIPE = dict(objective="mlm+nsp", tokenizer="bpe", vocab_size=30518, max_position_embeddings=512,
-                    max_seq_length=128, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, lr=1e-4, min_lr=0.0,
-                    schedule="linear", warmup_iters=10_000, max_iters=1_000_000, weight_decay=0.01, beta2=0.999,
-                    adam_eps=1e-6, grad_clip=1.0, batch_size=64, tokens_per_step=256 * 128, eval_interval=10_000)
+# A preset sets model sizes and, where a recipe goes with them, training settings.
+# train.py applies each key to the config that declares it.
+# BERT's recipe (Devlin et al. App. A.2): batch 256 sequences, 1M steps, Adam lr 1e-4, beta2 0.999,
+# epsilon 1e-6, weight decay 0.01, 10k warm-up steps then linear decay, dropout 0.1,
+# sequence length 128 for 90% of the steps and 512 for the rest.
+# Vocabulary: BPE to 30,518 ids (with <|endoftext|>) + [CLS] [SEP] [MASK] [PAD] = BERT's 30,522.
+_BERT_RECIPE = dict(objective="mlm+nsp", tokenizer="bpe", vocab_size=30518,
+                    max_position_embeddings=512, max_seq_length=128, hidden_dropout_prob=0.1,
+                    attention_probs_dropout_prob=0.1, lr=1e-4, min_lr=0.0, schedule="linear",
+                    warmup_iters=10_000, max_iters=1_000_000, weight_decay=0.01, beta2=0.999,
+                    adam_eps=1e-6, grad_clip=1.0, batch_size=64, tokens_per_step=256 * 128,
+                    eval_interval=10_000)
 
 
-def _size(layers, hidden):  # Turc et al.'s naming: L layers, H = hidden, A = H / 64 heads, FFN 4H
+def _size(layers, hidden):  # Turc et al.: L layers, H = hidden, A = H / 64 heads, FFN 4H
     return dict(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=hidden // 64,
                 intermediate_size=4 * hidden)
 
 
 PRESETS = {
-    # The quick start (README path 7): a character-level BERT learns Shakespeare with MLM + NSP on a laptop CPU in a
-    # few minutes. Sentence pairs are runs of the plays' lines. Dropout 0: a short run never sees a token twice.
-    # lr 1e-3 with warm-up 100 (BERT's 1e-4 is tuned for 1M steps at batch 256), decaying to 1e-4; not tuned further.
-    "char-cpu": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
-                     max_position_embeddings=128, max_seq_length=128, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0, attn="naive", tokenizer="char", batch_size=32, lr=1e-3,
-                     min_lr=1e-4, warmup_iters=100, max_iters=2000, eval_interval=500, eval_tokens=131072,
-                     weight_decay=0.01, beta2=0.99),
+    # The quick start (README path 7): a char-level BERT learns Shakespeare with MLM + NSP,
+    # on a laptop CPU, in a few minutes. Sentence pairs are runs of the plays' lines.
+    # Dropout 0: a short run never sees a token twice. lr 1e-3, warm-up 100, decaying to 1e-4.
+    # Not tuned further (BERT's 1e-4 is tuned for 1M steps at batch 256).
+    "char-cpu": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                     intermediate_size=512, max_position_embeddings=128, max_seq_length=128,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn="naive",
+                     tokenizer="char", batch_size=32, lr=1e-3, min_lr=1e-4, warmup_iters=100,
+                     max_iters=2000, eval_interval=500, eval_tokens=131072, weight_decay=0.01,
+                     beta2=0.99),
     # The smallest thing that still is a BERT: for tests and for trying flags in seconds.
     "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                  max_position_embeddings=64, max_seq_length=64, hidden_dropout_prob=0.0,
-                 attention_probs_dropout_prob=0.0, batch_size=8, max_iters=20, warmup_iters=5, eval_interval=10,
-                 eval_tokens=4096, lr=1e-3, fill_text="lend me your [MASK]ars"),
-    # The small BERTs of Turc et al. 2019 (released as google/bert_uncased_L-{L}_H-{H}_A-{H/64}). Their release notes
-    # say they follow the standard BERT recipe, which is what these run (phase 1, sequence length 128).
+                 attention_probs_dropout_prob=0.0, batch_size=8, max_iters=20, warmup_iters=5,
+                 eval_interval=10, eval_tokens=4096, lr=1e-3, fill_text="lend me your [MASK]ars"),
+    # The small BERTs of Turc et al. 2019 (released as google/bert_uncased_L-{L}_H-{H}_A-{H/64}).
+    # Their release notes: the standard BERT recipe. These run it (phase 1, length 128).
     "bert-tiny": dict(_BERT_RECIPE, **_size(2, 128)),
     "bert-mini": dict(_BERT_RECIPE, **_size(4, 256)),
     "bert-small": dict(_BERT_RECIPE, **_size(4, 512)),
     "bert-medium": dict(_BERT_RECIPE, **_size(8, 512)),
-    # BERT-base (110M) with the original recipe. Phase 1: sequence length 128 for the first 900k of 1M steps. The
-    # linear decay's horizon is the full 1M, so phase 1 ends at lr 1e-4 * (1 - 890k/990k) = 1.01e-5. Phase 2, the last
-    # 100k steps at length 512 (256 x 512 tokens per step), starts from phase 1's weights and continues the decay to 0.
-    # As with BERT's run_pretraining.py --init_checkpoint, the weights carry over and the optimizer starts afresh:
-    #   python train.py --model bert --preset bert-base --init-from out/bert-base/ckpt.pt --out-dir out/bert-base-512
-    #       --max-seq-length 512 --batch-size 16 --tokens-per-step 131072 --max-iters 100000 --lr-decay-iters 100000
-    #       --warmup-iters 0 --lr 1.0101e-5
-    # (--resume cannot do it: a resumed run refuses a model setting that differs from its checkpoint's.)
-    "bert-base": dict(_BERT_RECIPE, **_size(12, 768), max_iters=900_000, lr_decay_iters=1_000_000,
-                      out_dir="out/bert-base"),
+    # BERT-base (110M) with the original recipe. Phase 1: length 128 for the first 900k of 1M steps.
+    # The linear decay spans the full 1M: phase 1 ends at lr 1e-4 * (1 - 890k/990k) = 1.01e-5.
+    # Phase 2: the last 100k steps at length 512 (256 x 512 tokens per step), decaying on to 0.
+    # Like BERT's run_pretraining.py --init_checkpoint: weights carry over, optimizer starts afresh:
+    #   python train.py --model bert --preset bert-base --init-from out/bert-base/ckpt.pt
+    #     --out-dir out/bert-base-512 --max-seq-length 512 --batch-size 16 --tokens-per-step 131072
+    #     --max-iters 100000 --lr-decay-iters 100000 --warmup-iters 0 --lr 1.0101e-5
+    # (--resume cannot: a resumed run refuses a model setting that differs from its checkpoint's.)
+    "bert-base": dict(_BERT_RECIPE, **_size(12, 768), max_iters=900_000,
+                      lr_decay_iters=1_000_000, out_dir="out/bert-base"),
 }
 DEFAULT_PRESET = "char-cpu"
 
-SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[MASK]", "[PAD]")  # added above every tokenizer's ordinary ids (data.py)
-TOKEN_IDS = {"pad_token_id": "[PAD]", "mask_token_id": "[MASK]", "cls_token_id": "[CLS]", "sep_token_id": "[SEP]"}
+SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[MASK]", "[PAD]")  # added above the ordinary ids (data.py)
+TOKEN_IDS = {"pad_token_id": "[PAD]", "mask_token_id": "[MASK]", "cls_token_id": "[CLS]",
+             "sep_token_id": "[SEP]"}
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Building blocks (slide "BERT": a Transformer encoder; Devlin et al. Fig. 2 for the input representation)
+# Building blocks (slide "BERT": a Transformer encoder. Input representation: Devlin et al. Fig. 2)
 
 
 class Embeddings(nn.Module):
-    """Word + learned absolute position + token type (segment A/B), summed, then LayerNorm and dropout.
-    (B, T) -> (B, T, E) (Devlin et al. Fig. 2). ALBERT and ELECTRA make E smaller than C and project up."""
+    """Word + learned absolute position + token type (segment A/B), summed; LayerNorm; dropout.
+    (B, T) -> (B, T, E) (Devlin et al. Fig. 2). ALBERT and ELECTRA make E < C and project up."""
 
     def __init__(self, config):
         super().__init__()
@@ -185,16 +199,19 @@ class Embeddings(nn.Module):
     def forward(self, input_ids, token_type_ids):
         T, rows = input_ids.size(1), self.position_embeddings.num_embeddings
         if T > rows:
-            raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings={rows} (the learned "
-                             f"position table has no more rows)")
+            raise ValueError(f"sequence of {T} tokens is longer than "
+                             f"max_position_embeddings={rows} (the learned position "
+                             f"table has no more rows)")
         pos = torch.arange(T, device=input_ids.device)  # (T,) absolute positions 0..T-1
-        x = self.word_embeddings(input_ids) + self.position_embeddings(pos) + self.token_type_embeddings(token_type_ids)
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(pos)
+             + self.token_type_embeddings(token_type_ids))
         return self.dropout(self.LayerNorm(x))  # (B, T, E)
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the whole sequence, both directions (no causal mask: slide "Bidirectional encoder
-    models"); padding keys are masked out. BERT's names: query, key, value, then dense mixes the heads."""
+    """Multi-head self-attention over the whole sequence, both directions (no causal mask:
+    slide "Bidirectional encoder models"). Padding keys are masked out.
+    BERT's names: query, key, value, then dense mixes the heads."""
 
     def __init__(self, config):
         super().__init__()
@@ -206,18 +223,18 @@ class SelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
     def forward(self, x, keep):
-        """x (B, T, C); keep None or (B, 1, 1, T) bool, True where the key is a real token. Returns (B, T, C)."""
+        """x (B, T, C) -> (B, T, C). keep: None, or (B, 1, 1, T) bool: True at real-token keys."""
         B, T, C = x.size()
         # (B, T, C) -> (B, H, T, hs): every head attends independently over its own hs-dim slice
         q, k, v = (lin(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for lin in (self.query, self.key, self.value))
         if self.attn == "naive":
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, H, T, T) scaled scores
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, H, T, T) scaled
             if keep is not None:
                 att = att.masked_fill(~keep, float("-inf"))  # no query looks at padding
-            att = self.attn_dropout(F.softmax(att, dim=-1))  # each row: a distribution over the real tokens
+            att = self.attn_dropout(F.softmax(att, dim=-1))  # each row: a distribution on real keys
             y = att @ v  # (B, H, T, hs)
-        else:  # the same maths in one kernel; a boolean attn_mask means "may attend" (True), as `keep` does
+        else:  # the same maths in one kernel; attn_mask True means "may attend", like `keep`
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
                                                dropout_p=self.dropout_p if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
@@ -225,9 +242,9 @@ class SelfAttention(nn.Module):
 
 
 class Layer(nn.Module):
-    """Post-LN Transformer layer, as in Vaswani et al. and BERT: x = LN(x + attn(x)), then x = LN(x + FFN(x)).
-    Trap: GPT-2 moved LayerNorm before each sub-layer (pre-LN). BERT normalises after the residual sum, so the residual
-    stream itself is normalised at every layer. BERT weights in a pre-LN block run, and give garbage."""
+    """Post-LN Transformer layer (Vaswani et al., BERT): x = LN(x + attn(x)); x = LN(x + FFN(x)).
+    Trap: GPT-2 moved LayerNorm before each sub-layer (pre-LN). BERT normalises after the residual
+    sum: the stream itself is normalised. BERT weights in a pre-LN block run, and give garbage."""
 
     def __init__(self, config):
         super().__init__()
@@ -235,7 +252,8 @@ class Layer(nn.Module):
         self.attention = SelfAttention(config)
         self.attention_norm = nn.LayerNorm(C, eps=eps)
         self.intermediate = nn.Linear(C, config.intermediate_size)
-        # Trap: BERT's GELU is the exact erf form, x * Phi(x) (nn.GELU's default), not GPT-2's tanh approximation.
+        # Trap: BERT's GELU is the exact erf form, x * Phi(x) (nn.GELU's default).
+        # Not GPT-2's tanh approximation.
         self.gelu = nn.GELU()
         self.output = nn.Linear(config.intermediate_size, C)
         self.output_norm = nn.LayerNorm(C, eps=eps)
@@ -247,17 +265,17 @@ class Layer(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Embeddings -> (projection E -> C when E != C) -> L layers: (B, T) ids -> (B, T, C) hidden states.
-    ALBERT's cross-layer sharing (slide "ALBERT"): one Layer applied num_hidden_layers times, so the parameter count
-    does not grow with depth while the compute does. electra.py builds its generator and discriminator from this class
-    and passes both the same `embeddings` module: ELECTRA shares them (ELECTRA §3.2)."""
+    """Embeddings -> (projection E -> C when E != C) -> L layers: (B, T) ids -> (B, T, C) states.
+    ALBERT's cross-layer sharing (slide "ALBERT"): one Layer applied num_hidden_layers times.
+    Parameters do not grow with depth; compute does. electra.py builds its generator and
+    discriminator from this class, both with the same `embeddings` (ELECTRA §3.2 shares them)."""
 
     def __init__(self, config, embeddings=None):
         super().__init__()
         self.config = config
         self.embeddings = embeddings if embeddings is not None else Embeddings(config)
         if config.emb_size != config.hidden_size:
-            # ALBERT §3.1 "factorized embedding parameterization": V x E + E x C parameters instead of V x C.
+            # ALBERT §3.1 "factorized embedding parameterization": V x E + E x C, not V x C.
             # The name is ELECTRA's (ALBERT calls it embedding_hidden_mapping_in).
             self.embeddings_project = nn.Linear(config.emb_size, config.hidden_size)
         n_distinct = 1 if config.share_layers else config.num_hidden_layers
@@ -266,7 +284,8 @@ class Encoder(nn.Module):
     def forward(self, input_ids, token_type_ids=None, attention_mask=None):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)  # one segment: every token is sentence A
-        keep = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        # (B, 1, 1, T)
+        keep = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, E)
         if hasattr(self, "embeddings_project"):
             x = self.embeddings_project(x)  # (B, T, C)
@@ -276,10 +295,10 @@ class Encoder(nn.Module):
 
 
 class MLMHead(nn.Module):
-    """Masked-LM head: dense C -> E, GELU, LayerNorm, then the word embedding matrix transposed (E -> V) plus an output
-    bias of its own. BERT's cls.predictions; ELECTRA's generator head is the same computation.
-    The decoder is tied (Press & Wolf 2017, as in BERT): it IS the input embedding matrix, passed in at every call. So
-    there is one tensor with two uses and no copy that could drift."""
+    """Masked-LM head: dense C -> E, GELU, LayerNorm, then the transposed word embedding matrix
+    (E -> V) plus an output bias of its own. BERT's cls.predictions; ELECTRA's generator head is the
+    same. The decoder is tied (Press & Wolf 2017, as in BERT): it IS the input embedding matrix,
+    passed in at every call. One tensor, two uses, no copy that could drift."""
 
     def __init__(self, config):
         super().__init__()
@@ -294,23 +313,24 @@ class MLMHead(nn.Module):
 
 
 class SpanBoundaryHead(nn.Module):
-    """SpanBERT §3.2: predict each token x_i of a masked span (x_s .. x_e) from the two tokens just outside it and the
-    position of x_i inside the span: y_i = f(x_{s-1}, x_{e+1}, p_{i-s+1}), f = two layers of Linear, GELU, LayerNorm,
-    scored against the tied word embeddings plus a bias of its own. Span-level meaning thus collects at the boundaries,
-    where span-selection tasks (question answering) read it."""
+    """SpanBERT §3.2: predict each token x_i of a masked span (x_s .. x_e) from the two tokens just
+    outside it and x_i's position in the span: y_i = f(x_{s-1}, x_{e+1}, p_{i-s+1}).
+    f = two layers of Linear, GELU, LayerNorm, scored against the tied word embeddings + own bias.
+    Span-level meaning thus collects at the boundaries, where span selection (QA) reads it."""
 
     def __init__(self, config):
         super().__init__()
         C, E, eps = config.hidden_size, config.emb_size, config.layer_norm_eps
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, C)  # p_1, p_2, ...: offset in the span
+        # p_1, p_2, ...: the offset in the span
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, C)
         self.dense1, self.norm1 = nn.Linear(3 * C, C), nn.LayerNorm(C, eps=eps)
         self.dense2, self.norm2 = nn.Linear(C, E), nn.LayerNorm(E, eps=eps)
         self.gelu = nn.GELU()
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, left, right, offset, word_embeddings):
-        """left, right (N, C): hidden states of x_{s-1} and x_{e+1}; offset (N,) = i - s; word_embeddings (V, E).
-        Returns (N, V) logits."""
+        """left, right (N, C): hidden states of x_{s-1} and x_{e+1}. offset (N,) = i - s.
+        word_embeddings (V, E). Returns (N, V) logits."""
         h = torch.cat([left, right, self.position_embeddings(offset)], dim=-1)  # (N, 3C)
         h = self.norm1(self.gelu(self.dense1(h)))  # (N, C)
         h = self.norm2(self.gelu(self.dense2(h)))  # (N, E)
@@ -318,8 +338,8 @@ class SpanBoundaryHead(nn.Module):
 
 
 def init_bert_weights(module):
-    """BERT's initialisation (modeling.py, initializer_range 0.02): every weight matrix and embedding ~ N(0, 0.02),
-    biases 0, LayerNorm gain 1 and bias 0."""
+    """BERT's initialisation (modeling.py, initializer_range 0.02): every weight matrix and
+    embedding ~ N(0, 0.02), biases 0, LayerNorm gain 1 and bias 0."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if getattr(module, "bias", None) is not None:
@@ -334,26 +354,28 @@ def init_bert_weights(module):
 
 
 class BERT(nn.Module):
-    """The encoder with BERT's two pretraining heads, and SpanBERT's boundary head when config.span_boundary."""
+    """The encoder, BERT's two pretraining heads, and SpanBERT's boundary head if span_boundary."""
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
-        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)  # tanh(W h_[CLS] + b): the sequence summary
+        # tanh(W h_[CLS] + b): the sequence summary
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
         self.mlm = MLMHead(config)
-        self.nsp = nn.Linear(config.hidden_size, 2)  # on the pooled output; label 0 = IsNext (B follows A), 1 = NotNext
+        self.nsp = nn.Linear(config.hidden_size, 2)  # 0 = IsNext (B follows A), 1 = NotNext
         if config.span_boundary:
             self.sbo = SpanBoundaryHead(config)
         self.apply(init_bert_weights)
 
-    def forward(self, input_ids, token_type_ids=None, attention_mask=None, masked_positions=None, spans=None):
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, masked_positions=None,
+                spans=None):
         """-> (mlm_logits, nsp_logits): (B, T, V) and (B, 2).
 
-        masked_positions (B, T) bool: MLM logits only there, (N, V) in row-major order, as BERT's own training code
-        gathers them (V logits at every position would be wasted on the 85% that are never scored).
-        spans (left, right, offset), each (N,): for the span-boundary objective, the positions of x_{s-1} and x_{e+1}
-        and i - s for each masked position; then a third output, the (N, V) SBO logits."""
+        masked_positions (B, T) bool: MLM logits only there, (N, V) in row-major order, as BERT's
+        training code gathers them (V logits everywhere would be wasted on the 85% never scored).
+        spans (left, right, offset), each (N,), per masked position: x_{s-1}'s and x_{e+1}'s
+        positions and i - s, for the span-boundary objective. Third output: (N, V) SBO logits."""
         h = self.encoder(input_ids, token_type_ids, attention_mask)  # (B, T, C)
         wte = self.encoder.embeddings.word_embeddings.weight  # (V, E): also the MLM decoder (tied)
         pooled = torch.tanh(self.pooler(h[:, 0]))  # (B, C): from the hidden state of [CLS]
@@ -368,102 +390,112 @@ class BERT(nn.Module):
         return mlm_logits, nsp_logits, self.sbo(h[rows, left], h[rows, right], offset, wte)
 
     def num_params(self):
-        return sum(p.numel() for p in self.parameters())  # the tied decoder weight counts once, shared layers once
+        return sum(p.numel() for p in self.parameters())  # tied and shared weights count once
 
     def no_weight_decay(self):
-        """None beyond biases and LayerNorm gains (which train.py skips by shape). BERT's optimizer decays the embedding
-        tables, position and segment tables included (AdamWeightDecayOptimizer excludes only LayerNorm and bias)."""
+        """None beyond biases and LayerNorm gains (train.py skips them by shape). BERT's
+        AdamWeightDecayOptimizer excludes only LayerNorm and bias: all embedding tables decay."""
         return set()
 
     def flops_per_token(self):
-        """Training FLOPs per token (forward + backward): 6 per weight that every token passes (Kaplan et al. 2020,
-        eq. 2.1; a shared layer counts once per use), the attention scores and mixing 12 * L * T * C (PaLM App. B),
-        and the MLM head, which runs on mask_prob of the tokens only."""
+        """Training FLOPs per token (forward + backward). 6 per weight every token passes
+        (Kaplan et al. 2020, eq. 2.1; a shared layer counts once per use). Attention scores and
+        mixing: 12 * L * T * C (PaLM App. B). The MLM head runs on mask_prob of the tokens only."""
         c = self.config
         per_layer = sum(p.numel() for p in self.encoder.layer[0].parameters())
         dense = per_layer * c.num_hidden_layers + (c.emb_size * c.hidden_size if c.emb_size != c.hidden_size else 0)
         head = c.hidden_size * c.emb_size + c.emb_size * c.vocab_size
-        return 6 * dense + 6 * c.mask_prob * head + 12 * c.num_hidden_layers * c.max_seq_length * c.hidden_size
+        return (6 * dense + 6 * c.mask_prob * head
+                + 12 * c.num_hidden_layers * c.max_seq_length * c.hidden_size)
 
     # ------------------------------------------------------------------------------------------------------------------
-    # Hugging Face format: BertForPreTraining directories (Google's released BERTs, Turc et al.'s small BERTs).
+    # Hugging Face format: BertForPreTraining (Google's and Turc et al.'s released BERTs).
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
-        """Load a BertForPreTraining directory (config.json + model.safetensors or pytorch_model.bin) without
-        transformers. overrides: any BertConfig field that does not change a weight's shape (attn="naive", ...)."""
+        """Load a BertForPreTraining directory without transformers (config.json + model.safetensors
+        or pytorch_model.bin). overrides: shape-keeping BertConfig fields (attn="naive", ...)."""
         hf, sd = read_bert_dir(path)
         if hf.get("model_type", "bert") != "bert":
             raise ValueError(f"{path}: model_type {hf['model_type']!r}, not bert")
-        fields = config_from_hf(hf, path, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **overrides)
+        fields = config_from_hf(hf, path, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                **overrides)
         model = cls(BertConfig(**fields))
         if "cls.predictions.bias" not in sd and "cls.predictions.decoder.bias" in sd:
-            sd["cls.predictions.bias"] = sd["cls.predictions.decoder.bias"]  # older uploads keep the bias there
-        copy_weights(model, sd, path, name=hf_name, skip=("sbo.",))  # the format has no SBO head: it keeps its init
+            # older uploads keep the bias there
+            sd["cls.predictions.bias"] = sd["cls.predictions.decoder.bias"]
+        # the format has no SBO head: it keeps its init
+        copy_weights(model, sd, path, name=hf_name, skip=("sbo.",))
         return model
 
     def export_hf(self, path):
-        """Write a directory that transformers' BertForPreTraining.from_pretrained(path) loads with the same logits.
-        The span-boundary head (pretraining only; SpanBERT's release leaves it out too) is not part of the format."""
+        """Write a directory that transformers' BertForPreTraining.from_pretrained(path) loads, same
+        logits. The format has no span-boundary head (pretraining only; SpanBERT omits it too)."""
         c = self.config
         if c.share_layers or c.emb_size != c.hidden_size:
-            raise ValueError("export_hf: BertForPreTraining has neither ALBERT's shared layers nor a factorized "
-                             "embedding (share_layers / embedding_size); this model uses them")
+            raise ValueError("export_hf: BertForPreTraining has neither ALBERT's shared layers nor "
+                             "a factorized embedding (share_layers / embedding_size); "
+                             "this model uses them")
         sd = {hf_name(k): v.float() for k, v in self.named_parameters() if not k.startswith("sbo.")}
         write_hf_dir(path, hf_encoder_config(c, "BertForPreTraining", "bert"), sd)
 
 
 Model = BERT
 
-# Our names -> the released checkpoints'. Inside a layer (prefix "bert.encoder.layer.{i}."): BertLayer's modules.
+# Our names -> released ones. In a layer (prefix "bert.encoder.layer.{i}."): BertLayer's modules.
 HF_LAYER = {
     "attention.query": "attention.self.query", "attention.key": "attention.self.key",
     "attention.value": "attention.self.value", "attention.dense": "attention.output.dense",
-    "attention_norm": "attention.output.LayerNorm", "intermediate": "intermediate.dense", "output": "output.dense",
-    "output_norm": "output.LayerNorm",
+    "attention_norm": "attention.output.LayerNorm", "intermediate": "intermediate.dense",
+    "output": "output.dense", "output_norm": "output.LayerNorm",
 }
 HF_HEADS = {"pooler.": "bert.pooler.dense.", "mlm.dense.": "cls.predictions.transform.dense.",
-            "mlm.LayerNorm.": "cls.predictions.transform.LayerNorm.", "mlm.bias": "cls.predictions.bias",
-            "nsp.": "cls.seq_relationship."}
+            "mlm.LayerNorm.": "cls.predictions.transform.LayerNorm.",
+            "mlm.bias": "cls.predictions.bias", "nsp.": "cls.seq_relationship."}
 
 
 def hf_name(name, prefix="bert.", heads=HF_HEADS):
-    """Our parameter name -> the released checkpoint's: BertForPreTraining's, or ElectraFor*'s with prefix "electra."
-    and ELECTRA's heads. The encoder's names gain the prefix (and BertLayer's module names); heads are looked up.
+    """Our parameter name -> the released checkpoint's. BertForPreTraining's, or ElectraFor*'s with
+    prefix "electra." and ELECTRA's heads. Encoder names gain the prefix (and BertLayer's module
+    names); heads are looked up.
     hf_name("encoder.layer.0.attention_norm.weight") -> "bert.encoder.layer.0.attention.output.LayerNorm.weight"
     hf_name("mlm.bias") -> "cls.predictions.bias" """
     m = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)", name)
     if m:
         i, module, param = m.groups()
         return f"{prefix}encoder.layer.{i}.{HF_LAYER[module]}.{param}"
-    if name.startswith("encoder."):  # embeddings.*, embeddings_project.*: the same names under the prefix
+    if name.startswith("encoder."):  # embeddings.*, embeddings_project.*: same names, prefixed
         return prefix + name.removeprefix("encoder.")
     ours = next((k for k in heads if name.startswith(k)), "")
     return heads.get(ours, "") + name.removeprefix(ours)
 
 
 def read_bert_dir(path):
-    """hf_io.read_hf_dir, with the TensorFlow names of older uploads renamed: LayerNorm.gamma/beta -> weight/bias.
-    "bert.embeddings.LayerNorm.gamma" -> "bert.embeddings.LayerNorm.weight" (a file holding both keeps its weight)"""
+    """hf_io.read_hf_dir; older uploads' TensorFlow names LayerNorm.gamma/beta become weight/bias.
+    "bert.embeddings.LayerNorm.gamma" -> "bert.embeddings.LayerNorm.weight"
+    (a file holding both keeps its weight)"""
     hf, sd = read_hf_dir(path)
     old = {"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "LayerNorm.bias"}
-    renamed = {re.sub(r"LayerNorm\.(gamma|beta)$", lambda m: old[m.group(0)], k): v for k, v in sd.items()}
+    renamed = {re.sub(r"LayerNorm\.(gamma|beta)$", lambda m: old[m.group(0)], k): v
+               for k, v in sd.items()}
     return hf, {**renamed, **sd}  # a modern name present in the file wins
 
 
 # The config.json fields that are ours under the same name: required ones, then ones with a default.
-HF_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-               "max_position_embeddings")
-HF_OPTIONAL = dict(type_vocab_size=2, layer_norm_eps=1e-12, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+HF_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+               "intermediate_size", "max_position_embeddings")
+HF_OPTIONAL = dict(type_vocab_size=2, layer_norm_eps=1e-12, hidden_dropout_prob=0.1,
+                   attention_probs_dropout_prob=0.1)
 
 
 def config_from_hf(hf, path, **overrides):
-    """Our config fields from a transformers config.json (BERT's or ELECTRA's), checking it is a model we compute."""
+    """Our config fields from a transformers config.json (BERT's or ELECTRA's).
+    Refuses a model we do not compute."""
     if hf.get("hidden_act", "gelu") != "gelu":
         raise ValueError(f"{path}: activation {hf['hidden_act']!r} is not BERT's exact (erf) GELU")
     if hf.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"{path}: position_embedding_type {hf['position_embedding_type']!r}; only BERT's learned "
-                         f"absolute positions are implemented")
+        raise ValueError(f"{path}: position_embedding_type {hf['position_embedding_type']!r}; "
+                         f"only BERT's learned absolute positions are implemented")
     fields = {**{k: hf[k] for k in HF_REQUIRED}, **{k: hf.get(k, v) for k, v in HF_OPTIONAL.items()}}
     fields.update(pad_token_id=hf.get("pad_token_id") or 0, max_seq_length=min(128, hf["max_position_embeddings"]))
     return {**fields, **overrides}
@@ -471,22 +503,24 @@ def config_from_hf(hf, path, **overrides):
 
 def hf_encoder_config(c, architecture, model_type):
     """The config.json fields every BERT-family export shares."""
-    return dict(architectures=[architecture], model_type=model_type, **{k: getattr(c, k) for k in HF_REQUIRED},
-                **{k: getattr(c, k) for k in HF_OPTIONAL}, hidden_act="gelu", initializer_range=0.02,
-                pad_token_id=max(0, c.pad_token_id), position_embedding_type="absolute", tie_word_embeddings=True)
+    return dict(architectures=[architecture], model_type=model_type,
+                **{k: getattr(c, k) for k in HF_REQUIRED},
+                **{k: getattr(c, k) for k in HF_OPTIONAL},
+                hidden_act="gelu", initializer_range=0.02, pad_token_id=max(0, c.pad_token_id),
+                position_embedding_type="absolute", tie_word_embeddings=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The data: sentence pairs and packed rows, cut from the corpus's documents and lines (slides "Masked language models",
-# "RoBERTa", "SpanBERT", "ALBERT"). A "sentence" is, as in BERT §3.1, any span of contiguous text; here, a run of the
-# corpus's lines (the plays' verse lines). Every random choice draws from the `generator` the loop passes in, so a
-# resumed run draws the same rows and the same masks.
+# The data: sentence pairs and packed rows, cut from the corpus's documents and lines (slides
+# "Masked language models", "RoBERTa", "SpanBERT", "ALBERT"). A "sentence" is, as in BERT §3.1, any
+# span of contiguous text; here, a run of the corpus's lines (the plays' verse lines). Every random
+# choice draws from the `generator` the loop passes in: a resumed run draws the same rows and masks.
 
 
 class SplitIndex:
-    """Where the lines and documents of one data.Split are. <|endoftext|> sits between documents as a one-token line of
-    its own (data.py). It is dropped here, so it never ends up inside a segment as if it were text: a document boundary
-    is a boundary. Lines of a document are consecutive, so a run of lines is one contiguous slice of tokens."""
+    """Where the lines and documents of one data.Split are. <|endoftext|> sits between documents
+    as a one-token line (data.py). Dropped here, it never lands inside a segment as text: a document
+    boundary is a boundary. A document's lines are consecutive: a run of lines is one slice."""
 
     def __init__(self, split, eot_id):
         self.tokens = split.tokens
@@ -496,20 +530,21 @@ class SplitIndex:
         self.starts, self.ends = starts[~eot], ends[~eot]  # line i is tokens[starts[i]:ends[i]]
         self.n_lines = len(self.starts)
         doc_starts = np.asarray(split.doc_starts, dtype=np.int64)
-        self.doc = np.searchsorted(doc_starts, self.starts, side="right") - 1  # (n_lines,) document of each line
+        # (n_lines,) the document of each line
+        self.doc = np.searchsorted(doc_starts, self.starts, side="right") - 1
         self.docs = np.unique(self.doc)  # the documents that have text in this split
-        self.doc_first = np.searchsorted(self.doc, self.docs, side="left")  # first line of each of them
+        self.doc_first = np.searchsorted(self.doc, self.docs, side="left")  # first line of each
         self.doc_end = np.searchsorted(self.doc, self.docs, side="right")  # one past its last line
-        self.cum = np.concatenate([[0], np.cumsum(self.ends - self.starts)])  # text tokens before line i
+        self.cum = np.concatenate([[0], np.cumsum(self.ends - self.starts)])  # tokens before line i
 
     def doc_index(self, line):
         """Index into self.docs of the document that holds `line`."""
         return int(np.searchsorted(self.docs, self.doc[line]))
 
     def run(self, i, budget):
-        """(i, j): lines i..j-1, from line i on, until they hold at least `budget` tokens or the document ends. The line
-        that crosses the budget is included, as in BERT's create_pretraining_data; truncation trims it later.
-        With lines of 40, 30, 50 tokens in one document: run(0, 60) -> (0, 2)."""
+        """(i, j): lines i..j-1, until they hold at least `budget` tokens or the document ends.
+        The line crossing the budget is included, as in BERT's create_pretraining_data; truncation
+        trims it later. With lines of 40, 30, 50 tokens in one document: run(0, 60) -> (0, 2)."""
         end = self.doc_end[self.doc_index(i)]
         j = int(np.searchsorted(self.cum, self.cum[i] + budget, side="left"))
         return i, int(min(max(j, i + 1), end))
@@ -520,9 +555,9 @@ class SplitIndex:
 
 
 def truncate_pair(a, b, max_tokens, generator):
-    """BERT's truncate_seq_pair: while the pair is too long, drop a token from the longer side (B on a tie), from its
-    front or its back at random (so neither end of a segment is always the one cut). Returns the new (a, b).
-    truncate_pair(list(range(5)), [9, 9], 5, g) -> ([0, 1, 2], [9, 9]) when both draws say "back"."""
+    """BERT's truncate_seq_pair: while the pair is too long, drop a token from the longer side (B on
+    a tie), from its front or back at random (so neither end is always the one cut). -> new (a, b).
+    truncate_pair(list(range(5)), [9, 9], 5, g) -> ([0, 1, 2], [9, 9]) if both draws say "back"."""
     excess = len(a) + len(b) - max_tokens
     if excess <= 0:
         return a, b
@@ -536,27 +571,28 @@ def truncate_pair(a, b, max_tokens, generator):
 
 
 def span_length_law(p, max_len):
-    """P(length = 1..max_len) of SpanBERT's span lengths: Geometric(p) restricted to 1..max_len and renormalised.
-    span_length_law(0.2, 10) -> tensor([0.224, 0.179, 0.143, ...]), mean 3.8 words (SpanBERT §3.1)."""
+    """P(length = 1..max_len) of SpanBERT's span lengths: Geometric(p) on 1..max_len, renormalised.
+    span_length_law(0.2, 10) -> tensor([0.224, 0.179, 0.143, ...]), mean 3.8 (SpanBERT §3.1)."""
     law = torch.tensor([p * (1 - p) ** (n - 1) for n in range(1, max_len + 1)], dtype=torch.float64)
     return law / law.sum()
 
 
-EVAL_SEED = 1234  # seeds every evaluation's masks and pairs (never the loop's generator: training stays untouched)
+EVAL_SEED = 1234  # evaluation's masks and pairs (its own generator: training is untouched)
 
 
 class PretrainingObjective:
     """BERT's objectives, each a value of config.objective (train.py's Objective interface):
 
-      mlm+nsp  BERT (Devlin et al. §3.1): [CLS] A [SEP] B [SEP] from one document; B is A's continuation half the time
-               and a segment from another document otherwise; loss = masked LM + next-sentence prediction.
-      mlm      RoBERTa (Liu et al. §4.1-4.2): full lines packed into [CLS] ... [SEP] up to the row length, crossing
-               document boundaries (an extra [SEP] marks one); masked LM only.
-      span     SpanBERT (Joshi et al. §3): rows as mlm; whole spans of words masked; optionally + span-boundary loss.
-      sop      ALBERT (Lan et al. §3.1): two consecutive segments, swapped for half the rows; sentence-order prediction.
+      mlm+nsp  BERT (Devlin et al. §3.1): [CLS] A [SEP] B [SEP] from one document. B continues A
+               half the time, else from another document. Masked LM + next-sentence prediction.
+      mlm      RoBERTa (Liu et al. §4.1-4.2): full lines packed into [CLS] ... [SEP] up to the row
+               length, across documents (an extra [SEP] marks a boundary). Masked LM only.
+      span     SpanBERT (Joshi et al. §3): rows as mlm; whole-word spans masked; optional SBO loss.
+      sop      ALBERT (Lan et al. §3.1): two consecutive segments, swapped in half the rows;
+               sentence-order prediction.
 
-    Masking is dynamic (RoBERTa §4.1): drawn when a row is drawn, so the same text gets a new mask every time. Special
-    tokens are never chosen; labels are -100 except at the chosen positions.
+    Masking is dynamic (RoBERTa §4.1): drawn with the row, so the same text gets a new mask every
+    time. Special tokens are never chosen. Labels are -100 except at the chosen positions.
     """
 
     def __init__(self, config, tokenizer):
@@ -572,9 +608,10 @@ class PretrainingObjective:
         self.ordinary = (~special).nonzero()[:, 0]  # the ids a random replacement is drawn from
         self.raw_tokens_per_row = self.tokens_per_row = c.max_seq_length
         if self.kind == "span":
-            # A token starts a word if its text starts with whitespace (" the" in GPT-2's BPE; " " itself for
-            # characters) or it is special. SpanBERT measures spans in words, and a masked span never ends mid-word.
-            starts = [True if special[i] else tokenizer.decode([i])[:1].isspace() for i in range(c.vocab_size)]
+            # A token starts a word if special or if its text starts with whitespace (" the" in BPE,
+            # " " for characters). SpanBERT counts spans in words; no masked span ends mid-word.
+            starts = [True if special[i] else tokenizer.decode([i])[:1].isspace()
+                      for i in range(c.vocab_size)]
             self.word_start = torch.tensor(starts)
             self.span_law = span_length_law(c.span_p, c.span_max)
         self._index = (None, None)
@@ -587,22 +624,22 @@ class PretrainingObjective:
     # --- sentence pairs (mlm+nsp, sop) ---
 
     def _pair(self, ix, i, g, training):
-        """One pair starting at line i: (a, b, label, line where the next pair may start), or None if the text from
-        line i is a single token (no pair can be cut from it)."""
+        """One pair from line i: (a, b, label, line where the next pair may start).
+        None if the text from line i is a single token (no pair can be cut from it)."""
         c = self.config
         max_tokens = c.max_seq_length - 3  # room for [CLS] A [SEP] B [SEP]
         r = torch.rand(2, generator=g).tolist()
         target = max_tokens
-        if r[0] < c.short_seq_prob:  # BERT: some pairs shorter, so that short inputs at fine-tuning are no surprise
+        if r[0] < c.short_seq_prob:  # BERT: short inputs at fine-tuning are then no surprise
             target = int(torch.randint(2, max_tokens + 1, (1,), generator=g))
         i, j = ix.run(i, target)
         text = ix.text(i, j)
         if len(text) < 2:
             return None
-        if j - i >= 2:  # A = lines i..k-1, B = lines k..j-1: split at a line boundary chosen at random
+        if j - i >= 2:  # A = lines i..k-1, B = lines k..j-1: split at a random line boundary
             k = int(torch.randint(i + 1, j, (1,), generator=g))
             cut = int(ix.starts[k] - ix.starts[i])
-        else:  # one line fills the budget: cut it at a token (a "sentence" may be any contiguous span)
+        else:  # one line fills the budget: cut at a token (a "sentence" is any contiguous span)
             k = j
             cut = int(torch.randint(1, len(text), (1,), generator=g))
         a, b = text[:cut], text[cut:]
@@ -614,25 +651,25 @@ class PretrainingObjective:
             else:
                 o, m = ix.run(other[0], max(1, target - len(a)))
                 b = ix.text(o, m)
-                next_line = k  # B's lines were not used: they start the next pair (BERT puts them back too)
+                next_line = k  # B's unused lines start the next pair (BERT puts them back too)
         a, b = truncate_pair(a, b, max_tokens, g)
         if self.kind == "sop" and flip:
             a, b = b, a  # ALBERT: the same two segments, in the wrong order
         return a, b, int(flip), next_line
 
     def _elsewhere(self, ix, i, j, g, training):
-        """A line to start an NSP negative's B at: in another document (BERT). A training split needs two documents.
-        An evaluation slice may hold only one (train.py scores slices of the train split): then a line at least two
-        rows' worth of tokens away from the pair, else any line outside it, else None."""
+        """A line to start an NSP negative's B at: in another document (BERT). Training needs two
+        documents; an evaluation slice may hold one (train.py scores slices of the train split).
+        Then: a line at least two rows of tokens from the pair, else any outside it, else None."""
         if len(ix.docs) >= 2:
             d = ix.doc_index(i)
             other = int(torch.randint(len(ix.docs) - 1, (1,), generator=g))
             other += other >= d  # uniform over the other documents
             lo, hi = int(ix.doc_first[other]), int(ix.doc_end[other])
             return int(torch.randint(lo, hi, (1,), generator=g)), other
-        require(not training, f"--objective {self.kind}: next-sentence prediction draws its negatives from another "
-                f"document, and the training split has only one; give --data a directory with several .txt files, "
-                f"or use --objective mlm or sop")
+        require(not training, f"--objective {self.kind}: next-sentence prediction draws its "
+                f"negatives from another document, and the training split has only one; give "
+                f"--data a directory with several .txt files, or use --objective mlm or sop")
         gap = 2 * self.config.max_seq_length
         near_lo = int(np.searchsorted(ix.cum, ix.cum[i] - gap, side="right"))
         near_hi = int(np.searchsorted(ix.cum, ix.cum[j] + gap, side="left"))
@@ -656,15 +693,15 @@ class PretrainingObjective:
     # --- packed rows (mlm, span) ---
 
     def _packed(self, ix, line, offset=0):
-        """RoBERTa's FULL-SENTENCES: whole lines from `line` on, packed until the next one would not fit in
-        max_seq_length - 2 tokens; crossing into the next document puts a [SEP] between them. A line longer than a
-        whole row is cut. Returns (ids, next line, offset in it): where the following row continues."""
+        """RoBERTa's FULL-SENTENCES: whole lines from `line` on, packed until the next would not fit
+        in max_seq_length - 2 tokens. Crossing into the next document puts a [SEP] between them.
+        An over-long line is cut. -> (ids, next line, offset in it): where the next row resumes."""
         budget, parts, n, prev = self.config.max_seq_length - 2, [], 0, None
         while line < ix.n_lines:
             sep = int(prev is not None and ix.doc[line] != ix.doc[prev])
             s, e = int(ix.starts[line]) + offset, int(ix.ends[line])
             if n + sep + e - s > budget:
-                if not parts:  # one line longer than a row: take what fits, the rest starts the next row
+                if not parts:  # longer than a row: take what fits; the rest starts the next row
                     return np.asarray(ix.tokens[s:s + budget], dtype=np.int64), line, offset + budget
                 break
             if sep:
@@ -690,7 +727,8 @@ class PretrainingObjective:
                 ids = np.concatenate([[self.cls_id], row, [self.sep_id]])
             input_ids[r, :len(ids)] = torch.from_numpy(ids.astype(np.int64))
             attention_mask[r, :len(ids)] = 1
-        batch = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
+        batch = {"input_ids": input_ids, "token_type_ids": token_type_ids,
+                 "attention_mask": attention_mask}
         if self.kind == "span":
             batch.update(self._mask_spans(input_ids, attention_mask, g))
         else:
@@ -700,24 +738,25 @@ class PretrainingObjective:
         return batch
 
     def candidates(self, input_ids, attention_mask):
-        """(B, T) bool: the positions that may be chosen: real text tokens, never [CLS], [SEP], [PAD], [MASK], EOT."""
+        """(B, T) bool, the choosable positions: text tokens, never [CLS] [SEP] [PAD] [MASK] EOT."""
         return attention_mask.bool() & ~self.special[input_ids]
 
     def choose(self, candidates, g):
-        """(B, T) bool: in each row, round(mask_prob x its candidates) positions, uniformly without replacement. The
-        rounding is random and unbiased (RoBERTa's fairseq: int(p * n + U[0,1))), so the expected share is mask_prob
-        exactly. choose() of a row with 20 candidates at p = 0.15 picks 3 positions."""
+        """(B, T) bool: in each row, round(mask_prob x its candidates) positions, uniformly without
+        replacement. The rounding is random and unbiased (RoBERTa's fairseq: int(p * n + U[0,1))):
+        the expected share is mask_prob exactly. 20 candidates at p = 0.15 -> 3 positions."""
         n = candidates.sum(1)  # (B,)
         k = (n * self.config.mask_prob + torch.rand(n.shape, generator=g)).floor().long()  # (B,)
-        score = torch.rand(candidates.shape, generator=g).masked_fill(~candidates, 2.0)  # non-candidates sort last
-        rank = score.argsort(dim=1).argsort(dim=1)  # (B, T) each position's place in a random order of its row
+        # non-candidates sort last
+        score = torch.rand(candidates.shape, generator=g).masked_fill(~candidates, 2.0)
+        rank = score.argsort(dim=1).argsort(dim=1)  # (B, T): places in a random order of the row
         return rank < k[:, None]
 
     def mask_tokens(self, input_ids, attention_mask, g):
-        """BERT's masked LM (§3.1, slide "Masked language models"): choose mask_prob of the text tokens. Of those,
-        mask_token_prob become [MASK], random_token_prob a random ordinary token, the rest stay as they are (the model
-        cannot tell which unmasked tokens it will be asked about, so it must represent every one). Returns (masked
-        input_ids, labels): labels hold the original token at chosen positions and -100 everywhere else."""
+        """BERT's masked LM (§3.1, slide "Masked language models"): choose mask_prob of the text
+        tokens. Of those, mask_token_prob become [MASK], random_token_prob a random ordinary token,
+        the rest stay. The model cannot tell which unmasked tokens it will be asked about: it must
+        represent each. -> (masked input_ids, labels): the original token if chosen, else -100."""
         chosen = self.choose(self.candidates(input_ids, attention_mask), g)
         labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
         u = torch.rand(input_ids.shape, generator=g)
@@ -729,14 +768,14 @@ class PretrainingObjective:
         return torch.where(to_random, random_ids, out), labels
 
     def span_lengths(self, n, g):
-        """(n,) span lengths in words drawn from span_length_law (SpanBERT: Geo(0.2) clipped to 1..10)."""
+        """(n,) span lengths in words ~ span_length_law (SpanBERT: Geo(0.2) clipped to 1..10)."""
         return torch.multinomial(self.span_law, n, replacement=True, generator=g) + 1
 
     def _mask_spans(self, input_ids, attention_mask, g):
-        """SpanBERT §3.1: until mask_prob of a row's text tokens are chosen, draw a span length L in words from the
-        clipped geometric law and a uniform anchor token, and choose the L whole words starting at the anchor's word.
-        The 80/10/10 rule then applies to each span as a whole (all [MASK], all random, or all unchanged). Spans never
-        overlap, never cross a special token, and the last one is cut to fit the budget exactly."""
+        """SpanBERT §3.1: until mask_prob of a row's text tokens are chosen, draw a length L in
+        words (clipped geometric law) and a uniform anchor token. Choose the L whole words from the
+        anchor's word on. The 80/10/10 rule applies per span (all [MASK], random, or unchanged).
+        Spans never overlap or cross a special token; the last is cut to fit the budget exactly."""
         c, (B, T) = self.config, input_ids.shape
         cand = self.candidates(input_ids, attention_mask)
         starts = self.word_start[input_ids] | ~torch.cat([torch.zeros(B, 1, dtype=torch.bool), cand[:, :-1]], 1)
@@ -780,7 +819,7 @@ class PretrainingObjective:
     # --- train.py's interface ---
 
     def train_batch(self, split, batch_size, generator):
-        """batch_size rows, each starting at a line drawn uniformly from the split, masked afresh."""
+        """batch_size rows, each from a line drawn uniformly from the split, masked afresh."""
         ix = self.index(split)
         require(ix.n_lines > 0, "the training split holds no text lines")
         starts = torch.randint(ix.n_lines, (batch_size,), generator=generator).tolist()
@@ -791,8 +830,8 @@ class PretrainingObjective:
         return self._rows_to_batch(rows, generator)
 
     def eval_batches(self, split, batch_size):
-        """The whole split, in order: every line once (pairs: as A or B; packed rows: every token once). Masks and pair
-        choices come from a generator seeded here, so every evaluation scores the same rows with the same masks."""
+        """The whole split, in order: every line once (pairs: as A or B; packed: every token once).
+        Masks and pairs come from a generator seeded here: the same rows, same masks every time."""
         ix, g = self.index(split), torch.Generator().manual_seed(EVAL_SEED)
         rows, line, offset = [], 0, 0
         while line < ix.n_lines:
@@ -817,23 +856,24 @@ class PretrainingObjective:
         return int(batch["attention_mask"].sum())  # real tokens: padding is not work done on text
 
     def denominators(self, batch):
-        """Each loss term's count over the whole step: masked positions for MLM (and SBO), rows for NSP/SOP."""
+        """Each loss term's count over the step: masked positions (MLM, SBO), rows (NSP/SOP)."""
         den = {"mlm": int((batch["labels"] != -100).sum())}
         if self.pairs:
             den["pair"] = batch["input_ids"].size(0)
         return den
 
     def loss(self, model, batch, denominators=None):
-        """(MLM mean over masked positions [+ NSP/SOP mean over rows] [+ SBO mean over masked positions], sums).
-        The terms are added unweighted, as in BERT and SpanBERT."""
+        """(loss, sums). loss: MLM mean over masked positions [+ NSP/SOP mean over rows]
+        [+ SBO mean over masked positions], added unweighted, as in BERT and SpanBERT."""
         den = denominators or self.denominators(batch)
         labels = batch["labels"]
         chosen = labels != -100
         spans = None
         if self.config.span_boundary:
-            spans = (batch["span_left"][chosen], batch["span_right"][chosen], batch["span_offset"][chosen])
-        out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], masked_positions=chosen,
-                    spans=spans)
+            spans = (batch["span_left"][chosen], batch["span_right"][chosen],
+                     batch["span_offset"][chosen])
+        out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                    masked_positions=chosen, spans=spans)
         target = labels[chosen]  # (N,)
         mlm_nll = F.cross_entropy(out[0].float(), target, reduction="sum")
         loss = mlm_nll / max(1, den["mlm"])
@@ -852,7 +892,7 @@ class PretrainingObjective:
         return loss, stats
 
     def summarize(self, sums):
-        """loss = the sum of the terms' means (what training minimises), then each term and its accuracy."""
+        """loss (the sum of the terms' means, as minimised), then each term and its accuracy."""
         masked = max(1.0, float(sums["masked"]))
         m = {"mlm_loss": float(sums["mlm_nll"]) / masked, "mlm_acc": float(sums["mlm_correct"]) / masked}
         if self.pairs:
@@ -868,10 +908,12 @@ class PretrainingObjective:
 Objective = PretrainingObjective
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Demo: what a run shows when it ends (train.py calls demo()), and filling masks from a checkpoint or a released model.
+# Demo: what a run shows when it ends (train.py calls demo()).
+# Filling masks from a checkpoint or a released model.
 
-# char-level default: a masked letter in three common words of a play the model never sees (Julius Caesar)
-FILL_TEXT = "Friends, Romans, countrymen, lend me y[MASK]ur ears; I come to bury Caesar, n[MASK]t to praise h[MASK]m."
+# char-level default: a letter masked in three common words of an unseen play (Julius Caesar)
+FILL_TEXT = ("Friends, Romans, countrymen, lend me y[MASK]ur ears; "
+             "I come to bury Caesar, n[MASK]t to praise h[MASK]m.")
 
 
 @dataclass
@@ -881,32 +923,36 @@ class DemoConfig:
 
 
 def with_cls_sep(tokenizer, ids, max_len, what="sentence"):
-    """(1, T) tensor [CLS] ids [SEP], the input format BERT trains on; refused when longer than max_len positions.
+    """(1, T) tensor [CLS] ids [SEP], BERT's input format. Refused beyond max_len positions.
     with_cls_sep(tok, [7, 8], 64) -> tensor([[cls, 7, 8, sep]])"""
     row = torch.tensor([[tokenizer.specials["[CLS]"], *ids, tokenizer.specials["[SEP]"]]])
     require(row.size(1) <= max_len,
-            f"the {what} is {row.size(1)} tokens with [CLS] and [SEP]; this model reads at most {max_len}")
+            f"the {what} is {row.size(1)} tokens with [CLS] and [SEP]; "
+            f"this model reads at most {max_len}")
     return row
 
 
 @torch.no_grad()
 def fill_masks(model, tokenizer, text, top_k, device="cpu"):
-    """Predict every [MASK] in `text` in one pass, as BERT does (each mask independently of the others). Returns
-    (the text with each mask replaced by its best candidate, [[(candidate, probability), ...] per mask])."""
+    """Predict every [MASK] in `text` in one pass, as BERT does (each independently of the others).
+    -> (the text with each mask replaced by its best candidate,
+        [[(candidate, probability), ...] per mask])."""
     mask_id = tokenizer.specials["[MASK]"]
     ids = tokenizer.encode(text)
-    require(mask_id in ids, "the sentence has no [MASK] to fill (write [MASK] where a token should be predicted)")
+    require(mask_id in ids,
+            "the sentence has no [MASK] to fill (write [MASK] where a token should be predicted)")
     row = with_cls_sep(tokenizer, ids, model.config.max_position_embeddings).to(device)
     was_training = model.training
     model.eval()
     logits, _ = model(row)
     model.train(was_training)
     probs = logits[0, 1:-1].float().softmax(-1)  # (len(ids), V)
-    probs[:, list(tokenizer.specials.values())] = 0  # a [MASK] is text: never fill it with [SEP] or [PAD]
+    probs[:, list(tokenizer.specials.values())] = 0  # a [MASK] is text: never [SEP] or [PAD]
     filled, candidates = list(ids), []
     for t in [t for t, i in enumerate(ids) if i == mask_id]:
         top = probs[t].topk(top_k)
-        candidates.append([(tokenizer.decode([i]), p) for p, i in zip(top.values.tolist(), top.indices.tolist())])
+        candidates.append([(tokenizer.decode([i]), p)
+                           for p, i in zip(top.values.tolist(), top.indices.tolist())])
         filled[t] = top.indices[0].item()
     return tokenizer.decode(filled), candidates
 
@@ -924,7 +970,7 @@ def demo(model, tokenizer, cfg, device):
         return
     try:
         filled, candidates = fill_masks(model, tokenizer, cfg.fill_text, cfg.top_k, device)
-    except UsageError as e:  # e.g. a sentence longer than a small model's position table: the run itself is fine
+    except UsageError as e:  # e.g. too long for a small model's position table; the run is fine
         print(f"demo skipped: {e} (--fill-text sets the sentence)")
         return
     print("-" * 80)
@@ -934,13 +980,13 @@ def demo(model, tokenizer, cfg, device):
 
 @command
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Fill every [MASK] in a sentence with a BERT: a checkpoint written by "
-                                            "train.py (--ckpt) or a Hugging Face BertForPreTraining directory with its "
-                                            "vocab.txt (--hf).")
+    p = argparse.ArgumentParser(description=(
+        "Fill every [MASK] in a sentence with a BERT: a checkpoint written by train.py (--ckpt) "
+        "or a Hugging Face BertForPreTraining directory with its vocab.txt (--hf)."))
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="path to ckpt.pt (e.g. out/bert/ckpt.pt)")
-    src.add_argument("--hf", help="a BertForPreTraining directory: config.json, model.safetensors or "
-                                  "pytorch_model.bin, and vocab.txt (read by bpe.WordPiece)")
+    src.add_argument("--hf", help="a BertForPreTraining directory: config.json, model.safetensors "
+                                  "or pytorch_model.bin, and vocab.txt (read by bpe.WordPiece)")
     p.add_argument("text", help='a sentence with one or more [MASK], e.g. "my dog is [MASK]."')
     p.add_argument("--top-k", type=int, default=5, help="candidates to show per [MASK]")
     p.add_argument("--device", default="cpu")
@@ -954,7 +1000,8 @@ def main(argv=None):
         model, tokenizer, _ = train.load_for_inference(args.ckpt, device, flag="--ckpt", model="bert")
     else:
         vocab = os.path.join(args.hf, "vocab.txt")
-        require(os.path.exists(vocab), f"--hf {args.hf}: no vocab.txt (BERT's WordPiece vocabulary) in the directory")
+        require(os.path.exists(vocab),
+                f"--hf {args.hf}: no vocab.txt (BERT's WordPiece vocabulary) in the directory")
         try:
             model = BERT.from_pretrained(args.hf).to(device)
             tokenizer = bpe.WordPiece.from_vocab_file(vocab)

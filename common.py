@@ -1,13 +1,13 @@
 """
-The plumbing every command shares, written once: the error type for bad input, the wrapper that turns it into one
-line and exit code 2, and the matplotlib set-up of every figure.
+The plumbing every command shares, written once: the error type for bad input;
+the wrapper that turns it into one line and exit code 2; the matplotlib set-up of every figure.
 
-    require(cfg.lr > 0, f"--lr {cfg.lr}: the learning rate must be > 0")  # raises UsageError when false
+    require(cfg.lr > 0, f"--lr {cfg.lr}: the learning rate must be > 0")  # UsageError when false
 
-    @command                      # `python gpt.py --top-k 0` -> "gpt.py: error: --top-k 0: ...", exit 2, no traceback
+    @command        # `gpt.py --top-k 0` -> "gpt.py: error: --top-k 0: ...", exit 2, no traceback
     def main(argv=None): ...
 
-    plt = pyplot()                # matplotlib drawing into files, never a window (works without a display)
+    plt = pyplot()  # matplotlib drawing into files, never a window (works without a display)
 """
 
 import functools
@@ -16,8 +16,8 @@ import sys
 
 
 class UsageError(ValueError):
-    """Bad input: printed as one line, exit code 2, nothing written. A ValueError, so code that checks values the
-    ordinary Python way (except ValueError) still catches it."""
+    """Bad input: printed as one line, exit code 2, nothing written.
+    A ValueError, so the ordinary `except ValueError` still catches it."""
 
 
 def require(ok, message):
@@ -27,7 +27,8 @@ def require(ok, message):
 
 
 def command(main):
-    """Wrap a command's main(argv): a UsageError becomes "<file>.py: error: <message>" on stderr and exit code 2.
+    """Wrap a command's main(argv).
+    A UsageError becomes "<file>.py: error: <message>" on stderr and exit code 2.
     Under torchrun every process fails alike, so only rank 0 prints it."""
     prog = main.__module__.rsplit(".", 1)[-1] + ".py"
     if prog == "__main__.py":
@@ -46,7 +47,7 @@ def command(main):
 
 
 def pyplot():
-    """matplotlib.pyplot set to draw into files (the Agg backend), imported only when a figure is made."""
+    """matplotlib.pyplot drawing into files (Agg backend). Imported only when a figure is made."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,15 +1,17 @@
 """
-Hugging Face checkpoint directories, read and written without `transformers`: the part every model file shares.
+Hugging Face checkpoint directories, read and written without `transformers`. Shared by all models.
 
-A directory written by `transformers`' `save_pretrained` holds `config.json` and the weights, as `model.safetensors`
-(the current format: a JSON header naming each tensor's dtype, shape and byte range, then the raw bytes; reading it runs
-no code) or as `pytorch_model.bin` (older uploads, e.g. OpenAI's GPT-2: a torch pickle, read with weights_only=True so
-that no pickled code runs either). What differs per model is only the mapping between its parameter names and ours,
-and that lives in each model file (gpt.py's GPT.from_pretrained / export_hf, ...); the checked copy is here, once.
+`transformers`' `save_pretrained` writes `config.json` and the weights, as one of:
+- `model.safetensors`, the current format: a JSON header (each tensor's dtype, shape, byte range),
+  then the raw bytes. Reading it runs no code.
+- `pytorch_model.bin`, older uploads (e.g. OpenAI's GPT-2): a torch pickle.
+  Read with weights_only=True, so no pickled code runs either.
+Per model, only the map from its parameter names to ours differs. It lives in each model file
+(gpt.py's GPT.from_pretrained / export_hf, ...). The checked copy is here, once.
 
-    config, weights = read_hf_dir("path/to/gpt2")      # (dict from config.json, {name: tensor})
-    copy_weights(model, weights, "path/to/gpt2", name=lambda ours: ours.removeprefix("transformer."))
-    write_hf_dir("out/hf", config, weights)            # what from_pretrained in transformers loads
+    config, weights = read_hf_dir("path/to/gpt2")  # (dict from config.json, {name: tensor})
+    copy_weights(model, weights, "path/to/gpt2", name=lambda k: k.removeprefix("transformer."))
+    write_hf_dir("out/hf", config, weights)        # what transformers' from_pretrained loads
 """
 
 import json
@@ -20,8 +22,8 @@ from safetensors.torch import load_file, save_file
 
 
 def read_hf_dir(path):
-    """(config dict, {name: tensor}) from a save_pretrained directory, or from a hub name such as "gpt2" when
-    huggingface_hub is installed and online (nothing here ever downloads on its own)."""
+    """(config dict, {name: tensor}) from a save_pretrained directory.
+    Or a hub name ("gpt2") with huggingface_hub installed and online. Nothing downloads unasked."""
     if not os.path.isdir(path):
         path = _download_from_hub(path)
     config_file = os.path.join(path, "config.json")
@@ -38,12 +40,14 @@ def read_hf_dir(path):
 
 
 def copy_weights(model, weights, path, name=None, skip=(), convert=None):
-    """Copy a checkpoint's tensors into model's parameters and buffers, refusing a missing name or a wrong shape.
+    """Copy checkpoint tensors into model.state_dict(). Refuse a missing name or a wrong shape.
 
-    name(ours) -> the checkpoint's name (default: the same); parameters whose name starts with one of `skip` keep their
-    initialisation (a tied weight, a head the format lacks); convert(ours, tensor) -> tensor fixes a layout first
+    name(ours) -> the checkpoint's name (default: the same).
+    Names starting with one of `skip` keep their init (a tied weight, a head the format lacks).
+    convert(ours, tensor) -> tensor fixes a layout first
     (GPT-2's Conv1D weights are (in, out), the transpose of nn.Linear's).
-    Trap: a square weight loaded untransposed has the right shape and silently computes garbage; only parity catches it.
+    Trap: a square weight loaded untransposed has the right shape and silently computes garbage.
+    Only parity catches it.
     """
     with torch.no_grad():
         for ours, param in model.state_dict().items():
@@ -59,11 +63,11 @@ def copy_weights(model, weights, path, name=None, skip=(), convert=None):
 
 
 def write_hf_dir(path, config, weights):
-    """config.json + model.safetensors. Tensors are written contiguous, on the CPU, each stored once (safetensors
-    refuses two names for one storage, so a tied weight must be left out by the caller, as transformers does)."""
+    """config.json + model.safetensors. Tensors go contiguous, on the CPU, each stored once.
+    safetensors refuses two names for one storage: leave a tied weight out, as transformers does."""
     os.makedirs(path, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, os.path.join(path, "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
+              os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
