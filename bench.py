@@ -1,16 +1,16 @@
 """
 Benchmarks, as commands that print figures (never as timed tests).
 
-    python bench.py models                                   # every model's default preset, naive vs fused attention
-    python bench.py models --models gpt --presets gpt2 --compile both --device cuda     # GPT-2 124M on a GPU
-    python bench.py attention --lengths 256,512,1024,2048    # one attention layer, naive vs fused, forward + backward
+    python bench.py models  # every model's default preset, naive vs fused attention
+    python bench.py models --models gpt --presets gpt2 --compile both --device cuda  # GPT-2 124M
+    python bench.py attention --lengths 256,512,1024,2048  # naive vs fused, forward + backward
 
-`models` runs train.py's own --bench (full optimizer steps: data, forward, backward, clipping, AdamW) for each
-combination and prints one table: ms/step, tokens/s, MFU and, on CUDA, peak memory. `attention` times one causal
-self-attention layer of gpt.py at growing sequence lengths: the readable path materialises the (T, T) score matrix
-(memory grows as T^2), the fused kernel (torch.nn.functional.scaled_dot_product_attention: FlashAttention or
-memory-efficient attention on GPUs, no Triton) never does. MFU needs a known peak: GPUs from train.GPU_PEAK_BF16 (an
-unknown GPU prints none rather than a wrong one), CPUs from a measured matmul (train.peak_flops).
+`models` runs train.py's own --bench (full steps: data, forward, backward, clipping, AdamW) per
+combination, in one table: ms/step, tokens/s, MFU and, on CUDA, peak memory. `attention` times one
+causal attention layer of gpt.py at growing lengths. The readable path materialises the (T, T) score
+matrix (memory grows as T^2). The fused kernel (torch's scaled_dot_product_attention: FlashAttention
+or memory-efficient attention on GPUs, no Triton) never does. MFU needs a known peak: GPUs from
+train.GPU_PEAK_BF16 (unknown: none, no wrong MFU), CPUs from a measured matmul (train.peak_flops).
 """
 
 import argparse
@@ -32,8 +32,9 @@ def bench_models(args):
         for preset in presets:
             for attn in args.attn.split(","):
                 for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
-                    argv = ["--model", model, "--preset", preset, "--bench", "--bench-iters", str(args.iters),
-                            "--device", args.device, "--attn", attn, "--compile" if compiled else "--no-compile"]
+                    argv = ["--model", model, "--preset", preset, "--bench", "--bench-iters",
+                            str(args.iters), "--device", args.device, "--attn", attn,
+                            "--compile" if compiled else "--no-compile"]
                     argv += ["--dtype", args.dtype] if args.dtype else []
                     argv += ["--data", args.data] if args.data else []
                     argv += ["--cache-dir", args.cache_dir] if args.cache_dir else []
@@ -54,25 +55,26 @@ def bench_models(args):
 
 def _row(model, preset, attn, compiled, r, mem):
     mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
-    return (f"{model:<8}{preset:<14}{attn:<7}{compiled:<9}{r['ms']:>10.1f}{r['tok_s']:>14,.0f}{mfu:>8}"
-            f"{'n/a' if mem is None else f'{mem:.2f} GiB':>12}")
+    return (f"{model:<8}{preset:<14}{attn:<7}{compiled:<9}{r['ms']:>10.1f}{r['tok_s']:>14,.0f}"
+            f"{mfu:>8}{'n/a' if mem is None else f'{mem:.2f} GiB':>12}")
 
 
 def bench_attention(args):
-    """Forward + backward of one gpt.CausalSelfAttention, naive vs sdpa, at each length; returns rows."""
+    """Forward + backward of one gpt.CausalSelfAttention, naive vs sdpa, per length -> rows."""
     import gpt
 
     try:
         lengths = [int(t) for t in args.lengths.split(",")]
     except ValueError:
-        raise UsageError(f"--lengths {args.lengths!r}: expected sequence lengths such as 256,512,1024") from None
+        raise UsageError(f"--lengths {args.lengths!r}: expected sequence lengths such as "
+                         f"256,512,1024") from None
     require(min(lengths) >= 1, f"--lengths {args.lengths}: every length must be at least 1")
     device = train.pick_device(args.device)
     dtype = train.pick_dtype(args.dtype or "auto", device)
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    print(f"one causal self-attention layer, batch {args.batch}, {args.n_head} heads, width {args.n_embd}, {device} "
-          f"{dtype}; forward + backward")
+    print(f"one causal self-attention layer, batch {args.batch}, {args.n_head} heads, "
+          f"width {args.n_embd}, {device} {dtype}; forward + backward")
     print(f"{'T':>6}{'naive ms':>11}{'fused ms':>11}{'speed-up':>10}{'naive mem':>12}{'fused mem':>12}")
     rows = []
     for T in lengths:
@@ -122,15 +124,19 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("models", help="train.py --bench for each model / preset / attention path / compile")
     m.add_argument("--models", default=",".join(train.MODELS), help="comma-separated --model names")
-    m.add_argument("--presets", default="", help="comma-separated presets (default: each model's DEFAULT_PRESET)")
+    m.add_argument("--presets", default="",
+                   help="comma-separated presets (default: each model's DEFAULT_PRESET)")
     m.add_argument("--attn", default="naive,sdpa", help="attention paths to compare")
     m.add_argument("--compile", default="off", choices=["off", "on", "both"], help="torch.compile the model")
-    m.add_argument("--iters", type=int, default=20, help="timed steps per combination (after 5 warm-up steps)")
+    m.add_argument("--iters", type=int, default=20,
+                   help="timed steps per combination (after 5 warm-up steps)")
     m.add_argument("--device", default="auto")
     m.add_argument("--dtype", default="", help="override the presets' precision")
-    m.add_argument("--data", default="", help="corpus (default: each preset's, i.e. the bundled Shakespeare)")
+    m.add_argument("--data", default="",
+                   help="corpus (default: each preset's, i.e. the bundled Shakespeare)")
     m.add_argument("--cache-dir", default="", help="train.py's token cache (default: data/cache)")
-    a = sub.add_parser("attention", help="one attention layer: time and memory, naive vs fused, over lengths")
+    a = sub.add_parser("attention",
+                       help="one attention layer: time and memory, naive vs fused, over lengths")
     m.error = a.error = _usage_error
     a.add_argument("--lengths", default="256,512,1024,2048")
     a.add_argument("--batch", type=int, default=8)

@@ -1,37 +1,43 @@
 """
 One training loop for every model in this repository (MODELS below): each plugs into the same loop.
 
-    python train.py --model gpt                      # char-level GPT on the bundled Shakespeare, CPU, about 4 minutes
-    python train.py --model gpt --help               # every flag, generated from the config dataclasses
-    python train.py --model gpt --resume             # continue out/gpt from its checkpoint
-    python train.py --model gpt --max-time 90s       # as good a model as 90 seconds of this machine allow
-    python train.py --model gpt --data milton:0.75,shakespeare:0.25 --init-from out/gpt/ckpt.pt   # continue, replay
-    torchrun --standalone --nproc_per_node=4 train.py --model gpt --preset gpt2 --data PREPARED   # 4 GPUs
-    python train.py --model gpt --preset nanogpt-cpu --bench   # ms/step, tokens/s, MFU; writes nothing
+    python train.py --model gpt                  # char-level GPT, bundled Shakespeare, CPU, ~4 min
+    python train.py --model gpt --help           # every flag, generated from the config dataclasses
+    python train.py --model gpt --resume         # continue out/gpt from its checkpoint
+    python train.py --model gpt --max-time 90s   # as good a model as 90 s of this machine allow
+    # continue from a checkpoint, replaying a share of the old corpus:
+    python train.py --model gpt --data milton:0.75,shakespeare:0.25 --init-from out/gpt/ckpt.pt
+    # 4 GPUs:
+    torchrun --standalone --nproc_per_node=4 train.py --model gpt --preset gpt2 --data PREPARED
+    python train.py --model gpt --preset nanogpt-cpu --bench  # ms/step, tok/s, MFU; writes nothing
 
-The file follows a run: configuration -> device and precision -> optimisation -> checkpoints -> evaluation -> the
-time budget -> many processes -> setting a run up -> the loop (`loop`, one screen). Data and tokenizers: data.py.
+The file follows a run: configuration -> device and precision -> optimisation -> checkpoints ->
+evaluation -> the time budget -> many processes -> setting a run up -> `loop` (one screen).
+Data and tokenizers: data.py.
 A model file plugs in with (optional ones marked ?):
-  Config, PRESETS, DEFAULT_PRESET   the architecture's dataclass (a --flag per field); named sizes and recipes
-  SPECIAL_TOKENS, TOKEN_IDS?        tokens the objective needs ([MASK], ...), above every tokenizer's ordinary ids;
-                                    {config field: special token}, the fields the loop fills with their ids
-  Model(config)                     the nn.Module. ?no_weight_decay(), ?flops_per_token(), ?num_params(),
-                                    ?from_pretrained(path) (--init-from a Hugging Face directory)
-  Objective(config, tokenizer)      turns token data into batches and scores them:
-    raw_tokens_per_row, tokens_per_row   tokens a row draws from the stream / counts as processed (GPT: T + 1, T)
-    train_batch(split, batch_size, generator) -> dict of tensors, rows first; count_tokens(batch) for tokens/s
+  Config, PRESETS, DEFAULT_PRESET  architecture dataclass (a --flag per field); named sizes, recipes
+  SPECIAL_TOKENS, TOKEN_IDS?       tokens the objective needs ([MASK], ...), above all ordinary ids;
+                                   {config field: special token}: the fields the loop fills with ids
+  Model(config)                    nn.Module: ?no_weight_decay(), ?flops_per_token(), ?num_params(),
+                                   ?from_pretrained(path) (--init-from a Hugging Face directory)
+  Objective(config, tokenizer)     turns token data into batches and scores them:
+    raw_tokens_per_row, tokens_per_row   tokens a row draws / counts as processed (GPT: T + 1, T)
+    train_batch(split, batch_size, generator) -> dict of tensors, rows first
+    count_tokens(batch) -> tokens, for tokens/s
     eval_batches(split, batch_size) -> iterator of dicts, deterministic, covering `split`
     denominators(batch) -> {term: count}, what each loss term is averaged over, for a whole step
     loss(model, batch, denominators=None) -> (loss, dict of sums); summarize(sums) -> metrics
-    ?describe() -> a line for the log; ?state_dict(), ?load_state_dict(), ?reset(): state across steps (XLNet)
-    Trap: loss() calls model(...) itself, never a submodule: under torchrun `model` is the DDP wrapper, which syncs
-    gradients only through its forward.
-  DemoConfig?, demo?(model, tokenizer, demo_config, device)   what a run shows when it ends (GPT samples)
-  DTYPES?                           the precisions the model trains in (T5: never fp16)
-Slides (lecture 001): "Training recipe for LLMs" and "Pretraining language models". Papers: Loshchilov & Hutter
-2019 (AdamW) and 2017 (cosine, SGDR), Goyal et al. 2017 §2.2 (linear warm-up), GPT-3 (Brown et al. 2020) §2.3 and
-App. B (the gpt2 preset), Devlin et al. 2019 App. A.2 (BERT's linear decay), Raffel et al. 2020 §3.1.2 (T5's inverse
-square root), Geiping & Goldstein 2023 "Cramming" §4 (a schedule fitted to a wall-clock budget).
+    ?describe() -> a line for the log
+    ?state_dict(), ?load_state_dict(), ?reset(): state across steps (XLNet)
+    Trap: loss() calls model(...) itself, never a submodule. Under torchrun `model` is the DDP
+    wrapper, which syncs gradients only through its forward.
+  DemoConfig?, demo?(model, tokenizer, demo_config, device)  shown when a run ends (GPT: samples)
+  DTYPES?                          the precisions the model trains in (T5: never fp16)
+Slides (lecture 001): "Training recipe for LLMs" and "Pretraining language models".
+Papers: Loshchilov & Hutter 2019 (AdamW) and 2017 (cosine, SGDR); Goyal et al. 2017 §2.2 (linear
+warm-up); GPT-3 (Brown et al. 2020) §2.3 and App. B (the gpt2 preset); Devlin et al. 2019 App. A.2
+(BERT's linear decay); Raffel et al. 2020 §3.1.2 (T5's inverse square root); Geiping & Goldstein
+2023 "Cramming" §4 (a schedule fitted to a wall-clock budget).
 """
 
 import argparse
@@ -56,12 +62,14 @@ from common import UsageError, command, pyplot, require
 from data import DEFAULT_DATA, atomic_write_text, prepare_domains, special_tokens_of, tokenizer_from_identity
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# --model name -> module. Adding a model = one line here and one file. gpt: gpt.py's GPT-2, through mtp.py, which adds
-# the optional multi-token heads (--mtp-heads) and builds a plain gpt.GPT without them.
+# --model name -> module. Adding a model = one line here and one file.
+# gpt: gpt.py's GPT-2, through mtp.py. mtp.py adds the optional multi-token heads (--mtp-heads);
+# without them it builds a plain gpt.GPT.
 MODELS = {"gpt": "mtp", "bert": "bert", "electra": "electra", "t5": "t5", "xlnet": "xlnet"}
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Configuration. Every field is a --flag (underscores become dashes); presets and checkpoints fill the same fields.
+# Configuration. Every field is a --flag (underscores become dashes).
+# Presets and checkpoints fill the same fields.
 
 
 def opt(default, help):
@@ -82,63 +90,76 @@ TOKENIZERS = ("char", "gpt2", "bpe")
 class TrainConfig:
     model: str = opt("gpt", f"which model file to train: {', '.join(MODELS)}")
     preset: str = opt("", "named size/recipe from the model file (default: its DEFAULT_PRESET)")
-    data: str = opt("", "directory or glob of UTF-8 .txt files, one document each, or a `python data.py prepare` "
-                        "directory, or a mixture such as milton:0.75,shakespeare:0.25 (bundled corpora by name; "
-                        "every corpus named is evaluated, weight 0 included) (default: bundled Shakespeare)")
-    val_docs: str = opt("", "comma-separated document names to hold out (default: the bundled held-out works, "
-                            "else every 10th document)")
+    data: str = opt("", "directory or glob of UTF-8 .txt files, one document each, or a "
+                        "`python data.py prepare` directory, or a mixture such as "
+                        "milton:0.75,shakespeare:0.25 (bundled corpora by name; every corpus named "
+                        "is evaluated, weight 0 included) (default: bundled Shakespeare)")
+    val_docs: str = opt("", "comma-separated document names to hold out (default: the bundled "
+                            "held-out works, else every 10th document)")
     tokenizer: str = opt("char", "char | gpt2 | bpe")
-    vocab_size: int = opt(1024, "vocabulary size to train when --tokenizer bpe (the model's special tokens on top)")
+    vocab_size: int = opt(1024, "vocabulary size to train when --tokenizer bpe "
+                                "(the model's special tokens on top)")
     out_dir: str = opt("", "where ckpt.pt, metrics.jsonl and loss.png go (default: out/<model>)")
-    cache_dir: str = opt(os.path.join(ROOT, "data", "cache"), "where tokenised corpora, trained tokenizers and this "
-                                                              "machine's measured peak FLOP/s are cached")
+    cache_dir: str = opt(os.path.join(ROOT, "data", "cache"),
+                         "where tokenised corpora, trained tokenizers and this machine's measured "
+                         "peak FLOP/s are cached")
     device: str = opt("auto", "auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps")
-    dtype: str = opt("auto", "auto | bf16 | fp16 | fp32; auto = bf16 where the device does it natively, "
-                             "else fp16 + GradScaler on CUDA, else fp32")
+    dtype: str = opt("auto", "auto | bf16 | fp16 | fp32; auto = bf16 where the device does it "
+                             "natively, else fp16 + GradScaler on CUDA, else fp32")
     compile: bool = opt(False, "torch.compile the model (slow start, faster steps on GPU)")
     batch_size: int = opt(16, "micro-batch: rows per forward/backward pass")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
-    tokens_per_step: int = opt(0, "tokens per optimizer step; grad_accum = this / (batch_size x tokens per row)")
+    tokens_per_step: int = opt(0, "tokens per optimizer step; "
+                                  "grad_accum = this / (batch_size x tokens per row)")
     max_iters: int = opt(2000, "optimizer steps (with --max-time: at most this many; 0 = no cap)")
-    max_time: str = opt("", "wall-clock budget for the whole run, e.g. 4m, 90s, 1h30m: the step count is fixed from "
-                            "the measured step and eval times so the schedule ends on time ('' or 0 = off; giving "
-                            "--max-iters alone turns a preset's budget off)")
+    max_time: str = opt("", "wall-clock budget for the whole run, e.g. 4m, 90s, 1h30m: the step "
+                            "count is fixed from the measured step and eval times so the schedule "
+                            "ends on time ('' or 0 = off; giving --max-iters alone turns a "
+                            "preset's budget off)")
     lr: float = opt(1e-3, "peak learning rate")
     min_lr: float = opt(1e-4, "floor of the decay")
-    schedule: str = opt("cosine", "after warm-up: cosine | linear (decay to --min-lr at the horizon) | rsqrt "
-                                  "(lr * sqrt(warmup / step), T5) | constant | wsd (constant, then a linear cooldown "
-                                  "to --min-lr over the last --cooldown of the steps)")
-    cooldown: float = opt(0.2, "wsd: the share of the steps after warm-up spent decaying to --min-lr")
+    schedule: str = opt("cosine", "after warm-up: cosine | linear (decay to --min-lr at the "
+                                  "horizon) | rsqrt (lr * sqrt(warmup / step), T5) | constant | "
+                                  "wsd (constant, then a linear cooldown to --min-lr over the last "
+                                  "--cooldown of the steps)")
+    cooldown: float = opt(0.2, "wsd: the share of the steps after warm-up "
+                               "spent decaying to --min-lr")
     warmup_iters: int = opt(100, "linear warm-up steps")
-    lr_decay_iters: int = opt(0, "the decay's horizon: lr reaches --min-lr at this step (0 = max_iters, fixed when the "
-                                 "run starts; a resumed run keeps it)")
-    optimizer: str = opt("adamw", "adamw | adamw-scale (each tensor's step scaled by its RMS, Adafactor's relative "
-                                  "step: how nanoT5 trains T5)")
+    lr_decay_iters: int = opt(0, "the decay's horizon: lr reaches --min-lr at this step (0 = "
+                                 "max_iters, fixed when the run starts; a resumed run keeps it)")
+    optimizer: str = opt("adamw", "adamw | adamw-scale (each tensor's step scaled by its RMS, "
+                                  "Adafactor's relative step: how nanoT5 trains T5)")
     weight_decay: float = opt(0.1, "AdamW decoupled weight decay, on weight matrices only")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.99, "AdamW beta2")
     adam_eps: float = opt(1e-8, "AdamW epsilon (BERT and ELECTRA used 1e-6)")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
     eval_interval: int = opt(500, "evaluate, plot and checkpoint every N steps (and at the end)")
-    eval_tokens: int = opt(1 << 20, "val tokens scored at each eval: the same leading slice of the val split each "
-                                    "time (0 = all; the default scores the bundled held-out works in full)")
-    eval_train_tokens: int = opt(0, "train tokens scored at each eval, in 32 slices spread over the whole train split "
-                                    "(0 = as many as val)")
-    eval_batch_size: int = opt(0, "rows per eval forward pass (0 = about 2K tokens, at least --batch-size)")
+    eval_tokens: int = opt(1 << 20, "val tokens scored at each eval: the same leading slice of the "
+                                    "val split each time (0 = all; the default scores the bundled "
+                                    "held-out works in full)")
+    eval_train_tokens: int = opt(0, "train tokens scored at each eval, in 32 slices spread over "
+                                    "the whole train split (0 = as many as val)")
+    eval_batch_size: int = opt(0, "rows per eval forward pass "
+                                  "(0 = about 2K tokens, at least --batch-size)")
     log_interval: int = opt(10, "print a training line every N steps")
     seed: int = opt(1337, "seeds the model init, the batch order and dropout")
     resume: bool = opt(False, "continue the run in --out-dir from its ckpt.pt")
     overwrite: bool = opt(False, "start a new run even if --out-dir already holds one")
-    init_from: str = opt("", "start a new run (step 0, fresh optimizer and schedule) from these weights: a ckpt.pt of "
-                             "this repository or a Hugging Face directory of the same model")
-    bench: bool = opt(False, "benchmark: time --bench-iters steps, print ms/step, tokens/s, MFU; write nothing")
+    init_from: str = opt("", "start a new run (step 0, fresh optimizer and schedule) from these "
+                             "weights: a ckpt.pt of this repository or a Hugging Face directory of "
+                             "the same model")
+    bench: bool = opt(False, "benchmark: time --bench-iters steps, print ms/step, tokens/s, MFU; "
+                             "write nothing")
     bench_iters: int = opt(30, "timed steps for --bench (after 5 warm-up steps)")
 
     def __post_init__(self):
-        """Values no run can use are refused where the config is built, naming the flag as it is typed."""
-        for name, choices in (("schedule", SCHEDULES), ("optimizer", OPTIMIZERS), ("tokenizer", TOKENIZERS)):
+        """Values no run can use are refused where the config is built, naming the flag as typed."""
+        for name, choices in (("schedule", SCHEDULES), ("optimizer", OPTIMIZERS),
+                              ("tokenizer", TOKENIZERS)):
             value = getattr(self, name)
-            require(value in choices, f"unknown {cli_flag(name)} {value!r}; choose from: {', '.join(choices)}")
+            require(value in choices,
+                    f"unknown {cli_flag(name)} {value!r}; choose from: {', '.join(choices)}")
         for name in ("batch_size", "grad_accum", "eval_interval", "log_interval", "bench_iters"):
             require(getattr(self, name) >= 1, f"{cli_flag(name)} {getattr(self, name)}: must be at least 1")
         for name in ("min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "adam_eps", "grad_clip",
@@ -147,9 +168,10 @@ class TrainConfig:
             require(0 <= value < math.inf, f"{cli_flag(name)} {value:g}: must be a number >= 0")
         require(0 < self.lr < math.inf, f"--lr {self.lr:g}: the learning rate must be a number > 0")
         for name in ("beta1", "beta2"):
-            require(0 <= getattr(self, name) < 1, f"{cli_flag(name)} {getattr(self, name):g}: must be in [0, 1)")
+            require(0 <= getattr(self, name) < 1,
+                    f"{cli_flag(name)} {getattr(self, name):g}: must be in [0, 1)")
         require(0 <= self.cooldown <= 1, f"--cooldown {self.cooldown:g}: a share of the steps, in [0, 1]")
-        budget = parse_duration(self.max_time)  # a malformed --max-time fails here, before anything is read
+        budget = parse_duration(self.max_time)  # a malformed --max-time fails here, before reading
         require(self.max_iters >= (0 if budget else 1),
                 "--max-iters must be at least 1 (0 = no cap is only meaningful with --max-time)")
 
@@ -160,7 +182,8 @@ def parse_duration(text):
     if text in ("", "0"):
         return 0.0
     m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text)
-    require(m and any(m.groups()), f"--max-time {text!r}: expected a duration such as 4m, 90s, 1h30m or 240")
+    require(m and any(m.groups()),
+            f"--max-time {text!r}: expected a duration such as 4m, 90s, 1h30m or 240")
     h, mi, s = (float(g) if g else 0.0 for g in m.groups())
     return 3600 * h + 60 * mi + s
 
@@ -171,8 +194,8 @@ def model_module(name):
 
 
 def derived(mod):
-    """Model-config fields set from the tokenizer, never from a flag: vocab_size, and the ids of the model's special
-    tokens that its config names (TOKEN_IDS, e.g. {"pad_token_id": "[PAD]"} for a model that pads)."""
+    """Model-config fields set from the tokenizer, never from a flag: vocab_size, and the ids of
+    the special tokens its config names (TOKEN_IDS, e.g. {"pad_token_id": "[PAD]"} if it pads)."""
     return {"vocab_size", *getattr(mod, "TOKEN_IDS", {})}
 
 
@@ -183,20 +206,23 @@ def tokenizer_fields(mod, tokenizer):
 
 
 def config_groups(mod):
-    """(title, dataclass, fields) per group of flags: the loop's, the model's, and its demo's, if any."""
+    """(title, dataclass, fields) per group of flags: the loop's, the model's, its demo's if any."""
     model_fields = [f for f in fields(mod.Config) if f.name not in derived(mod)]
     groups = [("training", TrainConfig, fields(TrainConfig)),
               (f"model ({mod.__name__}.Config)", mod.Config, model_fields)]
     if hasattr(mod, "DemoConfig"):
-        groups.append((f"end-of-run demo ({mod.__name__}.DemoConfig)", mod.DemoConfig, fields(mod.DemoConfig)))
+        groups.append((f"end-of-run demo ({mod.__name__}.DemoConfig)", mod.DemoConfig,
+                       fields(mod.DemoConfig)))
     return groups
 
 
 def field_comments(cls):
-    """{field: its end-of-line comment} from a config class's source (a base class's fields too). Model configs
-    document each field with a comment, as nanoGPT does, rather than with metadata; --help shows those comments."""
-    sources = [inspect.getsource(c) for c in reversed(cls.__mro__[:-1])]  # a base class's fields, then a subclass's
-    found = (re.match(r"\s+(\w+):[^#]*#\s*(.*)", line) for source in sources for line in source.splitlines())
+    """{field: its end-of-line comment} from a config class's source, base classes included. Model
+    configs document each field with a comment, as nanoGPT does, not metadata: --help shows them."""
+    # a base class's fields, then a subclass's
+    sources = [inspect.getsource(c) for c in reversed(cls.__mro__[:-1])]
+    found = (re.match(r"\s+(\w+):[^#]*#\s*(.*)", line)
+             for source in sources for line in source.splitlines())
     return {m.group(1): m.group(2) for m in found if m}
 
 
@@ -205,11 +231,12 @@ def _usage_error(message):
 
 
 def build_parser(mod, preset_name):
-    """The CLI, generated from the config dataclasses: one typed --flag per field. --help shows the value a run
-    will use, i.e. the preset's where it sets one."""
+    """The CLI, generated from the config dataclasses: one typed --flag per field.
+    --help shows the value a run will use: the preset's, where it sets one."""
     p = argparse.ArgumentParser(prog="train.py", allow_abbrev=False, description=(
-        f"Train a model of this repository. Flags left out come from the preset ({mod.__name__}: {preset_name}), "
-        "then from the defaults; --help shows the values that apply to this --model/--preset."))
+        "Train a model of this repository. Flags left out come from the preset "
+        f"({mod.__name__}: {preset_name}), then from the defaults; --help shows the values that "
+        "apply to this --model/--preset."))
     p.error = _usage_error  # one line, exit 2, like every other bad input
     preset = mod.PRESETS.get(preset_name, {})
     for title, cls, fs in config_groups(mod):
@@ -218,21 +245,22 @@ def build_parser(mod, preset_name):
         for f in fs:
             value = preset.get(f.name, getattr(defaults, f.name))
             shown = f" [{value!r}{f' from preset {preset_name}' if f.name in preset else ''}]"
-            help = f.metadata.get("help", comments.get(f.name, "")) + (shown if value not in ("", None) else "")
+            help = (f.metadata.get("help", comments.get(f.name, ""))
+                    + (shown if value not in ("", None) else ""))
             help = help.replace("%", "%%")  # argparse %-formats help texts
             if f.type is bool:
                 g.add_argument(cli_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help)
             else:
-                g.add_argument(cli_flag(f.name), dest=f.name, type=f.type, default=argparse.SUPPRESS, help=help,
-                               metavar=f.name.upper())
+                g.add_argument(cli_flag(f.name), dest=f.name, type=f.type, default=argparse.SUPPRESS,
+                               help=help, metavar=f.name.upper())
     return p
 
 
 @dataclass
 class Settings:
-    """What the command line asked for: the loop's config, the model file's configs (as keyword dicts: the model's
-    vocab_size is only known once the tokenizer is), and which keys the user typed."""
+    """What the command line asked for: the loop's config, the model file's configs (keyword
+    dicts: vocab_size is known only with the tokenizer), and which keys the user typed."""
     cfg: TrainConfig
     model: dict
     demo: dict
@@ -248,10 +276,11 @@ def resolve_config(argv):
     mod = model_module(known.model)
     preset_name = known.preset or mod.DEFAULT_PRESET
     require(preset_name in mod.PRESETS,
-            f"unknown --preset {preset_name!r} for {known.model}; choose from: {', '.join(mod.PRESETS)}")
+            f"unknown --preset {preset_name!r} for {known.model}; "
+            f"choose from: {', '.join(mod.PRESETS)}")
     explicit = vars(build_parser(mod, preset_name).parse_args(argv))
     if "max_iters" in explicit and "max_time" not in explicit:
-        explicit["max_time"] = ""  # an explicit step count is a request for exactly that many steps: no budget
+        explicit["max_time"] = ""  # an explicit step count asks for exactly that many: no budget
     groups = [{f.name for f in fs} for _, _, fs in config_groups(mod)]
     values = [{}, {}, {}]
     for key, value in {**mod.PRESETS[preset_name], **explicit}.items():
@@ -263,8 +292,9 @@ def resolve_config(argv):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Device, precision, throughput. A CPU's dtypes are not all equal: with AVX512-BF16 or AMX, bf16 matmuls run several
-# times faster than fp32; without them (AVX2-only CPUs, most laptops), bf16 and fp16 are emulated, ~100-500x slower.
+# Device, precision, throughput. A CPU's dtypes are not all equal. With AVX512-BF16 or AMX,
+# bf16 matmuls run several times faster than fp32. Without them (AVX2-only CPUs, most laptops),
+# bf16 and fp16 are emulated, ~100-500x slower.
 
 
 def pick_device(name):
@@ -275,7 +305,8 @@ def pick_device(name):
             f"unknown --device {name!r}; choose from: auto, cpu, cuda, cuda:N, mps")
     require(not name.startswith("cuda") or torch.cuda.is_available(),
             f"--device {name}: CUDA is not available on this machine")
-    require(name != "mps" or torch.backends.mps.is_available(), "--device mps: MPS is not available on this machine")
+    require(name != "mps" or torch.backends.mps.is_available(),
+            "--device mps: MPS is not available on this machine")
     return name
 
 
@@ -283,7 +314,7 @@ TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.flo
 
 
 def autocast(device, dtype):
-    """The mixed-precision context every forward runs in: autocast to bf16/fp16, or nothing for fp32."""
+    """The mixed-precision context of every forward: autocast to bf16/fp16, or nothing for fp32."""
     if dtype == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.split(":")[0], dtype=TORCH_DTYPES[dtype])
@@ -291,9 +322,9 @@ def autocast(device, dtype):
 
 @functools.lru_cache(maxsize=None)
 def cpu_slowdown(dtype):
-    """How many times slower a 128^3 matmul is in `dtype` than in fp32 here (best of 3, a few ms): ~0.5 for bf16
-    with AMX, ~1 with AVX512-BF16, 100+ emulated. Measured, because the CPU flags say 'native' even where the math
-    library was told not to use them (ONEDNN_MAX_CPU_ISA)."""
+    """How many times slower a 128^3 matmul is in `dtype` than in fp32 here (best of 3, a few ms):
+    ~0.5 for bf16 with AMX, ~1 with AVX512-BF16, 100+ emulated. Measured, because the CPU flags say
+    'native' even where the math library was told not to use them (ONEDNN_MAX_CPU_ISA)."""
     def best(dt):
         a = torch.ones(128, 128, dtype=dt)
         times = []
@@ -314,15 +345,16 @@ def cpu_has_native(dtype):
 
 
 def pick_dtype(name, device):
-    """auto: bf16 where the device does it natively, fp16 (+ GradScaler) on older GPUs, else fp32. An explicit bf16
-    or fp16 on a CPU that only emulates it runs anyway, after one line saying what it costs."""
+    """auto: bf16 where the device does it natively, fp16 (+ GradScaler) on older GPUs, else fp32.
+    An explicit bf16 or fp16 on a CPU that emulates it runs anyway, after a line on the cost."""
     kind = device.split(":")[0]
     if name != "auto":
         require(name in TORCH_DTYPES, f"unknown --dtype {name!r}; choose from: auto, bf16, fp16, fp32")
         if kind == "cpu" and not cpu_has_native(name):
-            print(f"warning: --dtype {name}: this CPU has no native {name} matmuls (no AVX512-BF16/AMX); emulated "
-                  f"they ran {cpu_slowdown(name):.0f}x slower than fp32 here, and the run will be about that much "
-                  f"slower. --dtype fp32 (what auto picks on this CPU) avoids it.", file=sys.stderr)
+            print(f"warning: --dtype {name}: this CPU has no native {name} matmuls (no "
+                  f"AVX512-BF16/AMX); emulated they ran {cpu_slowdown(name):.0f}x slower than fp32 "
+                  f"here, and the run will be about that much slower. --dtype fp32 (what auto "
+                  f"picks on this CPU) avoids it.", file=sys.stderr)
         return name
     if kind == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -331,10 +363,11 @@ def pick_dtype(name, device):
     return "fp32"  # mps: autocast support varies by macOS version; fp32 always works
 
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, for MFU (Chowdhery et al. 2022, PaLM App. B).
-# Checked in this order: the first key found in the device's name wins ("H100 PCIe" before "H100").
-GPU_PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
-                 "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+# Dense bf16 tensor-core peaks (FLOP/s) from vendor datasheets, for MFU (PaLM App. B,
+# Chowdhery et al. 2022). In order: the first key in the device's name wins ("H100 PCIe" first).
+GPU_PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
+                 "L40S": 362e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12,
+                 "T4": 65e12}
 
 
 def _cpu_name():
@@ -346,21 +379,23 @@ def _cpu_name():
 
 
 def peak_flops(device, dtype, cache_dir, measure=True, remeasure=False):
-    """(FLOP/s or None, how it was obtained). A GPU: its datasheet (an unknown one: None, rather than a wrong MFU).
-    A CPU: the best of 5 square matmuls of the first size that takes 5 ms, timed once per machine and dtype and
-    cached in cache_dir: MFU relative to what this CPU reaches. measure=False only reads the cache; remeasure=True
-    (--bench) keeps the best ever seen, so a quiet machine corrects a busy one. Never in an emulated dtype."""
+    """(FLOP/s or None, how it was obtained). A GPU: its datasheet (unknown: None, not a wrong MFU).
+    A CPU: the best of 5 square matmuls of the first size taking 5 ms, cached per machine and dtype:
+    MFU relative to what this CPU reaches. measure=False only reads the cache. remeasure=True
+    (--bench) keeps the best seen: a quiet machine corrects a busy one. Not in emulated dtypes."""
     kind = device.split(":")[0]
     if kind == "cuda":
         name = torch.cuda.get_device_name(device)
         key = next((k for k in GPU_PEAK_BF16 if k in name), None)
-        return (GPU_PEAK_BF16[key], f"{name} datasheet dense bf16") if key else (None, f"{name}: peak unknown")
+        return ((GPU_PEAK_BF16[key], f"{name} datasheet dense bf16") if key
+                else (None, f"{name}: peak unknown"))
     if kind != "cpu":
         return None, "peak unknown"
     if not cpu_has_native(dtype):
         return None, f"{dtype} is emulated on this CPU"
     isa = f"{os.environ.get('ONEDNN_MAX_CPU_ISA', '')} {os.environ.get('ATEN_CPU_CAPABILITY', '')}"
-    machine = f"{_cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__} | {dtype} | {isa}"
+    machine = (f"{_cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__} | "
+               f"{dtype} | {isa}")
     path = os.path.join(cache_dir, "cpu_peak.json")
     cached = json.load(open(path)) if os.path.exists(path) else {}
     how = f"best {dtype} matmul on this CPU, measured once and cached in {path}"
@@ -368,11 +403,11 @@ def peak_flops(device, dtype, cache_dir, measure=True, remeasure=False):
         return cached[machine], how
     if not measure:
         return None, "not measured yet"
-    g = torch.Generator().manual_seed(0)  # its own generator: drawing from the global one would shift dropout's
+    g = torch.Generator().manual_seed(0)  # not the global one: that would shift dropout's
     for n in (256, 512, 1024, 2048):
         a = torch.randn(n, n, generator=g).to(TORCH_DTYPES[dtype])
         best = float("inf")
-        for _ in range(5):  # the fastest of several: the first ones pay for warm-up and clock ramp-up
+        for _ in range(5):  # the fastest of several: the first pay for warm-up and clock ramp-up
             t = time.perf_counter()
             a @ a
             best = min(best, time.perf_counter() - t)
@@ -389,9 +424,9 @@ def peak_flops(device, dtype, cache_dir, measure=True, remeasure=False):
 
 
 def make_optimizer(model, cfg, device):
-    """(AdamW, a line on its groups): decoupled weight decay on weight matrices only. Biases, norm gains and what the
-    model lists in no_weight_decay() (position tables) are not pulled toward 0: that is not a "simpler" model, just
-    another one (the convention since BERT's AdamWeightDecayOptimizer)."""
+    """(AdamW, a line on its groups): decoupled weight decay on weight matrices only. Biases, norm
+    gains and no_weight_decay() (position tables) are not pulled toward 0: decaying them gives no
+    "simpler" model, just another one (the convention since BERT's AdamWeightDecayOptimizer)."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in named if p.dim() >= 2 and n not in skip]
@@ -401,24 +436,25 @@ def make_optimizer(model, cfg, device):
     if cfg.optimizer == "adamw-scale":
         optimizer = AdamWScale(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps)
     else:
-        # fused: one kernel updates every tensor (the same maths: tests/test_train.py). On a CPU it is ~3x faster
-        # than the per-tensor loop, which matters for small models whose step is a few ms.
+        # fused: one kernel updates every tensor (same maths: tests/test_train.py). On a CPU it is
+        # ~3x faster than the per-tensor loop: it matters for small models, whose step is a few ms.
         fused = device.split(":")[0] in ("cuda", "cpu")
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, fused=fused or None)
     count = lambda ps: f"{len(ps)} tensors ({sum(p.numel() for p in ps):,} parameters)"
     skipped = ", " + ", ".join(sorted(skip)) if skip else ""
-    return optimizer, f"weight decay {cfg.weight_decay} on {count(decay)}; none on {count(no_decay)}: biases, " \
-                      f"norm gains{skipped}"
+    return optimizer, f"weight decay {cfg.weight_decay} on {count(decay)}; none on " \
+                      f"{count(no_decay)}: biases, norm gains{skipped}"
 
 
 class AdamWScale(torch.optim.Optimizer):
-    """AdamW whose step for each tensor is multiplied by max(1e-3, RMS(tensor)): Adafactor's relative step size
-    (Shazeer & Stern 2018, §8, "parameter scaling") on top of Adam, which is how nanoT5 trains T5 (T5 itself used
-    Adafactor). The lr becomes relative to each tensor's own scale: an embedding of std 1 and a projection of std
-    d^-0.5 move by the same fraction of themselves. With RMS 1 it is exactly AdamW (tests/test_loop.py)."""
+    """AdamW with each tensor's step times max(1e-3, RMS(tensor)): Adafactor's relative step size
+    (Shazeer & Stern 2018, §8, "parameter scaling") on Adam, as nanoT5 trains T5 (T5: Adafactor).
+    The lr becomes relative to each tensor's scale: an embedding of std 1 and a projection of std
+    d^-0.5 move by the same share of themselves. RMS 1 gives exactly AdamW (tests/test_loop.py)."""
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, min_rms=1e-3):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_rms=min_rms))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      min_rms=min_rms))
 
     @torch.no_grad()
     def step(self):
@@ -429,35 +465,38 @@ class AdamWScale(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if not state:
-                    state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                    state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p),
+                                 exp_avg_sq=torch.zeros_like(p))
                 state["step"] += 1
                 t = float(state["step"])
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 m.lerp_(p.grad, 1 - beta1)  # Adam's moments, as in AdamW
                 v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                rms = p.float().pow(2).mean().sqrt().clamp_min(group["min_rms"])  # a tensor: no host sync per tensor
+                rms = p.float().pow(2).mean().sqrt().clamp_min(group["min_rms"])  # no host sync
                 step = group["lr"] * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
-                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay (Loshchilov & Hutter)
+                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled (Loshchilov & Hutter)
                 p.sub_((m / (v.sqrt() + group["eps"] * math.sqrt(1 - beta2 ** t))) * (step * rms).to(p.dtype))
 
 
 def lr_at(step, cfg):
-    """Linear warm-up from 0 to lr over warmup_iters, then the schedule. The decaying ones reach min_lr at the horizon
-    (lr_decay_iters, or max_iters) and stay there; wsd holds the peak until its cooldown; a horizon of 0 (a budgeted
-    run that has not measured its speed yet) holds the peak. With lr=1e-3, min_lr=1e-4, warmup=100, horizon 2000,
-    cosine: lr_at(50) = 5e-4, lr_at(1050) = 5.5e-4, lr_at(2000) = lr_at(5000) = 1e-4."""
+    """Linear warm-up from 0 to lr over warmup_iters, then the schedule. Decaying ones reach min_lr
+    at the horizon (lr_decay_iters or max_iters) and stay there. wsd holds the peak until its
+    cooldown. A horizon of 0 (a budgeted run not yet timed) holds the peak. With lr=1e-3,
+    min_lr=1e-4, warmup=100, horizon 2000, cosine: lr_at(50) = 5e-4, lr_at(1050) = 5.5e-4,
+    lr_at(2000) = lr_at(5000) = 1e-4."""
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
     if cfg.schedule == "constant":
         return cfg.lr
-    if cfg.schedule == "rsqrt":  # T5: 1/sqrt(step) after warm-up, continuous at the end of warm-up; no horizon
+    if cfg.schedule == "rsqrt":  # T5: 1/sqrt(step) after warm-up, continuous with it; no horizon
         return max(cfg.min_lr, cfg.lr * math.sqrt(max(1, cfg.warmup_iters) / max(1, step)))
     horizon = cfg.lr_decay_iters or cfg.max_iters
     if not horizon:
         return cfg.lr
     if step >= horizon:
         return cfg.min_lr
-    if cfg.schedule == "wsd":  # warm-up, stable, decay (Hägele et al. 2024 §3; Ibrahim et al. 2024 §7.2's "infinite")
+    # warm-up, stable, decay (Hägele et al. 2024 §3; Ibrahim et al. 2024 §7.2's "infinite")
+    if cfg.schedule == "wsd":
         decay_start = horizon - round(cfg.cooldown * (horizon - cfg.warmup_iters))
         if step < decay_start:
             return cfg.lr
@@ -468,7 +507,7 @@ def lr_at(step, cfg):
 
 
 def to_device(batch, device):
-    """Move a batch; on CUDA through pinned memory, so the copy is asynchronous and overlaps the running step."""
+    """Move a batch; on CUDA via pinned memory: the copy is asynchronous, overlapping the step."""
     cuda = device.startswith("cuda")
     return {k: (v.pin_memory() if cuda else v).to(device, non_blocking=cuda) if torch.is_tensor(v) else v
             for k, v in batch.items()}
@@ -485,25 +524,26 @@ class NonFiniteLoss(Exception):
 
 
 def optimizer_step(run, batch, draw_next=None):
-    """One optimizer step on `batch` (batch_size * grad_accum rows): forward and backward per micro-batch, then clip
-    and update. Returns the step's loss. Each loss term is averaged over the whole step: `denominators` counts the
-    step's targets up front and each micro-batch's loss is its sum over that count, so accumulation is exactly one
-    big batch even when micro-batches hold different numbers of targets (MLM's random 15%, T5's padding). The loss
-    is read back once (one host sync) and checked before the update: a NaN never reaches the weights. draw_next()
-    prepares the next batch while the device is busy."""
+    """One optimizer step on `batch` (batch_size * grad_accum rows): forward and backward per
+    micro-batch, then clip and update. Returns the step's loss. Each loss term is averaged over the
+    whole step: `denominators` counts its targets up front, each micro-batch's loss is its sum over
+    that count. So accumulation is exactly one big batch, even when micro-batches hold different
+    numbers of targets (MLM's random 15%, T5's padding). The loss is read back once (one host sync)
+    and checked before the update: a NaN never reaches the weights. draw_next() prepares the next
+    batch while the device is busy."""
     denominators = run.objective.denominators(batch)
     world = run.dist.world
     micro_batches = chunk(batch, run.cfg.grad_accum)
-    share = len(micro_batches) // world  # under torchrun each process takes its own run of micro-batches
+    share = len(micro_batches) // world  # torchrun: each process takes its own run of micro-batches
     mine = micro_batches[run.dist.rank * share:(run.dist.rank + 1) * share]
     loss_sum = torch.zeros((), device=run.device)
     for i, micro in enumerate(mine):
-        # DDP all-reduces the gradients after every backward unless told not to: only the last micro-batch syncs
+        # DDP all-reduces gradients after each backward unless told not to: only the last one syncs
         last = i == len(mine) - 1
         with contextlib.nullcontext() if last or world == 1 else run.train_model.no_sync():
             with run.autocast:
                 loss, _ = run.objective.loss(run.train_model, to_device(micro, run.device), denominators)
-            # DDP averages the processes' gradients; each loss is already its share of the whole step: scale back up
+            # each loss is already its share of the step; DDP averages over processes: scale back up
             run.scaler.scale(loss * world).backward()
         loss_sum = loss_sum + loss.detach().float()
     if draw_next is not None:
@@ -524,8 +564,9 @@ def optimizer_step(run, batch, draw_next=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: plain data only (tensors, numbers, strings, lists, dicts), so torch.load(weights_only=True) reads them
-# without running any pickled code; written to a temp file and renamed, so a crash mid-save keeps the previous one.
+# Checkpoints: tensors, numbers, strings, lists, dicts only: torch.load(weights_only=True) reads
+# them without running pickled code. Saved to a temp file, then renamed: a crash mid-save keeps
+# the previous one.
 
 
 def save_checkpoint(path, state):
@@ -540,16 +581,16 @@ def load_checkpoint(path, flag="--resume"):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UsageError(f"{flag}: {path} is not a readable checkpoint ({e.__class__.__name__}); it may be "
-                         f"corrupt") from None
+        raise UsageError(f"{flag}: {path} is not a readable checkpoint ({e.__class__.__name__}); "
+                         f"it may be corrupt") from None
     require(isinstance(ckpt, dict) and {"model", "model_config", "tokenizer", "step"} <= set(ckpt),
             f"{flag}: {path} is not a checkpoint written by train.py")
     return ckpt
 
 
 def load_for_inference(path, device="cpu", flag="--ckpt", model=None):
-    """(model in eval mode, tokenizer, checkpoint dict) from a train.py checkpoint: what the model files' samplers
-    use. With `model` (e.g. "bert"), a checkpoint of another --model is refused with one line naming both."""
+    """(model in eval mode, tokenizer, checkpoint dict) from a train.py checkpoint, for samplers.
+    With `model` (e.g. "bert"), another --model's checkpoint is refused by one line naming both."""
     ckpt = load_checkpoint(path, flag)
     name = ckpt["train_config"]["model"]
     require(not model or name == model, f"{flag} {path}: a checkpoint of --model {name}, not {model}")
@@ -564,30 +605,31 @@ def load_for_inference(path, device="cpu", flag="--ckpt", model=None):
 
 
 def eval_view(split, max_tokens, spread, min_piece=1):
-    """The part of a split an eval scores, as a list of Splits. All of it when it fits in max_tokens; otherwise the
-    leading max_tokens (val: the same slice every time), or, with spread, up to 32 equal slices (each at least
-    min_piece tokens) at evenly spaced offsets, so the train estimate covers every document, not the first ones."""
+    """The part of a split an eval scores, as a list of Splits. All of it if it fits in max_tokens.
+    Else the leading max_tokens (val: the same slice every time), or with spread up to 32 equal
+    slices (each >= min_piece tokens) at even offsets: the train estimate covers every document."""
     n = len(split.tokens)
     if not max_tokens or max_tokens >= n:
         return [split]
     if not spread:
         return [split.slice(0, max_tokens)]
     k = max(1, min(32, max_tokens // max(1, min_piece)))
-    sizes = [max_tokens * (i + 1) // k - max_tokens * i // k for i in range(k)]  # they add up to max_tokens exactly
+    # they add up to max_tokens exactly
+    sizes = [max_tokens * (i + 1) // k - max_tokens * i // k for i in range(k)]
     return [split.slice(i * n // k, i * n // k + size) for i, size in enumerate(sizes)]
 
 
 def eval_rows(cfg, objective):
-    """Rows per eval forward pass: --eval-batch-size, else about 2K tokens (at least a micro-batch). Bigger is not
-    faster on a CPU: 256 x 64 characters scored the held-out plays in 7.6 s, 32 x 64 in 5.9 s (the (B, H, T, T)
-    scores stop fitting in cache)."""
+    """Rows per eval forward pass: --eval-batch-size, else about 2K tokens (at least a micro-batch).
+    Bigger is not faster on a CPU: 256 x 64 chars scored the held-out plays in 7.6 s, 32 x 64 in
+    5.9 s (the (B, H, T, T) scores stop fitting in cache)."""
     return cfg.eval_batch_size or max(cfg.batch_size, 2048 // objective.tokens_per_row)
 
 
 @torch.no_grad()
 def evaluate(model, objective, pieces, rows, device, autocast):
-    """Score the model on every piece (eval_view), in a fixed order: the same numbers on every run. A stateful
-    objective (XLNet's memory) starts from a clean state: reset() before the first batch."""
+    """Score the model on every piece (eval_view), in a fixed order: the same numbers every run.
+    A stateful objective (XLNet's memory) starts clean: reset() before the first batch."""
     model.eval()
     if hasattr(objective, "reset"):
         objective.reset()
@@ -608,15 +650,15 @@ def fmt_time(s):
 
 
 def fmt_metrics(metrics):
-    """'1.2345 nats/tok 2.3456 bpb' for a language model (its loss is nats per token); '3.4567 loss 0.4567 acc' for
-    others, whose loss may add several terms (BERT's MLM + NSP): every metric by its name."""
+    """'1.2345 nats/tok 2.3456 bpb' for a language model (loss in nats per token). Others:
+    '3.4567 loss 0.4567 acc', every metric by name (a loss may add terms: BERT's MLM + NSP)."""
     lm = "bpb" in metrics
     return " ".join(f"{v:.4f} {'nats/tok' if k == 'loss' and lm else k}" for k, v in metrics.items())
 
 
 def plot_metrics(rows, path, title):
-    """loss.png: train (per step and at evals) and val loss; beside it bits per byte where the objective reports
-    it, else the objective's other metrics (accuracies ...)."""
+    """loss.png: train (per step and at evals) and val loss. Beside it, bits per byte where the
+    objective reports it, else its other metrics (accuracies ...)."""
     plt = pyplot()
     tr = [r for r in rows if r["kind"] == "train"]
     ev = [r for r in rows if r["kind"] == "eval"]
@@ -625,8 +667,8 @@ def plot_metrics(rows, path, title):
     fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(11, 4), squeeze=False)
     ax = axes[0][0]
     if tr:
-        ax.plot([r["step"] for r in tr], [r["loss"] for r in tr], color="tab:blue", alpha=0.35, lw=1,
-                label="train (batch)")
+        ax.plot([r["step"] for r in tr], [r["loss"] for r in tr], color="tab:blue", alpha=0.35,
+                lw=1, label="train (batch)")
     if ev:
         steps = [r["step"] for r in ev]
         ax.plot(steps, [r["train_loss"] for r in ev], "o-", color="tab:blue", label="train (eval)")
@@ -639,7 +681,7 @@ def plot_metrics(rows, path, title):
         for i, name in enumerate(extra):
             for part, style in (("train", "o--"), ("val", "o-")):
                 pts = [(r["step"], r[f"{part}_{name}"]) for r in ev if f"{part}_{name}" in r]
-                # one metric: train and val in the loss panel's colours; several: a colour per metric
+                # one metric: train and val in the loss panel's colours; several: one colour each
                 color = ("tab:blue" if part == "train" else "tab:orange") if len(extra) == 1 else f"C{i}"
                 ax.plot(*zip(*pts), style, color=color, label=f"{part} {name}")
         bpb = extra == ["bpb"]
@@ -662,11 +704,11 @@ def _read_metrics(out_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# A time budget (--max-time). The step count is what makes a schedule: warm-up, then decay to the floor at the last
-# step. So rather than stopping a run when time is up (which would cut the decay short), the loop measures how long a
-# step and an evaluation take on this machine, early, and fixes the step count that fits, as Cramming (Geiping &
-# Goldstein 2023, §4) fits its schedule to a budget. It measures inside warm-up, where the learning rate does not
-# depend on the step count yet; the decision is printed and saved in the checkpoint, so a resumed run keeps it.
+# A time budget (--max-time). The step count makes the schedule: warm-up, then decay to the floor
+# at the last step. Stopping when time is up would cut the decay short. So the loop times a step
+# and an eval on this machine, early, and fixes the step count that fits, as Cramming (Geiping &
+# Goldstein 2023, §4) fits its schedule to a budget. It measures in warm-up, where the lr does not
+# depend on the step count yet. The decision is printed and checkpointed: a resumed run keeps it.
 
 
 @dataclass
@@ -686,12 +728,12 @@ class Budget:
         return not self.decided and n >= 10 and (total >= 2.0 or n >= 50)
 
     def decide(self, step, elapsed, cfg):
-        """The largest step count whose remaining steps and evaluations fit in what is left of the budget."""
+        """The largest step count whose remaining steps and evals fit in the budget left."""
         times = sorted(self.step_times)
-        per_step = times[len(times) // 2]  # the median: one step slowed by the OS does not shrink the run
+        per_step = times[len(times) // 2]  # median: a step slowed by the OS does not shrink the run
         left = (self.seconds - self.spent_before - elapsed) * self.MARGIN
 
-        def cost(n):  # remaining steps + the evaluations at multiples of eval_interval in (step, n], and at n
+        def cost(n):  # remaining steps + evals at multiples of eval_interval in (step, n], and at n
             evals = n // cfg.eval_interval - step // cfg.eval_interval + (n % cfg.eval_interval != 0)
             return (n - step) * per_step + evals * self.eval_seconds
 
@@ -704,16 +746,16 @@ class Budget:
         return per_step
 
     def state(self, elapsed):
-        return {"seconds": self.seconds, "spent": self.spent_before + elapsed, "eval_seconds": self.eval_seconds,
-                "decided": self.decided}
+        return {"seconds": self.seconds, "spent": self.spent_before + elapsed,
+                "eval_seconds": self.eval_seconds, "decided": self.decided}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Many processes: `torchrun --standalone --nproc_per_node=N train.py ...` (DistributedDataParallel; NCCL on GPUs, gloo
-# on CPUs). Every process draws the same step batch from the same seeded generator and trains on its own run of
-# micro-batches (grad_accum / N of them); DDP sums the gradients. So the optimizer sees the same global batch whatever
-# N is, and one process reproduces a run of N (tests/test_ddp.py). Process 0 alone evaluates, logs, plots and
-# checkpoints; the others wait at a barrier.
+# Many processes: `torchrun --standalone --nproc_per_node=N train.py ...` (DistributedDataParallel;
+# NCCL on GPUs, gloo on CPUs). Every process draws the same step batch from the same seeded
+# generator, and trains on its own run of micro-batches (grad_accum / N of them). DDP sums the
+# gradients. So the optimizer sees the same global batch whatever N is: one process reproduces a run
+# of N (tests/test_ddp.py). Process 0 alone evaluates, logs, plots and checkpoints; the others wait.
 
 
 @dataclass
@@ -731,7 +773,7 @@ class Dist:
             torch.distributed.barrier()
 
     def any(self, run, *flags):
-        """Whether any process raised each flag (one small all-reduce under torchrun): all stop at the same step."""
+        """Did any process raise each flag? One all-reduce under torchrun: all stop at one step."""
         if self.world == 1:
             return flags
         t = torch.tensor([float(f) for f in flags], device=run.device)
@@ -740,9 +782,9 @@ class Dist:
 
 
 def main_first(dist, build):
-    """build() on process 0, then on the others, which find what it cached (tokens, a BPE vocabulary): two
-    processes writing one cache file corrupt it. Process 0's error reaches the others instead of leaving them
-    waiting."""
+    """build() on process 0, then on the others, which find what it cached (tokens, a BPE
+    vocabulary): two processes writing one cache file corrupt it. Process 0's error reaches the
+    others, rather than leaving them waiting."""
     if dist.world == 1:
         return build()
     failed = [None]
@@ -750,7 +792,8 @@ def main_first(dist, build):
         try:
             result = build()
         except Exception as e:
-            failed = [str(e) if isinstance(e, UsageError) else f"process 0 failed: {e.__class__.__name__}: {e}"]
+            failed = [str(e) if isinstance(e, UsageError)
+                      else f"process 0 failed: {e.__class__.__name__}: {e}"]
             torch.distributed.broadcast_object_list(failed, src=0)
             raise
         torch.distributed.broadcast_object_list(failed, src=0)
@@ -761,7 +804,7 @@ def main_first(dist, build):
 
 
 def init_distributed():
-    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; join the process group. Without them: one process."""
+    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK: join the process group. Else: one process."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Dist()
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -772,8 +815,9 @@ def init_distributed():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Setting up a run: one function per concern, in the order setup() calls them. Every input is checked before anything
-# is written: settings and the output directory before the data is read (and cached), the data before the model.
+# Setting up a run: one function per concern, in the order setup() calls them. Every input is
+# checked before anything is written: settings and the output directory before the data is read
+# (and cached), the data before the model.
 
 
 @dataclass
@@ -784,14 +828,14 @@ class Run:
     model_cfg: object
     demo_cfg: object
     tokenizer: object
-    domains: list  # data.Domain: name, weight, splits {"train", "val"}; one unless --data names a mixture
+    domains: list  # data.Domain: name, weight, splits {"train", "val"}; one unless --data mixes
     data_key: str
     device: str
     dtype: str
     model: torch.nn.Module
     train_model: torch.nn.Module  # what the loop calls: the model, compiled, in DDP
     objective: object  # draws training batches; keeps the state of a stateful objective
-    eval_objective: object  # a second instance for evaluation: state never leaks between training and evaluation
+    eval_objective: object  # a second one, for evals: no state leaks between training and eval
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     autocast: object
@@ -799,12 +843,12 @@ class Run:
     dist: Dist = field(default_factory=Dist)
     budget: Budget = None
     step: int = 0
-    evaluated: bool = False  # has the eval at `step` run? (a run stopped on an eval step resumes with it)
+    evaluated: bool = False  # has the eval at `step` run? (a run stopped at one resumes with it)
     rows: list = field(default_factory=list)
     ckpt_path: str = ""
-    t_start: float = 0.0  # when setup() began: budgets and logged times count from there, as a stopwatch would
+    t_start: float = 0.0  # when setup() began: budgets and logged times count from it (a stopwatch)
     next_batch: dict = None  # drawn while the previous step still runs
-    resume_point: tuple = None  # (batch generator state, objective state) from before next_batch was drawn
+    resume_point: tuple = None  # (batch generator state, objective state) before next_batch's draw
 
     @property
     def splits(self):
@@ -816,7 +860,7 @@ class Run:
 
 
 def setup(argv, dist=Dist()):
-    """argv -> a Run ready for loop(): settings, data, model, objective and optimizer, and a resumed run's state."""
+    """argv -> a Run for loop(): settings, data, model, objective, optimizer; a resumed state."""
     t_start = time.time()
     s = resolve_config(argv or [])
     cfg, mod = s.cfg, model_module(s.cfg.model)
@@ -830,12 +874,13 @@ def setup(argv, dist=Dist()):
     fit_batches(cfg, objective, domains, dist)
     optimizer, decay_line = make_optimizer(model, cfg, device)
     train_model = wrap_model(model, cfg, dist, device)
-    run = Run(cfg=cfg, mod=mod, model_cfg=model_cfg, demo_cfg=None, tokenizer=tokenizer, domains=domains,
-              data_key=data_key, device=device, dtype=dtype, model=model, objective=objective,
-              train_model=train_model, eval_objective=eval_objective, optimizer=optimizer,
+    run = Run(cfg=cfg, mod=mod, model_cfg=model_cfg, demo_cfg=None, tokenizer=tokenizer,
+              domains=domains, data_key=data_key, device=device, dtype=dtype, model=model,
+              objective=objective, train_model=train_model, eval_objective=eval_objective,
+              optimizer=optimizer,
               scaler=torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "fp16"),
-              autocast=autocast(device, dtype), batch_gen=torch.Generator().manual_seed(cfg.seed), dist=dist,
-              ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"), t_start=t_start)
+              autocast=autocast(device, dtype), batch_gen=torch.Generator().manual_seed(cfg.seed),
+              dist=dist, ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"), t_start=t_start)
     run.demo_cfg = mod.DemoConfig(**s.demo) if hasattr(mod, "DemoConfig") else None
     run.budget = plan_steps(cfg, ckpt)
     if ckpt:
@@ -845,8 +890,9 @@ def setup(argv, dist=Dist()):
 
 
 def open_out_dir(s):
-    """The checkpoint --resume continues (its settings restored into s), else None. Refuses to start over a run
-    without --resume or --overwrite, and an --out-dir that cannot be written (--bench writes nothing there)."""
+    """The checkpoint --resume continues (its settings restored into s), else None. Refuses to
+    start over a run without --resume or --overwrite, and an --out-dir that cannot be written
+    (--bench writes nothing there)."""
     cfg = s.cfg
     cfg.out_dir = cfg.out_dir or os.path.join("out", cfg.model)
     path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -857,17 +903,18 @@ def open_out_dir(s):
         _restore_settings(s, ckpt)
         return ckpt
     require(cfg.bench or cfg.overwrite or not os.path.exists(path),
-            f"{cfg.out_dir} already holds a run (ckpt.pt); pass --resume to continue it, --overwrite to replace "
-            f"it, or --out-dir to start another")
+            f"{cfg.out_dir} already holds a run (ckpt.pt); pass --resume to continue it, "
+            "--overwrite to replace it, or --out-dir to start another")
     return None
 
 
 def require_writable_dir(path, flag):
-    """A directory that exists or can be made, and can be written in: refused now, not by an OSError after the
-    data is read. require_writable_dir("notes.txt/out", "--out-dir") -> "--out-dir notes.txt/out: notes.txt is a
-    file, not a directory"."""
+    """A directory that exists or can be made, and can be written in: refused now, not by an
+    OSError after the data is read. require_writable_dir("notes.txt/out", "--out-dir") ->
+    "--out-dir notes.txt/out: notes.txt is a file, not a directory"."""
     first = os.path.abspath(path)
-    while not os.path.exists(first):  # the deepest part of the path that exists: where a directory would be made
+    # the deepest part of the path that exists: where a directory would be made
+    while not os.path.exists(first):
         first = os.path.dirname(first)
     shown = os.path.relpath(first) if not os.path.isabs(path) else first
     require(os.path.isdir(first), f"{flag} {path}: {shown} is a file, not a directory")
@@ -875,22 +922,23 @@ def require_writable_dir(path, flag):
 
 
 def _restore_settings(s, ckpt):
-    """--resume: the run continues with the settings it was started with; only flags given now change them (a
-    longer --max-iters, say). Falling back to the preset instead would silently change lr or schedule mid-run."""
+    """--resume continues with the run's own settings; only flags given now change them (say, a
+    longer --max-iters). Falling back to the preset would silently change lr or schedule mid-run."""
     saved, saved_train = ckpt["model_config"], ckpt["train_config"]
     for key, value in s.model.items():
         if key in s.explicit and saved.get(key) != value:
             if key == "block_size" and value > saved[key]:
-                raise UsageError(f"--block-size {value} is larger than the checkpoint's position table "
-                                 f"({saved[key]} positions)")
+                raise UsageError(f"--block-size {value} is larger than the checkpoint's "
+                                 f"position table ({saved[key]} positions)")
             raise UsageError(f"--resume: {cli_flag(key)} {value!r} does not match the checkpoint's "
                              f"{saved.get(key)!r}")
     for key in ("model", "tokenizer", "data", "val_docs", "vocab_size"):
         if key in s.explicit and getattr(s.cfg, key) != saved_train[key]:
-            raise UsageError(f"--resume: {cli_flag(key)} {getattr(s.cfg, key)!r} does not match the checkpoint's "
-                             f"{saved_train[key]!r}")
+            raise UsageError(f"--resume: {cli_flag(key)} {getattr(s.cfg, key)!r} does not match "
+                             f"the checkpoint's {saved_train[key]!r}")
     for key, value in saved_train.items():
-        if key not in s.explicit and key not in ("resume", "overwrite", "bench", "out_dir") and hasattr(s.cfg, key):
+        if (key not in s.explicit and key not in ("resume", "overwrite", "bench", "out_dir")
+                and hasattr(s.cfg, key)):
             setattr(s.cfg, key, value)
     s.cfg.__post_init__()  # the saved values and the new ones must make a valid run together
     s.model = {k: v for k, v in saved.items() if k not in derived(model_module(s.cfg.model))}
@@ -899,16 +947,16 @@ def _restore_settings(s, ckpt):
 
 @dataclass
 class Init:
-    """--init-from: the weights a new run starts from, and what they fix: the tokenizer (a ckpt.pt) or the vocabulary
-    size (a Hugging Face directory)."""
+    """--init-from: the weights a new run starts from, and what they fix: the tokenizer (a ckpt.pt)
+    or the vocabulary size (a Hugging Face directory)."""
     state: dict
     tokenizer: dict = None
     vocab_size: int = None
 
 
 def weights_to_start_from(s, mod):
-    """--init-from our ckpt.pt or a Hugging Face directory. The architecture comes from the weights (into s.model);
-    flags may change what does not change a parameter's shape."""
+    """--init-from our ckpt.pt or a Hugging Face directory. The architecture comes from the
+    weights (into s.model); flags may change what does not change a parameter's shape."""
     path, explicit = s.cfg.init_from, {k: v for k, v in s.model.items() if k in s.explicit}
     if os.path.isdir(path):
         require(hasattr(mod.Model, "from_pretrained"),
@@ -921,49 +969,53 @@ def weights_to_start_from(s, mod):
         return Init(hf.state_dict(), vocab_size=hf.config.vocab_size)
     ckpt = load_checkpoint(path, "--init-from")
     saved = ckpt["train_config"]
-    require(saved["model"] == s.cfg.model, f"--init-from {path}: a {saved['model']} checkpoint, not {s.cfg.model}")
+    require(saved["model"] == s.cfg.model,
+            f"--init-from {path}: a {saved['model']} checkpoint, not {s.cfg.model}")
     require("tokenizer" not in s.explicit or s.cfg.tokenizer == saved["tokenizer"],
-            f"--init-from: --tokenizer {s.cfg.tokenizer!r} does not match the checkpoint's {saved['tokenizer']!r} "
-            f"(the weights belong to its ids)")
+            f"--init-from: --tokenizer {s.cfg.tokenizer!r} does not match the checkpoint's "
+            f"{saved['tokenizer']!r} (the weights belong to its ids)")
     s.cfg.tokenizer = saved["tokenizer"]
     s.model = {**{k: v for k, v in ckpt["model_config"].items() if k not in derived(mod)}, **explicit}
     return Init(ckpt["model"], tokenizer=ckpt["tokenizer"])
 
 
 def pick_precision(cfg, mod, dist):
-    """(device, dtype) of this process, from the run's own --device and --dtype (a resume has restored them)."""
+    """(device, dtype) of this process, from the run's --device and --dtype (restored on resume)."""
     device = pick_device(cfg.device)
     if dist.world > 1 and device == "cuda":
         device = f"cuda:{dist.local_rank}"
     dtype = pick_dtype(cfg.dtype, device)
     if dtype not in getattr(mod, "DTYPES", TORCH_DTYPES):
         auto = " (what --dtype auto picks here)" if cfg.dtype == "auto" else ""
-        raise UsageError(f"{cfg.model} does not train in {dtype}{auto}; use --dtype {' or '.join(mod.DTYPES)}")
+        raise UsageError(f"{cfg.model} does not train in {dtype}{auto}; "
+                         f"use --dtype {' or '.join(mod.DTYPES)}")
     return device, dtype
 
 
 def check_model_config(s, mod):
-    """The model file's own checks of its flags (a dataclass __post_init__), before any data is read."""
+    """The model file's own checks of its flags (its __post_init__), before any data is read."""
     try:
         mod.Config(vocab_size=1, **s.model)  # the real vocabulary size comes with the tokenizer
-    except (TypeError, ValueError) as e:  # a UsageError is a ValueError; TypeError: a key the Config lacks
+    except (TypeError, ValueError) as e:  # UsageError is a ValueError; TypeError: an unknown key
         raise UsageError(str(e)) from None
 
 
 def read_data(s, mod, dist, ckpt, init):
-    """(tokenizer, domains, data key). A resumed or initialised run keeps its tokenizer; process 0 reads first."""
+    """(tokenizer, domains, data key). A resumed or initialised run keeps its tokenizer.
+    Process 0 reads first."""
     known = ckpt["tokenizer"] if ckpt else init.tokenizer if init else None
     tokenizer, domains, key = main_first(dist, lambda: prepare_domains(s.cfg, special_tokens_of(mod), known))
     require(not ckpt or ckpt.get("data_key") in (None, key),
             "--resume: the corpus changed since the checkpoint was written (its files' contents differ)")
     if init and init.vocab_size is not None and init.vocab_size != tokenizer.n_vocab:
-        raise UsageError(f"--init-from {s.cfg.init_from}: its vocabulary has {init.vocab_size:,} ids, --tokenizer "
-                         f"{s.cfg.tokenizer} has {tokenizer.n_vocab:,} (with the model's special tokens)")
+        raise UsageError(f"--init-from {s.cfg.init_from}: its vocabulary has {init.vocab_size:,} "
+                         f"ids, --tokenizer {s.cfg.tokenizer} has {tokenizer.n_vocab:,} (with the "
+                         f"model's special tokens)")
     return tokenizer, domains, key
 
 
 def build_model(s, mod, tokenizer, device, init):
-    """(model config, model): the same initial weights in every process (the seed), or --init-from's."""
+    """(model config, model): the same seeded init in every process, or --init-from's weights."""
     torch.manual_seed(s.cfg.seed)
     model_cfg = mod.Config(**tokenizer_fields(mod, tokenizer), **s.model)
     model = mod.Model(model_cfg).to(device)
@@ -978,23 +1030,27 @@ def build_model(s, mod, tokenizer, device, init):
 
 
 def fit_batches(cfg, objective, domains, dist):
-    """The batch against the objective's rows: --tokens-per-step sets grad_accum, the processes split it evenly,
-    every split holds a row, and only an objective without state across steps mixes corpora."""
+    """The batch against the objective's rows: --tokens-per-step sets grad_accum; the processes
+    split it evenly; every split holds a row; a stateful objective trains on one corpus."""
     if cfg.tokens_per_step:
         per_micro = cfg.batch_size * objective.tokens_per_row
-        require(cfg.tokens_per_step % per_micro == 0, f"--tokens-per-step {cfg.tokens_per_step} is not a multiple "
-                f"of batch_size x tokens per row = {cfg.batch_size} x {objective.tokens_per_row} = {per_micro}")
+        require(cfg.tokens_per_step % per_micro == 0,
+                f"--tokens-per-step {cfg.tokens_per_step} is not a multiple of batch_size x "
+                f"tokens per row = {cfg.batch_size} x {objective.tokens_per_row} = {per_micro}")
         cfg.grad_accum = cfg.tokens_per_step // per_micro
-    require(cfg.grad_accum % dist.world == 0, f"grad_accum {cfg.grad_accum} does not split over {dist.world} "
-            f"processes: each takes grad_accum / {dist.world} micro-batches of the same global batch")
+    require(cfg.grad_accum % dist.world == 0,
+            f"grad_accum {cfg.grad_accum} does not split over {dist.world} processes: each "
+            f"takes grad_accum / {dist.world} micro-batches of the same global batch")
     need = objective.raw_tokens_per_row
     for d in domains:
         for part, split in d.splits.items():
             where = f"{d.name}'s {part}" if len(domains) > 1 else f"the {part}"
-            require(len(split.tokens) >= need, f"{where} split has {len(split.tokens):,} tokens, fewer than the "
-                    f"{need:,} one row needs; use a smaller --block-size or more data")
-    require(len(domains) == 1 or not hasattr(objective, "state_dict"), f"--data {cfg.data}: {cfg.model}'s "
-            f"objective keeps per-row streams across steps; it trains on one corpus at a time")
+            require(len(split.tokens) >= need,
+                    f"{where} split has {len(split.tokens):,} tokens, fewer than the {need:,} "
+                    f"one row needs; use a smaller --block-size or more data")
+    require(len(domains) == 1 or not hasattr(objective, "state_dict"),
+            f"--data {cfg.data}: {cfg.model}'s objective keeps per-row streams across steps; "
+            f"it trains on one corpus at a time")
 
 
 def wrap_model(model, cfg, dist, device):
@@ -1003,17 +1059,18 @@ def wrap_model(model, cfg, dist, device):
     if dist.world > 1:
         ids = [dist.local_rank] if device.startswith("cuda") else None
         train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=ids)
-        torch.manual_seed(cfg.seed + dist.rank)  # the same init everywhere (above), but each process its own dropout
+        torch.manual_seed(cfg.seed + dist.rank)  # init was shared (above); dropout is per process
     return train_model
 
 
 def plan_steps(cfg, ckpt):
-    """The --max-time budget (with what a resumed run measured and decided), or None. Without a budget, the decay's
-    horizon is fixed now and saved: a longer resumed run keeps it."""
+    """The --max-time budget (with what a resumed run measured and decided), or None. Without a
+    budget, the decay's horizon is fixed now and saved: a longer resumed run keeps it."""
     seconds = parse_duration(cfg.max_time)
     if seconds and not cfg.bench:
         saved = ckpt.get("budget", {}) if ckpt else {}
-        budget = Budget(seconds, saved.get("spent", 0.0), saved.get("eval_seconds", 0.0), saved.get("decided", 0))
+        budget = Budget(seconds, saved.get("spent", 0.0), saved.get("eval_seconds", 0.0),
+                        saved.get("decided", 0))
         if budget.decided:
             cfg.max_iters = budget.decided
         return budget
@@ -1039,8 +1096,9 @@ def _restore_state(run, ckpt):
     cfg, horizon = run.cfg, run.cfg.lr_decay_iters
     note = ""
     if cfg.schedule in ("cosine", "linear", "wsd") and horizon and cfg.max_iters > horizon:
-        note = f"; the {cfg.schedule} schedule keeps its horizon: lr reaches its floor {cfg.min_lr:g} at step " \
-               f"{horizon} and stays there (to re-warm on purpose, start a new run with --init-from)"
+        note = f"; the {cfg.schedule} schedule keeps its horizon: lr reaches its floor " \
+               f"{cfg.min_lr:g} at step {horizon} and stays there (to re-warm on purpose, start " \
+               f"a new run with --init-from)"
     print(f"resuming at step {run.step} of {cfg.max_iters or '(budget not yet fixed)'}{note}")
 
 
@@ -1049,20 +1107,21 @@ def describe(run, s, init, decay_line):
     cfg, model, dist = run.cfg, run.model, run.dist
     n = model.num_params() if hasattr(model, "num_params") else sum(p.numel() for p in model.parameters())
     weights = f" | weights from {cfg.init_from}" if init else ""
-    print(f"model {cfg.model} preset {cfg.preset}: {n / 1e6:.2f}M parameters | {json.dumps(s.model)}{weights}")
+    print(f"model {cfg.model} preset {cfg.preset}: {n / 1e6:.2f}M parameters | "
+          f"{json.dumps(s.model)}{weights}")
     mixture = len(run.domains) > 1
     for d in run.domains:
         tr, va = d.splits["train"], d.splits["val"]
         names = ", ".join(va.doc_names[:6]) + (", ..." if len(va.doc_names) > 6 else "")
         where = f"{d.path} (weight {d.weight:.2f})" if mixture else cfg.data or DEFAULT_DATA
-        print(f"data {where}: train {len(tr.doc_names)} docs {len(tr.tokens):,} tokens | val {len(va.doc_names)} docs "
-              f"{len(va.tokens):,} tokens ({names})")
+        print(f"data {where}: train {len(tr.doc_names)} docs {len(tr.tokens):,} tokens | "
+              f"val {len(va.doc_names)} docs {len(va.tokens):,} tokens ({names})")
     line = f" | {run.objective.describe()}" if hasattr(run.objective, "describe") else ""
     print(f"tokenizer {cfg.tokenizer} ({run.tokenizer.n_vocab} ids){line}")
     print(f"device {run.device} {run.dtype}{' +compile' if cfg.compile else ''}"
-          f"{f' x {dist.world} processes' if dist.world > 1 else ''} | tokens per step = batch {cfg.batch_size} x "
-          f"{run.objective.tokens_per_row} per row x grad_accum {cfg.grad_accum} = {run.tokens_per_step:,} | "
-          f"{decay_line}")
+          f"{f' x {dist.world} processes' if dist.world > 1 else ''} | tokens per step = "
+          f"batch {cfg.batch_size} x {run.objective.tokens_per_row} per row x grad_accum "
+          f"{cfg.grad_accum} = {run.tokens_per_step:,} | {decay_line}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1071,14 +1130,15 @@ def describe(run, s, init, decay_line):
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """Ctrl-C / SIGTERM set a flag; the loop finishes its step, saves and returns. A second one aborts at once."""
+    """Ctrl-C / SIGTERM: the loop finishes its step, saves and returns; a second aborts at once."""
     stop = {"signal": None}
 
     def request_stop(signum, frame):
         if stop["signal"] is not None:
             raise KeyboardInterrupt
         stop["signal"] = signal.Signals(signum).name
-        print(f"\n{stop['signal']}: finishing this step, then saving a checkpoint (press again to abort)", flush=True)
+        print(f"\n{stop['signal']}: finishing this step, then saving a checkpoint "
+              "(press again to abort)", flush=True)
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -1089,8 +1149,8 @@ def stop_on_signals():
 
 
 def loop(run, on_step=None):
-    """Evaluate and checkpoint when due, take one optimizer step, log; until max_iters or a stop signal. Returns the
-    metric rows. on_step(step, loss) is called after every step."""
+    """Evaluate and checkpoint when due, take one optimizer step, log; until max_iters or a stop
+    signal. Returns the metric rows. on_step(step, loss) is called after every step."""
     cfg = run.cfg
     start_writing(run)
     meter = Meter(run)
@@ -1111,8 +1171,9 @@ def loop(run, on_step=None):
 
 
 def start_writing(run):
-    """The first batch is drawn before anything is written (an objective that cannot draw from this data says so
-    first); then process 0 makes the run directory and writes the metrics so far (a resumed run's)."""
+    """The first batch is drawn before anything is written: an objective that cannot draw from
+    this data says so first. Then process 0 makes the run directory and writes the metrics so
+    far (a resumed run's)."""
     draw_next(run)
     if not run.dist.main:
         return
@@ -1120,32 +1181,33 @@ def start_writing(run):
     try:
         os.makedirs(run.cfg.out_dir, exist_ok=True)
         atomic_write_text(os.path.join(run.cfg.out_dir, "metrics.jsonl"), rows)
-    except OSError as e:  # checked at start-up (require_writable_dir); what a check cannot see (a full disk) ends here
+    except OSError as e:  # checked at start-up (require_writable_dir); a full disk, say, ends here
         raise UsageError(f"--out-dir {run.cfg.out_dir}: cannot write there ({e.strerror or e})") from None
 
 
 def draw_next(run):
-    """Draw the next step's rows, after noting what a checkpoint must save to draw them again after a resume."""
+    """Draw the next step's rows, first noting what a checkpoint needs to redraw them on resume."""
     state = run.objective.state_dict() if hasattr(run.objective, "state_dict") else None
     run.resume_point = (run.batch_gen.get_state(), copy.deepcopy(state))
     run.next_batch = draw_train_batch(run, run.cfg.batch_size * run.cfg.grad_accum)
 
 
 def draw_train_batch(run, rows):
-    """One step's rows from the objective, all drawn from the loop's generator. With a mixture, each row's corpus is
-    drawn first (multinomial with the mixture's weights), then each corpus's rows, then they are stacked."""
+    """One step's rows from the objective, all from the loop's generator. With a mixture: each row's
+    corpus first (multinomial with the mixture's weights), then each corpus's rows, stacked."""
     if len(run.domains) == 1:
         return run.objective.train_batch(run.splits["train"], rows, run.batch_gen)
     weights = torch.tensor([d.weight for d in run.domains])
     picks = torch.multinomial(weights, rows, replacement=True, generator=run.batch_gen)
     counts = torch.bincount(picks, minlength=len(run.domains)).tolist()
-    parts = [run.objective.train_batch(d.splits["train"], n, run.batch_gen) for d, n in zip(run.domains, counts) if n]
+    parts = [run.objective.train_batch(d.splits["train"], n, run.batch_gen)
+             for d, n in zip(run.domains, counts) if n]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 class Meter:
-    """What the log line reports: each step's seconds and tokens since the last line, and the wall-clock time they
-    took (evaluations excluded: they do not count toward tokens/s). Also when loss.png was last drawn."""
+    """What the log line reports: each step's seconds and tokens since the last line, and their
+    wall-clock time (evals excluded from tokens/s). Also when loss.png was last drawn."""
 
     def __init__(self, run):
         self.steps, self.since, self.last_plot = [], time.time(), time.time()
@@ -1153,12 +1215,12 @@ class Meter:
         self.peak = None  # the device's peak FLOP/s, for MFU: looked up at the first log line
 
 
-PLOT_EVERY = 60  # seconds: loss.png is redrawn at an eval at most this often (a drawing costs ~1 s), and at the end
+PLOT_EVERY = 60  # min seconds between loss.png redraws at evals (each ~1 s); also at the end
 
 
 def eval_and_checkpoint(run, meter):
-    """The eval at this step (process 0), a checkpoint, and loss.png now and then. The first eval tells the budget
-    what an eval costs."""
+    """The eval at this step (process 0), a checkpoint, and loss.png now and then. The first eval
+    tells the budget what an eval costs."""
     t = time.time()
     if run.dist.main:
         run_eval(run)
@@ -1174,9 +1236,9 @@ def eval_and_checkpoint(run, meter):
 
 
 def run_eval(run):
-    """Val and a train estimate (eval_view) of every corpus: one metrics row and a line on stdout. With a mixture,
-    each corpus gets val_<name>_<metric> (and train_<name>_... if it is trained on), and val_<metric> /
-    train_<metric> are the averages weighted as the mixture is."""
+    """Val and a train estimate (eval_view) of every corpus: one metrics row, one line on stdout.
+    With a mixture, each corpus gets val_<name>_<metric> (and train_<name>_... if trained on), and
+    val_<metric> / train_<metric> are the averages weighted as the mixture is."""
     t, cfg, domains = time.time(), run.cfg, run.domains
     rows, min_piece = eval_rows(cfg, run.objective), run.objective.raw_tokens_per_row
     score = lambda pieces: evaluate(run.model, run.eval_objective, pieces, rows, run.device, run.autocast)
@@ -1192,7 +1254,8 @@ def run_eval(run):
         tr, val = first
         line = f"train {fmt_metrics(tr)} | val {fmt_metrics(val)}"
     else:
-        mix = lambda i: {k: sum(d.weight * results[d.name][i][k] for d in domains if d.weight > 0) for k in first[1]}
+        mix = lambda i: {k: sum(d.weight * results[d.name][i][k] for d in domains if d.weight > 0)
+                         for k in first[1]}
         tr, val = mix(0), mix(1)
         for d in domains:
             tr.update({f"{d.name}_{k}": v for k, v in (results[d.name][0] or {}).items()})
@@ -1215,23 +1278,26 @@ def checkpoint(run):
         return
     cuda = torch.cuda.get_rng_state(run.device) if run.device.startswith("cuda") else None
     save_checkpoint(run.ckpt_path, {
-        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-        "step": run.step, "evaluated": run.evaluated, "model_config": asdict(run.model_cfg),
-        "train_config": asdict(run.cfg), "demo_config": asdict(run.demo_cfg) if run.demo_cfg else {},
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(), "step": run.step, "evaluated": run.evaluated,
+        "model_config": asdict(run.model_cfg), "train_config": asdict(run.cfg),
+        "demo_config": asdict(run.demo_cfg) if run.demo_cfg else {},
         "tokenizer": run.tokenizer.identity(), "data_key": run.data_key,
-        "rng": {"torch": torch.get_rng_state(), "torch_ranks": ranks, "batch": run.resume_point[0], "cuda": cuda},
+        "rng": {"torch": torch.get_rng_state(), "torch_ranks": ranks, "batch": run.resume_point[0],
+                "cuda": cuda},
         "objective": run.resume_point[1],
         "budget": run.budget.state(run_time(run)) if run.budget else {},
     })
 
 
 def plot(run):
-    plot_metrics(run.rows, os.path.join(run.cfg.out_dir, "loss.png"), f"{run.cfg.model} / {run.cfg.preset}")
+    plot_metrics(run.rows, os.path.join(run.cfg.out_dir, "loss.png"),
+                 f"{run.cfg.model} / {run.cfg.preset}")
 
 
 def train_step(run, meter):
-    """One optimizer step at the schedule's lr; returns (loss, lr). Its time goes to the meter, and to the budget
-    while that is measuring."""
+    """One optimizer step at the schedule's lr; returns (loss, lr). Its time goes to the meter, and
+    to the budget while that is measuring."""
     lr = lr_at(run.step, run.cfg)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -1243,7 +1309,8 @@ def train_step(run, meter):
     except NonFiniteLoss as e:
         kept = os.path.exists(run.ckpt_path)
         kept = f"the last good checkpoint ({run.ckpt_path}) is kept" if kept else "no checkpoint yet"
-        raise UsageError(f"{e} at step {run.step}; stopping. {kept}. Try a lower --lr or --grad-clip") from None
+        raise UsageError(f"{e} at step {run.step}; stopping. {kept}. "
+                         f"Try a lower --lr or --grad-clip") from None
     run.step, run.evaluated = run.step + 1, False
     meter.steps.append((time.perf_counter() - t, tokens))
     if run.budget and not run.budget.decided and run.step > Budget.WARM_UP_STEPS:
@@ -1260,21 +1327,22 @@ def log_step(run, loss, lr, meter):
     ms = 1000 * sum(t for t, _ in steps) / len(steps)
     tok_s = sum(n for _, n in steps) / max(1e-9, wall)
     mfu = meter.flops * tok_s / (meter.peak * run.dist.world) if meter.peak and meter.flops else None
-    log_row(run, {"kind": "train", "step": run.step, "loss": loss, "lr": lr, "tok_s": tok_s, "ms": ms, "mfu": mfu,
-                  "time": run_time(run)})
+    log_row(run, {"kind": "train", "step": run.step, "loss": loss, "lr": lr, "tok_s": tok_s,
+                  "ms": ms, "mfu": mfu, "time": run_time(run)})
     left = (cfg.max_iters - run.step) * ms / 1000 if cfg.max_iters else None
-    print(f"step {run.step}/{cfg.max_iters or '?'} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
-          f"{ms:.0f} ms/step | MFU {'n/a' if mfu is None else f'{mfu:.1%}'} | "
+    print(f"step {run.step}/{cfg.max_iters or '?'} | loss {loss:.4f} | lr {lr:.2e} | "
+          f"{tok_s:,.0f} tok/s | {ms:.0f} ms/step | MFU {'n/a' if mfu is None else f'{mfu:.1%}'} | "
           f"ETA {'?' if left is None else fmt_time(left)}", flush=True)
     meter.steps, meter.since = [], time.time()
 
 
 def _peak_for_mfu(run, steps):
-    """The device's peak for MFU, 0 if unknown. On a CPU it is measured (~0.1 s, then cached per machine) only for a
-    run planned to last a minute or more; a short run (a test, a trial) never pays for it."""
+    """The device's peak for MFU, 0 if unknown. On a CPU it is measured (~0.1 s, then cached per
+    machine) only for runs planned to last a minute or more: a test or a trial never pays."""
     per_step = sum(t for t, _ in steps) / len(steps)
     planned = per_step * run.cfg.max_iters if run.cfg.max_iters else parse_duration(run.cfg.max_time)
-    peak, how = peak_flops(run.device, run.dtype, run.cfg.cache_dir, measure=planned >= 60 and run.dist.main)
+    peak, how = peak_flops(run.device, run.dtype, run.cfg.cache_dir,
+                           measure=planned >= 60 and run.dist.main)
     if peak:
         print(f"MFU is relative to {peak / 1e12:.2f} TFLOP/s ({how})")
     return peak or 0
@@ -1292,8 +1360,8 @@ def run_time(run):
 
 
 def agree_to_stop(run, stop):
-    """Whether to stop now, the same answer in every process (one small all-reduce under torchrun). Process 0 also
-    decides the budget for all, once it has timed enough steps."""
+    """Whether to stop now, the same answer in every process (one small all-reduce under torchrun).
+    Process 0 also decides the budget for all, once it has timed enough steps."""
     b = run.budget
     ready = bool(b and not b.decided and run.dist.main and b.ready())
     stop_now, ready = run.dist.any(run, stop["signal"] is not None, ready)
@@ -1312,9 +1380,9 @@ def decide_budget(run):
     cfg.max_iters = b.decided
     if not cfg.lr_decay_iters:
         cfg.lr_decay_iters = b.decided
-    print(f"budget {fmt_time(b.seconds)}: {per_step * 1000:.0f} ms/step (median of {len(b.step_times)}) and "
-          f"{b.eval_seconds:.1f}s per eval -> {b.decided} steps; the {cfg.schedule} schedule reaches its floor at "
-          f"step {cfg.lr_decay_iters}", flush=True)
+    print(f"budget {fmt_time(b.seconds)}: {per_step * 1000:.0f} ms/step (median of "
+          f"{len(b.step_times)}) and {b.eval_seconds:.1f}s per eval -> {b.decided} steps; the "
+          f"{cfg.schedule} schedule reaches its floor at step {cfg.lr_decay_iters}", flush=True)
 
 
 def stopped(run):
@@ -1322,8 +1390,8 @@ def stopped(run):
     checkpoint(run)
     if run.dist.main:
         plot(run)
-    print(f"stopped at step {run.step}; checkpoint saved to {run.ckpt_path}; continue with: python train.py "
-          f"--model {run.cfg.model} --out-dir {run.cfg.out_dir} --resume")
+    print(f"stopped at step {run.step}; checkpoint saved to {run.ckpt_path}; continue with: "
+          f"python train.py --model {run.cfg.model} --out-dir {run.cfg.out_dir} --resume")
     return run.rows
 
 
@@ -1337,7 +1405,7 @@ def finished(run):
 
 
 def bench(run):
-    """Time full optimizer steps (data, forward, backward, clip, AdamW) after a warm-up; nothing is written."""
+    """Time full steps (data, forward, backward, clip, AdamW) after a warm-up; writes nothing."""
     cfg = run.cfg
     draw = lambda: draw_train_batch(run, cfg.batch_size * cfg.grad_accum)
     sync = torch.cuda.synchronize if run.device.startswith("cuda") else (lambda: None)
@@ -1355,21 +1423,22 @@ def bench(run):
     peak, how = peak_flops(run.device, run.dtype, cfg.cache_dir, remeasure=run.dist.main)
     flops = getattr(run.model, "flops_per_token", lambda: None)()
     mfu = flops * tok_s / peak if peak and flops else None
-    print(f"bench: {ms:.1f} ms/step | {tok_s:,.0f} tokens/s | MFU {'n/a' if mfu is None else f'{mfu:.1%}'} "
-          f"({how}) | {cfg.bench_iters} steps of {run.tokens_per_step:,} tokens")
+    print(f"bench: {ms:.1f} ms/step | {tok_s:,.0f} tokens/s | "
+          f"MFU {'n/a' if mfu is None else f'{mfu:.1%}'} ({how}) | {cfg.bench_iters} steps of "
+          f"{run.tokens_per_step:,} tokens")
     return [{"kind": "bench", "ms": ms, "tok_s": tok_s, "mfu": mfu}]
 
 
 def train(argv=None, on_step=None):
-    """Run training as `python train.py argv...` would. on_step(step, loss) is called after every optimizer step
-    (tests and notebooks use it to watch or interrupt a run). Returns the list of metric rows."""
+    """Run training as `python train.py argv...` would. on_step(step, loss) is called after every
+    optimizer step (tests and notebooks watch or interrupt a run with it). Returns metric rows."""
     dist = init_distributed()
     if not dist.main:
         sys.stdout = open(os.devnull, "w")  # one log: process 0's (errors still reach stderr)
-    # Subnormal floats (below ~1e-38 in fp32) take a slow path in x86 CPUs' arithmetic, and training makes some
-    # (sharpened attention probabilities, their gradients): the T5 quick start's fp32 steps went from ~125 to ~277 ms
-    # between steps 300 and 550; one step on its final checkpoint took 330 ms with subnormals, 130 ms flushed to zero
-    # (README errata). Flushing changes nothing of any size; CPU only, undone on return.
+    # Subnormals (fp32 below ~1e-38) take a slow path on x86 CPUs. Training makes some (sharpened
+    # attention probabilities, their gradients): the T5 quick start's fp32 steps went from ~125 to
+    # ~277 ms between steps 300 and 550. A step on its final checkpoint took 330 ms with subnormals,
+    # 130 ms flushed to zero (README errata). Flushing changes nothing sizeable. CPU only, undone.
     flush = torch.set_flush_denormal(True)
     try:
         run = setup(argv, dist)
@@ -1378,14 +1447,14 @@ def train(argv=None, on_step=None):
         if flush:
             torch.set_flush_denormal(False)
         if dist.world > 1:
-            # Leaving the group is best effort: after an error another process may already have gone, and gloo then
-            # raises "connection closed" here, which would hide the error that actually stopped the run.
+            # Leaving the group is best effort: after an error another process may be gone, and
+            # gloo then raises "connection closed" here, hiding the error that stopped the run.
             with contextlib.suppress(Exception):
                 torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# A finished run, for experiments and notebooks: its model, data and evaluation, in the run's own device and precision.
+# A finished run, for experiments and notebooks: model, data, evaluation; its device and precision.
 
 
 @dataclass
@@ -1402,17 +1471,18 @@ class FinishedRun:
         return next(iter(self.corpora.values()))
 
     def evaluate(self, objective, part="val", max_tokens=None, corpus=None):
-        """Metrics of `objective` (e.g. the run's own, with other settings) on the leading max_tokens of a split (of
-        `corpus`, by default the first)."""
+        """Metrics of `objective` (e.g. the run's own, other settings) on the leading max_tokens
+        of a split (of `corpus`, by default the first)."""
         rows = eval_rows(self.cfg, objective)
         split = (self.corpora[corpus] if corpus else self.splits)[part]
-        view = eval_view(split, max_tokens, spread=part == "train", min_piece=objective.raw_tokens_per_row)
+        view = eval_view(split, max_tokens, spread=part == "train",
+                         min_piece=objective.raw_tokens_per_row)
         return evaluate(self.model, objective, view, rows, self.device, self.autocast)
 
 
 def open_run(ckpt_path, model=None, flag="open_run"):
-    """The run that wrote ckpt_path: model in eval mode on the run's device, tokenizer, splits, and evaluate().
-    `model` and `flag` as in load_for_inference."""
+    """The run that wrote ckpt_path: model in eval mode on the run's device, tokenizer, splits,
+    and evaluate(). `model` and `flag` as in load_for_inference."""
     net, tokenizer, ckpt = load_for_inference(ckpt_path, flag=flag, model=model)
     known = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in known})
