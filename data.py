@@ -1,15 +1,17 @@
 """
-The data every model trains on: text files -> documents -> a tokenizer -> one token stream per split, with where each
-document and each line begins. train.py calls prepare_data(); the model files' objectives read the Splits it returns.
+The data every model trains on: text files -> documents -> a tokenizer -> one token stream per
+split, with where each document and each line begins. train.py calls prepare_data(); the model
+files' objectives read the Splits it returns.
 
-    tok, splits, key = prepare_data(cfg)            # cfg: data, val_docs, tokenizer, vocab_size, cache_dir
-    splits["train"].tokens                          # a uint16/uint32 memmap: documents joined by <|endoftext|>
-    splits["train"].doc_starts, .line_starts        # where each document / line begins (BERT's sentence pairs, T5)
+    tok, splits, key = prepare_data(cfg)    # cfg: data, val_docs, tokenizer, vocab_size, cache_dir
+    splits["train"].tokens                  # uint16/uint32 memmap: <|endoftext|>-joined documents
+    splits["val"].doc_starts, .line_starts  # document / line starts (BERT's sentence pairs, T5)
 
-Whole documents are held out (val measures text the model never saw, not a neighbouring passage); the token streams are
-cached on disk, keyed by the files' contents and the tokenizer, and rebuilt when either changes. Tokenizers: `char` (one
-id per character, nanoGPT's shakespeare_char), `gpt2` (OpenAI's, offline from data/gpt2.tiktoken), `bpe` (trained by
-bpe.py on the train split); every model's special tokens go above the ordinary ids.
+Whole documents are held out: val measures text the model never saw, not a neighbouring passage.
+Token streams are cached on disk, keyed by the files' contents and the tokenizer: either change
+rebuilds them. Tokenizers: `char` (one id per character, nanoGPT's shakespeare_char), `gpt2`
+(OpenAI's, offline from data/gpt2.tiktoken), `bpe` (trained by bpe.py on the train split).
+Every model's special tokens go above the ordinary ids.
 Slides (lecture 001): "Byte Pair Encoding algorithm" (bpe.py), "Pretraining language models" (data).
 """
 
@@ -31,16 +33,17 @@ from common import UsageError, command, require
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(ROOT, "data", "shakespeare")
-# Held-out works of the bundled corpora: whole works, so val loss measures generalisation to unseen text, not memory
-# of a neighbouring passage. Shakespeare: one tragedy, one comedy, one history (384 KB, 7.6% of 5.06 MB).
+# The bundled corpora's held-out works, whole (val measures unseen text, not memory of a nearby
+# passage). Shakespeare: one tragedy, one comedy, one history (384 KB, 7.6% of 5.06 MB).
 # Milton: Paradise Regained (93 KB of 726 KB), verse like Paradise Lost, which stays in training.
 BUNDLED_VAL_DOCS = ("julius_caesar", "twelfth_night", "henry_v")
 BUNDLED_VAL = {"shakespeare": BUNDLED_VAL_DOCS, "milton": ("paradise_regained",)}
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Tokenizers: text <-> ids, and the plain-data identity a checkpoint records, so sampling and resume rebuild the same.
-# Special tokens sit above the ordinary vocabulary: <|endoftext|> (between documents; every model has it), then the
-# model file's SPECIAL_TOKENS in their order. Ordinary text never turns into a special token when the corpus is encoded.
+# Tokenizers: text <-> ids, and the plain-data identity a checkpoint records, so sampling and
+# resume rebuild the same one. Special tokens sit above the ordinary vocabulary: <|endoftext|>
+# (between documents; every model has it), then the model file's SPECIAL_TOKENS in their order.
+# Encoding the corpus never turns ordinary text into a special token.
 
 EOT = "<|endoftext|>"
 
@@ -51,8 +54,9 @@ def special_tokens_of(mod):
 
 
 class CharTokenizer:
-    """One id per character of the corpus's alphabet (nanoGPT's shakespeare_char), special tokens after it.
-    CharTokenizer("ab").encode("ba") -> [1, 0]; with specials=[EOT, "[MASK]"], encode("a[MASK]") -> [0, 3]"""
+    """One id per character of the corpus's alphabet (nanoGPT's shakespeare_char), specials after.
+    CharTokenizer("ab").encode("ba") -> [1, 0]
+    With specials=[EOT, "[MASK]"]: encode("a[MASK]") -> [0, 3]"""
 
     def __init__(self, chars, specials=(EOT,)):
         self.chars = "".join(chars)
@@ -65,7 +69,7 @@ class CharTokenizer:
         self._special_re = re.compile("|".join(map(re.escape, sorted(self.specials, key=len, reverse=True))))
 
     def encode(self, text):
-        """Text -> ids; special-token strings in the text become their ids (a prompt may say "[MASK]")."""
+        """Text -> ids; special-token strings become their ids (a prompt may say "[MASK]")."""
         ids, at = [], 0
         for m in self._special_re.finditer(text):
             ids += self.encode_ordinary(text[at:m.start()]) + [self.specials[m.group()]]
@@ -87,7 +91,7 @@ class CharTokenizer:
 
     @functools.cached_property
     def token_bytes(self):
-        """(V,) UTF-8 length of each token (0 for special tokens): bits per byte, line boundaries."""
+        """(V,) UTF-8 length of each token (0 for specials): bits per byte, line boundaries."""
         return torch.tensor([len(c.encode("utf-8")) for c in self.chars] + [0] * len(self.specials))
 
     def identity(self):
@@ -95,7 +99,7 @@ class CharTokenizer:
 
 
 class TiktokenTokenizer:
-    """Any tiktoken.Encoding; `gpt2` is OpenAI's GPT-2 encoding read offline from data/gpt2.tiktoken."""
+    """Any tiktoken.Encoding; `gpt2`: OpenAI's GPT-2 encoding, offline from data/gpt2.tiktoken."""
 
     def __init__(self, enc, identity):
         self.enc, self._identity = enc, identity
@@ -127,48 +131,54 @@ class TiktokenTokenizer:
 
 
 def gpt2_tokenizer(extra_specials=()):
-    """tiktoken's GPT-2 encoding, built offline from the bundled ranks (sha256-checked) and bpe.py's GPT-2 pattern.
-    extra_specials get ids 50257, 50258, ... after GPT-2's own <|endoftext|> = 50256."""
+    """tiktoken's GPT-2 encoding, built offline from the bundled ranks (sha256-checked) and bpe.py's
+    GPT-2 pattern. extra_specials: ids 50257, 50258, ... after GPT-2's <|endoftext|> = 50256."""
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
 
     ranks = load_tiktoken_bpe(bpe.GPT2_FILE, expected_hash=bpe.GPT2_SHA256)
     specials = {EOT: 50256, **{s: 50257 + i for i, s in enumerate(extra_specials)}}
-    enc = tiktoken.Encoding(name="gpt2", pat_str=bpe.GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
-    return TiktokenTokenizer(enc, {"kind": "gpt2", "sha256": bpe.GPT2_SHA256, "specials": list(extra_specials)})
+    enc = tiktoken.Encoding(name="gpt2", pat_str=bpe.GPT2_PATTERN, mergeable_ranks=ranks,
+                            special_tokens=specials)
+    return TiktokenTokenizer(enc, {"kind": "gpt2", "sha256": bpe.GPT2_SHA256,
+                                   "specials": list(extra_specials)})
 
 
 def bpe_tokenizer(tok):
-    """A bpe.Tokenizer trained by us; corpora are encoded through tiktoken (tests/test_bpe.py proves it gives the same
-    ids as bpe.py's own, readable encoder). The identity is the full merge list: the checkpoint alone can rebuild it."""
+    """A bpe.Tokenizer we trained; corpora go through tiktoken (tests/test_bpe.py: the same ids as
+    bpe.py's own, readable encoder). Its identity is the full merge list: enough to rebuild it."""
     return TiktokenTokenizer(tok.to_tiktoken(), {"kind": "bpe", **tok.to_dict()})
 
 
 def train_bpe(cfg, train_docs):
-    """Train (or load from the cache) a BPE vocabulary on the TRAINING split only: the held-out works must not shape
-    the vocabulary either, or val bits per byte would flatter it."""
-    key = hashlib.sha256(json.dumps({"vocab_size": cfg.vocab_size, "pattern": bpe.GPT4_PATTERN, "specials": [EOT],
-                                     "docs": [hashlib.sha256(d.encode()).hexdigest() for d in train_docs]}
-                                    ).encode()).hexdigest()[:16]
+    """Train (or load from cache) a BPE vocabulary on the TRAINING split only. The held-out works
+    must not shape the vocabulary either, or val bits per byte would flatter it."""
+    key = hashlib.sha256(json.dumps({
+        "vocab_size": cfg.vocab_size, "pattern": bpe.GPT4_PATTERN, "specials": [EOT],
+        "docs": [hashlib.sha256(d.encode()).hexdigest() for d in train_docs],
+    }).encode()).hexdigest()[:16]
     path = os.path.join(cfg.cache_dir, f"bpe-{cfg.vocab_size}-{key}.txt")
     if os.path.exists(path):
         return bpe.Tokenizer.load(path)
     if cfg.vocab_size <= 256:
-        raise UsageError(f"--vocab-size {cfg.vocab_size}: a byte-level BPE vocabulary has at least 256 byte tokens + 1")
+        raise UsageError(f"--vocab-size {cfg.vocab_size}: "
+                         "a byte-level BPE vocabulary has at least 256 byte tokens + 1")
     t = time.time()
-    tok = bpe.Tokenizer(pattern="gpt4").train("".join(train_docs), cfg.vocab_size - 1)  # -1: room for <|endoftext|>
+    # vocab_size - 1: room for <|endoftext|>
+    tok = bpe.Tokenizer(pattern="gpt4").train("".join(train_docs), cfg.vocab_size - 1)
     tok.register_special_tokens([EOT])
     os.makedirs(cfg.cache_dir, exist_ok=True)
     tok.save(path + ".tmp")
     os.replace(path + ".tmp", path)
-    print(f"trained a {tok.vocab_size}-token BPE vocabulary on the train split in {time.time() - t:.1f}s -> {path}")
+    print(f"trained a {tok.vocab_size}-token BPE vocabulary on the train split "
+          f"in {time.time() - t:.1f}s -> {path}")
     return tok
 
 
 def build_tokenizer(cfg, train_docs, all_docs, specials):
-    """A fresh tokenizer for a new run. char: the alphabet of the whole corpus, held-out works included, as nanoGPT does
-    (it gives every character an id; it tells the model nothing about the held-out text). gpt2: fixed. bpe: trained on
-    the train split only, because its merges do encode knowledge of the text. The model's specials go on top."""
+    """A fresh tokenizer for a new run. char: the whole corpus's alphabet, held-out works included,
+    as nanoGPT does (an id per character tells the model nothing of the held-out text). gpt2: fixed.
+    bpe: the train split only, as its merges do encode knowledge of the text. Specials go on top."""
     if cfg.tokenizer == "char":
         return CharTokenizer(sorted(set("".join(all_docs))), specials)
     if cfg.tokenizer == "gpt2":
@@ -192,9 +202,9 @@ def tokenizer_from_identity(ident):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Data: documents -> split by document -> one token stream per split (documents joined by <|endoftext|>), cached on disk
-# as a uint16/uint32 memmap and rebuilt whenever a file's contents or the tokenizer change. Where each document and each
-# line begins is kept too, for objectives that need boundaries (BERT's sentence pairs, T5, XLNet).
+# Data: documents -> split by document -> one token stream per split, documents joined by
+# <|endoftext|>. Cached on disk as a uint16/uint32 memmap; rebuilt when a file or the tokenizer
+# changes. Document and line starts are kept for boundaries (BERT's sentence pairs, T5, XLNet).
 
 
 @dataclass
@@ -202,27 +212,28 @@ class Split:
     name: str
     tokens: np.ndarray  # 1-D memmap of token ids
     doc_starts: np.ndarray  # index into tokens where each document begins (0 first)
-    line_starts: np.ndarray  # index of the first token of each line: the first token that starts at or after the byte
-    #                          following a newline (a BPE token such as "\n " ends the previous line)
+    line_starts: np.ndarray  # index of each line's first token: the first starting at or after
+    #                          the byte after a newline (a BPE "\n " ends the previous line)
     doc_names: list
     n_bytes: int  # UTF-8 bytes of the split's text
 
     def slice(self, start, end):
-        """The tokens [start, end) as a Split of their own, boundaries shifted (a slice always begins a document and a
-        line: the part of one it cuts into). Split.slice(0, 100).tokens is tokens[:100]."""
+        """The tokens [start, end) as a Split of their own, boundaries shifted. A slice always
+        begins a document and a line: the part of one it cuts into.
+        Split.slice(0, 100).tokens is tokens[:100]."""
         def inside(starts):
             s = np.asarray(starts[(starts > start) & (starts < end)], dtype=np.int64) - start
             return np.concatenate([[0], s])
-        return Split(self.name, self.tokens[start:end], inside(self.doc_starts), inside(self.line_starts),
-                     self.doc_names, 0)
+        return Split(self.name, self.tokens[start:end], inside(self.doc_starts),
+                     inside(self.line_starts), self.doc_names, 0)
 
 
 def list_documents(data):
-    """{name: path} for every .txt file under a directory or matching a glob, sorted by name (the name is the path
-    relative to the directory, without .txt)."""
+    """{name: path} for every .txt file under a directory or matching a glob, sorted by name.
+    The name is the path relative to the directory, without .txt."""
     path = data or DEFAULT_DATA
-    files = sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True)) if os.path.isdir(path) \
-        else sorted(glob.glob(path, recursive=True))
+    files = sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True)) \
+        if os.path.isdir(path) else sorted(glob.glob(path, recursive=True))
     if not files:
         raise UsageError(f"--data {path!r}: no such directory, or no .txt files in it/matching it")
     base = path if os.path.isdir(path) else os.path.dirname(path.split("*")[0]) or "."
@@ -238,7 +249,7 @@ def read_text(path):
 
 
 def read_documents(data):
-    """{name: text} for every non-empty .txt file under a directory or matching a glob, sorted by name."""
+    """{name: text} for every non-empty .txt file of list_documents, sorted by name."""
     docs = {name: text for name, f in list_documents(data).items() if (text := read_text(f)).strip()}
     if not docs:
         raise UsageError(f"--data {data or DEFAULT_DATA!r}: the .txt files found hold no text")
@@ -246,16 +257,18 @@ def read_documents(data):
 
 
 def split_documents(names, val_docs, val_every=10):
-    """(train names, val names). Whole documents are held out: the named ones, else the bundled held-out works, else
-    every val_every-th (starting mid-stride: deterministic, spread out). A single document is not split here (its
-    caller holds out its last 10% by position). split_documents(["a", "b", "c"], "b") -> (["a", "c"], ["b"])"""
+    """(train names, val names). Whole documents are held out: the named ones, else the bundled
+    held-out works, else every val_every-th (from mid-stride: deterministic, spread out). A single
+    document is not split here (its caller holds out its last 10% by position).
+    split_documents(["a", "b", "c"], "b") -> (["a", "c"], ["b"])"""
     names = list(names)
     known = set(names)
     if val_docs:
         val = [v.strip() for v in val_docs.split(",") if v.strip()]
         missing = [v for v in val if v not in known]
         if missing:
-            raise UsageError(f"--val-docs: no document named {missing[0]!r} (documents: {', '.join(names[:8])}, ...)")
+            raise UsageError(f"--val-docs: no document named {missing[0]!r} "
+                             f"(documents: {', '.join(names[:8])}, ...)")
     elif any(all(v in known for v in group) for group in BUNDLED_VAL.values()):
         val = [v for group in BUNDLED_VAL.values() if all(v in known for v in group) for v in group]
     elif len(names) >= 2:
@@ -270,9 +283,9 @@ def split_documents(names, val_docs, val_every=10):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Several corpora at once (continued pretraining with replay): --data milton:0.75,shakespeare:0.25 trains on a mixture,
-# each row drawn from a corpus with these probabilities, and evaluates on every corpus named, a weight of 0 included
-# (evaluated, never trained on). One tokenizer serves all of them, built from all of them.
+# Several corpora at once (continued pretraining with replay): --data milton:0.75,shakespeare:0.25
+# trains on a mixture, each row drawn from a corpus with these probabilities, and evaluates on
+# every corpus named, weight 0 included (never trained on). One tokenizer built from all serves all.
 
 
 @dataclass
@@ -284,9 +297,10 @@ class Domain:
 
 
 def parse_data(spec):
-    """--data -> [Domain]. A path or glob is one corpus of weight 1; "a:0.75,b:0.25" is a mixture, where a name without
-    a path separator that is not a file or directory is one of the bundled corpora (data/<name>).
-    parse_data("milton:3,shakespeare:1") -> [Domain("milton", "data/milton", 0.75), Domain("shakespeare", ..., 0.25)]"""
+    """--data -> [Domain]. A path or glob is one corpus of weight 1; "a:0.75,b:0.25" is a mixture,
+    where a name without os.sep that is no file or directory is a bundled corpus (data/<name>).
+    parse_data("milton:3,shakespeare:1") ->
+        [Domain("milton", "data/milton", 0.75), Domain("shakespeare", ..., 0.25)]"""
     spec = spec or DEFAULT_DATA
 
     def resolve(path):
@@ -300,7 +314,8 @@ def parse_data(spec):
     domains = []
     for p in parts:
         if len(p) != 2:
-            raise UsageError(f"--data {spec!r}: a mixture is name:weight,name:weight (milton:0.75,shakespeare:0.25)")
+            raise UsageError(f"--data {spec!r}: a mixture is name:weight,name:weight "
+                             "(milton:0.75,shakespeare:0.25)")
         path, weight = p
         try:
             weight = float(weight)
@@ -322,13 +337,13 @@ def parse_data(spec):
 
 
 def prepare_domains(cfg, specials=(EOT,), tokenizer_ident=None):
-    """(tokenizer, [Domain with its splits], cache key) for --data; one corpus goes straight to prepare_data."""
+    """(tokenizer, [Domain + splits], cache key) for --data; one corpus goes to prepare_data."""
     domains = parse_data(cfg.data)
     if len(domains) == 1:
-        tok, domains[0].splits, key = prepare_data(dataclasses.replace(cfg, data=domains[0].path), specials,
-                                                   tokenizer_ident)
+        tok, domains[0].splits, key = prepare_data(dataclasses.replace(cfg, data=domains[0].path),
+                                                   specials, tokenizer_ident)
         return tok, domains, key
-    if tokenizer_ident is None:  # one tokenizer built from every corpus (BPE: from their train splits)
+    if tokenizer_ident is None:  # one tokenizer from every corpus (BPE: their train splits)
         train_texts, all_texts = [], []
         for d in domains:
             docs = read_documents(d.path)
@@ -338,20 +353,21 @@ def prepare_domains(cfg, specials=(EOT,), tokenizer_ident=None):
         tokenizer_ident = build_tokenizer(cfg, train_texts, all_texts, list(specials)).identity()
     keys = []
     for d in domains:
-        tok, d.splits, key = prepare_data(dataclasses.replace(cfg, data=d.path, val_docs=""), specials, tokenizer_ident)
+        tok, d.splits, key = prepare_data(dataclasses.replace(cfg, data=d.path, val_docs=""),
+                                          specials, tokenizer_ident)
         keys.append(key)
     return tok, domains, _digest({"domains": [(d.name, d.weight) for d in domains], "keys": keys})
 
 
 def prepare_data(cfg, specials=(EOT,), tokenizer_ident=None):
-    """Tokenise (or load from cache) the corpus. Returns (tokenizer, {"train": Split, "val": Split}, cache key).
-    A directory written by `python data.py prepare` is read as it is (big corpora: see prepare())."""
+    """Tokenise or load from cache: (tokenizer, {"train": Split, "val": Split}, cache key).
+    A directory written by `python data.py prepare` is read as is (big corpora: see prepare())."""
     if cfg.data and os.path.exists(os.path.join(cfg.data, PREPARED)):
         return _read_prepared(cfg, specials, tokenizer_ident)
     docs = read_documents(cfg.data)
     train_names, val_names = split_documents(docs, cfg.val_docs)
     texts = {"train": [docs[n] for n in train_names], "val": [docs[n] for n in val_names]}
-    if not val_names:  # one document: hold out its last 10% (by position: the only split a single text allows)
+    if not val_names:  # one document: hold out its last 10% (by position: all one text allows)
         (name, text), = docs.items()
         cut = text.rfind("\n", 0, int(len(text) * 0.9)) + 1 or int(len(text) * 0.9)
         texts = {"train": [text[:cut]], "val": [text[cut:]]}
@@ -363,7 +379,8 @@ def prepare_data(cfg, specials=(EOT,), tokenizer_ident=None):
         tok = build_tokenizer(cfg, texts["train"], list(docs.values()), list(specials))
     key = hashlib.sha256(json.dumps({
         "tokenizer": tok.identity(), "train": train_names, "val": val_names, "format": 3,
-        "content": [hashlib.sha256(t.encode()).hexdigest() for part in ("train", "val") for t in texts[part]],
+        "content": [hashlib.sha256(t.encode()).hexdigest()
+                    for part in ("train", "val") for t in texts[part]],
     }, sort_keys=True).encode()).hexdigest()[:16]
     cache = os.path.join(cfg.cache_dir, key)
     if not os.path.exists(os.path.join(cache, "meta.json")):
@@ -374,7 +391,8 @@ def prepare_data(cfg, specials=(EOT,), tokenizer_ident=None):
             for i in range(0, len(texts[part]), 256):
                 writer.add(texts[part][i:i + 256])
             meta[part] = {**writer.commit(), "doc_names": names}
-        atomic_write_text(os.path.join(cache, "meta.json"), json.dumps(meta))  # written last: marks the cache complete
+        # written last: it marks the cache complete
+        atomic_write_text(os.path.join(cache, "meta.json"), json.dumps(meta))
     with open(os.path.join(cache, "meta.json")) as f:
         meta = json.load(f)
     return tok, {part: _split(cache, part, meta) for part in ("train", "val")}, key
@@ -385,7 +403,8 @@ def _split(directory, part, meta):
     names = m["doc_names"] if m.get("doc_names") is not None else [f"#{i}" for i in range(m["docs"])]
     return Split(part, _memmap(os.path.join(directory, f"{part}.bin"), meta["dtype"], m["tokens"]),
                  _memmap(os.path.join(directory, f"{part}.docs.bin"), "int64", m["docs"]),
-                 _memmap(os.path.join(directory, f"{part}.lines.bin"), "int64", m["lines"]), names, m["n_bytes"])
+                 _memmap(os.path.join(directory, f"{part}.lines.bin"), "int64", m["lines"]),
+                 names, m["n_bytes"])
 
 
 def _dtype_for(tok):
@@ -393,26 +412,28 @@ def _dtype_for(tok):
 
 
 def _memmap(path, dtype, n):
-    """The first n items of a binary file (a prepare that was interrupted may have written past its last commit)."""
+    """The first n items of a binary file: an interrupted prepare may write past its last commit."""
     return np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype=dtype)
 
 
 def _line_starts(text, ids, token_bytes):
-    """Token index of each line's first token in one document: '\\n' bytes -> byte offsets -> the first token starting
-    at or after each. _line_starts("ab\\ncd", [0, 1, 2, 3, 4], ones) -> [0, 3] (char tokens: one byte each)."""
+    """Token index of each line's first token in one document: '\\n' bytes -> byte offsets -> the
+    first token starting at or after each.
+    _line_starts("ab\\ncd", [0, 1, 2, 3, 4], ones) -> [0, 3] (char tokens: one byte each)."""
     raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-    line_bytes = np.concatenate([[0], np.flatnonzero(raw == 10) + 1])  # a line starts after each newline
+    line_bytes = np.concatenate([[0], np.flatnonzero(raw == 10) + 1])  # lines start after newlines
     token_starts = np.concatenate([[0], np.cumsum(token_bytes[np.asarray(ids, dtype=np.int64)])[:-1]])
     idx = np.unique(np.searchsorted(token_starts, line_bytes, side="left"))
     return idx[idx < len(ids)]
 
 
 class StreamWriter:
-    """Appends tokenised documents to <directory>/<part>.bin (the token stream, each document followed by
-    <|endoftext|>, as in GPT-2's data), <part>.docs.bin and <part>.lines.bin (int64: where each document and line
-    begins). Memory holds one batch of documents, never the stream: a Python int costs ~36 bytes, and GPT-2's 9B tokens
-    would not fit. commit() flushes and returns the counts so far; a writer opened with those counts truncates the files
-    to them and continues, which is how an interrupted `prepare` resumes exactly where it last committed."""
+    """Appends tokenised documents to <directory>/<part>.bin (the token stream, each document
+    followed by <|endoftext|>, as in GPT-2's data), <part>.docs.bin and <part>.lines.bin (int64:
+    document and line starts). Memory holds one batch of documents, never the stream: at ~36 bytes
+    a Python int, GPT-2's 9B tokens would not fit. commit() flushes and returns the counts so far.
+    A writer opened with those counts truncates the files to them and continues: so an interrupted
+    `prepare` resumes exactly at its last commit."""
 
     EXTS = (".bin", ".docs.bin", ".lines.bin")
 
@@ -429,14 +450,15 @@ class StreamWriter:
             self.files.append(open(path, "ab"))
 
     def add(self, texts):
-        """Tokenise and append a batch of documents (the tokenizer encodes a batch on all cores); empty ones are
-        skipped, as read_documents skips empty files."""
+        """Tokenise and append a batch of documents (the tokenizer encodes a batch on all cores).
+        Empty ones are skipped, as read_documents skips empty files."""
         out, doc_out, line_out = self.files
         texts = [t for t in texts if t.strip()]
         for text, ids in zip(texts, self.tok.encode_corpus(texts)):
             n = self.counts["tokens"]
             np.array([n], dtype=np.int64).tofile(doc_out)
-            lines = np.append(_line_starts(text, ids, self.token_bytes), len(ids))  # <|endoftext|>: a line of its own
+            # <|endoftext|>: a line of its own
+            lines = np.append(_line_starts(text, ids, self.token_bytes), len(ids))
             (lines + n).astype(np.int64).tofile(line_out)
             np.array(ids + [self.tok.eot_id], dtype=self.dtype).tofile(out)
             self.counts["tokens"] += len(ids) + 1
@@ -456,23 +478,23 @@ class StreamWriter:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Big corpora: `python data.py prepare` streams a corpus into a directory that --data then points at. The in-memory path
-# above reads every file into memory before tokenising (fine for the bundled 6 MB); this one never holds more than a
-# batch of documents, commits every --commit-every documents, and resumes from its last commit when run again.
+# Big corpora: `python data.py prepare` streams a corpus into a directory for --data. The path
+# above reads every file into memory first (fine for the bundled 6 MB); this one holds at most a
+# batch of documents, commits every --commit-every documents, and resumes from its last commit.
 
 PREPARED = "prepared.json"
 
 
 def _sources(data, text_column):
-    """(names or None, number of documents, documents(start) -> iterator of texts from document `start` on).
-    A directory or glob of .txt files (one document each), or a `datasets` dataset saved with save_to_disk (optional
-    package; one document per record of text_column)."""
+    """(names or None, number of documents, documents(start) -> texts from document `start` on).
+    A directory or glob of .txt files (one document each), or a `datasets` dataset saved with
+    save_to_disk (optional package; one document per record of text_column)."""
     if data and os.path.exists(os.path.join(data, "dataset_info.json")):
         try:
             import datasets
         except ImportError:
-            raise UsageError(f"--data {data} is a Hugging Face `datasets` directory; pip install datasets to read it") \
-                from None
+            raise UsageError(f"--data {data} is a Hugging Face `datasets` directory; "
+                             "pip install datasets to read it") from None
         ds = datasets.load_from_disk(data)
         if text_column not in ds.column_names:
             raise UsageError(f"--text-column {text_column!r}: the dataset has columns {ds.column_names}")
@@ -482,8 +504,9 @@ def _sources(data, text_column):
     return list(files), len(paths), lambda start, idx: (read_text(paths[i]) for i in idx[start:])
 
 
-def prepare(data, out, tokenizer="gpt2", val_docs="", val_every=10, commit_every=1000, text_column="text"):
-    """Tokenise a corpus into `out` (train/val .bin, .docs.bin, .lines.bin and prepared.json), resumably.
+def prepare(data, out, tokenizer="gpt2", val_docs="", val_every=10, commit_every=1000,
+            text_column="text"):
+    """Resumably tokenise a corpus into `out`: train/val .bin, .docs.bin, .lines.bin, prepared.json.
     Returns the prepared.json contents."""
     names, n, documents = _sources(data, text_column)
     if names is not None:
@@ -500,7 +523,8 @@ def prepare(data, out, tokenizer="gpt2", val_docs="", val_every=10, commit_every
         with open(meta_path) as f:
             meta = json.load(f)
         if meta["source"] != {"data": data, "order": _digest(order), "tokenizer": tokenizer}:
-            raise UsageError(f"{out} holds a prepare of other data or settings; choose another output directory")
+            raise UsageError(f"{out} holds a prepare of other data or settings; "
+                             "choose another output directory")
         tok = tokenizer_from_identity(meta["tokenizer"])
     else:
         if tokenizer == "char":  # one streaming pass for the alphabet
@@ -511,10 +535,11 @@ def prepare(data, out, tokenizer="gpt2", val_docs="", val_every=10, commit_every
         elif tokenizer == "gpt2":
             tok = gpt2_tokenizer()
         else:
-            raise UsageError(f"prepare: --tokenizer {tokenizer!r}: choose char or gpt2 (a BPE vocabulary is trained "
-                             f"on text in memory: use the in-memory path for it)")
-        meta = {"source": {"data": data, "order": _digest(order), "tokenizer": tokenizer}, "dtype": _dtype_for(tok),
-                "tokenizer": tok.identity(), "done": False,
+            raise UsageError(f"prepare: --tokenizer {tokenizer!r}: choose char or gpt2 "
+                             f"(a BPE vocabulary is trained on text in memory: "
+                             f"use the in-memory path for it)")
+        meta = {"source": {"data": data, "order": _digest(order), "tokenizer": tokenizer},
+                "dtype": _dtype_for(tok), "tokenizer": tok.identity(), "done": False,
                 **{part: {"tokens": 0, "docs": 0, "lines": 0, "n_bytes": 0, "read": 0,
                           "doc_names": None if names is None else [names[i] for i in order[part]]}
                    for part in ("train", "val")}}
@@ -534,8 +559,9 @@ def prepare(data, out, tokenizer="gpt2", val_docs="", val_every=10, commit_every
                     meta[part] = {**meta[part], **writer.commit(), "read": read}
                     atomic_write_text(meta_path, json.dumps(meta))  # the resumable unit: a commit
                 rate = (read - start) / max(1e-9, time.time() - t0)
-                print(f"\rprepare {part}: {read:,}/{len(order[part]):,} documents, {writer.counts['tokens']:,} "
-                      f"tokens, {rate:,.0f} documents/s", end="", flush=True)
+                print(f"\rprepare {part}: {read:,}/{len(order[part]):,} documents, "
+                      f"{writer.counts['tokens']:,} tokens, {rate:,.0f} documents/s",
+                      end="", flush=True)
         writer.close()
         print()
     meta["done"] = True
@@ -548,15 +574,15 @@ def _digest(obj):
 
 
 def _read_prepared(cfg, specials, tokenizer_ident):
-    """A prepared directory: its tokenizer (with this model's special tokens on top; the stream holds none of them)."""
+    """A prepared directory; its tokenizer gets this model's specials (the stream holds none)."""
     with open(os.path.join(cfg.data, PREPARED)) as f:
         meta = json.load(f)
     if not meta["done"]:
-        raise UsageError(f"--data {cfg.data}: its prepare did not finish; run the same `python data.py prepare` "
-                         f"command again to resume it")
+        raise UsageError(f"--data {cfg.data}: its prepare did not finish; "
+                         f"run the same `python data.py prepare` command again to resume it")
     if meta["source"]["tokenizer"] != cfg.tokenizer:
-        raise UsageError(f"--data {cfg.data} was prepared with --tokenizer {meta['source']['tokenizer']}, not "
-                         f"{cfg.tokenizer}")
+        raise UsageError(f"--data {cfg.data} was prepared with "
+                         f"--tokenizer {meta['source']['tokenizer']}, not {cfg.tokenizer}")
     base = meta["tokenizer"]
     ident = tokenizer_ident or ({**base, "specials": list(specials)} if base["kind"] == "char" else
                                 {**base, "specials": list(specials[1:])})
@@ -580,14 +606,16 @@ def _usage_error(message):
 def main(argv=None):
     import argparse
 
-    p = argparse.ArgumentParser(prog="data.py", description="Prepare a big corpus for train.py: tokenise it once, "
-                                "streaming, into a directory that --data then points at. Resumable: run the same "
-                                "command again after an interruption.")
+    p = argparse.ArgumentParser(prog="data.py", description=(
+        "Prepare a big corpus for train.py: tokenise it once, streaming, into a directory "
+        "that --data then points at. Resumable: run the same command again after an interruption."))
     sub = p.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("prepare", help="tokenise a corpus into OUT (train/val .bin + boundaries + prepared.json)")
+    q = sub.add_parser("prepare", help="tokenise a corpus into OUT "
+                                       "(train/val .bin + boundaries + prepared.json)")
     p.error = q.error = _usage_error  # one line, exit 2, like every other bad input
-    q.add_argument("--data", required=True, help="a directory or glob of .txt files (one document each), or a "
-                                                 "`datasets` directory written by save_to_disk")
+    q.add_argument("--data", required=True,
+                   help="a directory or glob of .txt files (one document each), "
+                        "or a `datasets` directory written by save_to_disk")
     q.add_argument("--out", required=True, help="output directory; give it to train.py as --data")
     q.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "char"])
     q.add_argument("--val-docs", default="", help="comma-separated document names to hold out")
@@ -598,11 +626,12 @@ def main(argv=None):
     for name in ("val_every", "commit_every"):
         n = getattr(args, name)
         require(n >= 1, f"--{name.replace('_', '-')} {n}: must be at least 1")
-    meta = prepare(args.data, args.out, args.tokenizer, args.val_docs, args.val_every, args.commit_every,
-                   args.text_column)
+    meta = prepare(args.data, args.out, args.tokenizer, args.val_docs, args.val_every,
+                   args.commit_every, args.text_column)
     train, val = meta["train"], meta["val"]
-    print(f"prepared {args.out}: train {train['tokens']:,} tokens in {train['docs']:,} documents, val "
-          f"{val['tokens']:,} in {val['docs']:,}; train with --data {args.out} --tokenizer {args.tokenizer}")
+    print(f"prepared {args.out}: train {train['tokens']:,} tokens in {train['docs']:,} documents, "
+          f"val {val['tokens']:,} in {val['docs']:,}; "
+          f"train with --data {args.out} --tokenizer {args.tokenizer}")
 
 
 if __name__ == "__main__":
