@@ -1,46 +1,51 @@
 """
-assignment.py - course assignments from the reference code: blank chosen functions, keep the tests they need, grade.
+assignment.py - homework from the reference code: blank chosen functions, keep their tests, grade.
 
 What it is
-    The project's third use, after reading it beside the slides and running it: homework. Given targets such as
-    `bpe.py:merge gpt.py:CausalSelfAttention.forward`, `make` writes a copy of the project in which each target's body
-    is `raise NotImplementedError(...)` naming the slide it implements. Its docstring (with the worked example), its
-    signature and every other line stay. The body is found on the syntax tree (`ast`), so the reference files carry no
-    markers. The copy keeps the tests that exercise the targets (with their fixtures and helpers) and gets a task
-    list, ASSIGNMENT.md. `python -m pytest` in the copy is the autograder. `grade` prints the score per target (tests
-    passed / total), from the instructor's copy of the tests ("the key"), which may hold hidden tests.
+    The project's third use, after reading it beside the slides and running it: homework. Given
+    targets such as `bpe.py:merge gpt.py:CausalSelfAttention.forward`, `make` writes a copy of the
+    project where each target's body is `raise NotImplementedError(...)`, naming its slide. Its
+    docstring (with the worked example), its signature and every other line stay. The body is
+    found on the syntax tree (`ast`): the reference files carry no markers. The copy keeps the
+    targets' tests (with their fixtures and helpers) and gets a task list, ASSIGNMENT.md.
+    `python -m pytest` in the copy is the autograder. `grade` prints the score per target (tests
+    passed / total) from the instructor's copy of the tests ("the key"), which may hold hidden ones.
 
 Which tests exercise a target: the definition, and how it is computed
-    A test exercises target X if it passes on the reference code and fails when X alone raises NotImplementedError.
-    That is measured, not guessed, in a throw-away copy of the project:
-      1. a probe line goes at the top of every target's body, and the test suite runs once; each probe records which
-         test module reached it (while the module was imported, in a fixture, or in a test);
-      2. for each target X, the test modules that reached X run again with X's probe raising NotImplementedError; the
-         tests that passed in 1 and fail now are X's tests.
-    Step 2 re-runs whole modules, not only the tests that called X: a test can depend on X without calling it, through
-    a tokenizer an earlier test of its module trained with X and cached. A module that never reached X cannot change.
-    Tests that exercise no target are left out; a test that exercises several targets counts for each of them.
-    A target that a module calls while being imported is refused: blanked, every test of that module would error.
+    A test exercises target X if it passes on the reference code and fails when X alone raises
+    NotImplementedError. That is measured, not guessed, in a throw-away copy of the project:
+      1. a probe line goes at the top of every target's body, and the suite runs once. Each probe
+         records which test module reached it (while importing the module, in a fixture or a test);
+      2. for each target X, the modules that reached X run again with X's probe raising
+         NotImplementedError. The tests that passed in 1 and fail now are X's tests.
+    Step 2 re-runs whole modules, not only the tests that called X: a test can depend on X through
+    a tokenizer that an earlier test of its module trained with X and cached. A module that never
+    reached X cannot change. Tests that exercise no target are left out; one that exercises several
+    targets counts for each. A target a module calls at import is refused: blanked, every test of
+    that module would error.
 
 Run
-    python assignment.py list                                  # the ready-made assignments, their targets and slides
-    python assignment.py make tokenization                     # -> out/assignments/tokenization and ...-key
+    python assignment.py list               # the ready-made assignments, their targets and slides
+    python assignment.py make tokenization  # -> out/assignments/tokenization and ...-key
     python assignment.py make bpe.py:merge positions.py:apply_rope --out out/assignments/mine
-    python assignment.py make positions --hidden "tests/test_positions.py::test_t5_*" --points apply_rope=40
-    python assignment.py make training --skip "tests/test_loop.py::test_a_*budget*"   # tests that time themselves
-    python assignment.py grade SUBMISSION --key out/assignments/positions-key [--json scores.json | --json -]
-    In a student copy: `python -m pytest` runs the tests, `python assignment.py grade .` prints the score per target.
+    python assignment.py make positions --hidden "tests/test_positions.py::test_t5_*" \
+        --points apply_rope=40
+    python assignment.py make training --skip "tests/test_loop.py::test_a_*budget*"  # self-timed
+    python assignment.py grade SUBMISSION --key out/assignments/positions-key [--json FILE or -]
+    A student copy: `python -m pytest` runs the tests, `python assignment.py grade .` scores them.
 
 Legend
-    target    "file.py:qualname": a function or method of a project file, e.g. "bpe.py:merge", "gpt.py:KVCache.update"
-    node id   a test as pytest names it: "tests/test_bpe.py::test_gpt2_parity_on_adversarial_text[a]"
-    student copy   what students get: blanked targets, the visible tests, ASSIGNMENT.md, assignment.json
-    key       the instructor's copy: the student copy plus the hidden tests; grading runs the key's tests on the
-              submission's target files, never the tests a student may have edited
+    target    "file.py:qualname": a function or method of a project file, e.g. "bpe.py:merge",
+              "gpt.py:KVCache.update"
+    node id   pytest's name of a test: "tests/test_bpe.py::test_gpt2_parity_on_adversarial_text[a]"
+    student copy   what students get: blanked targets, visible tests, ASSIGNMENT.md, assignment.json
+    key       the instructor's copy: the student copy plus the hidden tests. Grading runs the key's
+              tests on the submission's target files, never tests a student may have edited
 
-Trap: the helper processes this file starts run pytest on a copy of the project, and a reference module already in
-sys.modules would silently replace the copy's. So the only project module imported here is common (the error type
-and the CLI wrapper), and the helper processes drop it (`_forget_project_modules`) before pytest imports the copy's.
+Trap: this file's helper processes run pytest on a copy of the project, and a reference module
+already in sys.modules would silently replace the copy's. So the only project module imported
+here is common (the error type and the CLI wrapper), and the helper processes drop it
+(`_forget_project_modules`) before pytest imports the copy's.
 """
 
 import argparse
@@ -69,7 +74,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 @dataclass(frozen=True)
 class Target:
     spec: str  # "file.py:qualname", a function or method of a top-level project file
-    slide: str  # the lecture slide it implements, by title ("" where no slide shows it: then the docstring is the spec)
+    slide: str  # the slide it implements, by title ("" if none: then the docstring is the spec)
     note: str = ""  # one line for ASSIGNMENT.md: what the docstring does not say, or where to look
 
     @property
@@ -93,17 +98,19 @@ def function_of(nodeid):
 
 
 def module_of(nodeid):
-    """The test module of a node id: module_of("tests/test_bpe.py::test_x[a-1]") -> 'tests/test_bpe.py'"""
+    """The test module of a node id.
+    module_of("tests/test_bpe.py::test_x[a-1]") -> 'tests/test_bpe.py'"""
     return nodeid.split("::")[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Ready-made assignments: one named list each, in the order students should implement the targets (later ones may use
-# earlier ones). Adding one for a new model file is one more entry (e.g. "bert-masking": [Target("bert.py:...", ...)]);
-# tests/test_assignment.py checks that every target here exists and has tests.
+# Ready-made assignments: one named list each, in the order students should implement the targets
+# (later ones may use earlier ones). A new model file's assignment is one more entry (e.g.
+# "bert-masking": [Target("bert.py:...", ...)]). tests/test_assignment.py checks that every target
+# here exists and has tests.
 
 ASSIGNMENTS = {
-    # Lecture "Byte Pair Encoding algorithm": the training loop of the slide, then encoding with the learned merges.
+    # Lecture "Byte Pair Encoding algorithm": the slide's training loop, then encoding text.
     # train_fast stays as given: the tests compare the students' train_plain with it.
     "tokenization": [
         Target("bpe.py:count_pairs", "Byte Pair Encoding algorithm",
@@ -119,8 +126,9 @@ ASSIGNMENTS = {
         Target("bpe.py:Tokenizer.encode_ordinary", "Word structure and subword models",
                "pre-split with self._regex, then encode each chunk's UTF-8 bytes"),
     ],
-    # Lecture "Positional embeddings": one scheme per slide. The shared helpers _angles / _inverse_frequencies and the
-    # matrix form rope_matrix stay as given (the RoPE tests use the matrix form as the oracle for the element-wise one).
+    # Lecture "Positional embeddings": one scheme per slide. The shared helpers _angles /
+    # _inverse_frequencies and the matrix form rope_matrix stay as given (the RoPE tests use the
+    # matrix form as the oracle for the element-wise one).
     "positions": [
         Target("positions.py:_sinusoid_at", "Positional encoding",
                "the sinusoid at the given positions, (T, d): sin in even, cos in odd columns; sinusoidal() and "
@@ -134,7 +142,7 @@ ASSIGNMENTS = {
         Target("positions.py:apply_rope", "Rotary encoding",
                "the element-wise form ('More efficient form' slide) on interleaved pairs; must equal rope_matrix"),
     ],
-    # Lecture "Transformers for pretraining" (decoder only: no looking at future words), "GPT1", "GPT-2" (pre-LN).
+    # Lectures "Transformers for pretraining" (decoder: no future words), "GPT1", "GPT-2" (pre-LN).
     "gpt": [
         Target("positions.py:causal_mask", "Transformers for pretraining",
                "decoder-only: a query sees keys at its own position and before; compare positions, not tril"),
@@ -146,7 +154,7 @@ ASSIGNMENTS = {
         Target("gpt.py:MLP.forward", "GPT1", "C -> 4C -> C with GPT-2's tanh-approximated GELU (self.gelu)"),
         Target("gpt.py:Block.forward", "GPT-2", "pre-LN: x + attn(ln_1(x)), then x + mlp(ln_2(x))"),
     ],
-    # Lecture "Pretraining language models" (implementation and training details) and "GPT-2" (larger batches).
+    # Lectures "Pretraining language models" (implementation, training), "GPT-2" (larger batches).
     "training": [
         Target("train.py:lr_at", "Pretraining language models",
                "linear warm-up, then cosine (or linear, rsqrt, constant) decay to min_lr at the horizon"),
@@ -166,20 +174,21 @@ ABOUT = {  # optional one-line summary per ready-made assignment, for ASSIGNMENT
     "training": "the training loop's pieces: warm-up + cosine schedule, AdamW's weight-decay groups, accumulation",
 }
 
-# What a copy of the project holds: top-level files, tests/ and data/ (minus caches); never the git history, compiled
-# files (a reference .pyc is the reference body), run outputs or this project's own tests of assignment.py.
+# What a copy of the project holds: top-level files, tests/ and data/ (minus caches). Never the git
+# history, compiled files (a reference .pyc is the reference body), run outputs or this project's
+# own tests of assignment.py.
 TOP_LEVEL = ("*.py", "pytest.ini", "requirements.txt", ".gitignore")
 SKIP_DIRS = {"__pycache__", ".pytest_cache", ".hypothesis", "cache", "out", ".git"}
-SELF_TEST = "tests/test_assignment.py"  # tests of this file: never run to find an assignment's tests, never copied
+SELF_TEST = "tests/test_assignment.py"  # this file's tests: never run by `make`, never copied
 MANIFEST = "assignment.json"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Source surgery: find a function on the syntax tree, and replace the lines of its body (below the docstring)
+# Source surgery: find a function on the syntax tree; replace its body's lines (below the docstring)
 
 
 def find_function(tree, qualname):
-    """The FunctionDef of `qualname` ("merge", "KVCache.update") among the module's top-level definitions.
+    """The FunctionDef of `qualname` ("merge", "KVCache.update"), found from the module's top level.
 
     find_function(ast.parse("class A:\\n  def f(self): pass"), "A.f").name -> 'f'
     """
@@ -203,7 +212,7 @@ def _docstring(fn):
 
 
 def _header_end(lines, fn):
-    """1-based line of the colon that ends `def ...(...) -> ...:`; the signature may span several lines."""
+    """1-based line of the colon ending `def ...(...) -> ...:`; the signature may span lines."""
     source = "".join(lines[fn.lineno - 1:])
     depth = 0
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
@@ -217,16 +226,17 @@ def _header_end(lines, fn):
 
 
 def body_span(lines, fn):
-    """(first, last, indent): the 1-based lines of `fn`'s body below its docstring, comments included, and its indent.
+    """(first, last, indent) of `fn`'s body below its docstring: 1-based lines, comments included.
 
     For
         def merge(ids, pair, new_id):
             \"\"\"doc\"\"\"
             a, b = pair          <- first
             ...
-            return out           <- last (or the last comment line indented inside the body after it)
-    Trap: comments are not in the syntax tree; the ones between the docstring and the first statement and after the last
-    statement (indented deeper than the def) belong to the body and go with it: they often say how it works.
+            return out           <- last (or the last comment indented inside the body after it)
+    Trap: comments are not in the syntax tree. Those between the docstring and the first
+    statement, and after the last one (indented deeper than the def), belong to the body and go
+    with it: they often say how it works.
     """
     doc = _docstring(fn)
     if doc is not None and len(fn.body) == 1:
@@ -234,7 +244,8 @@ def body_span(lines, fn):
     start = (doc.end_lineno if doc is not None else _header_end(lines, fn)) + 1
     first_stmt = fn.body[1] if doc is not None else fn.body[0]
     if first_stmt.lineno < start:
-        raise LookupError("its body starts on the line of its signature or docstring; put it on lines of its own")
+        raise LookupError("its body starts on the line of its signature or docstring; "
+                          "put it on lines of its own")
     end = fn.end_lineno
     def_indent = fn.col_offset
     i = end  # 0-based index of the line after `end`
@@ -250,7 +261,7 @@ def body_span(lines, fn):
 
 
 def stub_line(spec, slide, indent):
-    """The line a blanked body becomes (two lines past 120 characters), naming the slide the function implements.
+    """The line a blanked body becomes (two past 120 characters), naming the function's slide.
 
     stub_line("bpe.py:merge", "Byte Pair Encoding algorithm", "    ")
         -> '    raise NotImplementedError(\\'merge: yours to implement (slide "Byte Pair Encoding algorithm")\\')\\n'
@@ -258,12 +269,13 @@ def stub_line(spec, slide, indent):
     message = f"{qualname_of(spec)}: yours to implement"
     message = repr(f'{message} (slide "{slide}")' if slide else message)
     line = f"{indent}raise NotImplementedError({message})\n"
-    return line if len(line) <= 121 else f"{indent}raise NotImplementedError(\n{indent}    {message})\n"
+    return (line if len(line) <= 121
+            else f"{indent}raise NotImplementedError(\n{indent}    {message})\n")
 
 
 def rewrite_bodies(source, replacements):
-    """Replace the bodies (below the docstring) of several functions of one file. `replacements` maps a qualname to a
-    function (lines of the old body, indent) -> lines of the new body. Everything else stays byte for byte."""
+    """Replace the bodies (below the docstring) of functions of one file; the rest stays byte for
+    byte. `replacements`: qualname -> a function (old body's lines, indent) -> new body's lines."""
     lines = source.splitlines(keepends=True)
     tree = ast.parse(source)
     spans = []
@@ -274,13 +286,13 @@ def rewrite_bodies(source, replacements):
     for (s1, e1, *_), (s2, *_) in zip(spans, spans[1:]):
         if s2 <= e1:
             raise LookupError("two targets are nested in one another: blank the outer one only")
-    for start, end, indent, new_body in reversed(spans):  # bottom-up, so earlier line numbers stay valid
+    for start, end, indent, new_body in reversed(spans):  # bottom-up: earlier line numbers hold
         lines[start - 1:end] = new_body(lines[start - 1:end], indent)
     return "".join(lines)
 
 
 def blank(source, targets):
-    """`source` with each target's body replaced by its NotImplementedError line. targets: Target of this file."""
+    """`source` with each target's body replaced by its stub_line. targets: this file's."""
     stub = lambda t: lambda old, indent: [stub_line(t.spec, t.slide, indent)]
     return rewrite_bodies(source, {t.qualname: stub(t) for t in targets})
 
@@ -293,8 +305,9 @@ def body_of(source, qualname):
 
 
 def put_body(source, qualname, body):
-    """`source` with `qualname`'s body (below its docstring) replaced by `body`: what a student does. The tests use it
-    to copy reference bodies back and to plant wrong ones. A body indented otherwise is re-indented to the function's.
+    """`source` with `qualname`'s body (below its docstring) replaced by `body`: what a student
+    does. The tests use it to copy reference bodies back and to plant wrong ones. A body indented
+    otherwise is re-indented to the function's.
 
     put_body("def f(x):\\n    return x\\n", "f", "return 2 * x") -> "def f(x):\\n    return 2 * x\\n"
     """
@@ -313,14 +326,14 @@ def _probe_line(spec, indent):
 
 
 def instrument(source, targets):
-    """`source` with a probe call as the first line of each target's body (the body itself kept): see PROBE."""
+    """`source` with a probe call first in each target's body (the body kept): see PROBE."""
     probe = lambda t: lambda old, indent: [_probe_line(t.spec, indent)] + old
     return rewrite_bodies(source, {t.qualname: probe(t) for t in targets})
 
 
-# The probe module, written into the throw-away copy that `find_tests` runs. The copy's targets call enter() first
-# thing; in the run that blanks target X, X's call raises. Test subprocesses (`python gpt.py ...`) read the same
-# settings from the environment and append what they reach to the same file.
+# The probe module, written into the throw-away copy that `find_tests` runs. The copy's targets
+# call enter() first thing; in the run that blanks target X, X's call raises. Test subprocesses
+# (`python gpt.py ...`) read the same settings from the environment and append to the same file.
 PROBE = '''"""Written by assignment.py into a throw-away copy of the project; never part of an assignment."""
 import os
 
@@ -346,8 +359,8 @@ def enter(target):
 
 
 def resolve(items):
-    """Ready-made names and "file.py:qualname" specs -> (name, [Target]) in order, without repeats; checked against the
-    reference files. A spec that a ready-made list also names gets that list's slide and note."""
+    """Ready-made names and "file.py:qualname" specs -> (name, [Target]) in order, no repeats,
+    checked against the reference files. A spec a ready-made list names gets its slide and note."""
     known = {t.spec: t for targets in ASSIGNMENTS.values() for t in targets}
     targets, names = [], []
     for item in items:
@@ -359,7 +372,8 @@ def resolve(items):
             new = [known.get(item, Target(item, ""))]
         else:
             ready = ", ".join(ASSIGNMENTS)
-            raise UsageError(f"{item!r} is neither a ready-made assignment ({ready}) nor a target like bpe.py:merge")
+            raise UsageError(f"{item!r} is neither a ready-made assignment ({ready}) "
+                             f"nor a target like bpe.py:merge")
         targets += [t for t in new if t.spec not in {u.spec for u in targets}]
     if not targets:
         raise UsageError("give a ready-made assignment or at least one target")
@@ -378,7 +392,7 @@ def resolve(items):
 
 
 def read(path):
-    with open(path, encoding="utf-8", newline="") as f:  # newline="": keep the file's line endings exactly
+    with open(path, encoding="utf-8", newline="") as f:  # newline="": keep line endings exactly
         return f.read()
 
 
@@ -396,7 +410,7 @@ def by_file(targets):
 
 
 def copy_project(dst, with_tests):
-    """Copy the project's top-level files, data/ and (with_tests) tests/ into dst: a few MB, no caches or outputs."""
+    """Copy top-level files, data/, tests/ (with_tests) into dst: a few MB, no caches or outputs."""
     os.makedirs(dst, exist_ok=True)
     for name in sorted(os.listdir(ROOT)):
         src = os.path.join(ROOT, name)
@@ -412,27 +426,27 @@ def copy_project(dst, with_tests):
 
 
 def _caches(d, names):
-    """What a copy leaves out of a folder (shutil.copytree's `ignore`): caches and compiled files."""
+    """What copies leave out of a folder (shutil.copytree's `ignore`): caches, compiled files."""
     return [n for n in names if n in SKIP_DIRS or n.endswith(".pyc")]
 
 
 def _selected(nodeid, patterns):
-    """Does a --tests/--hidden pattern match the node id, or the node id of its test function (without [params])?"""
+    """Does a --tests/--hidden pattern match the node id, or its test function's (no [params])?"""
     match = fnmatch.fnmatchcase
     return any(match(nodeid, p) or match(function_of(nodeid), p) for p in patterns)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Finding each target's tests (the two steps of the header), in a helper process that runs pytest sessions in-process
+# Finding each target's tests (the header's two steps) in a helper process, pytest run in-process
 
 
 def _results_plugin(outcomes, probe=None, select=None, stream=None):
-    """A pytest plugin recording each test's outcome into `outcomes` (node id -> [outcome, first line of the failure,
-    whether a NotImplementedError caused it]) and into `stream` as JSON lines. It tells `probe` which test module
-    runs. select: keep only these node ids."""
+    """A pytest plugin recording each test's outcome into `outcomes` (node id -> [outcome, first
+    line of the failure, whether a NotImplementedError caused it]) and into `stream` as JSON lines.
+    It tells `probe` which test module runs. select: keep only these node ids."""
     import pytest
 
-    def tell_probe(context):  # the environment too: a test's subprocesses (`python gpt.py ...`) read it there
+    def tell_probe(context):  # the environment too: test subprocesses (`python gpt.py ...`) read it
         probe.context = os.environ["ASSIGNMENT_CONTEXT"] = context
 
     def emit(nodeid, entry):
@@ -450,7 +464,7 @@ def _results_plugin(outcomes, probe=None, select=None, stream=None):
         @pytest.hookimpl(hookwrapper=True)
         def pytest_make_collect_report(self, collector):
             is_module = isinstance(collector, pytest.Module)
-            if probe is not None and is_module:  # the module's import (and what it imports) happens in here
+            if probe is not None and is_module:  # the module (and what it imports) is imported here
                 tell_probe("import:" + module_of(collector.nodeid))
             yield
             if probe is not None and is_module:
@@ -464,7 +478,7 @@ def _results_plugin(outcomes, probe=None, select=None, stream=None):
 
         @pytest.hookimpl(hookwrapper=True)
         def pytest_fixture_setup(self, fixturedef, request):
-            # a fixture shared by the whole session may be created by one module's test and used by every other
+            # a session-wide fixture may be created by one module's test and used by all others
             wide = probe is not None and fixturedef.scope in ("session", "package")
             if wide:
                 saved = probe.context
@@ -493,8 +507,8 @@ def _results_plugin(outcomes, probe=None, select=None, stream=None):
 
 
 def _unimplemented(report):
-    """Did the failure come from a NotImplementedError? Also where the test reports it in its output only (a doctest
-    run, a subprocess), not as the exception that failed it."""
+    """Did the failure come from a NotImplementedError? Also when the test only reports it in its
+    output (a doctest run, a subprocess), not as the exception that failed it."""
     texts = [str(report.longrepr)] + [content for _, content in report.sections]
     return any("NotImplementedError" in text for text in texts)
 
@@ -508,8 +522,8 @@ def _first_line(report):
 
 
 def _no_shrinking():
-    """Hypothesis shrinks a failing example by re-running the test many times: wasted when only pass/fail counts.
-    Tests created after this call run without it (their other settings still apply)."""
+    """Hypothesis shrinks a failing example by re-running the test many times: wasted when only
+    pass/fail counts. Tests created after this call run without it (other settings still apply)."""
     try:
         from hypothesis import Phase, settings
     except ImportError:
@@ -519,8 +533,8 @@ def _no_shrinking():
 
 
 def _forget_project_modules(tmp_root):
-    """Drop from sys.modules the modules of the copies under `tmp_root` and the reference's top-level ones (common.py):
-    the next session imports the copy's files afresh, with fresh module state."""
+    """Drop from sys.modules the copies' modules under `tmp_root` and the reference's top-level ones
+    (common.py): the next session imports the copy's files afresh, with fresh module state."""
     for name, mod in list(sys.modules.items()):
         path = getattr(mod, "__file__", None)  # None for built-in modules (sys, ...)
         if not path or name in ("__main__", __name__, "_assignment_probe"):
@@ -531,19 +545,21 @@ def _forget_project_modules(tmp_root):
 
 
 def _pytest_session(args, plugin, workdir):
-    """One pytest session, in this process, on the project copy in `workdir`; its output goes to stdout (the log)."""
+    """One pytest session in this process, on the copy in `workdir`; output to stdout (the log)."""
     import pytest
 
     _forget_project_modules(os.path.dirname(workdir))
-    # Two settings that only change speed, measured on the 2-core CPU: native tracebacks (pytest's own formatting parses
-    # the source of every frame: ~0.6 s per failing test through torch), and no unraisable-exception plugin (it runs the
-    # garbage collector five times per session: ~0.5 s with torch loaded).
-    return pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception", "--tb=native", "--rootdir",
-                        workdir, "-W", "ignore::pytest.PytestAssertRewriteWarning", *args], plugins=[plugin])
+    # Two settings that only change speed (measured on the 2-core CPU). Native tracebacks: pytest's
+    # own formatting parses the source of every frame, ~0.6 s per failing test through torch. No
+    # unraisable-exception plugin: it runs the garbage collector five times per session, ~0.5 s
+    # with torch loaded.
+    return pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception",
+                        "--tb=native", "--rootdir", workdir,
+                        "-W", "ignore::pytest.PytestAssertRewriteWarning", *args], plugins=[plugin])
 
 
 def _find_tests_child(workdir, spec_path):
-    """The helper process: step 1 (the reference run, probes on), then step 2 (one run per target); a JSON report."""
+    """Helper process: step 1 (reference run, probes on), step 2 (a run per target), JSON report."""
     spec = json.load(open(spec_path))
     os.chdir(workdir)
     sys.path[:] = [workdir] + [p for p in sys.path if os.path.abspath(p or ".") != ROOT]
@@ -560,7 +576,7 @@ def _find_tests_child(workdir, spec_path):
     select = chosen if patterns or skip else None
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
 
-    # collect only the test modules the patterns can match: each module collected is imported, in every session
+    # collect only modules the patterns can match: every session imports each module it collects
     files = {f for p in patterns for f in glob.glob(module_of(p)) if f.endswith(".py")}
     files = sorted(files) or ["tests"]
     t0 = time.time()
@@ -575,13 +591,14 @@ def _find_tests_child(workdir, spec_path):
             hits.setdefault(target, set()).add(context)
     hits_sorted = {t: sorted(c) for t, c in hits.items()}
     report = {"reference": reference, "hits": hits_sorted, "exercised": {}, "runs": {}}
-    os.environ["ASSIGNMENT_HITS"] = ""  # step 1 said who reaches what; the blanked runs record nothing
+    os.environ["ASSIGNMENT_HITS"] = ""  # step 1 said who reaches what; blanked runs record nothing
     for target in spec["targets"]:
         contexts = hits.get(target, set())
         if any(c.startswith("import:") for c in contexts) or not contexts:
             continue  # refused or unreached: the parent explains
         t1 = time.time()
-        # "*": reached by a session-wide fixture; "": outside any test module (conftest, pytest's start): every module
+        # "*": reached by a session-wide fixture; "": outside any test module (conftest, pytest's
+        # start). Both mean every module.
         modules = {module_of(n) for n in reference} if contexts & {"*", ""} else contexts
 
         def keep(nodeid, modules=modules):
@@ -593,7 +610,8 @@ def _find_tests_child(workdir, spec_path):
         probe.blank = os.environ["ASSIGNMENT_BLANK"] = ""
         failing = sorted(n for n in passed if n in blanked and blanked[n][0] != "passed")
         report["exercised"][target] = failing
-        report["runs"][target] = {"modules": sorted(modules), "tests": len(blanked), "seconds": time.time() - t1}
+        report["runs"][target] = {"modules": sorted(modules), "tests": len(blanked),
+                                  "seconds": time.time() - t1}
         log(f"  {target} blanked: re-ran {len(blanked)} tests of {len(modules)} module(s), "
             f"{len(failing)} fail ({time.time() - t1:.0f} s)")
     with open(spec["report"], "w") as f:
@@ -604,7 +622,7 @@ def find_tests(targets, tests=(), skip=(), log=print):
     """The two steps of the header, in a helper process. Returns
         {"exercised": {target spec: node ids of its tests}, "reference": {node id: outcome},
          "hits": {target: test modules that reach it}, "runs": what step 2 re-ran}.
-    tests: patterns of the reference tests considered (all by default); skip: patterns of tests never considered."""
+    tests: patterns of reference tests to consider (default all); skip: tests never considered."""
     with tempfile.TemporaryDirectory(prefix="assignment-find-") as tmp:
         workdir = os.path.join(os.path.realpath(tmp), "project")
         copy_project(workdir, with_tests=True)
@@ -616,7 +634,7 @@ def find_tests(targets, tests=(), skip=(), log=print):
             json.dump({"targets": [t.spec for t in targets], "tests": list(tests), "skip": list(skip),
                        "report": report_path, "hits": os.path.join(tmp, "hits.tsv")}, f)
         log_path = os.path.join(tmp, "pytest.log")
-        with open(log_path, "w") as out:  # pytest's own output goes to the log; the progress lines to `log`
+        with open(log_path, "w") as out:  # pytest's output goes to the log; progress lines to `log`
             child = [sys.executable, os.path.abspath(__file__), "_find_tests", workdir, spec_path]
             proc = subprocess.Popen(child, stdout=out, stderr=subprocess.PIPE, text=True, cwd=workdir)
             said = []  # the progress lines, and a traceback if the helper process fails
@@ -626,14 +644,15 @@ def find_tests(targets, tests=(), skip=(), log=print):
             proc.wait()
         if proc.returncode != 0 or not os.path.exists(report_path):
             tail = read(log_path).splitlines()[-20:] + said[-20:]
-            raise RuntimeError("finding the tests failed; the last lines of its output:\n" + "\n".join(tail))
+            raise RuntimeError("finding the tests failed; the last lines of its output:\n"
+                               + "\n".join(tail))
         report = json.load(open(report_path))
     for t in targets:
         contexts = report["hits"].get(t.spec, [])
         imported = sorted(c[len("import:"):] for c in contexts if c.startswith("import:"))
         if imported:
-            raise UsageError(f"{t.spec} runs while {imported[0]} is imported: blanked, it would make every test "
-                             f"of that module an import error")
+            raise UsageError(f"{t.spec} runs while {imported[0]} is imported: blanked, it would "
+                             f"make every test of that module an import error")
     return report
 
 
@@ -642,8 +661,8 @@ def find_tests(targets, tests=(), skip=(), log=print):
 
 
 def prune_tests(source, keep):
-    """A test module with only the test functions named in `keep` (and everything that is not a test: imports,
-    fixtures, helpers). Removed: each other `def test_*` with its decorators, and the blank lines after it."""
+    """A test module with only the test functions in `keep`, and all that is not a test (imports,
+    fixtures, helpers). Other `def test_*`s go, with decorators and the blank lines after."""
     lines = source.splitlines(keepends=True)
     drop = []
     for node in ast.parse(source).body:
@@ -663,9 +682,11 @@ def _check_out_dir(path, flag):
     path = os.path.abspath(path)
     inside = lambda d: path == d or path.startswith(d + os.sep)
     if inside(os.path.join(ROOT, "tests")) or inside(os.path.join(ROOT, "data")) or path == ROOT:
-        raise UsageError(f"{flag} {path}: not inside the project's tests/ or data/, or the project itself")
+        raise UsageError(f"{flag} {path}: not inside the project's tests/ or data/, "
+                         f"or the project itself")
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-        raise UsageError(f"{flag} {path} exists and is not empty; remove it or choose another directory")
+        raise UsageError(f"{flag} {path} exists and is not empty; "
+                         f"remove it or choose another directory")
     return path
 
 
@@ -686,17 +707,19 @@ def _parse_points(specs, targets):
 
 
 def make(items, out=None, key=None, hidden=(), points=None, tests=(), skip=(), log=print):
-    """Write the student copy (`out`) and the key (`key`, default out + "-key") for the targets `items` names.
-    hidden: node-id patterns of tests kept out of the student copy; points: ["merge=10", ...]; tests: patterns
-    restricting the reference tests considered; skip: patterns of tests never used. Returns the key's manifest. Reads
-    the project; writes `out` and `key` only."""
+    """Write the student copy (`out`) and the key (`key`, default out + "-key") for the targets
+    `items` names. hidden: node-id patterns of tests kept out of the student copy; points:
+    ["merge=10", ...]; tests: patterns restricting the reference tests considered; skip: patterns
+    of tests never used. Returns the key's manifest. Reads the project; writes `out` and `key`
+    only."""
     name, targets = resolve(items)
     out = _check_out_dir(out or os.path.join(ROOT, "out", "assignments", name), "--out")
     key = _check_out_dir(key or out + "-key", "--key")
     if key == out:
         raise UsageError("--key must differ from --out: the key holds the hidden tests")
     points = _parse_points(points, targets)
-    log(f"finding the tests of {len(targets)} target(s): the suite once, then the modules each target reaches")
+    log(f"finding the tests of {len(targets)} target(s): "
+        f"the suite once, then the modules each target reaches")
     t0 = time.time()
     report = find_tests(targets, tests, skip, log=log)
 
@@ -707,12 +730,14 @@ def make(items, out=None, key=None, hidden=(), points=None, tests=(), skip=(), l
     tests_of = {t.spec: report["exercised"].get(t.spec, []) for t in targets}
     for t in targets:
         if not tests_of[t.spec]:
-            why = "no test reaches it" if t.spec not in report["hits"] else "no test fails without it"
+            why = ("no test reaches it" if t.spec not in report["hits"]
+                   else "no test fails without it")
             log(f"  warning: {t.spec} has no tests ({why}); it will not be graded")
     graded = sorted({n for ns in tests_of.values() for n in ns})
     for p in hidden or ():
         if not any(_selected(n, [p]) for n in graded):
-            raise UsageError(f"--hidden {p!r} matches none of this assignment's {len(graded)} tests")
+            raise UsageError(f"--hidden {p!r} matches none of "
+                             f"this assignment's {len(graded)} tests")
     # a test function is kept whole (all its parametrized cases); hiding one case hides the function
     hidden_functions = {function_of(n) for n in graded if _selected(n, hidden)}
     hidden_ids = [n for n in graded if function_of(n) in hidden_functions]
@@ -720,37 +745,40 @@ def make(items, out=None, key=None, hidden=(), points=None, tests=(), skip=(), l
     manifest = {
         "assignment": name,
         "about": ABOUT.get(name, ""),
-        "targets": [{"target": t.spec, "slide": t.slide, "note": t.note, "points": points.get(t.spec),
-                     "tests": tests_of[t.spec]} for t in targets],
+        "targets": [{"target": t.spec, "slide": t.slide, "note": t.note,
+                     "points": points.get(t.spec), "tests": tests_of[t.spec]} for t in targets],
         "files": sorted(by_file(targets)),
         "hidden": hidden_ids,
-        "made_from": {"tests_considered": list(tests) or "all", "skipped": list(skip), "reference_failures": broken,
-                      "seconds": round(time.time() - t0, 1)},
+        "made_from": {"tests_considered": list(tests) or "all", "skipped": list(skip),
+                      "reference_failures": broken, "seconds": round(time.time() - t0, 1)},
     }
     functions = {function_of(n) for n in graded}
-    for d, m, kept in ((out, _for_students(manifest), functions - hidden_functions), (key, manifest, functions)):
+    for d, m, kept in ((out, _for_students(manifest), functions - hidden_functions),
+                       (key, manifest, functions)):
         _write_copy(d, targets, kept)
         write(os.path.join(d, MANIFEST), json.dumps(m, indent=1) + "\n")
         write(os.path.join(d, "ASSIGNMENT.md"), handout(m, d))
-    log(f"wrote {out} (for students: {len(graded) - len(hidden_ids)} tests) and {key} (for grading, with "
-        f"{len(hidden_ids)} hidden) in {time.time() - t0:.0f} s")
+    log(f"wrote {out} (for students: {len(graded) - len(hidden_ids)} tests) and {key} "
+        f"(for grading, with {len(hidden_ids)} hidden) in {time.time() - t0:.0f} s")
     return manifest
 
 
 def _for_students(manifest):
-    """The manifest of the student copy: it names no hidden test, it only says how many there are."""
+    """The student copy's manifest: it names no hidden test, it only says how many there are."""
     hidden = set(manifest["hidden"])
     m = {k: v for k, v in manifest.items() if k != "made_from"}
     m["targets"] = [dict(t, tests=[n for n in t["tests"] if n not in hidden],
-                         hidden_tests=sum(n in hidden for n in t["tests"])) for t in manifest["targets"]]
+                         hidden_tests=sum(n in hidden for n in t["tests"]))
+                    for t in manifest["targets"]]
     m["hidden"] = len(hidden)
     return m
 
 
 def _write_copy(d, targets, functions):
-    """A copy of the project with the targets blanked and, of the test modules, only the test functions in `functions`
-    (node ids without parameters); conftest.py and helper modules are kept whole, modules left without tests dropped."""
-    with tempfile.TemporaryDirectory() as staging:  # build aside, then move: a failure leaves no half-written copy
+    """A copy of the project with the targets blanked. Of the test modules, only the test functions
+    in `functions` (node ids without parameters) stay; conftest.py and helper modules stay whole;
+    modules left without tests are dropped."""
+    with tempfile.TemporaryDirectory() as staging:  # build aside, then move: no half-written copy
         tmp = os.path.join(staging, "copy")
         copy_project(tmp, with_tests=False)
         for path, ts in by_file(targets).items():
@@ -791,8 +819,9 @@ def _handout_section(i, t, d):
     hidden = t.get("hidden_tests")
     if functions:
         cases = len(t["tests"])
-        lines += ["", f"Its tests ({cases} case{'s' * (cases != 1)}" + (f", and {hidden} hidden" if hidden else "")
-                  + "):", "", "```bash", "python -m pytest " + " \\\n    ".join(functions), "```"]
+        lines += ["", f"Its tests ({cases} case{'s' * (cases != 1)}"
+                  + (f", and {hidden} hidden" if hidden else "") + "):",
+                  "", "```bash", "python -m pytest " + " \\\n    ".join(functions), "```"]
     elif hidden:
         lines.append(f"Its {hidden} tests are hidden: they run when your work is graded.")
     else:
@@ -801,7 +830,7 @@ def _handout_section(i, t, d):
 
 
 def handout(manifest, d):
-    """ASSIGNMENT.md: what to implement, in which order, which slide, which tests, how to run them, how it is graded."""
+    """ASSIGNMENT.md: what to implement, in which order; slides, tests, how to run and grade."""
     title = manifest["assignment"]
     lines = [f"# Assignment: {title}", ""]
     if manifest["about"]:
@@ -810,10 +839,11 @@ def handout(manifest, d):
     files = ", ".join(f"`{f}`" for f in manifest["files"])
     has_points = any(t["points"] is not None for t in manifest["targets"])
     lines += [
-        f"Implement the functions below, in this order (later ones may use earlier ones). Each one now raises "
-        f"`NotImplementedError`. What it must do is in its docstring (most have a worked example) and in the note "
-        f"below; the slide is the one it implements. Change only their bodies, in {files}, and keep the signatures; "
-        f"you may add helper functions to these files. The rest of the project is the reference code: read it, "
+        f"Implement the functions below, in this order (later ones may use earlier ones). "
+        f"Each one now raises `NotImplementedError`. What it must do is in its docstring "
+        f"(most have a worked example) and in the note below; the slide is the one it implements. "
+        f"Change only their bodies, in {files}, and keep the signatures; you may add helper "
+        f"functions to these files. The rest of the project is the reference code: read it, "
         f"call it.", "",
         "| # | function | file | slide | tests |" + (" points |" if has_points else ""),
         "| --- | --- | --- | --- | --- |" + (" --- |" if has_points else ""),
@@ -835,10 +865,12 @@ def handout(manifest, d):
         "python -m pytest -x              # stop at the first failure",
         "python assignment.py grade .     # your score per function: tests passed / total",
         "```", "",
-        f"Grading copies your {files} into a fresh copy of this assignment and runs the instructor's copy of the tests"
+        f"Grading copies your {files} into a fresh copy of this assignment and runs "
+        f"the instructor's copy of the tests"
         + (f", which also holds {n_hidden} hidden test{'s' * (n_hidden != 1)}" if n_hidden else "")
         + ". A test that exercises several functions counts for each of them."
-        + (" A function's points are its share of passing tests times its points." if has_points else ""),
+        + (" A function's points are its share of passing tests times its points."
+           if has_points else ""),
         "",
     ]
     return "\n".join(lines)
@@ -849,30 +881,32 @@ def handout(manifest, d):
 
 
 def _grade_child(runs_path):
-    """The grading process: for each (run directory, results file) in runs_path, what `python -m pytest` does in that
-    directory, each outcome appended to the results file as it comes (so a run stopped at the time limit keeps the
-    outcomes it has). Several directories run one after another, each importing the project's modules afresh."""
+    """The grading process: per (run directory, results file) in runs_path, what `python -m pytest`
+    does in that directory. Each outcome is appended to the results file as it comes, so a run
+    stopped at the time limit keeps its outcomes. Several directories run one after another, each
+    importing the project's modules afresh."""
     runs = json.load(open(runs_path))
     _no_shrinking()
     path = [p for p in sys.path if os.path.abspath(p or ".") != ROOT]
     for run_dir, results_path in runs:
         os.chdir(run_dir)
-        sys.path[:] = [run_dir] + path  # what `python -m pytest` puts first; never this file's own project
+        sys.path[:] = [run_dir] + path  # as `python -m pytest` does; never this file's project
         with open(results_path, "a") as stream, contextlib.redirect_stdout(sys.stderr):
             _pytest_session([], _results_plugin({}, stream=stream), run_dir)
 
 
 def grade(submission, key=None, timeout=3600):
-    """Score `submission` (a student copy, as returned): its target files are copied into a fresh copy of `key` (the
-    submission itself when no key is given: a student's self-check), whose tests then run. Returns the scores as a dict
-    (what --json writes); format_grade() turns it into text."""
+    """Score `submission` (a student copy, as returned): its target files are copied into a fresh
+    copy of `key` (without a key, of the submission itself: a student's self-check), whose tests
+    then run. Returns the scores as a dict (what --json writes); format_grade() makes it text."""
     return grade_all([submission], key, timeout)[0]
 
 
 def grade_all(submissions, key=None, timeout=3600, isolate=True):
-    """grade() for several submissions. isolate=True runs each in a process of its own (students' code cannot reach
-    another submission, and the time limit is per submission); isolate=False runs them one after another in a single
-    process, which imports torch once: for code you trust, such as this project's tests."""
+    """grade() for several submissions. isolate=True runs each in its own process: students' code
+    cannot reach another submission, and the time limit is per submission. isolate=False runs them
+    one after another in one process, which imports torch once: for code you trust, such as this
+    project's tests."""
     jobs = []
     for submission in submissions:
         submission = os.path.abspath(submission)
@@ -907,25 +941,25 @@ def grade_all(submissions, key=None, timeout=3600, isolate=True):
         for (submission, base, manifest, missing), (run_dir, results_path) in zip(jobs, runs):
             outcomes = _read_outcomes(results_path)
             unwritten = _unwritten(submission, manifest, missing)
-            results.append(score(manifest, outcomes, submission, key, missing, timed_out[run_dir], seconds[run_dir],
-                                 logs[run_dir], unwritten))
+            results.append(score(manifest, outcomes, submission, key, missing, timed_out[run_dir],
+                                 seconds[run_dir], logs[run_dir], unwritten))
     return results
 
 
 def _run_grading(batch, runs_path, timeout):
-    """Run the grading process on `batch` ([run directory, results file] pairs), stopped after `timeout` seconds.
+    """Run the grading process on `batch` ([run dir, results file] pairs), killed after `timeout` s.
     Returns (whether it was stopped, the last 20 lines it wrote to stderr)."""
     with open(runs_path, "w") as f:
         json.dump(batch, f)
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_grade", runs_path],
-                            cwd=os.path.dirname(runs_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            cwd=os.path.dirname(runs_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
     try:
         _, err = proc.communicate(timeout=timeout)
         stopped = False
     except subprocess.TimeoutExpired:
         stopped = True
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: tests may have started processes of their own
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: tests may have started processes
         _, err = proc.communicate()
     return stopped, err.decode(errors="replace").splitlines()[-20:]
 
@@ -944,8 +978,8 @@ def _read_outcomes(results_path):
 
 
 def _unwritten(submission, manifest, missing):
-    """{target: why} for the targets a submission has not written: the body is still the single `raise
-    NotImplementedError(...)` it was handed out with, or the file is missing or does not parse."""
+    """{target: why} for the targets a submission has not written: its body is still the handed-out
+    `raise NotImplementedError(...)` alone, or the file is missing or does not parse."""
     out = {}
     for t in manifest["targets"]:
         path, qualname = t["target"].split(":", 1)
@@ -969,9 +1003,10 @@ def _unwritten(submission, manifest, missing):
 
 
 def _blank_target(message, by_name):
-    """The target whose blank body raised in a failure `message`, if one did; by_name: {qualname: target}.
+    """The target whose blank body raised in failure `message`, if any; by_name: {qualname: target}.
 
-    _blank_target("NotImplementedError: merge: yours to implement", {"merge": "bpe.py:merge"}) -> 'bpe.py:merge'
+    _blank_target("NotImplementedError: merge: yours to implement", {"merge": "bpe.py:merge"})
+        -> 'bpe.py:merge'
     """
     if ": yours to implement" not in message:
         return None
@@ -979,9 +1014,10 @@ def _blank_target(message, by_name):
 
 
 def score(manifest, outcomes, submission, key, missing, timed_out, seconds, log_tail, unwritten):
-    """The scores from the outcomes: per target, its tests passed / total (and points, if given), and its state: not
-    implemented (still the blank body), or waiting for others (written, but every failing test of it stops at another
-    target's blank body). unwritten: {target: why}, from _unwritten."""
+    """The scores from the outcomes: per target, its tests passed / total (and points, if given),
+    and its state. Either not implemented (still the blank body), or waiting for others (written,
+    but each of its failing tests stops at another target's blank body). unwritten: {target: why},
+    from _unwritten."""
     hidden = set(manifest["hidden"]) if isinstance(manifest["hidden"], list) else set()
     result = lambda n: outcomes.get(n, ["not run" + (" (time limit)" if timed_out else ""), "", False])
     graded = sorted({n for t in manifest["targets"] for n in t["tests"]})
@@ -996,15 +1032,15 @@ def score(manifest, outcomes, submission, key, missing, timed_out, seconds, log_
         ids = t["tests"]
         passed = [n for n in ids if tests[n]["outcome"] == "passed"]
         blanks = {tests[n]["blank"] for n in ids if tests[n]["outcome"] != "passed"}
-        # what a grader wants to know at a glance: not started, or only waiting for another function
+        # what a grader wants at a glance: not started, or only waiting for another function
         if t["target"] in unwritten:
             state = unwritten[t["target"]]
         elif ids and len(passed) < len(ids) and None not in blanks and t["target"] not in blanks:
             state = "waits for " + ", ".join(sorted(qualname_of(b) for b in blanks))
         else:
             state = ""
-        entry = {"target": t["target"], "slide": t["slide"], "passed": len(passed), "total": len(ids),
-                 "hidden_passed": sum(n in hidden for n in passed),
+        entry = {"target": t["target"], "slide": t["slide"], "passed": len(passed),
+                 "total": len(ids), "hidden_passed": sum(n in hidden for n in passed),
                  "hidden_total": sum(n in hidden for n in ids), "state": state}
         if t["points"] is not None:
             entry["points"] = t["points"]
@@ -1029,7 +1065,7 @@ def score(manifest, outcomes, submission, key, missing, timed_out, seconds, log_
 
 
 def format_grade(g, max_failures=8):
-    """The scores as text: one line per target, the total, then the failing tests (by test function) and why."""
+    """The scores as text: a line per target, the total, then the failing test functions and why."""
     hidden = any(t["hidden_total"] for t in g["targets"])
     points = "score" in g
     width = max(len("all tests"), *(len(t["target"]) for t in g["targets"]))
@@ -1048,17 +1084,18 @@ def format_grade(g, max_failures=8):
         return (text + (f"  {note}" if note else "")).rstrip()
 
     for t in g["targets"]:
-        lines.append(row(t["target"], t["passed"], t["total"], t["hidden_passed"], t["hidden_total"],
-                         t.get("score"), t.get("points"), t["state"]))
-    hidden_tests = [v for v in g["tests"].values() if v["hidden"]]  # each test once, whatever it exercises
+        lines.append(row(t["target"], t["passed"], t["total"], t["hidden_passed"],
+                         t["hidden_total"], t.get("score"), t.get("points"), t["state"]))
+    hidden_tests = [v for v in g["tests"].values() if v["hidden"]]  # once per test, not per target
     hidden_passed = sum(v["outcome"] == "passed" for v in hidden_tests)
-    lines.append(row("all tests", g["passed"], g["total"], hidden_passed, len(hidden_tests), g.get("score"),
-                     g.get("max_score")))
+    lines.append(row("all tests", g["passed"], g["total"], hidden_passed, len(hidden_tests),
+                     g.get("score"), g.get("max_score")))
     lines += _failing_lines(g, max_failures)
     for n, o in g["other_tests"]["problems"].items():
         lines.append(f"  not graded, {o[0]}: {n}" + (f": {o[1][:150]}" if o[1] else ""))
     if g["missing_files"]:
-        lines.append(f"missing from the submission (graded as handed out): {', '.join(g['missing_files'])}")
+        lines.append(f"missing from the submission (graded as handed out): "
+                     f"{', '.join(g['missing_files'])}")
     if g["timed_out"]:
         lines.append("stopped at the time limit: the tests that did not run count as failed")
     if "log_tail" in g:
@@ -1067,9 +1104,9 @@ def format_grade(g, max_failures=8):
 
 
 def _failing_lines(g, max_failures):
-    """The failing test functions: real failures first (with why), then those stopped by a function not written."""
+    """Failing test functions: real failures (with why) first, then those stopped at a blank one."""
     lines = []
-    failing = {}  # test function -> [failed cases, cases, first message, the blank target that stopped it]
+    failing = {}  # function -> [failed, cases, first message, blank target that stopped it]
     waiting = {}  # blank target -> test functions it stopped
     for n, v in g["tests"].items():
         f = function_of(n) + (" (hidden)" if v["hidden"] else "")
@@ -1077,8 +1114,8 @@ def _failing_lines(g, max_failures):
         entry[1] += 1
         if v["outcome"] != "passed":
             entry[0] += 1
-            if not entry[2] or entry[3]:  # keep a real failure's message over a NotImplementedError's
-                # a NotImplementedError seen only in the test's output (a doctest run, a subprocess): whose, unknown
+            if not entry[2] or entry[3]:  # a real failure's message beats a NotImplementedError's
+                # a NotImplementedError only in the output (doctest, subprocess): whose, unknown
                 blank = v["blank"] or ("?:a function" if v["not_implemented"] else None)
                 entry[2], entry[3] = v["message"] or v["outcome"], blank
     wrong = [(f, e) for f, e in failing.items() if e[0] and not e[3]]
@@ -1088,9 +1125,11 @@ def _failing_lines(g, max_failures):
     if wrong or waiting:
         lines.append("failing:")
     for f, (bad, cases, message, _) in wrong[:max_failures]:
-        lines.append(f"  {f}" + (f" ({bad} of {cases} cases)" if cases > 1 else "") + f": {message[:120]}")
+        lines.append(f"  {f}" + (f" ({bad} of {cases} cases)" if cases > 1 else "")
+                     + f": {message[:120]}")
     if len(wrong) > max_failures:
-        lines.append(f"  ... and {len(wrong) - max_failures} more test functions (every test is in --json)")
+        lines.append(f"  ... and {len(wrong) - max_failures} more test functions "
+                     f"(every test is in --json)")
     for name, functions in waiting.items():
         s = "s" * (len(functions) != 1)
         lines.append(f"  {len(functions)} test function{s} stopped at {name}, not implemented yet")
@@ -1102,31 +1141,38 @@ def _failing_lines(g, max_failures):
 
 
 def _parser():
-    p = argparse.ArgumentParser(description="Course assignments from the reference code: blank chosen functions, keep "
-                                            "the tests that need them, write ASSIGNMENT.md, grade submissions.")
+    p = argparse.ArgumentParser(
+        description="Course assignments from the reference code: blank chosen functions, keep the "
+                    "tests that need them, write ASSIGNMENT.md, grade submissions.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the ready-made assignments and their targets")
     m = sub.add_parser("make", help="write a student copy and the instructor's key")
     m.add_argument("items", nargs="+", metavar="ASSIGNMENT_OR_TARGET",
-                   help=f"ready-made ({', '.join(ASSIGNMENTS)}) and/or targets like bpe.py:merge gpt.py:KVCache.update")
+                   help=f"ready-made ({', '.join(ASSIGNMENTS)}) and/or targets like "
+                        f"bpe.py:merge gpt.py:KVCache.update")
     m.add_argument("--out", help="the student copy (default out/assignments/NAME)")
-    m.add_argument("--key", help="the instructor's copy with the hidden tests, used by grade (default OUT-key)")
+    m.add_argument("--key", help="the instructor's copy with the hidden tests, used by grade "
+                                 "(default OUT-key)")
     m.add_argument("--hidden", action="append", default=[], metavar="PATTERN",
-                   help="tests kept out of the student copy and run when grading: a node id or glob, e.g. "
-                        "'tests/test_bpe.py::test_gpt2_*' (repeatable)")
+                   help="tests kept out of the student copy and run when grading: a node id or "
+                        "glob, e.g. 'tests/test_bpe.py::test_gpt2_*' (repeatable)")
     m.add_argument("--points", action="append", default=[], metavar="TARGET=N",
                    help="points for a target, shared by its tests, e.g. merge=10 (repeatable)")
     m.add_argument("--tests", action="append", default=[], metavar="PATTERN",
-                   help="consider only these reference tests (node ids or globs; repeatable): quicker, fewer tests")
+                   help="consider only these reference tests (node ids or globs; repeatable): "
+                        "quicker, fewer tests")
     m.add_argument("--skip", action="append", default=[], metavar="PATTERN",
-                   help="never use these reference tests, e.g. ones that time themselves and fail on a busy machine: "
-                        "'tests/test_loop.py::test_a_*budget*' (repeatable)")
-    g = sub.add_parser("grade", help="score a submission per target: tests passed / total, as text and JSON")
+                   help="never use these reference tests, e.g. ones that time themselves and fail "
+                        "on a busy machine: 'tests/test_loop.py::test_a_*budget*' (repeatable)")
+    g = sub.add_parser("grade",
+                       help="score a submission per target: tests passed / total, as text and JSON")
     g.add_argument("submission", help="a student copy with the functions filled in")
-    g.add_argument("--key", help="the instructor's copy (its tests, hidden ones included, are what runs); default: "
-                                 "the submission's own tests")
-    g.add_argument("--json", metavar="FILE", help="also write the scores as JSON to FILE ('-': print only the JSON)")
-    g.add_argument("--timeout", type=float, default=3600, help="seconds before the run is stopped (default 3600)")
+    g.add_argument("--key", help="the instructor's copy (its tests, hidden ones included, are what "
+                                 "runs); default: the submission's own tests")
+    g.add_argument("--json", metavar="FILE",
+                   help="also write the scores as JSON to FILE ('-': print only the JSON)")
+    g.add_argument("--timeout", type=float, default=3600,
+                   help="seconds before the run is stopped (default 3600)")
     return p
 
 
