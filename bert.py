@@ -921,6 +921,9 @@ class DemoConfig:
     fill_text: str = FILL_TEXT  # the sentence whose [MASK]s the run fills at its end
     top_k: int = 5  # candidates shown per [MASK] (0 = no demo)
 
+    def __post_init__(self):
+        require(self.top_k >= 0, f"--top-k {self.top_k}: must be >= 0 (0 = no demo)")
+
 
 def with_cls_sep(tokenizer, ids, max_len, what="sentence"):
     """(1, T) tensor [CLS] ids [SEP], BERT's input format. Refused beyond max_len positions.

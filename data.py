@@ -236,6 +236,10 @@ def list_documents(data):
         if os.path.isdir(path) else sorted(glob.glob(path, recursive=True))
     if not files:
         raise UsageError(f"--data {path!r}: no such directory, or no .txt files in it/matching it")
+    # a FIFO or a device would block the read forever, or never end: only regular files are read
+    odd = [f for f in files if not os.path.isfile(f)]
+    if odd:
+        raise UsageError(f"--data {path!r}: {odd[0]} is neither a regular file nor a directory")
     base = path if os.path.isdir(path) else os.path.dirname(path.split("*")[0]) or "."
     return {os.path.splitext(os.path.relpath(f, base))[0]: f for f in files}
 

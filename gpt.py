@@ -537,8 +537,10 @@ class DemoConfig:
     top_k: int = 0  # sample from the k most likely tokens only (0 = all)
 
     def __post_init__(self):
-        require(self.temperature >= 0, f"--temperature {self.temperature}: must be >= 0 (0 = greedy)")
+        require(0 <= self.temperature < math.inf,
+                f"--temperature {self.temperature}: must be a number >= 0 (0 = greedy)")
         require(self.top_k >= 0, f"--top-k {self.top_k}: must be >= 0 (0 = every token)")
+        require(self.sample_tokens >= 0, f"--sample-tokens {self.sample_tokens}: must be >= 0 (0 = no sample)")
 
 
 def demo(model, tokenizer, cfg, device, seed=1337):
@@ -599,7 +601,7 @@ def main(argv=None):
                    help="sample from the smallest set reaching probability p")
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args(argv)
-    require(args.temperature >= 0, f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
+    require(0 <= args.temperature < math.inf, f"--temperature {args.temperature}: must be a number >= 0 (0 = greedy)")
     require(args.top_k is None or args.top_k >= 1,
             f"--top-k {args.top_k}: must be >= 1 (leave it out for all)")
     require(args.top_p is None or 0 < args.top_p <= 1, f"--top-p {args.top_p}: must be in (0, 1]")

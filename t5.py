@@ -40,6 +40,7 @@ Legend
 """
 
 import argparse
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -990,6 +991,11 @@ class DemoConfig:
     fill_tokens: int = 24  # most tokens decoded for each text
     temperature: float = 0.0  # 0 = greedy decoding
 
+    def __post_init__(self):
+        require(0 <= self.temperature < math.inf,
+                f"--temperature {self.temperature}: must be a number >= 0 (0 = greedy)")
+        require(self.fill_tokens >= 1, f"--fill-tokens {self.fill_tokens}: must be at least 1")
+
 
 def demo(model, tokenizer, cfg, device, seed=1337):
     """Print each text of cfg.fill with its spans filled by the model."""
@@ -1061,7 +1067,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     require(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-    require(args.temperature >= 0, f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
+    require(0 <= args.temperature < math.inf, f"--temperature {args.temperature}: must be a number >= 0 (0 = greedy)")
     require(args.top_k is None or args.top_k >= 1, f"--top-k {args.top_k}: must be at least 1")
     import train  # the checkpoint format and the device check, shared by every model
 

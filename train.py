@@ -43,6 +43,7 @@ warm-up); GPT-3 (Brown et al. 2020) §2.3 and App. B (the gpt2 preset); Devlin e
 import argparse
 import contextlib
 import copy
+import datetime
 import functools
 import importlib
 import inspect
@@ -51,7 +52,9 @@ import math
 import os
 import platform
 import re
+import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -99,7 +102,8 @@ class TrainConfig:
     tokenizer: str = opt("char", "char | gpt2 | bpe")
     vocab_size: int = opt(1024, "vocabulary size to train when --tokenizer bpe "
                                 "(the model's special tokens on top)")
-    out_dir: str = opt("", "where ckpt.pt, metrics.jsonl and loss.png go (default: out/<model>)")
+    out_dir: str = opt("", "where ckpt.pt (the latest), best.pt (the lowest val loss), metrics.jsonl "
+                           "and loss.png go (default: out/<model>)")
     cache_dir: str = opt(os.path.join(ROOT, "data", "cache"),
                          "where tokenised corpora, trained tokenizers and this machine's measured "
                          "peak FLOP/s are cached")
@@ -142,13 +146,17 @@ class TrainConfig:
                                     "the whole train split (0 = as many as val)")
     eval_batch_size: int = opt(0, "rows per eval forward pass "
                                   "(0 = about 2K tokens, at least --batch-size)")
+    divergence_evals: int = opt(3, "stop the run when the val loss is above the first evaluation's "
+                                   "(not with --init-from), or above 2x the best so far, at this many "
+                                   "evaluations in a row: "
+                                   "it diverged; best.pt keeps the best weights (0 = never stop)")
     log_interval: int = opt(10, "print a training line every N steps")
     seed: int = opt(1337, "seeds the model init, the batch order and dropout")
-    resume: bool = opt(False, "continue the run in --out-dir from its ckpt.pt")
+    resume: bool = opt(False, "continue the run in --out-dir from its ckpt.pt (the latest checkpoint)")
     overwrite: bool = opt(False, "start a new run even if --out-dir already holds one")
     init_from: str = opt("", "start a new run (step 0, fresh optimizer and schedule) from these "
-                             "weights: a ckpt.pt of this repository or a Hugging Face directory of "
-                             "the same model")
+                             "weights: a ckpt.pt or best.pt of this repository or a Hugging Face "
+                             "directory of the same model")
     bench: bool = opt(False, "benchmark: time --bench-iters steps, print ms/step, tokens/s, MFU; "
                              "write nothing")
     bench_iters: int = opt(30, "timed steps for --bench (after 5 warm-up steps)")
@@ -163,7 +171,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "eval_interval", "log_interval", "bench_iters"):
             require(getattr(self, name) >= 1, f"{cli_flag(name)} {getattr(self, name)}: must be at least 1")
         for name in ("min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "adam_eps", "grad_clip",
-                     "tokens_per_step", "eval_tokens", "eval_train_tokens", "eval_batch_size"):
+                     "tokens_per_step", "eval_tokens", "eval_train_tokens", "eval_batch_size",
+                     "divergence_evals"):
             value = getattr(self, name)  # nan fails every comparison: refused too
             require(0 <= value < math.inf, f"{cli_flag(name)} {value:g}: must be a number >= 0")
         require(0 < self.lr < math.inf, f"--lr {self.lr:g}: the learning rate must be a number > 0")
@@ -288,7 +297,20 @@ def resolve_config(argv):
         require(where, f"preset {preset_name!r} sets unknown key {key!r}")
         values[where[0]][key] = value
     cfg = TrainConfig(**{**values[0], "preset": preset_name})
+    refuse_conflicts(cfg, set(explicit))
     return Settings(cfg, values[1], values[2], set(explicit))
+
+
+def refuse_conflicts(cfg, explicit):
+    """Flags that ask for two different things: refused, rather than one of them silently ignored.
+    Only typed flags count (a resumed run restores --init-from from its checkpoint, rightly)."""
+    require(not (cfg.resume and cfg.overwrite),
+            "--resume continues the run in --out-dir, --overwrite replaces it: give one of them")
+    require(not (cfg.resume and cfg.init_from),
+            "--resume continues from the run's own ckpt.pt, --init-from starts a new run from other "
+            "weights: give one of them")
+    require(not ({"tokens_per_step", "grad_accum"} <= explicit and cfg.tokens_per_step),
+            "--tokens-per-step sets --grad-accum (tokens / (batch_size x tokens per row)): give one of them")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -570,9 +592,43 @@ def optimizer_step(run, batch, draw_next=None):
 
 
 def save_checkpoint(path, state):
+    """torch.save to path + ".tmp", then rename. The file is fsynced before the rename and the
+    directory after it: a power cut leaves the old checkpoint or the new one, never an empty file
+    under the old name. OSError (a full disk, a permission) -> OSError, the .tmp removed."""
+    write_durably(path, lambda f: torch.save(state, f))
+
+
+def write_durably(path, write):
+    """write(f) into path + ".tmp", fsync, rename over path, fsync the directory. Any failure raises
+    OSError (torch.save wraps a failed write in a RuntimeError: its OSError is unwrapped) and
+    leaves no .tmp behind; path is then what it was before."""
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        cause = e if isinstance(e, OSError) else e.__context__
+        raise cause if isinstance(cause, OSError) else OSError(str(e)) from None
+    try:  # the rename itself is durable once the directory is synced (not possible on every OS)
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def copy_durably(src, dst):
+    with open(src, "rb") as f:
+        write_durably(dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))
 
 
 def load_checkpoint(path, flag="--resume"):
@@ -695,12 +751,28 @@ def plot_metrics(rows, path, title):
     os.replace(path + ".tmp.png", path)
 
 
-def _read_metrics(out_dir):
+def _metrics_to_resume(out_dir, step):
+    """The rows of metrics.jsonl up to the checkpoint's step: what the resumed run starts from.
+    A run killed outright (SIGKILL, a power cut) may have written rows past its last checkpoint,
+    and half a row: both are dropped, with a line each, so the resumed log holds each step once."""
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(i, line) for i, line in enumerate(f.read().split("\n"), 1) if line.strip()]
+    rows = []
+    for i, line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            # only the last line can be half written; damage anywhere else is not ours to guess at
+            require(i == lines[-1][0], f"--resume: {path} line {i} is not JSON; the file is damaged")
+            print(f"{path}: dropped its torn last line (a write cut short by a kill)")
+    kept = [r for r in rows if r["step"] <= step]
+    if len(kept) < len(rows):
+        print(f"{path}: dropped {len(rows) - len(kept)} rows logged after the checkpoint's step {step} "
+              f"(the resumed run logs those steps again)")
+    return kept
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -845,7 +917,11 @@ class Run:
     step: int = 0
     evaluated: bool = False  # has the eval at `step` run? (a run stopped at one resumes with it)
     rows: list = field(default_factory=list)
-    ckpt_path: str = ""
+    ckpt_path: str = ""  # the latest checkpoint: what --resume reads
+    best_path: str = ""  # the checkpoint of the lowest val loss (guard.best_step)
+    guard: object = None  # the divergence guard (Guard), which also knows the best evaluation
+    saved_step: int = None  # the step ckpt.pt holds, once this run has written or resumed one
+    lock: str = ""  # the out-dir's lock file, once this process holds it
     t_start: float = 0.0  # when setup() began: budgets and logged times count from it (a stopwatch)
     next_batch: dict = None  # drawn while the previous step still runs
     resume_point: tuple = None  # (batch generator state, objective state) before next_batch's draw
@@ -864,7 +940,7 @@ def setup(argv, dist=Dist()):
     t_start = time.time()
     s = resolve_config(argv or [])
     cfg, mod = s.cfg, model_module(s.cfg.model)
-    ckpt = open_out_dir(s)
+    ckpt = open_out_dir(s, dist)
     init = weights_to_start_from(s, mod) if cfg.init_from and not cfg.resume else None
     device, dtype = pick_precision(cfg, mod, dist)
     check_model_config(s, mod)
@@ -880,7 +956,9 @@ def setup(argv, dist=Dist()):
               optimizer=optimizer,
               scaler=torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "fp16"),
               autocast=autocast(device, dtype), batch_gen=torch.Generator().manual_seed(cfg.seed),
-              dist=dist, ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"), t_start=t_start)
+              dist=dist, ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"),
+              best_path=os.path.join(cfg.out_dir, "best.pt"), t_start=t_start,
+              guard=Guard(above_first=not cfg.init_from))
     run.demo_cfg = mod.DemoConfig(**s.demo) if hasattr(mod, "DemoConfig") else None
     run.budget = plan_steps(cfg, ckpt)
     if ckpt:
@@ -889,7 +967,7 @@ def setup(argv, dist=Dist()):
     return run
 
 
-def open_out_dir(s):
+def open_out_dir(s, dist):
     """The checkpoint --resume continues (its settings restored into s), else None. Refuses to
     start over a run without --resume or --overwrite, and an --out-dir that cannot be written
     (--bench writes nothing there)."""
@@ -898,6 +976,8 @@ def open_out_dir(s):
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     if not cfg.bench:
         require_writable_dir(cfg.out_dir, "--out-dir")
+        if dist.main:  # the lock is taken when the run starts writing; a live one is refused now
+            refuse_if_locked(cfg.out_dir)
     if cfg.resume:
         ckpt = load_checkpoint(path)
         _restore_settings(s, ckpt)
@@ -906,6 +986,79 @@ def open_out_dir(s):
             f"{cfg.out_dir} already holds a run (ckpt.pt); pass --resume to continue it, "
             "--overwrite to replace it, or --out-dir to start another")
     return None
+
+
+# A lock on the out-dir: the file LOCK, holding the pid and host of the run writing there, made
+# with O_EXCL (one of two runs started together gets it) and removed when the run ends. A run
+# killed outright leaves it: stale when no process of that pid lives on this host, and taken over.
+LOCK = "train.lock"
+
+
+def _lock_owner(path):
+    """{"pid", "host", "started"} of a lock file; None if absent or unreadable (torn by a kill)."""
+    try:
+        with open(path) as f:
+            owner = json.load(f)
+        return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _lock_is_live(owner):
+    """Whether the lock's process may still run. On another host no one can tell: assume it does."""
+    if owner is None:
+        return False
+    if owner.get("host") != socket.gethostname():
+        return True
+    if owner["pid"] == os.getpid():
+        return False  # an earlier run of this very process (a notebook) that did not get to release it
+    try:
+        os.kill(owner["pid"], 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by another user
+    return True
+
+
+def refuse_if_locked(out_dir):
+    """Refuse, in one line naming the other process, an out-dir a live run holds."""
+    path = os.path.join(out_dir, LOCK)
+    owner = _lock_owner(path)
+    if _lock_is_live(owner):
+        gone = (" (if it has ended, delete the lock)" if owner.get("host") != socket.gethostname() else "")
+        raise UsageError(f"--out-dir {out_dir} is in use by process {owner['pid']} on {owner.get('host')} "
+                         f"(running since {owner.get('started', '?')}; lock {path}){gone}; wait for it "
+                         f"to end or use another --out-dir")
+
+
+def take_lock(out_dir):
+    """Make the lock file (atomically: O_CREAT | O_EXCL); take over a stale one. Returns its path."""
+    path = os.path.join(out_dir, LOCK)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            refuse_if_locked(out_dir)
+            owner = _lock_owner(path)
+            print(f"{path}: taking over the lock of "
+                  f"{'process %s, which is gone' % owner['pid'] if owner else 'a run that was killed'}")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                       "started": datetime.datetime.now().isoformat(" ", "seconds")}, f)
+        return path
+    raise UsageError(f"--out-dir {out_dir}: another run took its lock ({path}) meanwhile")
+
+
+def release_lock(path):
+    """Remove the lock if it is still this process's."""
+    owner = _lock_owner(path) if path else None
+    if owner and owner["pid"] == os.getpid() and owner.get("host") == socket.gethostname():
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 def require_writable_dir(path, flag):
@@ -1092,7 +1245,8 @@ def _restore_state(run, ckpt):
         torch.cuda.set_rng_state(rng["cuda"], run.device)
     if ckpt.get("objective") is not None:
         run.objective.load_state_dict(ckpt["objective"])
-    run.rows = [r for r in _read_metrics(run.cfg.out_dir) if r["step"] <= run.step]
+    run.guard, run.saved_step = Guard(**ckpt.get("guard", {})), run.step
+    run.rows = _metrics_to_resume(run.cfg.out_dir, run.step)
     cfg, horizon = run.cfg, run.cfg.lr_decay_iters
     note = ""
     if cfg.schedule in ("cosine", "linear", "wsd") and horizon and cfg.max_iters > horizon:
@@ -1180,6 +1334,10 @@ def start_writing(run):
     rows = "".join(json.dumps(r) + "\n" for r in run.rows)
     try:
         os.makedirs(run.cfg.out_dir, exist_ok=True)
+        run.lock = take_lock(run.cfg.out_dir)
+        if run.saved_step is None:  # a new run (--overwrite): an older run's best.pt is not this one's
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(run.best_path)
         atomic_write_text(os.path.join(run.cfg.out_dir, "metrics.jsonl"), rows)
     except OSError as e:  # checked at start-up (require_writable_dir); a full disk, say, ends here
         raise UsageError(f"--out-dir {run.cfg.out_dir}: cannot write there ({e.strerror or e})") from None
@@ -1219,20 +1377,76 @@ PLOT_EVERY = 60  # min seconds between loss.png redraws at evals (each ~1 s); al
 
 
 def eval_and_checkpoint(run, meter):
-    """The eval at this step (process 0), a checkpoint, and loss.png now and then. The first eval
-    tells the budget what an eval costs."""
+    """The eval at this step (process 0), a checkpoint (also best.pt when the val loss is the
+    lowest yet), and loss.png now and then. Stops a diverged run. The first eval tells the budget
+    what an eval costs."""
     t = time.time()
+    best, before = False, copy.copy(run.guard)
     if run.dist.main:
         run_eval(run)
+        best = run.guard.update(run.step, run.rows[-1]["val_loss"])  # the row run_eval logged
     run.evaluated = True
-    checkpoint(run)
-    if run.dist.main and (run.step == run.cfg.max_iters or time.time() - meter.last_plot > PLOT_EVERY):
+    checkpoint(run, best, before)
+    diverged = run.dist.main and run.guard.diverged(run.cfg.divergence_evals)
+    if run.dist.main and (diverged or run.step == run.cfg.max_iters
+                          or time.time() - meter.last_plot > PLOT_EVERY):
         plot(run)
         meter.last_plot = time.time()
     run.dist.barrier()
+    if run.dist.any(run, diverged)[0]:
+        raise UsageError(diverged_message(run))
     if run.budget and not run.budget.eval_seconds:
         run.budget.eval_seconds = time.time() - t
     meter.since += time.time() - t
+
+
+def diverged_message(run):
+    """The one line a diverged run stops with. Every process raises it; only process 0 knows the losses."""
+    g, n = run.guard, run.cfg.divergence_evals
+    if g.best is None:
+        return (f"no evaluation of this run had a finite val loss ({n} in a row): the run diverged; stopping at "
+                f"step {run.step}, no best.pt. Try a lower --lr")
+    rule = (f"above the first evaluation's ({g.first:.4f}) or 2x the best" if g.above_first else "above 2x the best")
+    return (f"the val loss has been {rule} ({g.best:.4f}, step {g.best_step}) at {n} evaluations in a row, "
+            f"{g.last:.4f} at step {run.step}: the run diverged; stopping. {run.best_path} holds the weights of "
+            f"step {g.best_step}; {run.ckpt_path} (step {run.step}) is what --resume reads. Try a lower --lr "
+            f"(--divergence-evals 0 turns this check off)")
+
+
+@dataclass
+class Guard:
+    """The best evaluation so far (what best.pt holds) and the divergence rule of
+    --divergence-evals N: stop when the val loss is above the first evaluation's, or above
+    FACTOR x the best, at N evaluations in a row. A learning run never climbs back above its first
+    loss: the quick starts' val losses fall at every eval. A diverged one does: a GPT at --lr 3
+    went from 4.46 to 3.46 nats/token by step 20, then to 30-257 at every later eval, without a NaN.
+    Trap: a run from pretrained weights (--init-from) may rise above its first loss and come back (re-warming
+    took Milton from 1.88 to 2.02 nats, docs/08): there only the 2x rule holds.
+    Saved in every checkpoint: a resumed run counts on where it stopped."""
+    above_first: bool = True  # the first rule applies (False for --init-from)
+    first: float = None  # the val loss of the run's first evaluation (step 0)
+    best: float = None
+    best_step: int = None
+    last: float = None
+    bad: int = 0  # evaluations in a row above the limit
+
+    FACTOR = 2.0
+
+    def update(self, step, loss):
+        """Record an evaluation's val loss; True if it is the best yet."""
+        finite = math.isfinite(loss)
+        if self.first is None and finite:
+            self.first = loss
+        new_best = finite and (self.best is None or loss < self.best)
+        if new_best:
+            self.best, self.best_step = loss, step
+        self.last = loss
+        above = not finite or (self.above_first and loss > self.first) or loss > self.FACTOR * self.best
+        self.bad = self.bad + 1 if above else 0
+        return new_best
+
+    def diverged(self, patience):
+        return patience > 0 and self.bad >= patience
 
 
 def run_eval(run):
@@ -1266,18 +1480,29 @@ def run_eval(run):
     log_row(run, {"kind": "eval", "step": run.step, **{f"train_{k}": v for k, v in tr.items()},
                   **{f"val_{k}": v for k, v in val.items()}, "time": run_time(run)})
     print(f"eval step {run.step}: {line} ({seconds:.1f}s)", flush=True)
+    return val
 
 
-def checkpoint(run):
-    """Every process calls it (dropout's random state is per process); process 0 writes."""
+def checkpoint(run, best=False, before=None):
+    """Every process calls it (dropout's random state is per process); process 0 writes ckpt.pt,
+    and with best=True first best.pt, then a copy of it as ckpt.pt: best.pt is never older than
+    what ckpt.pt's guard says it holds. A failed write stops every process with one line saying
+    which checkpoints are intact (`before`: the guard before this eval)."""
     ranks = None
     if run.dist.world > 1:
         ranks = [None] * run.dist.world
         torch.distributed.all_gather_object(ranks, torch.get_rng_state())
-    if not run.dist.main:
-        return
+    error = None
+    if run.dist.main:
+        error = _write_checkpoints(run, ranks, best, before or run.guard)
+    if run.dist.any(run, error is not None)[0]:
+        raise error or UsageError("process 0 could not write its checkpoint")
+
+
+def _write_checkpoints(run, ranks, best, before):
+    """Process 0's part of checkpoint(): None, or the UsageError that says what failed."""
     cuda = torch.cuda.get_rng_state(run.device) if run.device.startswith("cuda") else None
-    save_checkpoint(run.ckpt_path, {
+    state = {
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict(), "step": run.step, "evaluated": run.evaluated,
         "model_config": asdict(run.model_cfg), "train_config": asdict(run.cfg),
@@ -1287,7 +1512,30 @@ def checkpoint(run):
                 "cuda": cuda},
         "objective": run.resume_point[1],
         "budget": run.budget.state(run_time(run)) if run.budget else {},
-    })
+        "guard": asdict(run.guard),
+    }
+    path = run.best_path if best else run.ckpt_path
+    try:
+        save_checkpoint(path, state)
+        if best:
+            copy_durably(run.best_path, run.ckpt_path)
+        run.saved_step = run.step
+        return None
+    except OSError as e:
+        reason = e.strerror or str(e) or e.__class__.__name__
+        return UsageError(f"cannot write {path} at step {run.step} ({reason}); the partial "
+                          f"{os.path.basename(path)}.tmp was removed. {kept(run, before)}")
+
+
+def kept(run, guard):
+    """What the out-dir holds that a user can rely on, in words: the checkpoint --resume reads and
+    best.pt. Every message that says something is kept says it through this."""
+    latest = (f"the last good checkpoint {run.ckpt_path} (step {run.saved_step}) is intact: --resume "
+              f"continues from it"
+              if run.saved_step is not None else "no checkpoint of this run was written yet")
+    best = (f"; {run.best_path} holds step {guard.best_step} (val loss {guard.best:.4f})"
+            if guard.best_step is not None else "")
+    return latest + best
 
 
 def plot(run):
@@ -1307,9 +1555,7 @@ def train_step(run, meter):
     try:
         loss = optimizer_step(run, batch, lambda: draw_next(run))
     except NonFiniteLoss as e:
-        kept = os.path.exists(run.ckpt_path)
-        kept = f"the last good checkpoint ({run.ckpt_path}) is kept" if kept else "no checkpoint yet"
-        raise UsageError(f"{e} at step {run.step}; stopping. {kept}. "
+        raise UsageError(f"{e} at step {run.step}; stopping. {kept(run, run.guard)}. "
                          f"Try a lower --lr or --grad-clip") from None
     run.step, run.evaluated = run.step + 1, False
     meter.steps.append((time.perf_counter() - t, tokens))
@@ -1396,11 +1642,15 @@ def stopped(run):
 
 
 def finished(run):
-    out = run.cfg.out_dir
-    print(f"done: {run.step} steps in {fmt_time(run_time(run))}; wrote {run.ckpt_path}, "
-          f"{os.path.join(out, 'metrics.jsonl')}, {os.path.join(out, 'loss.png')}")
+    """The demo, then the last line: where the run's files are, and which checkpoint is which."""
     if run.demo_cfg is not None and run.dist.main:
         run.mod.demo(run.model, run.tokenizer, run.demo_cfg, run.device)
+    out, g = run.cfg.out_dir, run.guard
+    best = (f"{run.best_path} (step {g.best_step}, the lowest val loss {g.best:.4f})"
+            if g.best_step is not None else "no best.pt (no evaluation had a finite val loss)")
+    print(f"done: {run.step} steps in {fmt_time(run_time(run))}; wrote {run.ckpt_path} (step "
+          f"{run.step}, the latest: --resume continues it), {best}, "
+          f"{os.path.join(out, 'metrics.jsonl')}, {os.path.join(out, 'loss.png')}")
     return run.rows
 
 
@@ -1440,10 +1690,13 @@ def train(argv=None, on_step=None):
     # ~277 ms between steps 300 and 550. A step on its final checkpoint took 330 ms with subnormals,
     # 130 ms flushed to zero (README errata). Flushing changes nothing sizeable. CPU only, undone.
     flush = torch.set_flush_denormal(True)
+    run = None
     try:
         run = setup(argv, dist)
         return bench(run) if run.cfg.bench else loop(run, on_step)
     finally:
+        if run is not None:
+            release_lock(run.lock)
         if flush:
             torch.set_flush_denormal(False)
         if dist.world > 1:

@@ -4,7 +4,9 @@ cache and the checkpoints are snapshotted before and after each case). Training 
 the five models; the inference commands get tiny checkpoints trained once for the whole module."""
 
 import hashlib
+import json
 import os
+import socket
 import traceback
 
 import pytest
@@ -44,13 +46,17 @@ def shared(module_corpus):
 
 
 def snapshot(*roots):
-    """{path: (size, mtime, sha256)} of every file and {path: 'dir'} of every directory under roots."""
+    """{path: (size, mtime, sha256)} of every file, {path: 'dir'} of every directory under roots (and 'special' for
+    a FIFO or a device)."""
     seen = {}
     for root in roots:
         for where, _, files in os.walk(root):
             seen[where] = "dir"
             for name in files:
                 path = os.path.join(where, name)
+                if not os.path.isfile(path):  # a FIFO (a case below): opening it would wait for a writer forever
+                    seen[path] = "special"
+                    continue
                 with open(path, "rb") as f:
                     seen[path] = (os.path.getsize(path), os.stat(path).st_mtime_ns, hashlib.sha256(f.read()).digest())
     return seen
@@ -112,6 +118,20 @@ LOOP_CASES = {  # the loop's own settings, the same for every model: tried on gp
     "grad-clip-negative": ["--grad-clip", "-1"],
     "beta2-1": ["--beta2", "1"],
     "tokens-per-step-negative": ["--tokens-per-step", "-256"],
+    "warmup-minus-10": ["--warmup-iters", "-10"],
+    "eval-tokens-negative": ["--eval-tokens", "-1"],
+    "divergence-evals-negative": ["--divergence-evals", "-1"],
+    "resume-and-overwrite": ["--resume", "--overwrite"],
+    "resume-and-init-from": ["--resume", "--init-from", "elsewhere/ckpt.pt"],
+    "tokens-per-step-and-grad-accum": ["--tokens-per-step", "256", "--grad-accum", "2"],
+}
+DEMO_CASES = {  # the end-of-run demo's flags, through train.py
+    "gpt-temperature-negative": ("gpt", ["--temperature", "-1"]),
+    "gpt-temperature-inf": ("gpt", ["--temperature", "inf"]),
+    "gpt-sample-tokens-negative": ("gpt", ["--sample-tokens", "-1"]),
+    "t5-temperature-negative": ("t5", ["--temperature", "-1"]),
+    "t5-fill-tokens-0": ("t5", ["--fill-tokens", "0"]),
+    "bert-top-k-negative": ("bert", ["--top-k", "-1"]),
 }
 
 
@@ -125,6 +145,33 @@ def test_bad_training_values(model, case, work, shared, capsys):
 @pytest.mark.parametrize("case", LOOP_CASES)
 def test_bad_loop_settings(case, work, shared, capsys):
     assert_refused(train.main, train_argv("gpt", work, shared, *LOOP_CASES[case]), capsys, [work, shared])
+
+
+@pytest.mark.parametrize("case", DEMO_CASES)
+def test_bad_demo_settings(case, work, shared, capsys):
+    model, bad = DEMO_CASES[case]
+    assert_refused(train.main, train_argv(model, work, shared, *bad), capsys, [work, shared])
+
+
+def test_an_out_dir_another_live_run_holds(work, shared, capsys):
+    """A lock naming a live process of this host (our parent) refuses the run, naming that process."""
+    (work / "out" / train.LOCK).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    for extra in ([], ["--overwrite"]):
+        assert_refused(train.main, train_argv("gpt", work, shared, *extra), capsys, [work, shared])
+    # on another host no one can tell whether it still runs: refused too, saying how to clear it
+    (work / "out" / train.LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere.example"}))
+    assert_refused(train.main, train_argv("gpt", work, shared), capsys, [work, shared])
+
+
+@pytest.mark.parametrize("where", ["file", "inside-a-directory"])
+def test_data_that_is_neither_a_file_nor_a_directory(where, work, shared, capsys):
+    """A FIFO would block the read forever: refused before it is opened."""
+    corpus = work / "fifo-corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("To be, or not to be, that is the question. " * 40)
+    os.mkfifo(corpus / "b.txt")
+    data_path = corpus / "b.txt" if where == "file" else corpus
+    assert_refused(train.main, train_argv("gpt", work, shared, "--data", str(data_path)), capsys, [work, shared])
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -188,6 +235,11 @@ INFERENCE_CASES = {
     "gpt-ckpt-of-bert": (gpt.main, lambda s: ["--ckpt", ckpt(s, "bert"), "--max-new-tokens", "2"]),
     "gpt-top-k-0": (gpt.main, lambda s: ["--ckpt", ckpt(s, "gpt"), "--top-k", "0", "--max-new-tokens", "2"]),
     "gpt-top-p-0": (gpt.main, lambda s: ["--ckpt", ckpt(s, "gpt"), "--top-p", "0", "--max-new-tokens", "2"]),
+    "gpt-top-p-2": (gpt.main, lambda s: ["--ckpt", ckpt(s, "gpt"), "--top-p", "2", "--max-new-tokens", "2"]),
+    "gpt-temperature-negative": (gpt.main, lambda s: ["--ckpt", ckpt(s, "gpt"), "--temperature", "-1",
+                                                      "--max-new-tokens", "2"]),
+    "t5-temperature-negative": (t5.main, lambda s: ["--ckpt", ckpt(s, "t5"), "--temperature", "-1",
+                                                    "Thank you <X> me"]),
     "gpt-max-new-tokens-negative": (gpt.main, lambda s: ["--ckpt", ckpt(s, "gpt"), "--max-new-tokens", "-5"]),
     "gpt-device-cuda": (gpt.main, lambda s: ["--ckpt", ckpt(s, "gpt"), "--device", "cuda", "--max-new-tokens", "2"]),
     "t5-max-new-tokens-negative": (t5.main, lambda s: ["--ckpt", ckpt(s, "t5"), "--max-new-tokens", "-5",

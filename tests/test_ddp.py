@@ -52,7 +52,8 @@ def test_two_gloo_processes_train_like_one_with_the_same_global_batch_and_resume
     w2 = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
     for k in w1:
         assert_scaled_close(w2[k], w1[k], f"{k} after 8 steps, two processes and one", rel=1e-4)
-    assert sorted(os.listdir(out_dir)) == ["ckpt.pt", "loss.png", "metrics.jsonl"], "only process 0 writes, once"
+    assert sorted(os.listdir(out_dir)) == ["best.pt", "ckpt.pt", "loss.png", "metrics.jsonl"], \
+        "only process 0 writes, once, and removes its lock at the end"
 
 
 def test_grad_accum_must_split_over_the_processes(tmp_path, corpus):
