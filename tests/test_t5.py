@@ -528,7 +528,7 @@ def test_fill_spans_from_a_checkpoint_and_bad_input(tmp_path, corpus, capsys):
                           (["Thank you <X> me to your party <Y> last week and the week before."], "at most 48"),
                           (["<X>", "--top-k", "0"], "--top-k 0: must be at least 1"),
                           (["<X>", "--max-new-tokens", "-5"], "--max-new-tokens -5: must be at least 1"),
-                          (["<X>", "--temperature", "-1"], "--temperature -1.0: must be >= 0"),
+                          (["<X>", "--temperature", "-1"], "--temperature -1.0: must be a number >= 0"),
                           (["<X>", "--device", "nonsense"], "unknown --device")):
         assert exit_code(t5.main, ["--ckpt", ckpt, *argv]) == 2
         err = capsys.readouterr().err
