@@ -985,6 +985,7 @@ def _confine(writable, hide):
     def mount(*args):
         subprocess.run(["mount", *args], check=True, capture_output=True)
 
+    _loopback_up()
     for d in hide:
         mount("-t", "tmpfs", "-o", "size=64k,mode=0", "tmpfs", d)
     mount("--bind", writable, writable)
@@ -996,6 +997,19 @@ def _confine(writable, hide):
         # a remount must repeat these flags: in a user namespace dropping one is refused
         kept = [o for o in options.split(",") if o in ("nosuid", "nodev", "noexec")]
         mount("-o", ",".join(["remount", "bind", "ro", *kept]), point)
+
+
+def _loopback_up():
+    """A new network namespace has only `lo`, and it is down: bring it up so tests that talk to localhost (a gloo
+    process group, a local server) work, while nothing outside the machine can be reached."""
+    import fcntl
+    import socket
+    import struct
+
+    get_flags, set_flags, up = 0x8913, 0x8914, 0x1  # SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP from <linux/sockios.h>
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s, get_flags, struct.pack("16sH14x", b"lo", 0)))[1]
+        fcntl.ioctl(s, set_flags, struct.pack("16sH14x", b"lo", flags | up))
 
 
 def _set_limits(limits):
