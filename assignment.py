@@ -57,9 +57,7 @@ import hashlib
 import io
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -69,6 +67,7 @@ import time
 import tokenize
 from dataclasses import dataclass
 
+import sandbox
 from common import UsageError, command
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -888,16 +887,10 @@ def handout(manifest, d):
 # files) runs in a child process whose results plugin sends one record per test through a pipe made here: no file
 # holds the results, so there is nothing to find and append to. A record the key does not explain (a test id it does
 # not define, one reported twice, a malformed line) marks the submission as tampered and withholds its score. The key
-# is hashed against what `make` recorded before grading and again after: a change refuses the report. Where Linux
-# allows it (unshare), the isolated child also runs in new mount, pid and network namespaces: the filesystem read-only
-# but for its run directory, the key and the submissions hidden, the parent's processes out of sight, no network, no
-# capabilities. docs/instructors.md says what this protects against and what it does not.
+# is hashed against what `make` recorded before grading and again after: a change refuses the report. The child runs
+# through sandbox.py: limits, a minimal environment and, where Linux allows it, namespaces that hide the key and the
+# other submissions. docs/instructors.md says what this protects against and what it does not.
 
-# The only variables the isolated child inherits: what finds Python and sets its threads and CPU kernels.
-CHILD_ENV = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY",
-             "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "CUDA_VISIBLE_DEVICES", "PYTHONHASHSEED")
-FILE_LIMIT = 4 * 2 ** 30  # bytes one file of the graded code may reach
-EXTRA_TASKS = 512  # processes and threads the graded code may start (above what its user runs already)
 LOG_LINES = 200  # of the graded process's output, kept for the instructor's report
 OUTCOMES = ("passed", "failed", "error", "skipped", "collection error")
 
@@ -939,127 +932,11 @@ def _check_key(key, expected, when):
     return digests
 
 
-_SANDBOX = []  # the probed unshare prefix, once per process
-
-
-def sandbox():
-    """The unshare command that confines the graded process (new mount, pid and network namespaces), or None where
-    this machine does not allow it. Probed once by confining a process that does nothing."""
-    if not _SANDBOX:
-        _SANDBOX.append(_probe_sandbox())
-    return _SANDBOX[0]
-
-
-def _probe_sandbox():
-    tools = [shutil.which(x) for x in ("unshare", "setpriv", "mount")]
-    if not sys.platform.startswith("linux") or None in tools:
-        return None
-    base = [tools[0], "--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "--net",
-            "--propagation", "private"]
-    # as root the namespaces need nothing more; other users first get one of their own, where they are root
-    for prefix in (base, base[:1] + ["--user", "--map-root-user"] + base[1:]):
-        with tempfile.TemporaryDirectory(prefix="assignment-probe-") as tmp:
-            spec = {"probe": True, "runs": [], "env": {"PATH": os.environ.get("PATH", "")}, "limits": {},
-                    "confine": {"writable": os.path.realpath(tmp), "hide": []}}
-            try:
-                proc = subprocess.run([*prefix, sys.executable, os.path.abspath(__file__), "_grade"],
-                                      input=json.dumps(spec), capture_output=True, text=True, timeout=60)
-            except (OSError, subprocess.TimeoutExpired):
-                continue
-            if proc.returncode == 0 and proc.stdout.strip() == "confined":
-                return prefix
-    return None
-
-
-def _mounts():
-    """[(mount point, options)] of this process's mount namespace, from /proc/self/mountinfo."""
-    unescape = lambda s: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
-    return [(unescape(fields[4]), fields[5])
-            for fields in (line.split() for line in open("/proc/self/mountinfo"))]
-
-
-def _confine(writable, hide):
-    """Run as root of a fresh mount namespace, before any graded code: an empty tmpfs over each directory of `hide`,
-    a fresh /dev/shm, and every mount read-only except `writable` (a bind mount of itself). A failure stops grading
-    (check=True): better no grade than an unconfined one that looks confined."""
-    def mount(*args):
-        subprocess.run(["mount", *args], check=True, capture_output=True)
-
-    _loopback_up()
-    for d in hide:
-        mount("-t", "tmpfs", "-o", "size=64k,mode=0", "tmpfs", d)
-    mount("--bind", writable, writable)
-    if os.path.isdir("/dev/shm"):
-        mount("-t", "tmpfs", "tmpfs", "/dev/shm")
-    for point, options in _mounts():
-        if point in (writable, "/dev/shm", "/proc") or point.startswith("/proc/"):
-            continue
-        # a remount must repeat these flags: in a user namespace dropping one is refused
-        kept = [o for o in options.split(",") if o in ("nosuid", "nodev", "noexec")]
-        mount("-o", ",".join(["remount", "bind", "ro", *kept]), point)
-
-
-def _loopback_up():
-    """A new network namespace has only `lo`, and it is down: bring it up so tests that talk to localhost (a gloo
-    process group, a local server) work, while nothing outside the machine can be reached."""
-    import fcntl
-    import socket
-    import struct
-
-    get_flags, set_flags, up = 0x8913, 0x8914, 0x1  # SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP from <linux/sockios.h>
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        flags = struct.unpack("16sH14x", fcntl.ioctl(s, get_flags, struct.pack("16sH14x", b"lo", 0)))[1]
-        fcntl.ioctl(s, set_flags, struct.pack("16sH14x", b"lo", flags | up))
-
-
-def _set_limits(limits):
-    """Hard and soft rlimits for this process and what it starts: the graded code cannot raise them again."""
-    import resource
-
-    for name, value in limits.items():
-        which = getattr(resource, name)
-        hard = resource.getrlimit(which)[1]
-        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        resource.setrlimit(which, (value, value))
-
-
-def _tasks_of_user():
-    """Processes and threads this user runs now: RLIMIT_NPROC counts them all, not only the graded code's."""
-    n = 0
-    for pid in os.listdir("/proc"):
-        try:
-            if pid.isdigit() and os.stat(f"/proc/{pid}").st_uid == os.getuid():
-                n += len(os.listdir(f"/proc/{pid}/task"))
-        except OSError:
-            continue  # gone meanwhile
-    return n
-
-
-def _grade_child():
-    """Stage 1 of the graded process, before any graded code runs: its spec comes on stdin (never on a command line
-    or in a file the graded code could read). Confines itself when started under unshare, sets the limits, then
-    becomes stage 2 (_grade_runs) with the minimal environment, without capabilities when confined."""
-    spec = json.load(sys.stdin)
-    confine = spec["confine"]
-    if confine:
-        _confine(confine["writable"], confine["hide"])
-    if spec.get("probe"):
-        argv = [sys.executable, "-c", "print('confined')"]
-    else:
-        argv = [sys.executable, os.path.abspath(__file__), "_grade_runs", str(spec["fd"]), *spec["runs"]]
-    if confine:
-        argv = [shutil.which("setpriv"), "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all", "--", *argv]
-    _set_limits(spec["limits"])
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.chdir(spec["runs"][0] if spec["runs"] else "/")
-    os.execve(argv[0], argv, spec["env"])
-
-
 def _grade_runs(fd, *run_dirs):
-    """Stage 2, the grading process: per run directory, what `python -m pytest` does there. Each outcome goes to the
-    parent through the pipe `fd` as [run, node id, outcome] when it is final, so a run stopped at the time limit keeps
-    its outcomes. Several directories run one after another, each importing the project's modules afresh."""
+    """The grading process (started through sandbox.run): per run directory, what `python -m pytest` does there.
+    Each outcome goes to the parent through the pipe `fd` as [run, node id, outcome] when it is final, so a run
+    stopped at the time limit keeps its outcomes. Several directories run one after another, each importing the
+    project's modules afresh."""
     _no_shrinking()
     path = [p for p in sys.path if os.path.abspath(p or ".") != ROOT]
     with os.fdopen(int(fd), "w") as channel:
@@ -1074,18 +951,19 @@ def _grade_runs(fd, *run_dirs):
                 _pytest_session([], _results_plugin({}, send=send), run_dir)
 
 
-def grade(submission, key=None, timeout=3600, memory_gib=16):
+def grade(submission, key=None, timeout=3600, memory_gib=16, confine=True):
     """Score `submission` (a student copy, as returned): its target files are copied into a fresh copy of `key`
     (without a key, of the submission itself: a student's self-check), whose tests then run. Returns the scores as a
     dict (what --json writes); format_grade() makes it text."""
-    return grade_all([submission], key, timeout, memory_gib=memory_gib)[0]
+    return grade_all([submission], key, timeout, memory_gib=memory_gib, confine=confine)[0]
 
 
-def grade_all(submissions, key=None, timeout=3600, isolate=True, memory_gib=16):
+def grade_all(submissions, key=None, timeout=3600, isolate=True, memory_gib=16, confine=True):
     """grade() for several submissions. isolate=True runs each in its own process, confined and limited (see above):
     students' code cannot reach the key or another submission, and the time limit is per submission. isolate=False
     runs them one after another in one process, which imports torch once: for code you trust, such as this project's
-    tests. memory_gib: the isolated process's address space (0: no limit). Raises KeyChanged if the key changed."""
+    tests. memory_gib: the isolated process's address space (0: no limit). confine=False: no Linux namespaces even
+    where they work (sandbox.py). Raises KeyChanged if the key changed."""
     jobs = []
     for submission in submissions:
         submission = os.path.abspath(submission)
@@ -1108,7 +986,7 @@ def grade_all(submissions, key=None, timeout=3600, isolate=True, memory_gib=16):
             run_dirs = [_prepare_run(os.path.join(tmp, f"run{i}"), *jobs[i]) for i in batch]
             t0 = time.time()
             hide = [key] + [j[0] for j in jobs] if isolate else []
-            records, stopped, log = _run_grading(run_dirs, timeout, isolate, hide, memory_gib)
+            records, stopped, log = _run_grading(run_dirs, timeout, isolate, hide, memory_gib, confine)
             outcomes, problems = _collect(records, [jobs[i][2] for i in batch])
             for k, i in enumerate(batch):
                 submission, base, manifest, missing = jobs[i]
@@ -1128,58 +1006,22 @@ def _prepare_run(run_dir, submission, base, manifest, missing):
     for f in manifest["files"]:
         if f not in missing:
             shutil.copy2(os.path.join(submission, f), os.path.join(run_dir, f))
-    os.makedirs(os.path.join(run_dir, ".tmp"))  # the isolated child's TMPDIR: inside what it may write
     return run_dir
 
 
-def _hideable(dirs, keep):
-    """Of `dirs`, those an empty tmpfs can cover: not holding anything of `keep` (the run directory, this file,
-    Python), not inside one already covered, existing."""
-    inside = lambda path, d: path == d or path.startswith(d.rstrip(os.sep) + os.sep)
-    out = []
-    for d in sorted({os.path.realpath(d) for d in dirs if d}, key=len):
-        if os.path.isdir(d) and not any(inside(k, d) for k in keep) and not any(inside(d, o) for o in out):
-            out.append(d)
-    return out
-
-
-def _run_grading(run_dirs, timeout, isolate, hide, memory_gib):
-    """Run the graded process on `run_dirs`, its whole process tree killed after `timeout` s. Returns (the lines it
-    sent through the pipe, whether it was stopped, the last LOG_LINES lines of its output)."""
+def _run_grading(run_dirs, timeout, isolate, hide, memory_gib, confine):
+    """Run the grading process on `run_dirs` through sandbox.run (untrusted when isolate), its whole process tree
+    killed after `timeout` s. Returns (the lines it sent through the pipe, whether it was stopped, the last LOG_LINES
+    lines of its output)."""
     read_end, write_end = os.pipe()
-    spec = {"runs": run_dirs, "fd": write_end, "env": dict(os.environ), "limits": {}, "confine": None}
-    prefix = []
-    if isolate:
-        home = run_dirs[0]
-        spec["env"] = {k: os.environ[k] for k in CHILD_ENV if k in os.environ}
-        spec["env"].update(HOME=home, TMPDIR=os.path.join(home, ".tmp"))
-        spec["limits"] = {"RLIMIT_FSIZE": FILE_LIMIT}
-        if memory_gib:
-            spec["limits"]["RLIMIT_AS"] = int(memory_gib * 2 ** 30)
-        if os.path.isdir("/proc"):
-            spec["limits"]["RLIMIT_NPROC"] = _tasks_of_user() + EXTRA_TASKS
-        prefix = sandbox() or []
-        if prefix:
-            keep = [home, ROOT, sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)),
-                    *(os.path.realpath(p) for p in sys.path if p)]
-            spec["confine"] = {"writable": home, "hide": _hideable(hide, [os.path.realpath(k) for k in keep])}
-    proc = subprocess.Popen([*prefix, sys.executable, os.path.abspath(__file__), "_grade"], cwd=run_dirs[0],
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            pass_fds=(write_end,), start_new_session=True)
-    os.close(write_end)
     records = []
     reader = threading.Thread(target=lambda: records.extend(os.fdopen(read_end, errors="replace")), daemon=True)
     reader.start()
-    try:
-        _, err = proc.communicate(json.dumps(spec).encode(), timeout=timeout)
-        stopped = False
-    except subprocess.TimeoutExpired:
-        stopped = True
-        # the whole group; under unshare, killing it ends the namespace's first process and with it every other
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
+    argv = [sys.executable, os.path.abspath(__file__), "_grade_runs", str(write_end), *run_dirs]
+    stopped, log = sandbox.run(argv, run_dirs[0], timeout, confine=confine, hide=hide, memory_gib=memory_gib,
+                               pass_fds=(write_end,), trusted=not isolate, log_lines=LOG_LINES)
     reader.join(5)  # a process the graded code left behind may hold the pipe open: stop listening
-    return list(records), stopped, err.decode(errors="replace").splitlines()[-LOG_LINES:]
+    return list(records), stopped, log
 
 
 def _collect(records, manifests):
@@ -1457,8 +1299,6 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_find_tests"]:  # the helper processes (internal)
         return _find_tests_child(*argv[1:])
-    if argv[:1] == ["_grade"]:
-        return _grade_child()
     if argv[:1] == ["_grade_runs"]:
         return _grade_runs(*argv[1:])
     args = _parser().parse_args(argv)
@@ -1475,9 +1315,7 @@ def main(argv=None):
             raise UsageError(f"--json {args.json} is a directory")
         if args.memory < 0 or args.timeout <= 0:
             raise UsageError("--memory must be >= 0 and --timeout > 0")
-        if args.unconfined:
-            _SANDBOX[:] = [None]
-        result = grade(args.submission, args.key, args.timeout, args.memory)
+        result = grade(args.submission, args.key, args.timeout, args.memory, confine=not args.unconfined)
         if args.json == "-":
             print(json.dumps(result, indent=1))
         else:

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 import assignment
+import sandbox
 from assignment import ROOT
 
 VISIBLE = "tests/test_bpe.py::test_ties_go_to_the_smallest_pair"
@@ -135,7 +136,7 @@ def test_a_submission_cannot_change_the_key_unnoticed(made, tmp_path):
 
     # the way `python assignment.py grade` runs it: where namespaces work, the key is out of reach
     code, g, err = graded(sub, key)
-    if assignment.sandbox():
+    if sandbox.available():
         assert digests(key) == before, "the confined submission changed the key"
         assert code == 0 and g["passed"] == 0 and not g["tampered"], f"graded wrongly: {code} {err}"
     else:
