@@ -53,19 +53,21 @@ import ast
 import contextlib
 import fnmatch
 import glob
+import hashlib
 import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import tokenize
 from dataclasses import dataclass
 
+import sandbox
 from common import UsageError, command
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -440,19 +442,19 @@ def _selected(nodeid, patterns):
 # Finding each target's tests (the header's two steps) in a helper process, pytest run in-process
 
 
-def _results_plugin(outcomes, probe=None, select=None, stream=None):
+def _results_plugin(outcomes, probe=None, select=None, send=None):
     """A pytest plugin recording each test's outcome into `outcomes` (node id -> [outcome, first
-    line of the failure, whether a NotImplementedError caused it]) and into `stream` as JSON lines.
-    It tells `probe` which test module runs. select: keep only these node ids."""
+    line of the failure, whether a NotImplementedError caused it]) and through `send(node id,
+    outcome)` once it is final. It tells `probe` which test module runs. select: keep only these
+    node ids."""
     import pytest
 
     def tell_probe(context):  # the environment too: test subprocesses (`python gpt.py ...`) read it
         probe.context = os.environ["ASSIGNMENT_CONTEXT"] = context
 
     def emit(nodeid, entry):
-        if stream is not None:
-            stream.write(json.dumps([nodeid, entry]) + "\n")
-            stream.flush()
+        if send is not None:
+            send(nodeid, entry)
 
     class Results:
         def pytest_collection_modifyitems(self, config, items):
@@ -756,8 +758,10 @@ def make(items, out=None, key=None, hidden=(), points=None, tests=(), skip=(), l
     for d, m, kept in ((out, _for_students(manifest), functions - hidden_functions),
                        (key, manifest, functions)):
         _write_copy(d, targets, kept)
-        write(os.path.join(d, MANIFEST), json.dumps(m, indent=1) + "\n")
         write(os.path.join(d, "ASSIGNMENT.md"), handout(m, d))
+        if d == key:  # grading checks the key against these before and after it runs a submission
+            m["key_sha256"] = key_digests(key)
+        write(os.path.join(d, MANIFEST), json.dumps(m, indent=1) + "\n")
     log(f"wrote {out} (for students: {len(graded) - len(hidden_ids)} tests) and {key} "
         f"(for grading, with {len(hidden_ids)} hidden) in {time.time() - t0:.0f} s")
     return manifest
@@ -766,7 +770,7 @@ def make(items, out=None, key=None, hidden=(), points=None, tests=(), skip=(), l
 def _for_students(manifest):
     """The student copy's manifest: it names no hidden test, it only says how many there are."""
     hidden = set(manifest["hidden"])
-    m = {k: v for k, v in manifest.items() if k != "made_from"}
+    m = {k: v for k, v in manifest.items() if k not in ("made_from", "key_sha256")}
     m["targets"] = [dict(t, tests=[n for n in t["tests"] if n not in hidden],
                          hidden_tests=sum(n in hidden for n in t["tests"]))
                     for t in manifest["targets"]]
@@ -878,35 +882,88 @@ def handout(manifest, d):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # grade: run the key's tests on a submission's target files
+#
+# This process decides the score, from what it collected itself. The graded code (the key's tests on the submission's
+# files) runs in a child process whose results plugin sends one record per test through a pipe made here: no file
+# holds the results, so there is nothing to find and append to. A record the key does not explain (a test id it does
+# not define, one reported twice, a malformed line) marks the submission as tampered and withholds its score. The key
+# is hashed against what `make` recorded before grading and again after: a change refuses the report. The child runs
+# through sandbox.py: limits, a minimal environment and, where Linux allows it, namespaces that hide the key and the
+# other submissions. docs/instructors.md says what this protects against and what it does not.
+
+LOG_LINES = 200  # of the graded process's output, kept for the instructor's report
+OUTCOMES = ("passed", "failed", "error", "skipped", "collection error")
 
 
-def _grade_child(runs_path):
-    """The grading process: per (run directory, results file) in runs_path, what `python -m pytest`
-    does in that directory. Each outcome is appended to the results file as it comes, so a run
-    stopped at the time limit keeps its outcomes. Several directories run one after another, each
-    importing the project's modules afresh."""
-    runs = json.load(open(runs_path))
+class KeyChanged(UsageError):
+    """The key differs from the hashes `make` recorded, or changed while grading: no grades are reported."""
+
+
+def key_digests(d):
+    """{path relative to d: sha256} of what grading copies from a key: no caches, not the manifest (it holds them)."""
+    out = {}
+    for parent, dirs, files in os.walk(d):
+        skip = set(_caches(parent, dirs + files))
+        dirs[:] = sorted(x for x in dirs if x not in skip)
+        for f in files:
+            rel = os.path.relpath(os.path.join(parent, f), d)
+            if f not in skip and rel != MANIFEST:
+                with open(os.path.join(parent, f), "rb") as fh:
+                    out[rel] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def _changes(before, after):
+    """What differs between two key_digests: "changed a; added b; removed c"."""
+    parts = []
+    for word, names in (("changed", [p for p in before if p in after and before[p] != after[p]]),
+                        ("added", [p for p in after if p not in before]),
+                        ("removed", [p for p in before if p not in after])):
+        if names:
+            parts.append(f"{word} {', '.join(sorted(names))}")
+    return "; ".join(parts)
+
+
+def _check_key(key, expected, when):
+    """The key's digests, refused (KeyChanged, naming the files) when they differ from `expected`."""
+    digests = key_digests(key)
+    if expected is not None and digests != expected:
+        raise KeyChanged(f"the key {key} changed {when}: {_changes(expected, digests)}; no grades reported")
+    return digests
+
+
+def _grade_runs(fd, *run_dirs):
+    """The grading process (started through sandbox.run): per run directory, what `python -m pytest` does there.
+    Each outcome goes to the parent through the pipe `fd` as [run, node id, outcome] when it is final, so a run
+    stopped at the time limit keeps its outcomes. Several directories run one after another, each importing the
+    project's modules afresh."""
     _no_shrinking()
     path = [p for p in sys.path if os.path.abspath(p or ".") != ROOT]
-    for run_dir, results_path in runs:
-        os.chdir(run_dir)
-        sys.path[:] = [run_dir] + path  # as `python -m pytest` does; never this file's project
-        with open(results_path, "a") as stream, contextlib.redirect_stdout(sys.stderr):
-            _pytest_session([], _results_plugin({}, stream=stream), run_dir)
+    with os.fdopen(int(fd), "w") as channel:
+        for i, run_dir in enumerate(run_dirs):
+            def send(nodeid, entry, i=i):
+                channel.write(json.dumps([i, nodeid, entry]) + "\n")
+                channel.flush()
+
+            os.chdir(run_dir)
+            sys.path[:] = [run_dir] + path  # as `python -m pytest` does; never this file's project
+            with contextlib.redirect_stdout(sys.stderr):
+                _pytest_session([], _results_plugin({}, send=send), run_dir)
 
 
-def grade(submission, key=None, timeout=3600):
-    """Score `submission` (a student copy, as returned): its target files are copied into a fresh
-    copy of `key` (without a key, of the submission itself: a student's self-check), whose tests
-    then run. Returns the scores as a dict (what --json writes); format_grade() makes it text."""
-    return grade_all([submission], key, timeout)[0]
+def grade(submission, key=None, timeout=3600, memory_gib=16, confine=True):
+    """Score `submission` (a student copy, as returned): its target files are copied into a fresh copy of `key`
+    (without a key, of the submission itself: a student's self-check), whose tests then run. Returns the scores as a
+    dict (what --json writes); format_grade() makes it text."""
+    return grade_all([submission], key, timeout, memory_gib=memory_gib, confine=confine)[0]
 
 
-def grade_all(submissions, key=None, timeout=3600, isolate=True):
-    """grade() for several submissions. isolate=True runs each in its own process: students' code
-    cannot reach another submission, and the time limit is per submission. isolate=False runs them
-    one after another in one process, which imports torch once: for code you trust, such as this
-    project's tests."""
+def grade_all(submissions, key=None, timeout=3600, isolate=True, memory_gib=16, confine=True):
+    """grade() for several submissions. isolate=True runs each in its own process, confined and limited (see above):
+    students' code cannot reach the key or another submission, and the time limit is per submission. isolate=False
+    runs them one after another in one process, which imports torch once: for code you trust, such as this project's
+    tests. memory_gib: the isolated process's address space (0: no limit). confine=False: no Linux namespaces even
+    where they work (sandbox.py). Raises KeyChanged if the key changed."""
     jobs = []
     for submission in submissions:
         submission = os.path.abspath(submission)
@@ -919,62 +976,84 @@ def grade_all(submissions, key=None, timeout=3600, isolate=True):
         manifest = json.load(open(manifest_path))
         missing = [f for f in manifest["files"] if not os.path.isfile(os.path.join(submission, f))]
         jobs.append((submission, base, manifest, missing))
-    results = []
+    key = os.path.abspath(key) if key else None
+    digests = _check_key(key, jobs[0][2].get("key_sha256"), "since it was made") if key and jobs else None
+    results = [None] * len(jobs)
     with tempfile.TemporaryDirectory(prefix="assignment-grade-") as tmp:
         tmp = os.path.realpath(tmp)
-        runs = []
-        for i, (submission, base, manifest, missing) in enumerate(jobs):
-            run_dir = os.path.join(tmp, f"run{i}")
-            shutil.copytree(base, run_dir, ignore=_caches)
-            for f in manifest["files"]:
-                if f not in missing:
-                    shutil.copy2(os.path.join(submission, f), os.path.join(run_dir, f))
-            runs.append([run_dir, os.path.join(tmp, f"results{i}.jsonl")])
-        batches = [[r] for r in runs] if isolate else [runs]
-        timed_out, logs, seconds = {}, {}, {}
-        for b, batch in enumerate(batches):
+        for batch in ([[i] for i in range(len(jobs))] if isolate else [list(range(len(jobs)))]):
+            # each isolated run's directory exists only while it runs: no submission sees another's
+            run_dirs = [_prepare_run(os.path.join(tmp, f"run{i}"), *jobs[i]) for i in batch]
             t0 = time.time()
-            stopped, log_tail = _run_grading(batch, os.path.join(tmp, f"runs{b}.json"), timeout)
-            for run_dir, _ in batch:
-                timed_out[run_dir], logs[run_dir] = stopped, log_tail
-                seconds[run_dir] = (time.time() - t0) / len(batch)
-        for (submission, base, manifest, missing), (run_dir, results_path) in zip(jobs, runs):
-            outcomes = _read_outcomes(results_path)
-            unwritten = _unwritten(submission, manifest, missing)
-            results.append(score(manifest, outcomes, submission, key, missing, timed_out[run_dir],
-                                 seconds[run_dir], logs[run_dir], unwritten))
+            hide = [key] + [j[0] for j in jobs] if isolate else []
+            records, stopped, log = _run_grading(run_dirs, timeout, isolate, hide, memory_gib, confine)
+            outcomes, problems = _collect(records, [jobs[i][2] for i in batch])
+            for k, i in enumerate(batch):
+                submission, base, manifest, missing = jobs[i]
+                results[i] = score(manifest, outcomes[k], submission, key, missing, stopped,
+                                   (time.time() - t0) / len(batch), log, _unwritten(submission, manifest, missing),
+                                   problems[k])
+            if isolate:
+                shutil.rmtree(run_dirs[0])
+    if digests is not None:
+        _check_key(key, digests, "while grading")
     return results
 
 
-def _run_grading(batch, runs_path, timeout):
-    """Run the grading process on `batch` ([run dir, results file] pairs), killed after `timeout` s.
-    Returns (whether it was stopped, the last 20 lines it wrote to stderr)."""
-    with open(runs_path, "w") as f:
-        json.dump(batch, f)
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_grade", runs_path],
-                            cwd=os.path.dirname(runs_path), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=timeout)
-        stopped = False
-    except subprocess.TimeoutExpired:
-        stopped = True
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: tests may have started processes
-        _, err = proc.communicate()
-    return stopped, err.decode(errors="replace").splitlines()[-20:]
+def _prepare_run(run_dir, submission, base, manifest, missing):
+    """A fresh copy of the key (or of the submission, for a self-check) with the submission's target files in it."""
+    shutil.copytree(base, run_dir, ignore=_caches)
+    for f in manifest["files"]:
+        if f not in missing:
+            shutil.copy2(os.path.join(submission, f), os.path.join(run_dir, f))
+    return run_dir
 
 
-def _read_outcomes(results_path):
-    """{node id: outcome} from the JSON lines the grading process appended."""
-    outcomes = {}
-    if os.path.exists(results_path):
-        for line in open(results_path).read().splitlines():
-            try:
-                nodeid, outcome = json.loads(line)
-            except ValueError:
-                continue  # the last line of a run killed at the time limit may be cut short
-            outcomes[nodeid] = outcome
-    return outcomes
+def _run_grading(run_dirs, timeout, isolate, hide, memory_gib, confine):
+    """Run the grading process on `run_dirs` through sandbox.run (untrusted when isolate), its whole process tree
+    killed after `timeout` s. Returns (the lines it sent through the pipe, whether it was stopped, the last LOG_LINES
+    lines of its output)."""
+    read_end, write_end = os.pipe()
+    records = []
+    reader = threading.Thread(target=lambda: records.extend(os.fdopen(read_end, errors="replace")), daemon=True)
+    reader.start()
+    argv = [sys.executable, os.path.abspath(__file__), "_grade_runs", str(write_end), *run_dirs]
+    stopped, log = sandbox.run(argv, run_dirs[0], timeout, confine=confine, hide=hide, memory_gib=memory_gib,
+                               pass_fds=(write_end,), trusted=not isolate, log_lines=LOG_LINES)
+    reader.join(5)  # a process the graded code left behind may hold the pipe open: stop listening
+    return list(records), stopped, log
+
+
+def _collect(records, manifests):
+    """({node id: outcome} per run, [problem] per run) from the pipe's lines. A run's valid record names a test of
+    its key (a case of a test function the key grades, or a collection error of a module or class of the key) with a
+    well-formed outcome, once. Anything else is a problem: the graded code wrote into the pipe."""
+    outcomes = [{} for _ in manifests]
+    problems = [[] for _ in manifests]
+    functions = [{function_of(n) for t in m["targets"] for n in t["tests"]} for m in manifests]
+    for line in records:
+        try:
+            run, nodeid, entry = json.loads(line)
+            ok = (isinstance(run, int) and 0 <= run < len(manifests) and isinstance(nodeid, str)
+                  and isinstance(entry, list) and len(entry) == 3 and entry[0] in OUTCOMES
+                  and isinstance(entry[1], str) and isinstance(entry[2], bool))
+        except (ValueError, TypeError):
+            ok = False
+        if not ok:
+            for p in problems:
+                p.append(f"malformed record: {line.strip()[:200]}")
+            continue
+        if entry[0] == "collection error":
+            known = nodeid == "<collection>" or any(f.startswith(nodeid) for f in functions[run])
+        else:
+            known = function_of(nodeid) in functions[run]
+        if not known:
+            problems[run].append(f"a test the key does not define: {nodeid}")
+        elif nodeid in outcomes[run]:
+            problems[run].append(f"reported twice: {nodeid}")
+        else:
+            outcomes[run][nodeid] = entry
+    return outcomes, problems
 
 
 def _unwritten(submission, manifest, missing):
@@ -1013,11 +1092,13 @@ def _blank_target(message, by_name):
     return by_name.get(message.split(": yours to implement")[0].split("NotImplementedError: ")[-1])
 
 
-def score(manifest, outcomes, submission, key, missing, timed_out, seconds, log_tail, unwritten):
+def score(manifest, outcomes, submission, key, missing, timed_out, seconds, log_tail, unwritten,
+          tampered=()):
     """The scores from the outcomes: per target, its tests passed / total (and points, if given),
     and its state. Either not implemented (still the blank body), or waiting for others (written,
     but each of its failing tests stops at another target's blank body). unwritten: {target: why},
-    from _unwritten."""
+    from _unwritten. tampered: what was wrong with the results the graded process sent; if anything,
+    the outcomes stay in the dict for the instructor but every count and score is None (withheld)."""
     hidden = set(manifest["hidden"]) if isinstance(manifest["hidden"], list) else set()
     result = lambda n: outcomes.get(n, ["not run" + (" (time limit)" if timed_out else ""), "", False])
     graded = sorted({n for t in manifest["targets"] for n in t["tests"]})
@@ -1059,13 +1140,23 @@ def score(manifest, outcomes, submission, key, missing, timed_out, seconds, log_
     if any("points" in t for t in targets):
         out["score"] = round(sum(t.get("score", 0.0) for t in targets), 2)
         out["max_score"] = sum(t.get("points", 0.0) for t in targets)
-    if not outcomes:
-        out["log_tail"] = log_tail  # nothing ran: pytest's last words say why
+    out["log_tail"] = log_tail  # for the instructor; format_grade shows it only when it cannot leak hidden tests
+    out["tampered"] = list(tampered)
+    if tampered:  # a forged record may hide among the real ones: no count from this run can be trusted
+        out["passed"] = None
+        for t in targets:
+            t["passed"] = t["hidden_passed"] = None
+            if "score" in t:
+                t["score"] = None
+        if "score" in out:
+            out["score"] = None
     return out
 
 
 def format_grade(g, max_failures=8):
-    """The scores as text: a line per target, the total, then the failing test functions and why."""
+    """The scores as text, the report meant for students: a line per target, the total, then the failing test
+    functions and why. Nothing of a hidden test (name, message) and nothing the graded code printed appears when the
+    key has hidden tests: those stay in the dict (--json, the instructor's report)."""
     hidden = any(t["hidden_total"] for t in g["targets"])
     points = "score" in g
     width = max(len("all tests"), *(len(t["target"]) for t in g["targets"]))
@@ -1074,37 +1165,55 @@ def format_grade(g, max_failures=8):
     lines = [f"assignment {g['assignment']}: {short(g['submission'])} (graded with {graded_with})",
              f"{'target':<{width}}  {'tests':>7}" + (f"  {'hidden':>7}" if hidden else "")
              + (f"  {'points':>11}" if points else "")]
+    shown = lambda n: "-" if n is None else n  # withheld
 
     def row(name, passed, total, hp, ht, score, pts, note=""):
-        text = f"{name:<{width}}  {passed:>3}/{total:<3}"
+        text = f"{name:<{width}}  {shown(passed):>3}/{total:<3}"
         if hidden:
-            text += f"  {hp:>3}/{ht:<3}"
+            text += f"  {shown(hp):>3}/{ht:<3}"
         if points:
-            text += f"  {score:>5g}/{pts:<5g}" if pts is not None else f"  {'-':>11}"
+            text += (f"  {'-':>5}/{pts:<5g}" if score is None and pts is not None
+                     else f"  {score:>5g}/{pts:<5g}" if pts is not None else f"  {'-':>11}")
         return (text + (f"  {note}" if note else "")).rstrip()
 
     for t in g["targets"]:
         lines.append(row(t["target"], t["passed"], t["total"], t["hidden_passed"],
                          t["hidden_total"], t.get("score"), t.get("points"), t["state"]))
     hidden_tests = [v for v in g["tests"].values() if v["hidden"]]  # once per test, not per target
-    hidden_passed = sum(v["outcome"] == "passed" for v in hidden_tests)
+    hidden_passed = None if g["tampered"] else sum(v["outcome"] == "passed" for v in hidden_tests)
     lines.append(row("all tests", g["passed"], g["total"], hidden_passed, len(hidden_tests),
                      g.get("score"), g.get("max_score")))
+    if g["tampered"]:
+        return "\n".join(lines + [
+            f"score withheld: the graded code tampered with the results it reports "
+            f"({len(g['tampered'])} record(s) no test sent; the instructor's --json report lists them)"])
     lines += _failing_lines(g, max_failures)
+    secret = {function_of(n) for n, v in g["tests"].items() if v["hidden"]}
+    kept_back = 0
     for n, o in g["other_tests"]["problems"].items():
+        if any(f.startswith(n) for f in secret) or function_of(n) in secret:
+            kept_back += 1
+            continue
         lines.append(f"  not graded, {o[0]}: {n}" + (f": {o[1][:150]}" if o[1] else ""))
+    if kept_back:
+        lines.append(f"  not graded: {kept_back} problem(s) in modules with hidden tests (in --json)")
     if g["missing_files"]:
         lines.append(f"missing from the submission (graded as handed out): "
                      f"{', '.join(g['missing_files'])}")
     if g["timed_out"]:
         lines.append("stopped at the time limit: the tests that did not run count as failed")
-    if "log_tail" in g:
-        lines += ["no test ran; pytest's last lines:"] + ["  " + x for x in g["log_tail"]]
+    ran = any(not v["outcome"].startswith("not run") for v in g["tests"].values()) or g["other_tests"]["total"]
+    if not ran and hidden:
+        lines.append("no test ran; pytest's last lines are in the instructor's --json report (log_tail)")
+    elif not ran:
+        lines += ["no test ran; pytest's last lines:"] + ["  " + x for x in g["log_tail"][-20:]]
     return "\n".join(lines)
 
 
 def _failing_lines(g, max_failures):
-    """Failing test functions: real failures (with why) first, then those stopped at a blank one."""
+    """Failing test functions: real failures (with why) first, then those stopped at a blank one. Hidden ones are
+    counted, never named: their names and messages (which may quote the test, or what the graded code printed) are
+    for the instructor."""
     lines = []
     failing = {}  # function -> [failed, cases, first message, blank target that stopped it]
     waiting = {}  # blank target -> test functions it stopped
@@ -1118,11 +1227,12 @@ def _failing_lines(g, max_failures):
                 # a NotImplementedError only in the output (doctest, subprocess): whose, unknown
                 blank = v["blank"] or ("?:a function" if v["not_implemented"] else None)
                 entry[2], entry[3] = v["message"] or v["outcome"], blank
-    wrong = [(f, e) for f, e in failing.items() if e[0] and not e[3]]
+    wrong = [(f, e) for f, e in failing.items() if e[0] and not e[3] and not f.endswith(" (hidden)")]
+    wrong_hidden = sum(1 for f, e in failing.items() if e[0] and not e[3] and f.endswith(" (hidden)"))
     for f, e in failing.items():
         if e[0] and e[3]:
             waiting.setdefault(qualname_of(e[3]), []).append(f)
-    if wrong or waiting:
+    if wrong or wrong_hidden or waiting:
         lines.append("failing:")
     for f, (bad, cases, message, _) in wrong[:max_failures]:
         lines.append(f"  {f}" + (f" ({bad} of {cases} cases)" if cases > 1 else "")
@@ -1130,6 +1240,9 @@ def _failing_lines(g, max_failures):
     if len(wrong) > max_failures:
         lines.append(f"  ... and {len(wrong) - max_failures} more test functions "
                      f"(every test is in --json)")
+    if wrong_hidden:
+        s = "s" * (wrong_hidden != 1)
+        lines.append(f"  {wrong_hidden} hidden test function{s} fail")
     for name, functions in waiting.items():
         s = "s" * (len(functions) != 1)
         lines.append(f"  {len(functions)} test function{s} stopped at {name}, not implemented yet")
@@ -1173,6 +1286,11 @@ def _parser():
                    help="also write the scores as JSON to FILE ('-': print only the JSON)")
     g.add_argument("--timeout", type=float, default=3600,
                    help="seconds before the run is stopped (default 3600)")
+    g.add_argument("--memory", type=float, default=16, metavar="GIB",
+                   help="address space of the graded process in GiB (default 16; 0: no limit)")
+    g.add_argument("--unconfined", action="store_true",
+                   help="no Linux namespaces even where they work (the key is still verified, the limits "
+                        "still set): for a machine where confinement breaks the tests")
     return p
 
 
@@ -1181,8 +1299,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_find_tests"]:  # the helper processes (internal)
         return _find_tests_child(*argv[1:])
-    if argv[:1] == ["_grade"]:
-        return _grade_child(*argv[1:])
+    if argv[:1] == ["_grade_runs"]:
+        return _grade_runs(*argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "list":
         for name, targets in ASSIGNMENTS.items():
@@ -1195,7 +1313,9 @@ def main(argv=None):
     else:
         if args.json not in (None, "-") and os.path.isdir(args.json):
             raise UsageError(f"--json {args.json} is a directory")
-        result = grade(args.submission, args.key, args.timeout)
+        if args.memory < 0 or args.timeout <= 0:
+            raise UsageError("--memory must be >= 0 and --timeout > 0")
+        result = grade(args.submission, args.key, args.timeout, args.memory, confine=not args.unconfined)
         if args.json == "-":
             print(json.dumps(result, indent=1))
         else:
