@@ -270,7 +270,8 @@ def hf_dir(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--top-k", "0"], "--top-k 0: must be >= 1"), (["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
     (["--top-p", "1.5"], "--top-p 1.5"), (["--max-new-tokens", "-5"], "--max-new-tokens -5: must be >= 0"),
-    (["--temperature", "-1"], "--temperature -1.0: must be a number >= 0"), (["--top-k", "many"], "--top-k: invalid int"),
+    (["--temperature", "-1"], "--temperature -1.0: must be a number >= 0"),
+    (["--top-k", "many"], "--top-k: invalid int"),
 ])
 def test_cli_refuses_bad_sampling_values_with_one_line(flags, message, hf_dir, capsys):
     assert exit_code(gpt.main, ["--hf", hf_dir, *flags]) == 2
