@@ -1693,7 +1693,11 @@ def train(argv=None, on_step=None):
     run = None
     try:
         run = setup(argv, dist)
-        return bench(run) if run.cfg.bench else loop(run, on_step)
+        result = bench(run) if run.cfg.bench else loop(run, on_step)
+        # every process reaches the end before the group is torn down: a process that leaves
+        # while another is still in its last collective can make gloo abort the other at exit
+        dist.barrier()
+        return result
     finally:
         if run is not None:
             release_lock(run.lock)
