@@ -122,8 +122,10 @@ PRESETS = {
                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, batch_size=8,
                  max_iters=20, warmup_iters=5, eval_interval=10, eval_tokens=4096, lr=1e-3,
                  flag_text="lend me your ears; I come to bury Caesar"),
-    # ELECTRA-Small (14M): 12 layers, hidden 256, 4 heads, FFN 1024, embeddings 128, generator 1/4
-    # (hidden 64, 1 head). Vocabulary: BERT's 30,522 = our BPE's 30,518 + [CLS] [SEP] [MASK] [PAD].
+    # The paper's ELECTRA-Small (14M; Table 6 and configure_pretraining.py's defaults): 12 layers,
+    # hidden 256, 4 heads, FFN 1024, embeddings 128, a generator 1/4 as wide (hidden 64, 1 head),
+    # 1M steps. Not the released checkpoint: see electra-small++ below.
+    # Vocabulary: BERT's 30,522 = our BPE's 30,518 + [CLS] [SEP] [MASK] [PAD].
     "electra-small": dict(hidden_size=256, num_hidden_layers=12, num_attention_heads=4,
                           intermediate_size=1024, embedding_size=128, generator_size=0.25,
                           max_position_embeddings=512, max_seq_length=128, hidden_dropout_prob=0.1,
@@ -132,6 +134,11 @@ PRESETS = {
                           max_iters=1_000_000, weight_decay=0.01, beta2=0.999, adam_eps=1e-6,
                           grad_clip=1.0, batch_size=128, eval_interval=10_000),
 }
+# The released ELECTRA-Small (google/electra-small-generator and -discriminator) is the paper's
+# ELECTRA-Small++. Its README says what differs: the generator is as large as the discriminator
+# ("generator_hidden_size": 1.0: hidden 256, 4 heads, FFN 1024), and it trained for 4M steps.
+# Its data (the larger XLNet corpus) is not ours; everything else is kept from electra-small.
+PRESETS["electra-small++"] = {**PRESETS["electra-small"], "generator_size": 1.0, "max_iters": 4_000_000}
 DEFAULT_PRESET = "char-cpu"
 
 SPECIAL_TOKENS = bert.SPECIAL_TOKENS

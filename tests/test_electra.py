@@ -90,12 +90,26 @@ def test_from_pretrained_refuses_a_pair_that_does_not_share_its_embeddings(tmp_p
         electra.ELECTRA.from_pretrained(str(tmp_path / "gen"), str(tmp_path / "disc"))
 
 
-def test_electra_small_preset_has_the_released_sizes():
-    keys = {k: v for k, v in electra.PRESETS["electra-small"].items()
+def preset_config(name):
+    keys = {k: v for k, v in electra.PRESETS[name].items()
             if k in electra.ElectraConfig.__dataclass_fields__ and k != "vocab_size"}
-    cfg = electra.ElectraConfig(vocab_size=30522, **keys)
-    gen = cfg.generator_config()
-    assert (gen.hidden_size, gen.intermediate_size, gen.num_attention_heads, gen.num_hidden_layers) == (64, 256, 1, 12)
+    return electra.ElectraConfig(vocab_size=30522, **keys)
+
+
+def test_electra_small_presets_are_the_papers_small_and_the_released_small_plus_plus():
+    sizes = lambda c: (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_hidden_layers)
+    paper, released = preset_config("electra-small"), preset_config("electra-small++")
+    assert sizes(paper.generator_config()) == (64, 256, 1, 12), "the paper's Small: a generator 1/4 as wide (Table 6)"
+    # google/electra-small-generator's config.json: hidden 256, FFN 1024, 4 heads, 12 layers, embeddings 128
+    assert sizes(released.generator_config()) == (256, 1024, 4, 12), \
+        "the released Small (Small++): a generator as wide as the discriminator"
+    assert sizes(released.discriminator_config()) == sizes(paper.discriminator_config()) == (256, 1024, 4, 12)
+    assert released.embedding_size == paper.embedding_size == 128
+    assert electra.PRESETS["electra-small++"]["max_iters"] == 4_000_000, "the released Small trained for 4M steps"
+
+
+def test_electra_small_discriminator_has_the_released_parameter_count():
+    cfg = preset_config("electra-small")
     with torch.device("meta"):
         ours = electra.ELECTRA(cfg)
         hf = transformers.ElectraForPreTraining(transformers.ElectraConfig(
