@@ -643,8 +643,12 @@ def gpt2():
 # How the vocabulary was learned (Schuster & Nakajima 2012; Wu et al. 2016, Sec. 4.1: pieces that
 # maximise the training data's likelihood) is not needed to use one, and not implemented here.
 # Paper: Devlin et al. 2019, Sec. 3 ("WordPiece embeddings with a 30,000 token vocabulary"). The
-# released tokenization.py (BasicTokenizer, WordpieceTokenizer) defines the rules below.
-# transformers' BertTokenizer follows it; tests/test_wordpiece.py checks we encode exactly alike.
+# released tokenization.py (BasicTokenizer, WordpieceTokenizer) defined the rules below, and
+# transformers' BertTokenizer, the tokenizer we match (tests/test_wordpiece.py), kept them but two:
+#   - a word of more than 100 characters is [UNK] (Google's: 200);
+#   - a private-use character (category Co) is dropped as a control character (Google's drops
+#     only Cc and Cf, so there it stays in its word, which then is [UNK]).
+# We follow transformers: it is what loads a released checkpoint today, and the test's oracle.
 
 WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -655,8 +659,12 @@ def _wp_is_whitespace(ch):
 
 
 def _wp_is_control(ch):
-    """Control and format characters (category C*), except the whitespace BERT keeps as such."""
-    return ch not in "\t\n\r" and unicodedata.category(ch).startswith("C")
+    """Control, format, private-use and surrogate characters (Cc, Cf, Co, Cs), except the whitespace
+    BERT keeps as such. Unassigned code points (Cn) are not: transformers keeps them in their word
+    (its Python tokenizer of transformers 4 dropped every C*, Google's keeps Co too).
+    Trap: "unassigned" depends on the Unicode version. A format character newer than the Unicode
+    tables of transformers' Rust tokenizer (U+0890, added in Unicode 14) is kept there, dropped here."""
+    return ch not in "\t\n\r" and unicodedata.category(ch) in ("Cc", "Cf", "Co", "Cs")
 
 
 def _wp_is_punctuation(ch):

@@ -13,7 +13,8 @@ import bpe
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRICKY = ("Héllo, WORLD!  naïve café — “quoted” ‘single’ … ½ ¿Qué? 東京は日本の首都です。 tab\there\r\nnew\x00line "
           "ctrl\x07char zero\u200bwidth non\u00a0breaking em\u2003space $5^2`~ x" + "a" * 120 + " [MASK] [mask] "
-          "[CLS]x[SEP] İstanbul ǅ ß Straße ﬁne ﬂow résumé Ångström ÆSIR 2024-01-01 e-mail@example.com \ufffd ok")
+          "[CLS]x[SEP] İstanbul ǅ ß Straße ﬁne ﬂow résumé Ångström ÆSIR 2024-01-01 e-mail@example.com \ufffd ok "
+          "private\ue000use unassigned\u0378char")  # categories Co and Cn: control to transformers, not to Google
 
 
 def corpus_text():
