@@ -294,8 +294,11 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
-        # OpenAI's model.py: N(0, 0.02), wpe N(0, 0.01), biases 0. GPT-2 §2.3: the N = 2L residual
-        # projections are scaled by 1/sqrt(N), so the stream's variance does not grow with depth.
+        # OpenAI's model.py: N(0, 0.02), wpe N(0, 0.01), biases 0, and no other rule. The residual
+        # scaling is from the paper's text (GPT-2 §2.3: the weights of residual layers are scaled by
+        # 1/sqrt(N), N the number of residual layers), so the stream's variance does not grow with
+        # depth. Reading N as 2L (attention and MLP each add to the stream) and scaling c_proj is
+        # the convention of Hugging Face's GPT2PreTrainedModel and of nanoGPT, which we follow.
         if isinstance(module, nn.Linear):
             std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual", False) else 0.02
             nn.init.normal_(module.weight, mean=0.0, std=std)
