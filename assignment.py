@@ -168,12 +168,24 @@ ASSIGNMENTS = {
                "accumulation that equals one big batch: every micro-batch's loss over the step's denominators; then "
                "draw_next(), NonFiniteLoss before a NaN reaches the weights, clipping, the scaler's step"),
     ],
+    # Lecture "Discriminative training" (ELECTRA): the generator's sample, the replaced labels, the combined loss.
+    # The two networks, their shared embeddings and bert.py's masking stay as given.
+    "electra-rtd": [
+        Target("electra.py:sample_categorical", "Discriminative training",
+               "an exact sample from softmax(logits), decided by one uniform number per row: invert the CDF"),
+        Target("electra.py:ELECTRA.forward", "Discriminative training",
+               "the sample fills the masked positions, without gradient; replaced = masked AND different"),
+        Target("electra.py:ReplacedTokenDetection.loss", "Discriminative training",
+               "mean MLM loss over the masked positions + disc_weight x mean BCE over real tokens (never padding); "
+               "return the metrics summarize() reads, under its names"),
+    ],
 }
 ABOUT = {  # optional one-line summary per ready-made assignment, for ASSIGNMENT.md and `list`
     "tokenization": "byte-level BPE: the slide's training loop, then encoding text with the learned merges",
     "positions": "positional encodings: the sinusoid, T5's relative buckets, ALiBi and RoPE",
     "gpt": "the GPT block: causal self-attention with its KV cache, the MLP, the pre-LN block",
     "training": "the training loop's pieces: warm-up + cosine schedule, AdamW's weight-decay groups, accumulation",
+    "electra-rtd": "ELECTRA's replaced-token detection: the generator's sample, what counts as replaced, the loss",
 }
 
 # What a copy of the project holds: top-level files, tests/ and data/ (minus caches). Never the git

@@ -78,6 +78,24 @@ CASES = {
             run.optimizer.zero_grad(set_to_none=True)
             return step_loss
             """)),
+    "electra-rtd": dict(
+        tests=["tests/test_electra.py::test_replaced_means_masked_and_changed",
+               "tests/test_electra.py::test_the_discriminator_loss_sends_no_gradient_into_the_generator_through_the_sample",
+               "tests/test_electra.py::test_sample_categorical_draws_from_the_softmax",
+               "tests/test_electra.py::test_the_loss_is_the_mean_mlm_loss_plus_50_times_the_mean_bce_over_real_tokens"
+               "_never_padding"],
+        # the trap: every masked position labelled "replaced", also where the generator sampled the original token
+        wrong=("electra.py:ELECTRA.forward", """
+            chosen = labels != -100
+            gen_logits = self.generator(input_ids, token_type_ids, attention_mask, masked_positions=chosen)
+            with torch.no_grad():
+                u = torch.rand(gen_logits.size(0)) if sample_noise is None else sample_noise[chosen]
+                sampled = sample_categorical(gen_logits.detach(), u)
+            original = torch.where(chosen, labels, input_ids)
+            corrupted = original.masked_scatter(chosen, sampled)
+            disc_logits = self.discriminator(corrupted, token_type_ids, attention_mask)
+            return gen_logits, disc_logits, chosen, corrupted
+            """)),
 }
 
 

@@ -180,6 +180,33 @@ def test_the_discriminator_loss_sends_no_gradient_into_the_generator_through_the
     assert all(p.grad is not None for p in m.discriminator.parameters())
 
 
+def test_the_loss_is_the_mean_mlm_loss_plus_50_times_the_mean_bce_over_real_tokens_never_padding():
+    m = tiny_model().double().eval()
+
+    class Specials:  # the objective reads only the special ids of a tokenizer here
+        specials, eot_id = {"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, "[MASK]": 3}, 2
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, 30, (3, 16), generator=g)
+    real = torch.ones(3, 16, dtype=torch.long)
+    real[2, 10:] = 0  # the last row ends in padding
+    labels = torch.where((torch.rand(3, 16, generator=g) < 0.3) & real.bool(), ids, -100)
+    batch = dict(input_ids=ids.masked_fill(labels != -100, 3), labels=labels, token_type_ids=torch.zeros_like(ids),
+                 attention_mask=real, sample_noise=torch.rand(3, 16, generator=g))
+    loss, metrics = electra.ReplacedTokenDetection(m.config, Specials()).loss(m, batch)
+
+    gen_logits, disc_logits, replaced, _ = m(batch["input_ids"], labels, None, real, batch["sample_noise"])
+    assert 0 < int(replaced.sum()) < int((labels != -100).sum()), "the test needs both kinds of masked positions"
+    mlm = -gen_logits.log_softmax(-1).gather(1, labels[labels != -100][:, None]).mean()
+    p = disc_logits.sigmoid()[real.bool()]
+    y = replaced[real.bool()].double()
+    bce = -(y * p.log() + (1 - y) * (1 - p).log()).mean()
+    torch.testing.assert_close(loss.double(), mlm + 50 * bce, rtol=1e-6, atol=0,  # the loss is computed in fp32
+                               msg="ELECTRA §2: L = mean MLM loss at the masked positions + 50 x mean BCE over "
+                                   "every real token (padding excluded)")
+    assert int(metrics["tokens"]) == int(real.sum()) and int(metrics["replaced"]) == int(replaced.sum())
+
+
 def test_sample_categorical_draws_from_the_softmax():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     n = 20_000
