@@ -891,8 +891,8 @@ class DenoisingObjective:
             # again (noise_mask); refused unless 4 spreads still fit (then < 1 row in 30,000 is).
             spans = R * d * (1 - d) + 1
             require(spans + 4 * spans ** 0.5 <= self.n_sentinels, f"t5: a row of {R} tokens with "
-                    f"i.i.d. noise at --noise-density {d} has about {spans:.0f} spans, often more than "
-                    f"the {self.n_sentinels} sentinels of the vocabulary")
+                    f"i.i.d. noise at --noise-density {d} has about {spans:.0f} spans: too many rows need "
+                    f"more than the {self.n_sentinels} sentinels of the vocabulary")
 
     def describe(self):
         """The line train.py prints at start-up: what one row is made of."""
