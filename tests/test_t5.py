@@ -318,6 +318,17 @@ def test_random_spans_noise_mask_at_density_zero_is_no_noise():
     assert int(random_spans_noise_mask(32, 0.001, 2.0, torch.Generator().manual_seed(0)).sum()) == 1
 
 
+def test_random_spans_noise_mask_draws_every_mask_of_its_counts_equally_often():
+    # 10 tokens at 0.3, mean span 1.5: 3 noise tokens in 2 spans, 7 kept in 2; 2 x 6 = 12 masks, each one in 12
+    g, seen = torch.Generator().manual_seed(0), {}
+    for _ in range(600):
+        mask = random_spans_noise_mask(10, 0.3, 1.5, g)
+        runs = spans(mask)
+        assert [v for v, _ in runs] == [False, True, False, True], f"kept, noise, kept, noise: {mask.tolist()}"
+        assert [n for v, n in runs if v] in ([1, 2], [2, 1]), "3 noise tokens in 2 non-empty spans"
+        seen[tuple(mask.tolist())] = seen.get(tuple(mask.tolist()), 0) + 1
+    assert len(seen) == 12 and all(23 < n < 77 for n in seen.values()), f"not uniform over the 12 masks: {seen}"
+
 def test_iid_noise_mask_picks_each_token_on_its_own():
     g = torch.Generator().manual_seed(0)
     masks = torch.stack([t5.iid_noise_mask(100, 0.15, g) for _ in range(400)])  # (rows, L)
