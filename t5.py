@@ -142,9 +142,8 @@ class T5Config:
     objective: str = field(default="replace-spans", metadata={"help": " | ".join(OBJECTIVES)})
     noise_density: float = 0.15  # corruption rate, share of tokens corrupted (T5: 0.15; BART: 0.3)
     mean_noise_span_length: float = 3.0  # T5: 3; 1 = single tokens; BART's Poisson lambda
-    # auto: T5's noise for the objective (i.i.d. for bert-, mass-style, drop-tokens; spans for
-    # replace-spans) | iid: each token with probability noise_density | spans: random spans
-    noise_mask: str = "auto"
+    # The noise of replace-spans, drop-tokens, bert- and mass-style (T5's configs: i.i.d. for the last three)
+    noise_mask: str = "auto"  # auto: T5's for the objective | iid: each token on its own | spans: random spans
     inputs_length: int = 512  # S, a row's encoder tokens; R follows (replace-spans: 512 -> 568)
     pad_token_id: int = 0  # set by train.py from the tokenizer; 0 is a released T5's <pad>
     eos_token_id: int = 1  # </s>, appended to inputs and targets; 1 in a released T5
