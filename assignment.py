@@ -179,6 +179,20 @@ ASSIGNMENTS = {
                "mean MLM loss over the masked positions + disc_weight x mean BCE over real tokens (never padding); "
                "return the metrics summarize() reads, under its names"),
     ],
+    # Lecture "T5: Text to Text Transfer Transformer", the "Span corruption works best" slide: T5's
+    # preprocessors (t5/data/preprocessors.py), names and test vectors T5's own. noise_counts stays as given.
+    "t5-span-corruption": [
+        Target("t5.py:_random_segmentation", "T5: Text to Text Transfer Transformer",
+               "'Span corruption works best': cut num_items into num_segments non-empty runs, every cut equally "
+               "likely: choose num_segments - 1 of the num_items - 1 gaps with torch.randperm(generator=...)"),
+        Target("t5.py:random_spans_noise_mask", "T5: Text to Text Transfer Transformer",
+               "counts from noise_counts; noise and non-noise span lengths from _random_segmentation (noise first, "
+               "as T5), interleaved non-noise first; no noise at all at density 0"),
+        Target("t5.py:noise_span_to_unique_sentinel", "T5: Text to Text Transfer Transformer",
+               "the slide's <X>, <Y>: the k-th noise run (from 0) becomes vocab_size - 1 - k, its other tokens go"),
+        Target("t5.py:nonnoise_span_to_unique_sentinel", "T5: Text to Text Transfer Transformer",
+               "the targets: the same with the roles of noise and non-noise swapped"),
+    ],
 }
 ABOUT = {  # optional one-line summary per ready-made assignment, for ASSIGNMENT.md and `list`
     "tokenization": "byte-level BPE: the slide's training loop, then encoding text with the learned merges",
@@ -186,6 +200,7 @@ ABOUT = {  # optional one-line summary per ready-made assignment, for ASSIGNMENT
     "gpt": "the GPT block: causal self-attention with its KV cache, the MLP, the pre-LN block",
     "training": "the training loop's pieces: warm-up + cosine schedule, AdamW's weight-decay groups, accumulation",
     "electra-rtd": "ELECTRA's replaced-token detection: the generator's sample, what counts as replaced, the loss",
+    "t5-span-corruption": "T5's span corruption: the random span mask, then each span -> a unique sentinel, both sides",
 }
 
 # What a copy of the project holds: top-level files, tests/ and data/ (minus caches). Never the git

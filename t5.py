@@ -9,12 +9,15 @@ Papers
     RMSNorm) at every sub-block's input and after each stack. No biases. No 1/sqrt(d) in attention
     (folded into the init). A relative position bias (a learned scalar per head and log-spaced
     distance bucket), computed by each stack's first layer, reused by all its layers. Dropout 0.1.
-    §3.1 the baseline: span corruption, 2^19 steps of 128 rows x 512 tokens, inverse sqrt lr.
+    §3.1 the baseline: 15% of tokens corrupted i.i.d., each run of them one sentinel (§3.1.4),
+    2^19 steps of 128 rows x 512 tokens, inverse sqrt lr. The released models: span corruption.
     §3.2 architectures (Table 2: encoder-decoder, "Enc-dec, shared", 6 layers, LM, prefix LM).
-    §3.3 objectives: Table 3 (each one's inputs and targets), Table 4 (BERT-style, MASS-style,
-    replace corrupted spans, drop corrupted tokens), Table 5 (corruption rate), Table 6 (span
-    length). T5's released preprocessors (t5/data/preprocessors.py): random_spans_helper,
-    random_spans_noise_mask, noise_span_to_unique_sentinel, ... We keep their names.
+    §3.3 objectives: Table 3 (each one's inputs and targets), Table 4 (prefix LM, BERT-style,
+    deshuffling), Table 5 (BERT-style, MASS-style, replace corrupted spans, drop corrupted
+    tokens), Table 6 (corruption rate), Table 7 (span length). Tables 4-6 pick the corrupted
+    tokens i.i.d.; Table 7 and T5's final objective pick spans. T5's released preprocessors
+    (t5/data/preprocessors.py): iid_noise_mask, random_spans_helper, random_spans_noise_mask,
+    noise_span_to_unique_sentinel, ... We keep their names.
   - T5 v1.1 (the released "t5-v1_1-*" checkpoints): a gated-GELU feed-forward layer (Shazeer 2020,
     "GLU Variants Improve Transformer", FFN_GEGLU). Output layer not tied to the embedding. No
     dropout in pretraining.
@@ -78,22 +81,29 @@ DTYPES = ("bf16", "fp32")  # no fp16: T5's activations overflow it (presets); tr
 
 # The objectives (--objective). Each builds (encoder inputs, decoder targets) from R raw tokens.
 # Examples: T5's Table 3 on "Thank you for inviting me to your party last week ." (<M>: mask).
+# The noise (--noise-mask; auto = what T5's configs used for the row): i.i.d. (iid_noise_mask:
+# each token on its own) in §3.3.1-3.3.3 (Tables 4-6) and T5's baseline; random spans of mean
+# length 3 (random_spans_noise_mask) in §3.3.4's span corruption (Table 7), T5's final choice.
 OBJECTIVES = {
-    # T5 §3.3.4, the default ("span corruption"): each corrupted span -> one unique sentinel.
-    # Targets: the spans, each after its sentinel.
-    # "Thank you <X> me to your party <Y> week ." -> "<X> for inviting <Y> last <Z>"
+    # Each noise span -> one unique sentinel; the targets: the spans, each after its sentinel.
+    # auto: span corruption (§3.3.4, Table 3 "Random spans", Table 7; span.gin):
+    #   "Thank you <X> to <Y> week ." -> "<X> for inviting me <Y> your party last <Z>"
+    # --noise-mask iid: Table 5's starred "Replace corrupted spans" row (T5's baseline, §3.1.4;
+    # iid_15_u_u.gin; Table 7's "Baseline (i.i.d.)"), each run of noise tokens one span; Table 6's rates:
+    #   "Thank you <X> me to your party <Y> week ." -> "<X> for inviting <Y> last <Z>"
     "replace-spans": "random_spans_noise_mask, noise_span_to_unique_sentinel / nonnoise_span_to_unique_sentinel",
-    # T5 §3.3.2 (Table 4, "drop corrupted tokens"): the corrupted tokens leave the inputs and are
-    # the targets. "Thank you me to your party week ." -> "for inviting last"
-    "drop-tokens": "random_spans_noise_mask, drop_noise_tokens / drop_nonnoise_tokens",
-    # T5 §3.3.1, after BERT: 90% of corrupted tokens -> <M>, 10% -> a random token. Targets: the
-    # whole original. "Thank you <M> <M> me to your party apple week ." -> the original
-    "bert-style": "random_spans_noise_mask, noise_token_to_random_token_or_sentinel / the original",
-    # T5 §3.3.2, after MASS: BERT-style without the random tokens.
+    # T5 §3.3.2 (Table 5, "Drop corrupted tokens"; iid_15_d_d.gin): i.i.d. noise; the corrupted
+    # tokens leave the inputs and are the targets. "Thank you me to your party week ." -> "for inviting last"
+    "drop-tokens": "iid_noise_mask, drop_noise_tokens / drop_nonnoise_tokens",
+    # T5 §3.3.1 (Tables 4 and 5, "BERT-style"; iid_15_r10s90_f.gin): i.i.d. noise, 90% of it ->
+    # <M>, 10% -> a random token. "Thank you <M> <M> me to your party apple week ." -> the original
+    "bert-style": "iid_noise_mask, noise_token_to_random_token_or_sentinel / the original",
+    # T5 §3.3.2 (Table 5, "MASS-style"; iid_15_m_f.gin): BERT-style without the random tokens.
     # "Thank you <M> <M> me to your party <M> week ."
-    "mass-style": "random_spans_noise_mask, noise_token_to_sentinel / the original",
-    # T5 §3.2.3 / §3.3.1, "prefix language modeling" (the "LM" rows of the architecture table):
-    # the encoder reads a random-length prefix, the decoder continues it.
+    "mass-style": "iid_noise_mask, noise_token_to_sentinel / the original",
+    # T5 §3.2.3 / §3.3.1, "prefix language modeling" (Table 2's "LM" rows, Table 4's first row):
+    # the encoder reads a random-length prefix, the decoder continues it; the targets average
+    # --noise-density of the row (T5's prefix_lm.gin: 0.5, any split point).
     # "Thank you for inviting" -> "me to your party last week ."
     "prefix-lm": "random_prefix_noise_mask: encoder = prefix, decoder = the rest",
     # BART §2.2: spans with Poisson(mean_noise_span_length) lengths, each -> ONE <M> (a length-0
@@ -103,6 +113,8 @@ OBJECTIVES = {
     "sentence-permutation": "lines shuffled / the original",
 }
 FEED_FORWARD = ("relu", "gated-gelu")
+NOISE_MASKS = ("auto", "iid", "spans")
+MASKED = ("replace-spans", "drop-tokens", "bert-style", "mass-style")  # the objectives --noise-mask applies to
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config and presets
@@ -130,6 +142,8 @@ class T5Config:
     objective: str = field(default="replace-spans", metadata={"help": " | ".join(OBJECTIVES)})
     noise_density: float = 0.15  # corruption rate, share of tokens corrupted (T5: 0.15; BART: 0.3)
     mean_noise_span_length: float = 3.0  # T5: 3; 1 = single tokens; BART's Poisson lambda
+    # The noise of replace-spans, drop-tokens, bert- and mass-style (T5's configs: i.i.d. for the last three)
+    noise_mask: str = "auto"  # auto: T5's for the objective | iid: each token on its own | spans: random spans
     inputs_length: int = 512  # S, a row's encoder tokens; R follows (replace-spans: 512 -> 568)
     pad_token_id: int = 0  # set by train.py from the tokenizer; 0 is a released T5's <pad>
     eos_token_id: int = 1  # </s>, appended to inputs and targets; 1 in a released T5
@@ -147,6 +161,12 @@ class T5Config:
                 f"must be >= 0 (0 = as many as the encoder)")
         require(self.num_heads >= 1, f"--num-heads {self.num_heads}: must be at least 1")
         require(0 < self.noise_density < 1, f"--noise-density {self.noise_density}: must lie in (0, 1)")
+        require(self.noise_mask in NOISE_MASKS,
+                f"--noise-mask {self.noise_mask!r}: must be one of {', '.join(NOISE_MASKS)}")
+        require(self.noise_mask == "auto" or self.objective in MASKED,
+                f"--noise-mask {self.noise_mask}: only for --objective {', '.join(MASKED)}")
+        require(self.objective != "prefix-lm" or self.noise_density <= 0.5,  # as random_prefix_noise_mask
+                f"--noise-density {self.noise_density}: prefix-lm predicts at most 0.5 of a row")
         require(self.mean_noise_span_length >= 1,
                 f"--mean-noise-span-length {self.mean_noise_span_length}: must be at least 1")
         require(self.inputs_length >= 4, f"--inputs-length {self.inputs_length}: must be at least 4")
@@ -176,10 +196,11 @@ PRESETS = {
                  inputs_length=32, relative_attention_num_buckets=8,
                  relative_attention_max_distance=16, batch_size=4, max_iters=20, warmup_iters=5,
                  eval_interval=10, eval_tokens=4096),
-    # T5-small (v1.0; 60M with T5's vocabulary), §3.1's baseline recipe as far as this loop goes:
-    # span corruption 512 / 114, 128 rows per step, 2^19 steps, inverse square-root decay after
-    # 10^4 warm-up steps, dropout 0.1. T5's Adafactor scales a relative step (lr 0.01) by each
-    # weight's RMS; adamw-scale is Adam scaled alike (train.AdamWScale). Not measured here (no GPU).
+    # T5-small (v1.0; 60M with T5's vocabulary), §3.1's baseline recipe as far as this loop goes,
+    # with the released models' span corruption 512 / 114 (the baseline's: --noise-mask iid): 128
+    # rows per step, 2^19 steps, inverse square-root decay after 10^4 warm-up steps, dropout 0.1.
+    # T5's Adafactor scales a relative step (lr 0.01) by each weight's RMS; adamw-scale is Adam
+    # scaled alike (train.AdamWScale). Not measured here (no GPU).
     "t5-small": dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8, dropout_rate=0.1,
                      feed_forward_proj="relu", tie_word_embeddings=True, inputs_length=512,
                      tokenizer="gpt2", batch_size=32, tokens_per_step=128 * 626,
@@ -621,10 +642,12 @@ def hf_name(name):
 
 def noise_counts(length, noise_density, mean_noise_span_length):
     """(noise tokens, noise spans) of a row, as random_spans_noise_mask fixes them. Noise:
-    round(length x density), in [1, length - 1]. Spans: round(noise / mean span length), >= 1.
-    In float32, half to even, as TF. Added: at most as many spans as non-noise tokens (each noise
-    span follows one). T5's code fails there (over half noise in single tokens); we cap.
+    round(length x density), in [1, length - 1]; none at density 0. Spans: round(noise / mean span
+    length), >= 1. In float32, half to even, as TF. Added: at most as many spans as non-noise
+    tokens (each noise span follows one). T5's code fails there (over half noise in single tokens); we cap.
     noise_counts(568, 0.15, 3.0) -> (85, 28)"""
+    if noise_density == 0:
+        return 0, 0
     length = max(length, 2)
     num_noise = int(np.round(np.float32(length) * np.float32(noise_density)))
     num_noise = min(max(num_noise, 1), length - 1)
@@ -642,11 +665,21 @@ def _random_segmentation(num_items, num_segments, generator):
     return torch.bincount(segment_id, minlength=num_segments)
 
 
+def iid_noise_mask(length, noise_density=0.15, generator=None):
+    """T5's i.i.d. noise (iid_noise_mask; §3.3.1-3.3.3 and its baseline): (length,) bools, each
+    token True with probability noise_density on its own. The count varies from row to row, and
+    neighbours join into spans only by chance (mean run 1 / (1 - density)).
+    iid_noise_mask(10, 0.3) -> e.g. [F T F F F T T F F F]"""
+    return torch.rand(length, generator=generator) < noise_density
+
+
 def random_spans_noise_mask(length, noise_density=0.15, mean_noise_span_length=3.0, generator=None):
     """T5's noise mask (§3.3.4, "span corruption"): (length,) bools, True = corrupted. Counts from
     noise_counts. Non-noise and noise spans alternate, from non-noise to noise, none empty; subject
-    to that, every mask is equally likely.
+    to that, every mask is equally likely. Density 0: no noise at all (T5 returns early too).
     random_spans_noise_mask(10, 0.3, 1.5) -> e.g. [F F F T F F F F T T]: 3 noise tokens, 2 spans"""
+    if noise_density == 0:
+        return torch.zeros(length, dtype=torch.bool)
     num_noise, num_spans = noise_counts(length, noise_density, mean_noise_span_length)
     padded = max(length, 2)  # T5: a 1-token row is treated as 2 long, then cut back
     noise_lengths = _random_segmentation(num_noise, num_spans, generator)
@@ -657,6 +690,25 @@ def random_spans_noise_mask(length, noise_density=0.15, mean_noise_span_length=3
     span_start_indicator[interleaved.cumsum(0)[:-1]] = 1
     span_num = span_start_indicator.cumsum(0)  # which span each token is in: 0, 1, 2, ...
     return (span_num % 2 == 1)[:length]  # odd spans are noise
+
+
+def random_prefix_noise_mask(length, noise_density=0.5, generator=None):
+    """T5's prefix LM split (random_prefix_noise_mask): (length,) bools, True on a prefix of P tokens
+    (T5 calls the prefix the noise: it becomes the inputs, the rest the targets). P is uniform on
+    [round((1 - 2 density)(length - 1)), length - 1], at least 1, so the targets average about
+    density x length. At 0.5 (T5's prefix_lm.gin) every split point is equally likely; above, T5 refuses.
+    random_prefix_noise_mask(6, 0.5) -> e.g. [T T F F F F]"""
+    top = length - 1  # at least one target token
+    low = min(top, max(1, int(np.round(np.float32(1 - 2 * noise_density) * np.float32(top)))))
+    prefix = int(torch.randint(low, top + 1, (1,), generator=generator))
+    return torch.arange(length) < prefix
+
+
+def sentinels_needed(noise_mask):
+    """Unique sentinels a row's span corruption takes: one per noise run (inputs), one per kept run
+    (targets), the larger. sentinels_needed(tensor([F, T, T, F, T])) -> 2"""
+    runs = int((noise_mask[1:] != noise_mask[:-1]).sum()) + 1  # runs of either kind, alternating
+    return (runs + 1) // 2
 
 
 def noise_span_to_unique_sentinel(tokens, noise_mask, vocab_size):
@@ -710,8 +762,11 @@ def compute_input_and_target_lengths(inputs_length, noise_density, mean_noise_sp
 
 def noise_token_to_random_token_or_sentinel(tokens, noise_mask, mask_id, n_ordinary, generator, random_prob=0.1):
     """BERT-style corruption as T5 does it: each noise token -> a random ordinary token with
-    probability random_prob, else the mask token (T5's mask is the top sentinel). No "keep
-    unchanged" share, unlike BERT's 80/10/10.
+    probability random_prob, else the mask token (T5's mask is its vocabulary's top id). No "keep
+    unchanged" share, unlike BERT's 80/10/10. The random tokens: T5's noise_token_to_random_token
+    draws ids 3 .. vocabulary size - 1, all but pad, </s>, unk. In its BERT-style run
+    (iid_15_r10s90_f.gin) the vocabulary had no extra ids, so that is every ordinary piece. Ours
+    are ids 0 .. n_ordinary - 1, below every special (data.py), so we draw those (errata).
     noise_token_to_random_token_or_sentinel(tensor([5, 6, 7]), tensor([False, True, True]), 99, 20, g)
         -> e.g. tensor([5, 99, 99]), or tensor([5, 13, 99]) one time in ten"""
     use_random = torch.rand(tokens.shape, generator=generator) < random_prob
@@ -767,13 +822,25 @@ def sentence_permutation(tokens, sentence_starts, generator):
     return torch.cat([pieces[i] for i in torch.randperm(len(pieces), generator=generator).tolist()])
 
 
+def noise_pattern(config):
+    """"iid" or "spans" for the objectives with a noise mask (None for the others): --noise-mask, or
+    with auto what T5's configs used. noise_pattern(T5Config(objective="bert-style")) -> 'iid'"""
+    if config.objective not in MASKED:
+        return None
+    if config.noise_mask != "auto":
+        return config.noise_mask
+    return "spans" if config.objective == "replace-spans" else "iid"
+
+
 def row_lengths(config):
     """(R raw tokens a row draws, S encoder length, T decoder length) for config.objective at
-    config.inputs_length. Span corruption and drop-tokens follow T5's arithmetic (extra tokens per
-    span each side: 1 with sentinels, 0 dropping). Whole-row decoders read R = S - 1 (+ EOS).
+    config.inputs_length. Span corruption and drop-tokens with span noise follow T5's arithmetic
+    (extra tokens per span each side: 1 with sentinels, 0 dropping). The rest read R = S - 1 (+
+    EOS), as T5's split_tokens_to_inputs_length; no row is longer than S either side. i.i.d. rows
+    vary in length, so T = S: T5's configs cut the targets at a fixed length instead (errata).
     row_lengths(T5Config()) -> (568, 512, 114)"""
     L, d, m = config.inputs_length, config.noise_density, config.mean_noise_span_length
-    if config.objective not in ("replace-spans", "drop-tokens"):
+    if config.objective not in ("replace-spans", "drop-tokens") or noise_pattern(config) == "iid":
         return L - 1, L, L
     extra = 1 if config.objective == "replace-spans" else 0
     R, _ = random_spans_helper(L, d, m, extra, extra)
@@ -810,18 +877,30 @@ class DenoisingObjective:
         self.pad, self.eos, self.start = config.pad_token_id, config.eos_token_id, config.decoder_start_token_id
         self.raw_tokens_per_row, self.inputs_length, self.targets_length = row_lengths(config)
         self.tokens_per_row = self.inputs_length + self.targets_length
-        if self.objective == "replace-spans":
-            _, spans = noise_counts(self.raw_tokens_per_row, config.noise_density, config.mean_noise_span_length)
-            require(spans <= self.n_sentinels, f"t5: a row of {self.raw_tokens_per_row} tokens at "
-                    f"--noise-density {config.noise_density} and --mean-noise-span-length "
-                    f"{config.mean_noise_span_length} has {spans} spans, more than the "
-                    f"{self.n_sentinels} sentinels of the vocabulary")
+        self.noise = noise_pattern(config)
+        R, d = self.raw_tokens_per_row, config.noise_density
+        if self.objective == "replace-spans" and self.noise == "spans":
+            _, spans = noise_counts(R, d, config.mean_noise_span_length)
+            require(spans <= self.n_sentinels, f"t5: a row of {R} tokens at --noise-density {d} and "
+                    f"--mean-noise-span-length {config.mean_noise_span_length} has {spans} spans, more "
+                    f"than the {self.n_sentinels} sentinels of the vocabulary")
+        elif self.objective == "replace-spans":
+            # i.i.d. noise: a row of R tokens has about R d (1 - d) + 1 runs of each kind, spread at
+            # most the square root of that. A row that needs more sentinels than there are is drawn
+            # again (noise_mask); refused unless 4 spreads still fit (then < 1 row in 30,000 is).
+            spans = R * d * (1 - d) + 1
+            require(spans + 4 * spans ** 0.5 <= self.n_sentinels, f"t5: a row of {R} tokens with "
+                    f"i.i.d. noise at --noise-density {d} has about {spans:.0f} spans: too many rows need "
+                    f"more than the {self.n_sentinels} sentinels of the vocabulary")
 
     def describe(self):
         """The line train.py prints at start-up: what one row is made of."""
         c = self.config
-        return (f"t5 rows ({self.objective}, noise {c.noise_density:g}, mean span "
-                f"{c.mean_noise_span_length:g}): {self.raw_tokens_per_row} raw tokens -> "
+        noise = ("i.i.d. noise" if self.noise == "iid" else "noise") + f" {c.noise_density:g}"
+        if self.noise == "spans" or self.objective == "text-infilling":
+            noise += f", mean span {c.mean_noise_span_length:g}"
+        most = "at most " if self.noise == "iid" else ""
+        return (f"t5 rows ({self.objective}, {noise}): {self.raw_tokens_per_row} raw tokens -> {most}"
                 f"{self.inputs_length} encoder + {self.targets_length} decoder tokens; 'per row' "
                 f"counts both ({self.tokens_per_row})")
 
@@ -830,16 +909,16 @@ class DenoisingObjective:
     def corrupt(self, tokens, generator, sentence_starts=(0,)):
         """tokens (R,) -> (encoder inputs, decoder targets), both ending with </s>."""
         c, eos, kind = self.config, torch.tensor([self.eos]), self.objective
-        if kind == "prefix-lm":  # T5's random_prefix_noise_mask: the prefix has 1 .. R-1 tokens
-            split = int(torch.randint(1, max(2, len(tokens)), (1,), generator=generator))
-            inputs, targets = tokens[:split], tokens[split:]
+        if kind == "prefix-lm":  # T5: inputs = drop_nonnoise_tokens, targets = drop_noise_tokens
+            prefix = random_prefix_noise_mask(len(tokens), c.noise_density, generator)
+            inputs, targets = tokens[prefix], tokens[~prefix]
         elif kind == "sentence-permutation":
             inputs, targets = sentence_permutation(tokens, sentence_starts, generator), tokens
         elif kind == "text-infilling":
             inputs, _ = text_infilling(tokens, c.noise_density, c.mean_noise_span_length, self.mask_id, generator)
             targets = tokens
         else:
-            noise = random_spans_noise_mask(len(tokens), c.noise_density, c.mean_noise_span_length, generator)
+            noise = self.noise_mask(len(tokens), generator)
             if kind == "replace-spans":
                 inputs = noise_span_to_unique_sentinel(tokens, noise, self.vocab_size)
                 targets = nonnoise_span_to_unique_sentinel(tokens, noise, self.vocab_size)
@@ -852,6 +931,19 @@ class DenoisingObjective:
             else:  # mass-style
                 inputs, targets = torch.where(noise, self.mask_id, tokens), tokens
         return torch.cat([inputs, eos]), torch.cat([targets, eos])
+
+    def noise_mask(self, length, generator):
+        """The row's noise: iid_noise_mask or random_spans_noise_mask (noise_pattern). Trap: T5's
+        noise_span_to_unique_sentinel counts down from the top id without a floor, so an i.i.d. row
+        with over 100 spans (iid_25_u_u, iid_50_u_u at 512 inputs) took ordinary pieces as
+        sentinels. Below ours sit </s> and <pad>: such a row is drawn again."""
+        c = self.config
+        if self.noise == "spans":
+            return random_spans_noise_mask(length, c.noise_density, c.mean_noise_span_length, generator)
+        noise = iid_noise_mask(length, c.noise_density, generator)
+        while self.objective == "replace-spans" and sentinels_needed(noise) > self.n_sentinels:
+            noise = iid_noise_mask(length, c.noise_density, generator)
+        return noise
 
     def _row(self, split, start, end, generator):
         tokens = torch.from_numpy(np.asarray(split.tokens[start:end], dtype=np.int64))

@@ -96,6 +96,18 @@ CASES = {
             disc_logits = self.discriminator(corrupted, token_type_ids, attention_mask)
             return gen_logits, disc_logits, chosen, corrupted
             """)),
+    "t5-span-corruption": dict(
+        tests=["tests/test_t5.py::test_t5_test_vectors_for_sentinels_and_lengths",
+               "tests/test_t5.py::test_random_spans_noise_mask_at_density_zero_is_no_noise",
+               "tests/test_t5.py::test_random_spans_noise_mask_draws_every_mask_of_its_counts_equally_often"],
+        # sentinels counted the wrong way: the first span gets the lowest id (inputs and targets still agree)
+        wrong=("t5.py:noise_span_to_unique_sentinel", """
+            prev_is_noise = F.pad(noise_mask[:-1], (1, 0))
+            first_noise = noise_mask & ~prev_is_noise
+            subsequent_noise = noise_mask & prev_is_noise
+            sentinels = vocab_size - 1 - int(first_noise.sum()) + first_noise.long().cumsum(0)
+            return torch.where(first_noise, sentinels, tokens)[~subsequent_noise]
+            """)),
 }
 
 

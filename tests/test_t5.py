@@ -4,14 +4,14 @@ corruption is T5's preprocessor (T5's own test vectors and its invariants over t
 objective does what it promises, and the whole thing trains, evaluates, resumes and fills spans through train.py."""
 
 import json
+import re
 import sys
 import types
 
 import numpy as np
 import pytest
 import torch
-from transformers import T5Config as HFConfig
-from transformers import T5ForConditionalGeneration as HFT5
+import transformers  # the parity oracle; loads its T5 code on first use (the span tests alone need not wait for it)
 
 import data
 import t5
@@ -65,10 +65,11 @@ def hf_directory(path, ff, tied, std=0.3, seed=0, decoder_layers=3):
     """A random T5ForConditionalGeneration, every weight re-drawn with a large std (at T5's init a convention error,
     e.g. a missing rescale, can hide in the noise), saved with save_pretrained."""
     torch.manual_seed(seed)
-    hc = HFConfig(vocab_size=V, d_model=16, d_kv=6, d_ff=24, num_layers=2, num_decoder_layers=decoder_layers,
-                  num_heads=3, relative_attention_num_buckets=8, relative_attention_max_distance=20, dropout_rate=0.0,
-                  feed_forward_proj=ff, tie_word_embeddings=tied, decoder_start_token_id=0)
-    hf = HFT5(hc).eval()
+    hc = transformers.T5Config(vocab_size=V, d_model=16, d_kv=6, d_ff=24, num_layers=2,
+                               num_decoder_layers=decoder_layers, num_heads=3, relative_attention_num_buckets=8,
+                               relative_attention_max_distance=20, dropout_rate=0.0, feed_forward_proj=ff,
+                               tie_word_embeddings=tied, decoder_start_token_id=0)
+    hf = transformers.T5ForConditionalGeneration(hc).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0, std)
@@ -79,7 +80,7 @@ def hf_directory(path, ff, tied, std=0.3, seed=0, decoder_layers=3):
 
 
 def assert_parity(ours, hf_path, attn_mask=True, what=""):
-    hf = HFT5.from_pretrained(hf_path).eval().double()
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(hf_path).eval().double()
     ours = ours.double()
     x, mask, y = batch()
     mask = mask if attn_mask else None
@@ -141,7 +142,7 @@ def test_export_hf_loads_in_transformers_and_round_trips_exactly(tmp_path, ff, t
 def test_greedy_decoding_matches_transformers_generate(tmp_path):
     # (transformers' generation cache breaks when the decoder has more layers than the encoder: equal depths here)
     path = hf_directory(tmp_path / "hf", "gated-gelu", tied=False, std=0.2, decoder_layers=2)
-    hf = HFT5.from_pretrained(path).eval().double()
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(path).eval().double()
     ours = T5.from_pretrained(path).eval().double()
     x, mask, _ = batch()
     expect = hf.generate(input_ids=x, attention_mask=mask, max_new_tokens=6, do_sample=False)
@@ -164,8 +165,8 @@ def test_released_sizes_have_the_released_parameter_counts():
         kw = {k: v for k, v in t5.PRESETS[name].items() if k in T5Config.__dataclass_fields__}
         with torch.device("meta"):
             ours = T5(T5Config(vocab_size=32128, **kw))
-            hf = HFT5(HFConfig(vocab_size=32128, **{k: kw[k] for k in ("d_model", "d_kv", "d_ff", "num_layers",
-                                                                         "num_heads", "feed_forward_proj")}))
+            sizes = {k: kw[k] for k in ("d_model", "d_kv", "d_ff", "num_layers", "num_heads", "feed_forward_proj")}
+            hf = transformers.T5ForConditionalGeneration(transformers.T5Config(vocab_size=32128, **sizes))
         expected = sum(p.numel() for p in hf.parameters()) + (0 if kw["tie_word_embeddings"] else 32128 * kw["d_model"])
         assert ours.num_params() == expected, f"{name}: {ours.num_params():,} parameters, released {expected:,}"
 
@@ -309,6 +310,33 @@ def test_t5_test_vectors_for_sentinels_and_lengths():
     assert random_spans_helper(512, 0.15, 3.0, 0, 0)[0] > 568, "dropping tokens fits more raw tokens in 512 inputs"
 
 
+
+def test_random_spans_noise_mask_at_density_zero_is_no_noise():
+    # T5's test_random_spans_noise_mask_no_corruption: density 0 corrupts nothing; any other density at least one token
+    assert not random_spans_noise_mask(32, 0.0, 2.0, torch.Generator().manual_seed(0)).any(), "density 0 made noise"
+    assert t5.noise_counts(32, 0.0, 2.0) == (0, 0)
+    assert int(random_spans_noise_mask(32, 0.001, 2.0, torch.Generator().manual_seed(0)).sum()) == 1
+
+
+def test_random_spans_noise_mask_draws_every_mask_of_its_counts_equally_often():
+    # 10 tokens at 0.3, mean span 1.5: 3 noise tokens in 2 spans, 7 kept in 2; 2 x 6 = 12 masks, each one in 12
+    g, seen = torch.Generator().manual_seed(0), {}
+    for _ in range(600):
+        mask = random_spans_noise_mask(10, 0.3, 1.5, g)
+        runs = spans(mask)
+        assert [v for v, _ in runs] == [False, True, False, True], f"kept, noise, kept, noise: {mask.tolist()}"
+        assert [n for v, n in runs if v] in ([1, 2], [2, 1]), "3 noise tokens in 2 non-empty spans"
+        seen[tuple(mask.tolist())] = seen.get(tuple(mask.tolist()), 0) + 1
+    assert len(seen) == 12 and all(23 < n < 77 for n in seen.values()), f"not uniform over the 12 masks: {seen}"
+
+def test_iid_noise_mask_picks_each_token_on_its_own():
+    g = torch.Generator().manual_seed(0)
+    masks = torch.stack([t5.iid_noise_mask(100, 0.15, g) for _ in range(400)])  # (rows, L)
+    assert abs(masks.float().mean() - 0.15) < 0.006, "the share of noise tokens is the density (4 sigma)"
+    after_noise = masks[:, 1:][masks[:, :-1]].float().mean()
+    assert abs(after_noise - 0.15) < 0.03, f"a noise token makes its neighbour no likelier to be noise: {after_noise}"
+    assert masks.sum(1).float().var() > 8, "the count varies from row to row (binomial variance 12.75)"
+
 def spans(mask):
     """[(is_noise, length)] runs of a boolean mask."""
     runs, prev = [], None
@@ -391,11 +419,9 @@ def test_drop_tokens_inputs_have_no_sentinel_and_targets_only_the_dropped_tokens
     obj = objective("drop-tokens")
     for seed in range(50):
         tokens, inputs, targets = corrupt(obj, seed)
-        assert (inputs[:-1] < 20).all() and (targets[:-1] < 20).all(), "no sentinel on either side"
-        n_noise, _ = t5.noise_counts(len(tokens), 0.15, 3.0)
-        assert len(targets) - 1 == n_noise and len(inputs) - 1 == len(tokens) - n_noise
-        assert sorted(inputs[:-1].tolist() + targets[:-1].tolist()) == sorted(tokens.tolist())
-        assert len(inputs) <= obj.inputs_length
+        noise = obj.noise_mask(len(tokens), torch.Generator().manual_seed(seed))  # the row's mask: corrupt's first draw
+        assert inputs[:-1].tolist() == tokens[~noise].tolist() and targets[:-1].tolist() == tokens[noise].tolist()
+        assert len(inputs) <= obj.inputs_length and len(targets) <= obj.targets_length
 
 
 def test_bert_and_mass_style_corrupt_in_place_and_predict_the_whole_row():
@@ -408,23 +434,102 @@ def test_bert_and_mass_style_corrupt_in_place_and_predict_the_whole_row():
             assert len(inputs) == len(tokens) + 1, f"{name}: corrupted in place"
             changed = inputs[:-1] != tokens
             masked = inputs[:-1] == obj.mask_id
-            n_noise, _ = t5.noise_counts(len(tokens), 0.5, 1.0)
+            noise = obj.noise_mask(len(tokens), torch.Generator().manual_seed(seed))
             if name == "mass-style":
-                assert int(masked.sum()) == n_noise and torch.equal(changed, masked), "MASS: every noise token -> mask"
+                assert torch.equal(masked, noise) and torch.equal(changed, masked), "MASS: every noise token -> mask"
             else:
-                assert int(masked.sum()) <= n_noise and (inputs[:-1][changed & ~masked] < 20).all()
-                random_share.append(1 - int(masked.sum()) / n_noise)
-    assert 0.06 < np.mean(random_share) < 0.14, f"BERT-style: ~10% random tokens, got {np.mean(random_share):.3f}"
+                assert not (masked & ~noise).any() and not (changed & ~noise).any(), "only noise tokens change"
+                random_share += [int((noise & ~masked).sum()), int(noise.sum())]
+    share = sum(random_share[::2]) / sum(random_share[1::2])
+    assert 0.06 < share < 0.14, f"BERT-style: ~10% random tokens, got {share:.3f}"
+
+
+def test_bert_style_random_tokens_are_ordinary_tokens_as_in_t5s_bert_run():
+    # T5 draws from ids 3 .. vocabulary size - 1: all but pad, </s>, unk. Its BERT-style run's vocabulary had no extra
+    # ids, so that is every ordinary piece; ours sit below <|endoftext|>, <pad>, </s> and the sentinels.
+    obj = objective("bert-style")
+    tokens, noise = torch.zeros(4000, dtype=torch.long), torch.ones(4000, dtype=torch.bool)
+    out = t5.noise_token_to_random_token_or_sentinel(tokens, noise, obj.mask_id, obj.n_ordinary,
+                                                     torch.Generator().manual_seed(0), random_prob=1.0)
+    assert obj.n_ordinary == Tok().specials["<|endoftext|>"] == 20
+    assert set(out.tolist()) == set(range(20)), "random tokens: every ordinary id, never a special or a sentinel"
+
+
+def test_t5s_four_rows_use_iid_noise_and_span_corruption_random_spans():
+    # T5's gins: iid_15_r10s90_f (BERT-style), iid_15_m_f (MASS-style), iid_15_d_d (drop), span.gin (span corruption)
+    R = 200
+    for name, noise_mask in (("bert-style", "auto"), ("mass-style", "auto"), ("drop-tokens", "auto"),
+                             ("replace-spans", "iid"), ("replace-spans", "auto"), ("bert-style", "spans")):
+        obj = objective(name, inputs_length=R + 1, noise_mask=noise_mask)
+        g = torch.Generator().manual_seed(0)
+        masks = [obj.noise_mask(R, g) for _ in range(150)]
+        counts = torch.stack([m.sum() for m in masks]).float()
+        runs = [n for m in masks for v, n in spans(m) if v]
+        if (name, noise_mask) in (("replace-spans", "auto"), ("bert-style", "spans")):
+            assert counts.var() == 0 and abs(np.mean(runs) - 3) < 0.1, f"{name}: spans of mean length 3, 15% each row"
+        else:
+            assert counts.var() > 10 and abs(counts.mean() - 30) < 2, f"{name}: i.i.d. noise, ~15% of the row"
+            assert abs(np.mean(runs) - 1 / 0.85) < 0.1, f"{name}: runs as i.i.d. noise makes them, mean 1/(1 - 0.15)"
+    for kw, message in ((dict(noise_mask="poisson"), "--noise-mask 'poisson': must be one of auto, iid, spans"),
+                        (dict(objective="prefix-lm", noise_mask="iid"), "--noise-mask iid: only for")):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            tiny(**kw)
+
+
+def test_iid_rows_are_never_cut_and_replace_spans_merges_back_as_t5s():
+    obj = objective("replace-spans", noise_mask="iid", noise_density=0.5)
+    assert (obj.raw_tokens_per_row, obj.inputs_length, obj.targets_length) == (23, 24, 24), "R = S - 1, T = S"
+    rows, opened = [], 0
+    for seed in range(100):
+        tokens, inputs, targets = corrupt(obj, seed)
+        # T5's sentinels: 999, 998, ... A row that starts with noise opens its targets with that span, before any
+        # sentinel, and target sentinel k then holds the span of input sentinel k + 1 (iid_15_u_u did the same)
+        first = obj.noise_mask(len(tokens), torch.Generator().manual_seed(seed))[0]
+        shift = lambda t, by: torch.where(t > 21, t - obj.vocab_size + 1000 - by, t)  # noqa: E731
+        spans_in_order = torch.cat([torch.tensor([999]), shift(targets[:-1], 1)]) if first else shift(targets[:-1], 0)
+        assert merge(shift(inputs[:-1], 0), spans_in_order) == tokens.tolist()
+        rows.append((inputs, targets))
+        opened += int(first)
+    assert 30 < opened < 70, "about half the rows start with noise at density 0.5"
+    obj.collate(rows)  # every row fits
+    worst = torch.arange(23) % 2 == 1  # alternating: 11 noise spans, 12 kept ones, the longest rows there are
+    assert len(noise_span_to_unique_sentinel(torch.arange(23), worst, obj.vocab_size)) + 1 == obj.inputs_length
+    assert len(nonnoise_span_to_unique_sentinel(torch.arange(23), worst, obj.vocab_size)) + 1 == obj.targets_length
+    with pytest.raises(UsageError, match="more than the 100 sentinels"):
+        objective("replace-spans", noise_mask="iid", inputs_length=512, noise_density=0.25)
+    obj = objective("replace-spans", noise_mask="iid", inputs_length=512)  # T5's baseline, 15% of 511: accepted
+    obj.n_sentinels = 2  # as if the vocabulary had two: a row that needs more is drawn again
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        used = torch.cat(obj.corrupt(torch.arange(12) % 20, g))
+        assert (used[used > 21] >= obj.vocab_size - 2).all(), "a row used more sentinels than the vocabulary has"
 
 
 def test_prefix_lm_splits_the_row_into_a_prefix_and_its_continuation():
-    obj = objective("prefix-lm")
+    obj = objective("prefix-lm", noise_density=0.5)  # T5's prefix_lm.gin: any split point
     splits = set()
     for seed in range(200):
         tokens, inputs, targets = corrupt(obj, seed)
         assert torch.equal(torch.cat([inputs[:-1], targets[:-1]]), tokens)
         splits.add(len(inputs) - 1)
     assert min(splits) == 1 and max(splits) == obj.raw_tokens_per_row - 1, "the prefix has 1 .. R-1 tokens"
+
+
+def test_prefix_lm_predicts_about_the_noise_density_as_t5s_random_prefix_noise_mask():
+    g = torch.Generator().manual_seed(0)
+    for density, L in ((0.5, 10), (0.3, 41), (0.15, 101)):
+        low = max(1, round((1 - 2 * density) * (L - 1)))  # T5: the prefix is uniform on low .. L - 1
+        masks = torch.stack([t5.random_prefix_noise_mask(L, density, g) for _ in range(1500)])
+        assert masks[:, 0].all() and not masks[:, -1].any(), "T5's test: the first token is input, the last a target"
+        prefixes = masks.sum(1)
+        assert set(prefixes.tolist()) == set(range(low, L)) and torch.equal(masks, torch.arange(L) < prefixes[:, None])
+        targets = L - prefixes.float().mean()
+        assert abs(targets - (L + 1 - low) / 2) < 0.15 * (L - low) / 3 ** 0.5 and abs(targets / L - density) < 0.02
+    obj = objective("prefix-lm", inputs_length=101)  # at the default 15%: 100 raw tokens, 16 targets on average
+    shares = [len(corrupt(obj, seed)[2]) - 1 for seed in range(200)]
+    assert abs(np.mean(shares) / obj.raw_tokens_per_row - 0.15) < 0.03, "the targets are ~15% of the row"
+    with pytest.raises(UsageError, match="at most 0.5"):
+        tiny(objective="prefix-lm", noise_density=0.6)
 
 
 def test_text_infilling_one_mask_per_span_and_an_empty_span_inserts_one():
