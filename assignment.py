@@ -193,6 +193,16 @@ ASSIGNMENTS = {
         Target("t5.py:nonnoise_span_to_unique_sentinel", "T5: Text to Text Transfer Transformer",
                "the targets: the same with the roles of noise and non-noise swapped"),
     ],
+    # Lecture "XLNet": permute the factorization order, not the sequence; two-stream attention. sample_targets (which
+    # positions are predicted) and the model stay as given.
+    "xlnet-permutation": [
+        Target("xlnet.py:sample_order", "XLNet",
+               "a random factorization order as ranks, shuffled within blocks of perm_size (one shuffle for all)"),
+        Target("xlnet.py:permutation_mask", "XLNet",
+               "i may not see j iff j is a target not before i in the order; non-targets come first"),
+        Target("xlnet.py:attention_masks", "XLNet",
+               "two streams: g obeys perm_mask and the padding, h also sees itself; memory is visible to all"),
+    ],
 }
 ABOUT = {  # optional one-line summary per ready-made assignment, for ASSIGNMENT.md and `list`
     "tokenization": "byte-level BPE: the slide's training loop, then encoding text with the learned merges",
@@ -201,6 +211,7 @@ ABOUT = {  # optional one-line summary per ready-made assignment, for ASSIGNMENT
     "training": "the training loop's pieces: warm-up + cosine schedule, AdamW's weight-decay groups, accumulation",
     "electra-rtd": "ELECTRA's replaced-token detection: the generator's sample, what counts as replaced, the loss",
     "t5-span-corruption": "T5's span corruption: the random span mask, then each span -> a unique sentinel, both sides",
+    "xlnet-permutation": "XLNet's permutation LM: a factorization order, who may see whom, the two streams' masks",
 }
 
 # What a copy of the project holds: top-level files, tests/ and data/ (minus caches). Never the git

@@ -108,6 +108,25 @@ CASES = {
             sentinels = vocab_size - 1 - int(first_noise.sum()) + first_noise.long().cumsum(0)
             return torch.where(first_noise, sentinels, tokens)[~subsequent_noise]
             """)),
+    "xlnet-permutation": dict(
+        tests=["tests/test_xlnet.py::test_perm_mask_follows_the_rank_rule",
+               "tests/test_xlnet.py::test_the_content_stream_sees_itself_and_the_query_stream_does_not",
+               "tests/test_xlnet.py::test_about_one_in_k_tokens_are_targets_in_spans_and_orders_are_permutations",
+               "tests/test_xlnet.py::test_no_target_ever_sees_its_own_token_or_a_later_one_for_many_random_orders"],
+        # one mask for both streams: the content stream no longer sees its own token (eq. 4's z_<=t becomes z_<t)
+        wrong=("xlnet.py:attention_masks", """
+            data_mask = None
+            if attention_mask is not None:
+                data_mask = (attention_mask == 0)[:, None, :]
+            if perm_mask is not None:
+                pm = perm_mask > 0
+                data_mask = pm if data_mask is None else data_mask | pm
+            if data_mask is None:
+                return None, None
+            B, T = data_mask.size(0), data_mask.size(-1)
+            mask_g = F.pad(data_mask.expand(B, T, T), (mlen, 0), value=False)
+            return mask_g, mask_g
+            """)),
 }
 
 

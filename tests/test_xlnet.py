@@ -19,8 +19,7 @@ import xlnet
 from positions import rel_shift, relative_distances, relative_sinusoid
 from xlnet import XLNet, XLNetConfig, permutation_mask, sample_order, sample_targets
 
-import transformers  # noqa: E402  (a test requirement: the oracle for parity)
-from transformers.models.xlnet import modeling_xlnet  # noqa: E402
+import transformers  # noqa: E402  (the oracle for parity; loads its XLNet code on first use, seconds the others skip)
 from helpers import assert_paths_agree, assert_resumes, assert_scaled_close, exit_code, tiny_args
 
 
@@ -64,6 +63,8 @@ def random_plm_inputs(B, T, P, vocab, seed, dtype=torch.float32):
 def hf_float64(monkeypatch):
     """transformers' XLNet builds its relative encoding in float32 whatever the model's dtype, which fails in float64;
     the patch casts it, values unchanged."""
+    from transformers.models.xlnet import modeling_xlnet
+
     real = modeling_xlnet.XLNetModel.relative_positional_encoding
     monkeypatch.setattr(modeling_xlnet.XLNetModel, "relative_positional_encoding",
                         lambda self, *a, **k: real(self, *a, **k).to(self.dtype))
