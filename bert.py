@@ -570,6 +570,18 @@ def truncate_pair(a, b, max_tokens, generator):
     return a[a_lo:a_hi], b[b_lo:b_hi]
 
 
+def merge_spans(spans):
+    """SpanBERT's merge_intervals on half-open (start, end) spans: sorted, and any two that overlap
+    or touch become one. merge_spans([(5, 7), (0, 2), (2, 3), (6, 9)]) -> [(0, 3), (5, 9)]"""
+    merged = []
+    for s, e in sorted(spans):
+        if merged and s <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+        else:
+            merged.append((s, e))
+    return merged
+
+
 def span_length_law(p, max_len):
     """P(length = 1..max_len) of SpanBERT's span lengths: Geometric(p) on 1..max_len, renormalised.
     span_length_law(0.2, 10) -> tensor([0.224, 0.179, 0.143, ...]), mean 3.8 (SpanBERT §3.1)."""
@@ -772,18 +784,24 @@ class PretrainingObjective:
         return torch.multinomial(self.span_law, n, replacement=True, generator=g) + 1
 
     def _mask_spans(self, input_ids, attention_mask, g):
-        """SpanBERT §3.1: until mask_prob of a row's text tokens are chosen, draw a length L in
-        words (clipped geometric law) and a uniform anchor token. Choose the L whole words from the
-        anchor's word on. The 80/10/10 rule applies per span (all [MASK], random, or unchanged).
-        Spans never overlap or cross a special token; the last is cut to fit the budget exactly."""
+        """SpanBERT §3.1, as its masking.py (PairWithSpanMaskingScheme, span_masking): until
+        ceil(mask_prob x the row's text tokens) are chosen, draw a length L in words (clipped
+        geometric law) and a uniform anchor token not yet chosen; choose the L whole words from
+        the anchor's word on (over chosen tokens too), the last one cut at the budget. Then merge
+        the spans that overlap or touch (merge_intervals), so every span is bounded by tokens that
+        stay visible. The 80/10/10 rule applies per merged span (all [MASK], random, or unchanged).
+        Spans never cross a special token (our rows hold [CLS] and [SEP]; SpanBERT masked a bare
+        block). Span-boundary targets (sbo_target) only where both boundaries are text, as
+        SpanBERT gives none to a span at the block's edge: never [CLS], [SEP] or a masked token."""
         c, (B, T) = self.config, input_ids.shape
         cand = self.candidates(input_ids, attention_mask)
         starts = self.word_start[input_ids] | ~torch.cat([torch.zeros(B, 1, dtype=torch.bool), cand[:, :-1]], 1)
         out, labels = input_ids.clone(), torch.full_like(input_ids, -100)
         left, right, offset = (torch.zeros_like(input_ids) for _ in range(3))
+        sbo_target = torch.zeros(B, T, dtype=torch.bool)
         for r in range(B):
             pos = cand[r].nonzero()[:, 0].tolist()
-            budget = int(len(pos) * c.mask_prob + float(torch.rand(1, generator=g)))
+            budget = math.ceil(len(pos) * c.mask_prob)
             cand_r, start_r, masked, spans, total = cand[r].tolist(), starts[r].tolist(), [False] * T, [], 0
             while total < budget:
                 lengths = self.span_lengths(32, g).tolist()
@@ -793,16 +811,18 @@ class PretrainingObjective:
                         break
                     s = pos[anchor]
                     if masked[s]:
-                        continue
-                    while not start_r[s] and cand_r[s - 1] and not masked[s - 1]:
+                        continue  # SpanBERT draws again
+                    while not start_r[s]:
                         s -= 1  # back to the start of the anchor's word
                     e, words = s, 0
-                    while e < T and cand_r[e] and not masked[e] and total < budget:
+                    while e < T and cand_r[e] and total < budget:
                         words += e == s or start_r[e]
                         if words > length:
                             break
-                        masked[e], total, e = True, total + 1, e + 1
+                        total += not masked[e]
+                        masked[e], e = True, e + 1
                     spans.append((s, e))
+            spans = merge_spans(spans)
             how = torch.rand(len(spans), generator=g).tolist()
             for (s, e), u in zip(spans, how):
                 labels[r, s:e] = input_ids[r, s:e]
@@ -811,9 +831,10 @@ class PretrainingObjective:
                 elif u < c.mask_token_prob + c.random_token_prob:
                     out[r, s:e] = self.ordinary[torch.randint(len(self.ordinary), (e - s,), generator=g)]
                 left[r, s:e], right[r, s:e], offset[r, s:e] = s - 1, e, torch.arange(e - s)
+                sbo_target[r, s:e] = cand_r[s - 1] and cand_r[e]  # trap: [CLS] at 0 and [SEP] last keep both in range
         batch = {"input_ids": out, "labels": labels}
         if c.span_boundary:
-            batch.update(span_left=left, span_right=right, span_offset=offset)
+            batch.update(span_left=left, span_right=right, span_offset=offset, sbo_target=sbo_target)
         return batch
 
     # --- train.py's interface ---
@@ -856,15 +877,18 @@ class PretrainingObjective:
         return int(batch["attention_mask"].sum())  # real tokens: padding is not work done on text
 
     def denominators(self, batch):
-        """Each loss term's count over the step: masked positions (MLM, SBO), rows (NSP/SOP)."""
+        """Each loss term's count over the step: masked positions (MLM), span-boundary targets (SBO),
+        rows (NSP/SOP)."""
         den = {"mlm": int((batch["labels"] != -100).sum())}
+        if "sbo_target" in batch:
+            den["sbo"] = int(batch["sbo_target"].sum())
         if self.pairs:
             den["pair"] = batch["input_ids"].size(0)
         return den
 
     def loss(self, model, batch, denominators=None):
         """(loss, sums). loss: MLM mean over masked positions [+ NSP/SOP mean over rows]
-        [+ SBO mean over masked positions], added unweighted, as in BERT and SpanBERT."""
+        [+ SBO mean over its targets], added unweighted, as in BERT and SpanBERT."""
         den = denominators or self.denominators(batch)
         labels = batch["labels"]
         chosen = labels != -100
@@ -885,10 +909,12 @@ class PretrainingObjective:
             loss = loss + pair_nll / max(1, den["pair"])
             stats.update(pair_nll=pair_nll.detach(), rows=torch.tensor(y.numel()),
                          pair_correct=(out[1].argmax(-1) == y).sum())
-        if spans is not None:
-            sbo_nll = F.cross_entropy(out[2].float(), target, reduction="sum")
-            loss = loss + sbo_nll / max(1, den["mlm"])
-            stats.update(sbo_nll=sbo_nll.detach(), sbo_correct=(out[2].argmax(-1) == target).sum())
+        if spans is not None:  # only the spans with two visible text boundaries (sbo_target)
+            ok = batch["sbo_target"][chosen]  # (N,)
+            sbo_nll = F.cross_entropy(out[2].float()[ok], target[ok], reduction="sum")
+            loss = loss + sbo_nll / max(1, den["sbo"])
+            stats.update(sbo_nll=sbo_nll.detach(), sbo_targets=ok.sum(),
+                         sbo_correct=(out[2].argmax(-1) == target)[ok].sum())
         return loss, stats
 
     def summarize(self, sums):
@@ -901,7 +927,8 @@ class PretrainingObjective:
             m[f"{name}_loss"] = float(sums["pair_nll"]) / rows
             m[f"{name}_acc"] = float(sums["pair_correct"]) / rows
         if "sbo_nll" in sums:
-            m.update(sbo_loss=float(sums["sbo_nll"]) / masked, sbo_acc=float(sums["sbo_correct"]) / masked)
+            n_sbo = max(1.0, float(sums["sbo_targets"]))
+            m.update(sbo_loss=float(sums["sbo_nll"]) / n_sbo, sbo_acc=float(sums["sbo_correct"]) / n_sbo)
         return {"loss": sum(v for k, v in m.items() if k.endswith("_loss")), **m}
 
 

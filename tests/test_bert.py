@@ -431,6 +431,29 @@ def test_span_masking_masks_whole_words_as_whole_spans_with_their_boundaries(tmp
         f"80/10/10 must apply per span: {kinds} of {n_spans}"
 
 
+def test_every_span_boundary_target_reads_two_visible_text_tokens_as_spanbert_merges_touching_spans(tmp_path, corpus):
+    assert bert.merge_spans([(5, 7), (0, 2), (2, 3), (6, 9)]) == [(0, 3), (5, 9)], "the docstring's example"
+    tok, splits = corpus_data(tmp_path, corpus)
+    obj, _ = objective(tok, objective="span", span_boundary=True)
+    batch = obj.train_batch(splits["train"], SEED_ROWS, torch.Generator().manual_seed(1))
+    text, chosen, sbo = originals(batch), batch["labels"] != -100, batch["sbo_target"]
+    visible_text = batch["attention_mask"].bool() & ~obj.special[text] & ~chosen  # (B, T)
+    rows = torch.arange(SEED_ROWS)[:, None].expand_as(chosen)
+    left, right = batch["span_left"], batch["span_right"]
+    assert not (sbo & ~chosen).any(), "a span-boundary target that is not masked"
+    for name, side in (("left", left), ("right", right)):
+        ok = visible_text[rows[sbo], side[sbo]]
+        assert ok.all(), f"{int((~ok).sum())} SBO targets read a masked or special token as their {name} boundary"
+        # the merged spans: the token just outside every span is never chosen (touching spans became one)
+        outside = chosen[rows[chosen], side[chosen]]
+        assert not outside.any(), f"{int(outside.sum())} masked positions have a masked {name} boundary: unmerged spans"
+    edge = chosen & ~sbo  # spans next to [CLS] or [SEP]: masked, but no boundary target (SpanBERT's block edges)
+    assert edge.any() and sbo.sum() > 0.5 * chosen.sum(), "expected most spans with, some without, boundary targets"
+    assert not visible_text[rows[edge], left[edge]].logical_and(visible_text[rows[edge], right[edge]]).any(), \
+        "a span with two visible text boundaries lost its SBO target"
+    assert obj.denominators(batch)["sbo"] == int(sbo.sum())
+
+
 def test_span_boundary_objective_adds_its_loss(tmp_path, corpus):
     tok, splits = corpus_data(tmp_path, corpus)
     obj, cfg = objective(tok, objective="span", span_boundary=True)
