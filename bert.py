@@ -648,25 +648,32 @@ class PretrainingObjective:
         text = ix.text(i, j)
         if len(text) < 2:
             return None
-        if j - i >= 2:  # A = lines i..k-1, B = lines k..j-1: split at a random line boundary
+        one_line = j - i < 2
+        if one_line and self.kind == "sop" and training and len(ix.docs) < 2:
+            # no other document to draw B from (ALBERT's corpora always had one): cut the line at a token
+            k, cut, one_line = j, int(torch.randint(1, len(text), (1,), generator=g)), False
+        elif one_line:  # one line fills the budget: it is A, and B must come from elsewhere (below)
+            k, cut = j, len(text)
+        else:  # A = lines i..k-1, B = lines k..j-1: split at a random line boundary
             k = int(torch.randint(i + 1, j, (1,), generator=g))
             cut = int(ix.starts[k] - ix.starts[i])
-        else:  # one line fills the budget: cut at a token (a "sentence" is any contiguous span)
-            k = j
-            cut = int(torch.randint(1, len(text), (1,), generator=g))
         a, b = text[:cut], text[cut:]
-        flip, next_line = r[1] < 0.5, j
-        if self.kind == "mlm+nsp" and flip:
+        # BERT's and ALBERT's create_instances_from_document: a chunk of one segment always makes a
+        # pair whose B starts in another document (label 1), also for SOP; else 50/50.
+        flip, next_line = one_line or r[1] < 0.5, j
+        if flip and (one_line or self.kind == "mlm+nsp"):
             other = self._elsewhere(ix, i, j, g, training)
-            if other is None:
-                flip = False  # a piece too small for any other segment: this row is an IsNext row
+            if other is None:  # only in a small evaluation slice: no segment far enough away
+                if one_line:
+                    return None
+                flip = False  # this row is an IsNext row
             else:
                 o, m = ix.run(other[0], max(1, target - len(a)))
                 b = ix.text(o, m)
                 next_line = k  # B's unused lines start the next pair (BERT puts them back too)
+        elif flip:  # sop
+            a, b = b, a  # ALBERT: the same two segments in the wrong order, swapped BEFORE truncation
         a, b = truncate_pair(a, b, max_tokens, g)
-        if self.kind == "sop" and flip:
-            a, b = b, a  # ALBERT: the same two segments, in the wrong order
         return a, b, int(flip), next_line
 
     def _elsewhere(self, ix, i, j, g, training):

@@ -343,6 +343,62 @@ def test_nsp_b_is_the_continuation_half_the_time_and_from_another_document_other
     assert checked > SEED_ROWS // 2, f"only {checked} pairs could be placed in the corpus"
 
 
+@pytest.mark.parametrize("kind", ["mlm+nsp", "sop"])
+def test_a_line_that_fills_the_budget_alone_is_a_pair_with_b_from_another_document(kind):
+    # BERT's (and ALBERT's) create_instances_from_document: a chunk of one segment cannot be split into A and B, so
+    # B starts in another document and the label is 1 (NotNext; for SOP "not in order"). Four documents of six
+    # 20-token lines, 16-token rows: every line fills the budget alone. Token 10 d + k is line k of document d.
+    class Toy:
+        specials, eot_id = {"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, "[MASK]": 3, "<|endoftext|>": 4}, 4
+
+    tokens, doc_starts, line_starts = [], [], []
+    for d in range(1, 5):
+        doc_starts.append(len(tokens))
+        for k in range(6):
+            line_starts.append(len(tokens))
+            tokens += [10 * d + k] * 20
+        if d < 4:
+            line_starts.append(len(tokens))
+            tokens.append(4)  # <|endoftext|>, a line of its own between documents (data.py)
+    split = data.Split("train", np.array(tokens), np.array(doc_starts), np.array(line_starts), [], 0)
+    cfg = bert.BertConfig(vocab_size=64, pad_token_id=0, cls_token_id=1, sep_token_id=2, mask_token_id=3,
+                          objective=kind, max_seq_length=16, max_position_embeddings=16)
+    batch = bert.Objective(cfg, Toy()).train_batch(split, 64, torch.Generator().manual_seed(0))
+    assert batch["next_sentence_label"].tolist() == [1] * 64, "a one-line pair must be labelled 1"
+    ids, types, real = originals(batch), batch["token_type_ids"], batch["attention_mask"].bool()
+    for r in range(64):
+        a = ids[r][(types[r] == 0) & real[r]][1:-1]  # without [CLS] and [SEP]
+        b = ids[r][(types[r] == 1) & real[r]][:-1]
+        assert len(set((a // 10).tolist())) == 1 and len(set((a % 10).tolist())) == 1, f"row {r}: A is not one line"
+        assert not set((b // 10).tolist()) & set((a // 10).tolist()), f"row {r}: B comes from A's own document"
+
+
+def test_sop_swaps_the_segments_before_truncating_them_as_albert_does():
+    # Two documents of two 10-token lines; 22-token rows leave 19 for A and B, so a pair of both lines loses one token,
+    # from B on a tie (truncate_seq_pair). ALBERT swaps first: a swapped pair keeps the later line (now A) whole.
+    class Toy:
+        specials, eot_id = {"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, "[MASK]": 3, "<|endoftext|>": 4}, 4
+
+    tokens = [10] * 10 + [11] * 10 + [4] + [20] * 10 + [21] * 10
+    split = data.Split("train", np.array(tokens), np.array([0, 21]), np.array([0, 10, 20, 21, 31]), [], 0)
+    cfg = bert.BertConfig(vocab_size=64, pad_token_id=0, cls_token_id=1, sep_token_id=2, mask_token_id=3,
+                          objective="sop", max_seq_length=22, max_position_embeddings=22, short_seq_prob=0.0)
+    batch = bert.Objective(cfg, Toy()).train_batch(split, 64, torch.Generator().manual_seed(0))
+    ids, types, real = originals(batch), batch["token_type_ids"], batch["attention_mask"].bool()
+    seen = {0: 0, 1: 0}
+    for r, label in enumerate(batch["next_sentence_label"].tolist()):
+        a = ids[r][(types[r] == 0) & real[r]][1:-1].tolist()
+        b = ids[r][(types[r] == 1) & real[r]][:-1].tolist()
+        if {t // 10 for t in a} != {t // 10 for t in b}:
+            continue  # a one-line pair: B from the other document
+        first, second = (a, b) if label == 0 else (b, a)
+        assert {*first} == {first[0]} and {*second} == {first[0] + 1}, \
+            f"row {r}: not the two lines, in the order the label says"
+        assert (len(a), len(b)) == (10, 9), f"row {r} (label {label}): {len(a)} + {len(b)} tokens; A must stay whole"
+        seen[label] += 1
+    assert seen[0] > 8 and seen[1] > 8, f"too few two-line pairs of each label: {seen}"
+
+
 def test_sop_negatives_are_the_same_two_segments_swapped(tmp_path, corpus):
     tok, splits = corpus_data(tmp_path, corpus)
     obj, cfg = objective(tok, objective="sop")
@@ -358,7 +414,9 @@ def test_sop_negatives_are_the_same_two_segments_swapped(tmp_path, corpus):
         if len(first) < 12 or len(second) < 12 or len(where_1) != 1 or len(where_2) != 1:
             continue
         (d1, p1), (d2, p2) = where_1[0], where_2[0]
-        assert d1 == d2, f"row {r}: SOP segments come from two documents"
+        if d1 != d2:  # ALBERT: a line that fills the budget alone takes B from another document, label 1
+            assert label == 1, f"row {r}: segments from two documents labelled in order"
+            continue
         earlier, later, n_earlier = (p1, p2, len(first)) if label == 0 else (p2, p1, len(second))
         assert earlier + n_earlier <= later <= earlier + n_earlier + gap, \
             f"row {r} (label {label}): the segments are not two consecutive segments in the order the label says"
