@@ -616,8 +616,12 @@ class PretrainingObjective:
         self.eot_id = tokenizer.eot_id
         special = torch.zeros(c.vocab_size, dtype=torch.bool)
         special[list(tokenizer.specials.values())] = True
-        self.special = special  # (V,) never chosen, never drawn as a random replacement
-        self.ordinary = (~special).nonzero()[:, 0]  # the ids a random replacement is drawn from
+        self.special = special  # (V,) never chosen
+        self.ordinary = (~special).nonzero()[:, 0]  # (V_o,) the ids that are not special
+        # The 10% random tokens. BERT's and ALBERT's create_masked_lm_predictions draw from the whole
+        # vocab.txt, [CLS] [SEP] [MASK] included; RoBERTa (fairseq's MaskTokensDataset), SpanBERT and
+        # ELECTRA's generator never put a special token there.
+        self.replacements = torch.arange(c.vocab_size) if self.pairs else self.ordinary
         self.raw_tokens_per_row = self.tokens_per_row = c.max_seq_length
         if self.kind == "span":
             # A token starts a word if special or if its text starts with whitespace (" the" in BPE,
@@ -760,12 +764,23 @@ class PretrainingObjective:
         """(B, T) bool, the choosable positions: text tokens, never [CLS] [SEP] [PAD] [MASK] EOT."""
         return attention_mask.bool() & ~self.special[input_ids]
 
-    def choose(self, candidates, g):
-        """(B, T) bool: in each row, round(mask_prob x its candidates) positions, uniformly without
-        replacement. The rounding is random and unbiased (RoBERTa's fairseq: int(p * n + U[0,1))):
-        the expected share is mask_prob exactly. 20 candidates at p = 0.15 -> 3 positions."""
-        n = candidates.sum(1)  # (B,)
-        k = (n * self.config.mask_prob + torch.rand(n.shape, generator=g)).floor().long()  # (B,)
+    def mask_count(self, candidates, attention_mask, g):
+        """(B,) positions to choose per row, as the paper the objective is named after counts them.
+        BERT and ALBERT (create_masked_lm_predictions): round(mask_prob x the row's tokens, [CLS]
+        and [SEP] counted), at least 1. RoBERTa (fairseq's MaskTokensDataset): int(mask_prob x n +
+        U[0,1)), random and unbiased, here over the n text tokens (fairseq counts <s> and </s>, and
+        may choose them). Never more than the candidates. A row of [CLS] + 126 text tokens + [SEP]
+        at 0.15: BERT chooses 19; RoBERTa 18 (one time in nine) or 19."""
+        p, n = self.config.mask_prob, candidates.sum(1)  # (B,)
+        if self.pairs:
+            k = (attention_mask.sum(1).double() * p).round().long().clamp(min=1)  # (B,)
+        else:
+            k = (n * p + torch.rand(n.shape, generator=g)).floor().long()  # (B,)
+        return torch.minimum(k, n)
+
+    @staticmethod
+    def choose(candidates, k, g):
+        """(B, T) bool: in each row, k[row] of its candidate positions, uniformly without replacement."""
         # non-candidates sort last
         score = torch.rand(candidates.shape, generator=g).masked_fill(~candidates, 2.0)
         rank = score.argsort(dim=1).argsort(dim=1)  # (B, T): places in a random order of the row
@@ -773,16 +788,18 @@ class PretrainingObjective:
 
     def mask_tokens(self, input_ids, attention_mask, g):
         """BERT's masked LM (§3.1, slide "Masked language models"): choose mask_prob of the text
-        tokens. Of those, mask_token_prob become [MASK], random_token_prob a random ordinary token,
-        the rest stay. The model cannot tell which unmasked tokens it will be asked about: it must
-        represent each. -> (masked input_ids, labels): the original token if chosen, else -100."""
-        chosen = self.choose(self.candidates(input_ids, attention_mask), g)
+        tokens (mask_count). Of those, mask_token_prob become [MASK], random_token_prob a random
+        token (self.replacements), the rest stay. The model cannot tell which unmasked tokens it
+        will be asked about: it must represent each.
+        -> (masked input_ids, labels): the original token if chosen, else -100."""
+        candidates = self.candidates(input_ids, attention_mask)
+        chosen = self.choose(candidates, self.mask_count(candidates, attention_mask, g), g)
         labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
         u = torch.rand(input_ids.shape, generator=g)
         c = self.config
         to_mask = chosen & (u < c.mask_token_prob)
         to_random = chosen & (u >= c.mask_token_prob) & (u < c.mask_token_prob + c.random_token_prob)
-        random_ids = self.ordinary[torch.randint(len(self.ordinary), input_ids.shape, generator=g)]
+        random_ids = self.replacements[torch.randint(len(self.replacements), input_ids.shape, generator=g)]
         out = torch.where(to_mask, torch.full_like(input_ids, self.mask_id), input_ids)
         return torch.where(to_random, random_ids, out), labels
 

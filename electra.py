@@ -357,6 +357,16 @@ class ReplacedTokenDetection(bert.PretrainingObjective):
     the masked positions. The discriminator's binary cross-entropy: a mean over every real token
     ([CLS] and [SEP] too, as released; never padding). loss = L_MLM + disc_weight * L_Disc."""
 
+    def mask_count(self, candidates, attention_mask, g):
+        """(B,) positions per row, as ELECTRA's pretrain_helpers.mask: round(mask_prob x the row's
+        tokens, [CLS] and [SEP] counted), at least 1, at most max_predictions_per_seq =
+        int((mask_prob + 0.005) x max_seq_length) (19 at 128). It then samples the positions WITH
+        replacement (a position drawn twice is scored twice); we choose them without (errata)."""
+        c = self.config
+        cap = int((c.mask_prob + 0.005) * c.max_seq_length)
+        k = (attention_mask.sum(1).double() * c.mask_prob).round().long().clamp(1, cap)  # (B,)
+        return torch.minimum(k, candidates.sum(1))
+
     def eval_batches(self, split, batch_size):
         """bert.py's evaluation rows and masks, plus the uniforms for the generator's samples. Fixed
         here, so every evaluation scores the same corrupted text. Never drawn from the global RNG:

@@ -244,6 +244,25 @@ def test_masking_chooses_15_percent_of_text_tokens_and_never_a_special_one(tmp_p
     assert torch.equal(masked[~chosen], rows[~chosen]), "inputs changed at positions that were not chosen"
 
 
+def test_each_objective_counts_its_masked_positions_and_draws_random_tokens_as_its_paper(tmp_path, corpus):
+    tok, splits = corpus_data(tmp_path, corpus)
+    for kind in ("mlm+nsp", "sop", "mlm"):
+        obj, _ = objective(tok, objective=kind)
+        batch = obj.train_batch(splits["train"], SEED_ROWS, torch.Generator().manual_seed(0))
+        text, real = originals(batch), batch["attention_mask"]
+        k = (batch["labels"] != -100).sum(1)  # (B,)
+        n = (real.bool() & ~obj.special[text]).sum(1)
+        if kind == "mlm":  # RoBERTa (fairseq): int(0.15 n + U[0, 1)), over the text tokens
+            assert ((k - (0.15 * n).floor()) >= 0).all() and ((k - (0.15 * n).floor()) <= 1).all(), \
+                "RoBERTa chooses floor(0.15 n) or one more"
+        else:  # BERT, ALBERT: round(0.15 x the row's tokens with [CLS] and [SEP]), at least 1
+            want = torch.minimum((real.sum(1).double() * 0.15).round().long().clamp(min=1), n)
+            assert torch.equal(k, want), f"{kind}: BERT's per-row count round(0.15 len) is not kept"
+        drawn = obj.replacements[torch.randint(len(obj.replacements), (20_000,))]
+        assert obj.special[drawn].any() == (kind != "mlm"), \
+            f"{kind}: random tokens from {'the whole vocabulary' if kind != 'mlm' else 'ordinary tokens only'}"
+
+
 def test_the_80_10_10_rule(tmp_path, corpus):
     tok, splits = corpus_data(tmp_path, corpus)
     obj, batch = masked_text_batch(tok, splits)

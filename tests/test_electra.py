@@ -207,6 +207,22 @@ def test_the_loss_is_the_mean_mlm_loss_plus_50_times_the_mean_bce_over_real_toke
     assert int(metrics["tokens"]) == int(real.sum()) and int(metrics["replaced"]) == int(replaced.sum())
 
 
+def test_masked_positions_are_counted_as_electras_pretrain_helpers_mask():
+    class Specials:
+        specials, eot_id = {"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, "[MASK]": 3}, 2
+
+    cfg = tiny_model(max_seq_length=128, max_position_embeddings=128).config
+    obj = electra.ReplacedTokenDetection(cfg, Specials())
+    real = torch.zeros(4, 128, dtype=torch.long)
+    for r, length in enumerate((3, 40, 100, 128)):
+        real[r, :length] = 1
+    candidates = real.bool().clone()
+    candidates[:, 0] = False  # [CLS]
+    k = obj.mask_count(candidates, real, None)
+    # round(0.15 x tokens), at least 1, at most int(0.155 x 128) = 19
+    assert k.tolist() == [1, 6, 15, 19], f"ELECTRA's counts per row: {k.tolist()}"
+
+
 def test_sample_categorical_draws_from_the_softmax():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     n = 20_000
