@@ -168,6 +168,18 @@ ASSIGNMENTS = {
                "accumulation that equals one big batch: every micro-batch's loss over the step's denominators; then "
                "draw_next(), NonFiniteLoss before a NaN reaches the weights, clipping, the scaler's step"),
     ],
+    # Lecture "Masked language models (MLMs)", "BERT" (NSP) and "SpanBERT": how the inputs of BERT and its variants are
+    # built. Pairs, rows and span drawing stay as given.
+    "bert-masking": [
+        Target("bert.py:PretrainingObjective.mask_count", "Masked language models (MLMs)",
+               "how many positions a row gets: BERT's round(0.15 x its tokens), RoBERTa's random rounding"),
+        Target("bert.py:PretrainingObjective.mask_tokens", "Masked language models (MLMs)",
+               "choose the positions, then 80% [MASK], 10% a random token (self.replacements), 10% unchanged"),
+        Target("bert.py:merge_spans", "SpanBERT",
+               "spans that overlap or touch become one, so every span's boundary tokens stay visible"),
+        Target("bert.py:truncate_pair", "BERT",
+               "the longer side loses a token (B on a tie), from its front or back at random"),
+    ],
     # Lecture "Discriminative training" (ELECTRA): the generator's sample, the replaced labels, the combined loss.
     # The two networks, their shared embeddings and bert.py's masking stay as given.
     "electra-rtd": [
@@ -209,6 +221,7 @@ ABOUT = {  # optional one-line summary per ready-made assignment, for ASSIGNMENT
     "positions": "positional encodings: the sinusoid, T5's relative buckets, ALiBi and RoPE",
     "gpt": "the GPT block: causal self-attention with its KV cache, the MLP, the pre-LN block",
     "training": "the training loop's pieces: warm-up + cosine schedule, AdamW's weight-decay groups, accumulation",
+    "bert-masking": "BERT's inputs: how many positions, the 80/10/10 rule, SpanBERT's merged spans, NSP's truncation",
     "electra-rtd": "ELECTRA's replaced-token detection: the generator's sample, what counts as replaced, the loss",
     "t5-span-corruption": "T5's span corruption: the random span mask, then each span -> a unique sentinel, both sides",
     "xlnet-permutation": "XLNet's permutation LM: a factorization order, who may see whom, the two streams' masks",

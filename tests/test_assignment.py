@@ -78,6 +78,26 @@ CASES = {
             run.optimizer.zero_grad(set_to_none=True)
             return step_loss
             """)),
+    "bert-masking": dict(
+        tests=["tests/test_bert.py::test_each_objective_counts_its_masked_positions_and_draws_random_tokens_as_its_paper",
+               "tests/test_bert.py::test_the_80_10_10_rule",
+               "tests/test_bert.py::test_every_span_boundary_target_reads_two_visible_text_tokens_as_spanbert_merges"
+               "_touching_spans",
+               "tests/test_bert.py::test_truncate_pair_shortens_the_longer_side_b_on_a_tie_from_either_end",
+               "tests/test_bert.py::test_sop_swaps_the_segments_before_truncating_them_as_albert_does"],
+        # 80/10/10 the wrong way round: a random token 80% of the time, [MASK] 10%
+        wrong=("bert.py:PretrainingObjective.mask_tokens", """
+            candidates = self.candidates(input_ids, attention_mask)
+            chosen = self.choose(candidates, self.mask_count(candidates, attention_mask, g), g)
+            labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+            u = torch.rand(input_ids.shape, generator=g)
+            c = self.config
+            to_random = chosen & (u < c.mask_token_prob)
+            to_mask = chosen & (u >= c.mask_token_prob) & (u < c.mask_token_prob + c.random_token_prob)
+            random_ids = self.replacements[torch.randint(len(self.replacements), input_ids.shape, generator=g)]
+            out = torch.where(to_mask, torch.full_like(input_ids, self.mask_id), input_ids)
+            return torch.where(to_random, random_ids, out), labels
+            """)),
     "electra-rtd": dict(
         tests=["tests/test_electra.py::test_replaced_means_masked_and_changed",
                "tests/test_electra.py::test_the_discriminator_loss_sends_no_gradient_into_the_generator_through_the_sample",

@@ -338,6 +338,21 @@ def located(docs, text):
     return out
 
 
+def test_truncate_pair_shortens_the_longer_side_b_on_a_tie_from_either_end():
+    g = torch.Generator().manual_seed(0)
+    a, b = list(range(5)), [9, 9]
+    assert bert.truncate_pair(a, b, 7, g) == (a, b), "a pair that fits is left alone"
+    ends = set()
+    for _ in range(200):
+        ta, tb = bert.truncate_pair(list(range(10)), list(range(100, 106)), 12, g)
+        assert (len(ta), len(tb)) == (6, 6), "BERT's truncate_seq_pair: the longer side loses tokens until they tie"
+        assert ta == list(range(ta[0], ta[0] + 6)), "what is left of A is a contiguous run of A"
+        ends.add(ta[0])
+        ta, tb = bert.truncate_pair([1, 2, 3], [4, 5, 6], 5, g)
+        assert len(ta) == 3 and len(tb) == 2, "on a tie B loses the token"
+    assert min(ends) == 0 and max(ends) == 4 and len(ends) > 2, "tokens must go from the front and the back at random"
+
+
 def test_nsp_b_is_the_continuation_half_the_time_and_from_another_document_otherwise(tmp_path, corpus):
     tok, splits = corpus_data(tmp_path, corpus)
     obj, cfg = objective(tok, objective="mlm+nsp")
