@@ -252,8 +252,10 @@ class Layer(nn.Module):
         self.attention = SelfAttention(config)
         self.attention_norm = nn.LayerNorm(C, eps=eps)
         self.intermediate = nn.Linear(C, config.intermediate_size)
-        # Trap: BERT's GELU is the exact erf form, x * Phi(x) (nn.GELU's default).
-        # Not GPT-2's tanh approximation.
+        # Trap: which GELU. The released checkpoints were trained with Google's modeling.py as first
+        # published: the exact erf form x * Phi(x) (nn.GELU's default; Hugging Face's "gelu", the name
+        # the released configs give). Later versions of modeling.py compute the tanh approximation,
+        # GPT-2's. The parity test fails with tanh.
         self.gelu = nn.GELU()
         self.output = nn.Linear(config.intermediate_size, C)
         self.output_norm = nn.LayerNorm(C, eps=eps)
@@ -338,8 +340,10 @@ class SpanBoundaryHead(nn.Module):
 
 
 def init_bert_weights(module):
-    """BERT's initialisation (modeling.py, initializer_range 0.02): every weight matrix and
-    embedding ~ N(0, 0.02), biases 0, LayerNorm gain 1 and bias 0."""
+    """BERT's initialisation as Hugging Face's BertPreTrainedModel does it (initializer_range 0.02):
+    every weight matrix and embedding ~ N(0, 0.02), biases 0, LayerNorm gain 1 and bias 0. Google's
+    modeling.py draws a truncated normal instead (create_initializer: cut at 2 std, so its spread is
+    0.88 x 0.02); we keep Hugging Face's, which ELECTRA's generator and discriminator share (errata)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if getattr(module, "bias", None) is not None:
