@@ -168,12 +168,25 @@ ASSIGNMENTS = {
                "accumulation that equals one big batch: every micro-batch's loss over the step's denominators; then "
                "draw_next(), NonFiniteLoss before a NaN reaches the weights, clipping, the scaler's step"),
     ],
+    # Lecture "XLNet": sample a factorization order, permute only the order (positions stay), and the
+    # two streams of "Split View of the Query Stream". sample_targets and the model stay as given.
+    "xlnet-permutation": [
+        Target("xlnet.py:sample_order", "XLNet",
+               "a rank per position: one random shuffle of perm_size ranks, reused by every block, and the blocks "
+               "keep their order; draw it from `generator` so runs repeat"),
+        Target("xlnet.py:permutation_mask", "XLNet",
+               "compare ranks; a non-target counts as coming before every target, and no target sees itself"),
+        Target("xlnet.py:attention_masks", "Split View of the Query Stream",
+               "the query stream obeys perm_mask and the padding; the content stream also sees its own position; the "
+               "mlen memory columns come first and are visible to everyone"),
+    ],
 }
 ABOUT = {  # optional one-line summary per ready-made assignment, for ASSIGNMENT.md and `list`
     "tokenization": "byte-level BPE: the slide's training loop, then encoding text with the learned merges",
     "positions": "positional encodings: the sinusoid, T5's relative buckets, ALiBi and RoPE",
     "gpt": "the GPT block: causal self-attention with its KV cache, the MLP, the pre-LN block",
     "training": "the training loop's pieces: warm-up + cosine schedule, AdamW's weight-decay groups, accumulation",
+    "xlnet-permutation": "XLNet's permutation LM: a factorization order, the permutation mask, the two streams' masks",
 }
 
 # What a copy of the project holds: top-level files, tests/ and data/ (minus caches). Never the git

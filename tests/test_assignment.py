@@ -78,6 +78,26 @@ CASES = {
             run.optimizer.zero_grad(set_to_none=True)
             return step_loss
             """)),
+    "xlnet-permutation": dict(
+        tests=["tests/test_xlnet.py::test_perm_mask_follows_the_rank_rule",
+               "tests/test_xlnet.py::test_the_content_stream_sees_itself_and_the_query_stream_does_not",
+               "tests/test_xlnet.py::test_about_one_in_k_tokens_are_targets_in_spans_and_orders_are_permutations"],
+        # the query stream given the content stream's mask: every target sees its own token
+        wrong=("xlnet.py:attention_masks", """
+            data_mask = None
+            if attention_mask is not None:
+                data_mask = (attention_mask == 0)[:, None, :]
+            if perm_mask is not None:
+                pm = perm_mask > 0
+                data_mask = pm if data_mask is None else data_mask | pm
+            if data_mask is None:
+                return None, None
+            B, T = data_mask.size(0), data_mask.size(-1)
+            mask_g = F.pad(data_mask.expand(B, T, T), (mlen, 0), value=False)
+            self_key = torch.eye(T, dtype=torch.bool, device=mask_g.device)
+            mask_h = mask_g & ~F.pad(self_key, (mlen, 0), value=False)
+            return mask_h, mask_h
+            """)),
 }
 
 

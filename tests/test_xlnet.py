@@ -19,8 +19,6 @@ import xlnet
 from positions import rel_shift, relative_distances, relative_sinusoid
 from xlnet import XLNet, XLNetConfig, permutation_mask, sample_order, sample_targets
 
-import transformers  # noqa: E402  (a test requirement: the oracle for parity)
-from transformers.models.xlnet import modeling_xlnet  # noqa: E402
 from helpers import assert_paths_agree, assert_resumes, assert_scaled_close, exit_code, tiny_args
 
 
@@ -60,17 +58,26 @@ def random_plm_inputs(B, T, P, vocab, seed, dtype=torch.float32):
 # Parity with transformers' XLNetLMHeadModel (the oracle), float64 for both models
 
 
+@pytest.fixture(scope="module")
+def transformers():
+    """The oracle (a test requirement), imported only by the tests that use it: ~3 s of imports that the others, and
+    the xlnet-permutation assignment built from them, do without."""
+    import transformers
+    return transformers
+
+
 @pytest.fixture
-def hf_float64(monkeypatch):
+def hf_float64(monkeypatch, transformers):
     """transformers' XLNet builds its relative encoding in float32 whatever the model's dtype, which fails in float64;
     the patch casts it, values unchanged."""
+    from transformers.models.xlnet import modeling_xlnet
     real = modeling_xlnet.XLNetModel.relative_positional_encoding
     monkeypatch.setattr(modeling_xlnet.XLNetModel, "relative_positional_encoding",
                         lambda self, *a, **k: real(self, *a, **k).to(self.dtype))
 
 
 @pytest.fixture
-def hf_dir(tmp_path, hf_float64):
+def hf_dir(tmp_path, hf_float64, transformers):
     """A random XLNetLMHeadModel, weights at std 0.3, saved as transformers saves it."""
     torch.manual_seed(0)
     cfg = transformers.XLNetConfig(vocab_size=53, d_model=32, n_layer=2, n_head=4, d_inner=64, mem_len=6, dropout=0.0)
@@ -154,7 +161,7 @@ def test_planted_convention_errors_fail_parity(hf_dir, monkeypatch, mistake):
     assert (bad - ref).abs().max() / scale > 1e-3, f"a {mistake} went unnoticed by the parity comparison"
 
 
-def test_bi_data_matches_transformers_with_the_second_half_of_the_batch_backward(tmp_path, hf_float64):
+def test_bi_data_matches_transformers_with_the_second_half_of_the_batch_backward(tmp_path, hf_float64, transformers):
     # XLNet's pretraining default (the original's bi_data=True): rows B/2.. read negated relative distances. Hugging
     # Face's flag does the same; from_pretrained takes it from the config. Two segments with memory, clamp_len < klen.
     torch.manual_seed(0)
@@ -200,7 +207,7 @@ def test_a_backward_row_reads_its_reversed_text_at_the_texts_own_distances():
     assert_scaled_close(logits[1], logits[0], "the reversed row with negated distances vs the forward row")
 
 
-def test_export_round_trips_through_transformers(tmp_path, hf_float64):
+def test_export_round_trips_through_transformers(tmp_path, hf_float64, transformers):
     torch.manual_seed(0)
     ours = redraw(XLNet(small_config(vocab_size=41, pad_token_id=40))).double().eval()
     ours.export_hf(str(tmp_path / "export"))
@@ -221,7 +228,7 @@ def test_export_round_trips_through_transformers(tmp_path, hf_float64):
         assert torch.equal(a, b), "export -> from_pretrained is not the identity"
 
 
-def test_from_pretrained_refuses_other_checkpoints(tmp_path):
+def test_from_pretrained_refuses_other_checkpoints(tmp_path, transformers):
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=8))
     gpt2.save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ValueError, match="not XLNet"):
@@ -599,7 +606,7 @@ def test_demo_fills_the_blanks_in_the_sampled_order_and_leaves_the_context_alone
     assert order == list(range(1, 30)), "objective 'lm' fills left to right"
 
 
-def test_xlnet_base_preset_has_the_released_models_size():
+def test_xlnet_base_preset_has_the_released_models_size(transformers):
     keys = {k: v for k, v in xlnet.PRESETS["xlnet-base"].items() if k in XLNetConfig.__dataclass_fields__}
     with torch.device("meta"):
         ours = XLNet(XLNetConfig(vocab_size=32000, **keys)).num_params()
