@@ -163,7 +163,8 @@ PRESETS = {
                  eval_tokens=2048, lr=3e-3),
     # XLNet-Base sizes (xlnet-base-cased: 12 layers, 768 wide, 12 heads, 3072 inner), and the
     # paper's pretraining settings where they carry over. Table 7: sequence 512, memory 384, K = 6,
-    # dropout 0.1, weight decay 0.01, linear decay; the original permutes in 256-position blocks.
+    # dropout 0.1, weight decay 0.01, linear decay; the original permutes in 256-position blocks
+    # and pretrains with bi_data.
     # Batch: BERT-Base's 256 x 512 tokens (the paper's XLNet-Base comparison uses BERT's data and
     # budget). lr, steps: a single-GPU guess (only CPUs were run). Bring your own corpus (--data).
     "xlnet-base": dict(d_model=768, n_layer=12, n_head=12, d_inner=3072, seq_len=512, mem_len=384,
