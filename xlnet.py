@@ -783,7 +783,7 @@ class PermutationLMObjective:
                     "of text is read forward by one row and backward by the next, so it must be even")
             offset = int(torch.randint(n, (1,), generator=generator))
             parts = batch_size // 2 if bi else batch_size
-            starts = [(offset + i * n // parts) % n for i in range(parts + 1)]  # part k: starts[k] ...
+            starts = [(offset + i * n // parts) % n for i in range(parts + 1)]  # part k: starts[k] to starts[k+1]
             self.cursors = ([c for k in range(parts) for c in (starts[k], (n - starts[k + 1]) % n)] if bi
                             else starts[:-1])
             self.mems = [None] * batch_size
