@@ -24,7 +24,8 @@ Hugging Face's XLNetLMHeadModel, the oracle of tests/test_xlnet.py:
   - post-LayerNorm, eps 1e-12, none on the embeddings; perm_mask as Hugging Face means it
     (1 = may not attend), target_mapping, mems;
   - the original data pipeline: targets in spans (_sample_mask), non-targets first in the order,
-    the order permuted within blocks (_local_perm), the content stream fed the real tokens.
+    the order permuted within blocks (_local_perm), the content stream fed the real tokens, and
+    bi_data: half the rows read their stream backward, with negated relative distances.
 
 Run
   python train.py --model xlnet          # permutation LM on char-level Shakespeare (CPU, minutes)
@@ -81,6 +82,12 @@ class XLNetConfig:
     initializer_range: float = 0.02  # std of every weight at init
     mem_len: int = 64  # M: layer inputs of earlier segments kept as memory (0 = no memory)
     clamp_len: int = -1  # clip relative distances to +-clamp_len (-1 = none, as released)
+    # bi_data (XLNet's flag): half of every training batch reads its stream backward, with negated
+    # relative distances (the original data_utils.create_tfrecords, modeling.relative_positional_encoding).
+    # The original pretrains with it (train.py's default True); its released configs, and Hugging
+    # Face's default, say False, the value every inference forward wants. So False here, as in older
+    # checkpoints, and True in the pretraining presets (plm-cpu, tiny, xlnet-base) as in the original.
+    bi_data: bool = False
     attn: str = "naive"  # naive: the score as the equations; sdpa: the fused kernel. Tested equal.
     query_stream: str = "gather"  # gather: g at P targets (fast) | all: every position (released)
     seq_len: int = 64  # T: tokens per training segment; each batch row continues its own stream
@@ -138,9 +145,10 @@ class XLNetConfig:
 PRESETS = {
     # The CPU default: char-level Shakespeare; segments of 64, memory 64 (each sees the one before).
     # K = 6: 10 targets per segment, in spans, the last 10 of a random order. 32 x 64 = 2,048 chars
-    # a step. Naive attention: at this size the fused kernel gains nothing on a CPU (see gpt.py).
+    # a step: 16 stretches of text, each read forward by one row and backward by another (bi_data).
+    # Naive attention: at this size the fused kernel gains nothing on a CPU (see gpt.py).
     "plm-cpu": dict(d_model=128, n_layer=4, n_head=4, d_inner=512, seq_len=64, mem_len=64,
-                    partial_k=6, dropout=0.0, attn="naive", tokenizer="char", batch_size=32,
+                    partial_k=6, bi_data=True, dropout=0.0, attn="naive", tokenizer="char", batch_size=32,
                     lr=2e-3, min_lr=2e-4, warmup_iters=100, max_iters=2000, eval_interval=500,
                     eval_tokens=65536, weight_decay=0.01, beta2=0.99),
     # Transformer-XL's training phase, same model: left to right, every token a target, memory kept.
@@ -151,15 +159,16 @@ PRESETS = {
                     eval_tokens=32768, weight_decay=0.01, beta2=0.99),
     # The smallest XLNet: for tests, and for trying flags in seconds.
     "tiny": dict(d_model=32, n_layer=2, n_head=2, d_inner=64, seq_len=16, mem_len=16, partial_k=4,
-                 dropout=0.0, batch_size=4, max_iters=20, warmup_iters=5, eval_interval=10,
+                 bi_data=True, dropout=0.0, batch_size=4, max_iters=20, warmup_iters=5, eval_interval=10,
                  eval_tokens=2048, lr=3e-3),
     # XLNet-Base sizes (xlnet-base-cased: 12 layers, 768 wide, 12 heads, 3072 inner), and the
     # paper's pretraining settings where they carry over. Table 7: sequence 512, memory 384, K = 6,
-    # dropout 0.1, weight decay 0.01, linear decay; the original permutes in 256-position blocks.
+    # dropout 0.1, weight decay 0.01, linear decay; the original permutes in 256-position blocks
+    # and pretrains with bi_data.
     # Batch: BERT-Base's 256 x 512 tokens (the paper's XLNet-Base comparison uses BERT's data and
     # budget). lr, steps: a single-GPU guess (only CPUs were run). Bring your own corpus (--data).
     "xlnet-base": dict(d_model=768, n_layer=12, n_head=12, d_inner=3072, seq_len=512, mem_len=384,
-                       partial_k=6, perm_size=256, dropout=0.1, attn="sdpa", tokenizer="gpt2",
+                       partial_k=6, perm_size=256, bi_data=True, dropout=0.1, attn="sdpa", tokenizer="gpt2",
                        batch_size=16, tokens_per_step=131072, lr=4e-4, min_lr=4e-5,
                        schedule="linear", warmup_iters=10000, max_iters=500000, eval_interval=5000,
                        weight_decay=0.01, beta2=0.999),
@@ -187,16 +196,22 @@ def heads(x, w):
     return torch.einsum("btc,chd->bhtd", x, w)
 
 
-def relative_encoding(qlen, klen, d_model, clamp_len=-1):
+def relative_encoding(qlen, klen, d_model, clamp_len=-1, backward=False):
     """(R, C) [sin | cos] sinusoids of distances klen-1 ... -(qlen-1) (positions.relative_sinusoid).
 
     XLNet is bidirectional. Query i of the segment, at absolute position mlen + i, is at distance
     mlen + i - j from key j: from klen-1 (the oldest memory, from the last query) down to -(qlen-1)
     (the last key, from the first query). The released code lists one more distance, klen, that no
     pair uses (its rel_shift drops it; positions.rel_shift pads instead). clamp_len > 0 clips them.
-    relative_encoding(2, 3, 4) -> the sinusoids of [2, 1, 0, -1], shape (4, 4)
+    backward: the distances negated, for bi_data's backward rows (the original's bwd_pos_seq). Such
+    a row holds its text reversed, so -(i - j) is the distance in the text: memory, before the
+    segment in the row, is later text, at negative distances.
+    relative_encoding(2, 3, 4) -> the sinusoids of [2, 1, 0, -1], shape (4, 4);
+    relative_encoding(2, 3, 4, backward=True) -> those of [-2, -1, 0, 1]
     """
     d = relative_distances(qlen, klen, bidirectional=True)  # (R,)
+    if backward:
+        d = -d
     if clamp_len > 0:
         d = d.clamp(-clamp_len, clamp_len)
     return relative_sinusoid(d, d_model)  # (R, C), float32
@@ -346,12 +361,15 @@ class RelativeAttention(nn.Module):
 
     def forward(self, h, g, mask_h, mask_g, r, seg_mat=None, mems=None, target_mapping=None,
                 queries=None):
-        """h (B, T, C) content stream; g (B, P, C) query stream or None; r (R, C) relative sinusoid;
+        """h (B, T, C) content stream; g (B, P, C) query stream or None; r (R, C) relative sinusoid,
+        or (2, R, C) with bi_data (forward, backward distances);
         mems (B, M, C) or None; target_mapping (B, P, T): prediction p sits where its row is 1;
         queries: QueryRows for the fast path, or None. Returns (h', g')."""
         cat = h if mems is None else torch.cat([mems, h], dim=1)  # (B, Tk, C), memory first
         k, v = heads(cat, self.k), heads(cat, self.v)  # (B, H, Tk, hs): from content only
-        r = torch.einsum("rc,chd->hrd", r, self.r)  # (H, R, hs): W_r R per distance, for the batch
+        r = torch.einsum("...rc,chd->...hrd", r, self.r)  # (H, R, hs): W_r R per distance, for the batch
+        if r.dim() == 4:  # bi_data: (2, H, R, hs), forward then backward: the first half of the rows
+            r = r.repeat_interleave(h.size(0) // 2, dim=0)  # reads the one, the second the other: (B, H, R, hs)
         h_out = self.post_attention(h, self.attend(heads(h, self.q), k, v, r, seg_mat, mask_h))
         if g is None:
             return h_out, None
@@ -428,10 +446,15 @@ class XLNetModel(nn.Module):
         return cat[:, -self.config.mem_len:].detach()
 
     def forward(self, input_ids, token_type_ids=None, perm_mask=None, target_mapping=None,
-                mems=None, attention_mask=None):
+                mems=None, attention_mask=None, bi_data=None):
         """(output, new_mems). output: (B, P, C) from the query stream given target_mapping, else
-        (B, T, C) from the content stream. new_mems: (B, M, C) per layer, or None (mem_len 0)."""
+        (B, T, C) from the content stream. new_mems: (B, M, C) per layer, or None (mem_len 0).
+        bi_data (None: config.bi_data): the second half of the rows reads backward (XLNet.forward)."""
         B, T = input_ids.shape
+        bi_data = self.config.bi_data if bi_data is None else bi_data
+        if bi_data and B % 2:
+            raise ValueError(f"bi_data: {B} rows; the first half reads forward, the second half backward, "
+                             "so it needs an even number (bi_data=False reads every row forward)")
         mlen = mems[0].size(1) if mems is not None else 0
         mask_h, mask_g = attention_masks(perm_mask, attention_mask, mlen)
         seg_mat = segment_matrix(token_type_ids, mlen) if token_type_ids is not None else None
@@ -441,8 +464,11 @@ class XLNetModel(nn.Module):
             g = self.dropout(self.mask_emb.expand(B, target_mapping.size(1), -1))  # (B, P, C)
             if self.config.query_stream == "gather":
                 queries = query_rows(target_mapping, mask_g, seg_mat)  # None unless one-hot
-        r = self.dropout(relative_encoding(T, mlen + T, self.config.d_model, self.config.clamp_len)
-                         .to(device=h.device, dtype=h.dtype))  # (R, C)
+        r = relative_encoding(T, mlen + T, self.config.d_model, self.config.clamp_len)  # (R, C)
+        if bi_data:  # (2, R, C): the backward rows' distances negated (modeling.relative_positional_encoding)
+            r = torch.stack([r, relative_encoding(T, mlen + T, self.config.d_model, self.config.clamp_len,
+                                                  backward=True)])
+        r = self.dropout(r.to(device=h.device, dtype=h.dtype))
         new_mems = [] if self.config.mem_len else None
         for i, layer in enumerate(self.layer):
             mem = mems[i] if mems is not None else None
@@ -504,7 +530,7 @@ class XLNet(nn.Module):
         return 3 * 2 * (c.n_layer * per_layer + P / T * c.vocab_size * C)
 
     def forward(self, input_ids, token_type_ids=None, perm_mask=None, target_mapping=None,
-                mems=None, attention_mask=None):
+                mems=None, attention_mask=None, bi_data=None):
         """logits, mems = model(input_ids (B, T), ...).
 
         token_type_ids (B, T): segment ids (only same/different matters).
@@ -513,10 +539,13 @@ class XLNet(nn.Module):
           logits are (B, P, V), from the query stream; else (B, T, V), from the content stream.
         mems: what the previous segment returned (a detached (B, M, C) per layer), or None.
         attention_mask (B, T): 1 for real tokens, 0 for padding.
+        bi_data (None: config.bi_data, as Hugging Face's flag): rows B/2 .. B-1 hold their text
+          reversed and read negated relative distances. The model only negates the distances; the
+          caller reverses the tokens (PermutationLMObjective does). Inference passes False.
         Returns the new mems too (None if mem_len is 0).
         """
         out, new_mems = self.transformer(input_ids, token_type_ids, perm_mask, target_mapping, mems,
-                                         attention_mask)
+                                         attention_mask, bi_data)
         return self.lm_loss(out), new_mems
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -530,7 +559,7 @@ class XLNet(nn.Module):
         hf, sd = read_hf_dir(path)
         if hf.get("model_type", "xlnet") != "xlnet":
             raise ValueError(f"{path}: a {hf.get('model_type')!r} checkpoint, not XLNet")
-        for key, ok in (("attn_type", "bi"), ("bi_data", False), ("same_length", False)):
+        for key, ok in (("attn_type", "bi"), ("same_length", False)):
             if hf.get(key, ok) != ok:
                 raise ValueError(f"{path}: {key}={hf[key]!r} is not supported here "
                                  f"(the released models use {ok!r})")
@@ -543,7 +572,7 @@ class XLNet(nn.Module):
             ff_activation=hf.get("ff_activation", "gelu"),
             layer_norm_eps=hf.get("layer_norm_eps", 1e-12), dropout=0.0,
             initializer_range=hf.get("initializer_range", 0.02), mem_len=hf.get("mem_len") or 0,
-            clamp_len=hf.get("clamp_len", -1),
+            clamp_len=hf.get("clamp_len", -1), bi_data=bool(hf.get("bi_data", False)),
             pad_token_id=-1 if hf.get("pad_token_id") is None else hf["pad_token_id"]), **overrides})
         model = cls(config)
         copy_weights(model, sd, path, skip=("lm_loss.weight",))  # tied to word_embedding
@@ -558,6 +587,8 @@ class XLNet(nn.Module):
             d_model=c.d_model, n_layer=c.n_layer, n_head=c.n_head, d_head=c.d_head,
             d_inner=c.d_inner, ff_activation=c.ff_activation, untie_r=True, attn_type="bi",
             initializer_range=c.initializer_range, layer_norm_eps=c.layer_norm_eps,
+            # bi_data: how the pretraining batches were laid out, not part of the weights; the released
+            # configs say False, which every inference forward wants (an odd batch fails with True).
             dropout=c.dropout, mem_len=c.mem_len or None, reuse_len=None, bi_data=False,
             clamp_len=c.clamp_len, same_length=False, tie_word_embeddings=True, use_mems_eval=True,
             use_mems_train=False,
@@ -648,6 +679,13 @@ class PermutationLMObjective:
     objective "lm" is Transformer-XL's training phase in XLNet's terms: the identity order, every
     token a target. The query stream at t predicts x_t from x_<t and the memory. Position 0 of a
     row's first segment has nothing to see: it is not predicted.
+
+    bi_data (the original create_tfrecords): rows come in pairs. Row 2k reads stretch k of the text
+    forward; row 2k+1 reads the same stretch reversed, from its end (so its memory is the text that
+    follows it), and its targets are sampled in text order (_sample_mask's reverse). The model takes
+    the forward rows first and the backward ones second, the original's layout: forward() reorders
+    each micro-batch, and the pairs keep every even-sized micro-batch half and half. Evaluation
+    reads forward only, as a model is used; the training loss averages both directions.
     """
 
     EVAL_SEED = 1234  # evaluation's own generator: the same targets and orders every time
@@ -689,7 +727,7 @@ class PermutationLMObjective:
 
     # -- batches ---------------------------------------------------------------------------------------------------
 
-    def sample(self, length, has_memory, generator):
+    def sample(self, length, has_memory, generator, backward=False):
         """(rank, is_target) for one segment of `length` real tokens."""
         if self.config.objective == "lm":
             is_target = torch.ones(length, dtype=torch.bool)
@@ -697,17 +735,22 @@ class PermutationLMObjective:
             return torch.arange(length), is_target
         c = self.config
         is_target = sample_targets(length, length // c.partial_k, generator, c.max_span, c.mask_alpha)
+        if backward:  # the spans were walked in text order: flip them onto the reversed row
+            is_target = is_target.flip(0)
         return sample_order(length, self.perm_size if length % self.perm_size == 0 else length,
                             generator), is_target
 
-    def make_batch(self, segments, rows, has_memory, generator):
+    def make_batch(self, segments, rows, has_memory, generator, backward=None):
         """Rows of token ids (<= T long; shorter ones padded) -> the model's inputs and targets.
 
         input_ids (B, T): the real tokens (the content stream never sees a <mask>);
         attention_mask (B, T); perm_mask (B, T, T) bool; target_mapping (B, P, T);
-        target_ids (B, P), -100 where a row has < P targets; rows (B,): the rows' memory ids."""
+        target_ids (B, P), -100 where a row has < P targets; rows (B,): the rows' memory ids;
+        backward (B,) bool: the rows whose segment is reversed text (bi_data; None: none)."""
         B, T, P = len(segments), self.T, self.config.num_predict
+        backward = [False] * B if backward is None else backward
         batch = {"rows": torch.tensor(rows, dtype=torch.long),
+                 "backward": torch.tensor(backward, dtype=torch.bool),
                  "input_ids": torch.full((B, T), max(self.config.pad_token_id, 0),
                                          dtype=torch.long),  # pads masked
                  "attention_mask": torch.zeros(B, T, dtype=torch.long),
@@ -715,11 +758,11 @@ class PermutationLMObjective:
                  "target_mapping": torch.zeros(B, P, T),
                  "target_ids": torch.full((B, P), -100, dtype=torch.long)}
         for b, seg in enumerate(segments):
-            ids = torch.from_numpy(np.asarray(seg, dtype=np.int64))
+            ids = torch.from_numpy(np.array(seg, dtype=np.int64))  # a copy: a reversed view has negative strides
             n = len(ids)
             batch["input_ids"][b, :n] = ids
             batch["attention_mask"][b, :n] = 1
-            rank, is_target = self.sample(n, has_memory[b], generator)
+            rank, is_target = self.sample(n, has_memory[b], generator, backward[b])
             batch["perm_mask"][b, :n, :n] = permutation_mask(rank, is_target)
             where = is_target.nonzero()[:, 0]  # (P_b,) target positions, left to right, as released
             batch["target_mapping"][b, torch.arange(len(where)), where] = 1.0
@@ -729,11 +772,20 @@ class PermutationLMObjective:
     def train_batch(self, split, batch_size, generator):
         """The next segment of each row's stream. The first call spreads the rows evenly over the
         split from a random offset (the original's batchify: row i reads its part of the corpus).
-        A stream that reaches the split's end starts over."""
-        n, T = len(split.tokens), self.T
+        A stream that reaches the split's end starts over. With bi_data, row 2k+1 reads the
+        reversed split (its cursor counts from the split's end), starting where part k ends.
+        bi_data, 8 tokens, 2 rows, offset 0: row 0 reads [0 1 2 ...], row 1 [7 6 5 ...]."""
+        n, T, bi = len(split.tokens), self.T, self.config.bi_data
+        backward = [bi and i % 2 == 1 for i in range(batch_size)]
         if self.cursors is None:
+            require(not bi or batch_size % 2 == 0,
+                    f"--bi-data: {batch_size} rows per step (--batch-size x --grad-accum); each stretch "
+                    "of text is read forward by one row and backward by the next, so it must be even")
             offset = int(torch.randint(n, (1,), generator=generator))
-            self.cursors = [(offset + i * n // batch_size) % n for i in range(batch_size)]
+            parts = batch_size // 2 if bi else batch_size
+            starts = [(offset + i * n // parts) % n for i in range(parts + 1)]  # part k: starts[k] to starts[k+1]
+            self.cursors = ([c for k in range(parts) for c in (starts[k], (n - starts[k + 1]) % n)] if bi
+                            else starts[:-1])
             self.mems = [None] * batch_size
         if len(self.cursors) != batch_size:
             raise UsageError(f"this run reads {len(self.cursors)} streams "
@@ -741,12 +793,13 @@ class PermutationLMObjective:
                              f"it cannot continue with {batch_size} rows per step")
         segments = []
         for i in range(batch_size):
+            tokens = split.tokens[::-1] if backward[i] else split.tokens  # a view, nothing copied
             if self.cursors[i] + T > n:
                 self.cursors[i] = 0
-            segments.append(split.tokens[self.cursors[i]:self.cursors[i] + T])
+            segments.append(tokens[self.cursors[i]:self.cursors[i] + T])
             self.cursors[i] += T
         rows = list(range(batch_size))
-        return self.make_batch(segments, rows, [self.has_memory(i) for i in rows], generator)
+        return self.make_batch(segments, rows, [self.has_memory(i) for i in rows], generator, backward)
 
     def eval_batches(self, split, batch_size):
         """Every token of `split` once, as consecutive segments (Transformer-XL's evaluation phase).
@@ -777,14 +830,23 @@ class PermutationLMObjective:
         return {"plm": int((batch["target_ids"] != -100).sum())}
 
     def forward(self, model, batch):
-        """Logits (B, P, V) of the targets, reading and then updating the rows' memory."""
+        """Logits (B, P, V) of the targets, reading and then updating the rows' memory. With
+        backward rows (bi_data) the model gets the forward rows first, the backward ones second."""
+        backward = batch["backward"]
+        bi = bool(backward.any())
+        if bi:
+            require(2 * int(backward.sum()) == len(backward),
+                    f"--bi-data: a micro-batch of {len(backward)} rows is not half forward, half backward: "
+                    "use an even --batch-size")
+            order = torch.argsort(backward.long(), stable=True)  # (B,): forward rows, then backward
+            batch = {k: v[order] for k, v in batch.items()}
         rows = batch["rows"].tolist()
         mems = self.memory(rows, batch["input_ids"].device)
         logits, new_mems = model(batch["input_ids"], perm_mask=batch["perm_mask"],
                                  target_mapping=batch["target_mapping"], mems=mems,
-                                 attention_mask=batch["attention_mask"])
+                                 attention_mask=batch["attention_mask"], bi_data=bi)
         self.remember(rows, new_mems)
-        return logits
+        return logits[order.argsort()] if bi else logits  # (B, P, V) in the batch's row order
 
     def loss(self, model, batch, denominators=None):
         """(sum of -log p(target | what its order lets it see) / denominators["plm"], eval sums)."""
@@ -868,7 +930,7 @@ def eval_sliding_window(model, tokens, rows, window):
         attention_mask = (torch.arange(window) >= window - (t + 1 - lo)).long().expand(rows, window)
         start = time.perf_counter()
         logits, _ = model(ids, perm_mask=perm_mask, target_mapping=target_mapping,
-                          attention_mask=attention_mask)
+                          attention_mask=attention_mask, bi_data=False)
         seconds += time.perf_counter() - start
         nll += float(F.cross_entropy(logits[:, 0], streams[:, t], reduction="sum"))
         count += rows
@@ -928,7 +990,7 @@ def fill_blanks(model, ids, seed=0):
     for i in order:
         target_mapping = torch.zeros(1, 1, n, device=device)
         target_mapping[0, 0, i] = 1.0
-        logits, _ = model(x[None], perm_mask=perm_mask, target_mapping=target_mapping)
+        logits, _ = model(x[None], perm_mask=perm_mask, target_mapping=target_mapping, bi_data=False)
         x[i] = logits[0, 0].argmax()
     model.train(was_training)
     return is_target, order, x.tolist()

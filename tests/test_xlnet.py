@@ -19,7 +19,6 @@ import xlnet
 from positions import rel_shift, relative_distances, relative_sinusoid
 from xlnet import XLNet, XLNetConfig, permutation_mask, sample_order, sample_targets
 
-import transformers  # noqa: E402  (the oracle for parity; loads its XLNet code on first use, seconds the others skip)
 from helpers import assert_paths_agree, assert_resumes, assert_scaled_close, exit_code, tiny_args
 
 
@@ -59,19 +58,26 @@ def random_plm_inputs(B, T, P, vocab, seed, dtype=torch.float32):
 # Parity with transformers' XLNetLMHeadModel (the oracle), float64 for both models
 
 
+@pytest.fixture(scope="module")
+def transformers():
+    """The oracle (a test requirement), imported only by the tests that use it: ~3 s of imports that the others, and
+    the xlnet-permutation assignment built from them, do without."""
+    import transformers
+    return transformers
+
+
 @pytest.fixture
-def hf_float64(monkeypatch):
+def hf_float64(monkeypatch, transformers):
     """transformers' XLNet builds its relative encoding in float32 whatever the model's dtype, which fails in float64;
     the patch casts it, values unchanged."""
     from transformers.models.xlnet import modeling_xlnet
-
     real = modeling_xlnet.XLNetModel.relative_positional_encoding
     monkeypatch.setattr(modeling_xlnet.XLNetModel, "relative_positional_encoding",
                         lambda self, *a, **k: real(self, *a, **k).to(self.dtype))
 
 
 @pytest.fixture
-def hf_dir(tmp_path, hf_float64):
+def hf_dir(tmp_path, hf_float64, transformers):
     """A random XLNetLMHeadModel, weights at std 0.3, saved as transformers saves it."""
     torch.manual_seed(0)
     cfg = transformers.XLNetConfig(vocab_size=53, d_model=32, n_layer=2, n_head=4, d_inner=64, mem_len=6, dropout=0.0)
@@ -155,7 +161,53 @@ def test_planted_convention_errors_fail_parity(hf_dir, monkeypatch, mistake):
     assert (bad - ref).abs().max() / scale > 1e-3, f"a {mistake} went unnoticed by the parity comparison"
 
 
-def test_export_round_trips_through_transformers(tmp_path, hf_float64):
+def test_bi_data_matches_transformers_with_the_second_half_of_the_batch_backward(tmp_path, hf_float64, transformers):
+    # XLNet's pretraining default (the original's bi_data=True): rows B/2.. read negated relative distances. Hugging
+    # Face's flag does the same; from_pretrained takes it from the config. Two segments with memory, clamp_len < klen.
+    torch.manual_seed(0)
+    cfg = transformers.XLNetConfig(vocab_size=53, d_model=32, n_layer=2, n_head=4, d_inner=64, mem_len=6, dropout=0.0,
+                                   bi_data=True, clamp_len=5)
+    hf = redraw(transformers.XLNetLMHeadModel(cfg).eval())
+    hf.save_pretrained(tmp_path / "hf")
+    hf = hf.double()
+    segments = [random_plm_inputs(4, 8, 3, 53, seed) for seed in (1, 2)]
+    with torch.no_grad():
+        ref = two_segments(lambda s, m: (lambda r: (r.logits, r.mems))(hf(
+            s[0], token_type_ids=s[1], perm_mask=s[2].double(), target_mapping=s[3].double(), attention_mask=s[4],
+            mems=m, use_mems=True)), segments)
+    for attn, query_stream in (("naive", "all"), ("sdpa", "gather")):
+        ours = XLNet.from_pretrained(str(tmp_path / "hf"), attn=attn, query_stream=query_stream).double().eval()
+        assert ours.config.bi_data, "from_pretrained must read bi_data from the config"
+        with torch.no_grad():
+            got = two_segments(lambda s, m: ours(s[0], s[1], s[2], s[3].double(), m, s[4]), segments)
+            forward_only = two_segments(lambda s, m: ours(s[0], s[1], s[2], s[3].double(), m, s[4], bi_data=False),
+                                        segments)
+        for s, ((g, g_mems), (r, r_mems)) in enumerate(zip(got, ref)):
+            assert_scaled_close(g, r, f"segment {s + 1} logits vs XLNetLMHeadModel, bi_data ({attn}, {query_stream})",
+                                PARITY)
+            for layer, (a, b) in enumerate(zip(g_mems, r_mems)):
+                assert_scaled_close(a, b.transpose(0, 1), f"segment {s + 1} memory of layer {layer}, bi_data", PARITY)
+        # the first half reads forward, the second half does not: the comparison above is not vacuous
+        for s, ((g, _), (f, _)) in enumerate(zip(got, forward_only)):
+            assert_scaled_close(g[:2], f[:2], f"segment {s + 1}: bi_data changed the forward rows (the first half)")
+            assert (g[2:] - f[2:]).abs().max() > 1e-3 * f.abs().max(), \
+                f"segment {s + 1}: the backward rows (the second half) read the forward distances"
+
+
+def test_a_backward_row_reads_its_reversed_text_at_the_texts_own_distances():
+    # Negating the distances of a row that holds its text reversed gives back the text's own distances: with no
+    # memory, the reversed row (tokens, perm_mask and target_mapping flipped) predicts exactly as the forward row.
+    torch.manual_seed(0)
+    model = redraw(XLNet(small_config(bi_data=True)), std=0.3).double().eval()
+    ids, types, pm, tm, am = random_plm_inputs(1, 8, 3, 53, seed=5, dtype=torch.float64)
+    both = lambda fwd, bwd: torch.cat([fwd, bwd])
+    with torch.no_grad():
+        logits, _ = model(both(ids, ids.flip(1)), both(types, types.flip(1)), both(pm, pm.flip(1, 2)),
+                          both(tm, tm.flip(2)))
+    assert_scaled_close(logits[1], logits[0], "the reversed row with negated distances vs the forward row")
+
+
+def test_export_round_trips_through_transformers(tmp_path, hf_float64, transformers):
     torch.manual_seed(0)
     ours = redraw(XLNet(small_config(vocab_size=41, pad_token_id=40))).double().eval()
     ours.export_hf(str(tmp_path / "export"))
@@ -176,7 +228,7 @@ def test_export_round_trips_through_transformers(tmp_path, hf_float64):
         assert torch.equal(a, b), "export -> from_pretrained is not the identity"
 
 
-def test_from_pretrained_refuses_other_checkpoints(tmp_path):
+def test_from_pretrained_refuses_other_checkpoints(tmp_path, transformers):
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=8))
     gpt2.save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ValueError, match="not XLNet"):
@@ -378,6 +430,39 @@ def test_memory_is_kept_per_row_and_never_crosses_rows():
     assert (logits[1][1] - logits[0][1]).abs().max() > 1e-4, "row 1's own stream must matter to it"
 
 
+def test_bi_data_rows_read_each_stretch_forward_and_backward_and_the_model_gets_them_in_halves():
+    # The original create_tfrecords: half the rows read the stream reversed, from its end, so a backward row's memory
+    # is the text that follows it; _sample_mask(reverse=True) walks its spans in text order.
+    cfg = small_config(seq_len=8, mem_len=8, bi_data=True)
+    objective, text, g = xlnet.PermutationLMObjective(cfg), np.arange(4000), torch.Generator().manual_seed(0)
+    steps = [objective.train_batch(Stream(text), 4, g) for _ in range(2)]
+    ids = [b["input_ids"] for b in steps]
+    assert steps[0]["backward"].tolist() == [False, True, False, True], "rows 1 and 3 must read backward"
+    start = int(ids[0][2, 0])  # where stretch 1 begins, i.e. stretch 0 ends
+    assert ids[0][1].tolist() == text[start - 8:start][::-1].tolist(), "row 1 must read stretch 0 backward from its end"
+    assert ids[0][0].tolist() + ids[1][0].tolist() == text[int(ids[0][0, 0]):][:16].tolist(), "row 0 reads forward"
+    assert ids[1][1].tolist() == text[start - 16:start - 8][::-1].tolist(), \
+        "row 1's next segment must be the text before its last one: its memory is the text that follows"
+    a, b = (objective.sample(16, False, torch.Generator().manual_seed(3), backward) for backward in (False, True))
+    assert torch.equal(b[1], a[1].flip(0)), "a backward row's targets must be sampled in text order, then flipped"
+    # the model gets the forward rows first (the original's layout), the logits come back in the batch's order
+    seen = []
+
+    def model(input_ids, bi_data, **kw):
+        seen.append((input_ids[:, 0].tolist(), bi_data))
+        return input_ids[:, None, :1].double().expand(-1, cfg.num_predict, 1), None
+
+    logits = objective.forward(model, steps[0])
+    assert seen == [(ids[0][[0, 2, 1, 3], 0].tolist(), True)], f"the model got rows {seen}, not forward then backward"
+    assert logits[:, 0, 0].tolist() == ids[0][:, 0].tolist(), "the logits must come back in the batch's row order"
+    assert not any(b["backward"].any() for b in objective.eval_batches(Stream(text[:100]), 4)), "eval reads forward"
+    with pytest.raises(train.UsageError, match="--bi-data"):
+        xlnet.PermutationLMObjective(cfg).train_batch(Stream(text), 3, g)
+    assert all(xlnet.PRESETS[p]["bi_data"] for p in ("plm-cpu", "tiny", "xlnet-base")), \
+        "the pretraining presets must follow the original's default (the train.py tests run the tiny one)"
+    assert not XLNetConfig().bi_data and not xlnet.PRESETS["txl-cpu"].get("bi_data"), "inference reads forward"
+
+
 def test_evaluation_covers_the_split_once_starts_from_empty_memory_and_repeats_itself():
     cfg = small_config(seq_len=8, mem_len=8)
     objective = xlnet.PermutationLMObjective(cfg)
@@ -521,7 +606,7 @@ def test_demo_fills_the_blanks_in_the_sampled_order_and_leaves_the_context_alone
     assert order == list(range(1, 30)), "objective 'lm' fills left to right"
 
 
-def test_xlnet_base_preset_has_the_released_models_size():
+def test_xlnet_base_preset_has_the_released_models_size(transformers):
     keys = {k: v for k, v in xlnet.PRESETS["xlnet-base"].items() if k in XLNetConfig.__dataclass_fields__}
     with torch.device("meta"):
         ours = XLNet(XLNetConfig(vocab_size=32000, **keys)).num_params()
