@@ -586,6 +586,12 @@ def merge_spans(spans):
     return merged
 
 
+def rounded_share(n_tokens, p):
+    """BERT's count of masked positions (create_masked_lm_predictions): round(p x n), at least 1.
+    ELECTRA's pretrain_helpers.mask counts the same way. rounded_share(tensor([3, 128]), 0.15) -> tensor([1, 19])"""
+    return (n_tokens.double() * p).round().long().clamp(min=1)
+
+
 def span_length_law(p, max_len):
     """P(length = 1..max_len) of SpanBERT's span lengths: Geometric(p) on 1..max_len, renormalised.
     span_length_law(0.2, 10) -> tensor([0.224, 0.179, 0.143, ...]), mean 3.8 (SpanBERT §3.1)."""
@@ -777,7 +783,7 @@ class PretrainingObjective:
         at 0.15: BERT chooses 19; RoBERTa 18 (one time in nine) or 19."""
         p, n = self.config.mask_prob, candidates.sum(1)  # (B,)
         if self.pairs:
-            k = (attention_mask.sum(1).double() * p).round().long().clamp(min=1)  # (B,)
+            k = rounded_share(attention_mask.sum(1), p)  # (B,)
         else:
             k = (n * p + torch.rand(n.shape, generator=g)).floor().long()  # (B,)
         return torch.minimum(k, n)
@@ -857,7 +863,7 @@ class PretrainingObjective:
                 if u < c.mask_token_prob:
                     out[r, s:e] = self.mask_id
                 elif u < c.mask_token_prob + c.random_token_prob:
-                    out[r, s:e] = self.ordinary[torch.randint(len(self.ordinary), (e - s,), generator=g)]
+                    out[r, s:e] = self.replacements[torch.randint(len(self.replacements), (e - s,), generator=g)]
                 left[r, s:e], right[r, s:e], offset[r, s:e] = s - 1, e, torch.arange(e - s)
                 sbo_target[r, s:e] = cand_r[s - 1] and cand_r[e]  # trap: [CLS] at 0 and [SEP] last keep both in range
         batch = {"input_ids": out, "labels": labels}

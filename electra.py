@@ -364,7 +364,7 @@ class ReplacedTokenDetection(bert.PretrainingObjective):
         replacement (a position drawn twice is scored twice); we choose them without (errata)."""
         c = self.config
         cap = int((c.mask_prob + 0.005) * c.max_seq_length)
-        k = (attention_mask.sum(1).double() * c.mask_prob).round().long().clamp(1, cap)  # (B,)
+        k = bert.rounded_share(attention_mask.sum(1), c.mask_prob).clamp(max=cap)  # (B,)
         return torch.minimum(k, candidates.sum(1))
 
     def eval_batches(self, split, batch_size):
