@@ -605,8 +605,9 @@ def _pytest_session(args, plugin, workdir):
     # Two settings that only change speed (measured on the 2-core CPU). Native tracebacks: pytest's
     # own formatting parses the source of every frame, ~0.6 s per failing test through torch. No
     # unraisable-exception plugin: it runs the garbage collector five times per session, ~0.5 s
-    # with torch loaded.
-    return pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception",
+    # with torch loaded. And -n 0: pytest.ini's -n hands tests to pytest-xdist's worker processes,
+    # out of reach of the probes and of this process's plugin.
+    return pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:unraisableexception", "-n", "0",
                         "--tb=native", "--rootdir", workdir,
                         "-W", "ignore::pytest.PytestAssertRewriteWarning", *args], plugins=[plugin])
 

@@ -9,6 +9,11 @@ import pytest
 # Tests write nothing in the working directory: hypothesis keeps its caches (unicode tables) in the system temp dir
 # instead of ./.hypothesis. Must be set before hypothesis is first imported.
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "pretraining-hypothesis"))
+# Under pytest-xdist (-n 2: two worker processes share the cores), one torch thread per worker: two workers of two
+# threads each on 2 cores oversubscribe them and run several times slower. Set before torch is first imported; the
+# processes tests start inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
