@@ -969,6 +969,46 @@ class PretrainingObjective:
 Objective = PretrainingObjective
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Fine-tuning (train.py --task, finetune.py): BERT's way
+
+
+class Classifier(nn.Module):
+    """BERT (Devlin et al. 2019, §3.2 and §4.1, Fig. 4): [CLS] A [SEP] (B [SEP]), segment 0 for A and
+    its [SEP], 1 for B and its; the final state of [CLS] through the pooler (tanh(W h + b), trained
+    by NSP), dropout 0.1, and one new layer W (K x H): log softmax(C W^T). The MLM and NSP heads are
+    not used (frozen: they count as no trained parameter). forward(...) -> (loss (B,), label (B,))."""
+    LORA = ("*.attention.query", "*.attention.value")  # W_q, W_v: Hu et al.'s choice (§7.1)
+    ADAPTER = ("*.attention.dense", "*.layer.*.output")  # each sublayer's output, before the residual sum
+    EMBEDDING = "encoder.embeddings.word_embeddings"
+    PROMPT_AT = 1  # after [CLS], whose state the head reads
+    PAD = "[PAD]"
+
+    def __init__(self, model, task, labels, tokenizer):
+        super().__init__()
+        self.pretrained, self.labels, self.max_len = model, labels, model.config.max_seq_length
+        self.cls, self.sep = tokenizer.specials["[CLS]"], tokenizer.specials["[SEP]"]
+        for head in (model.mlm, model.nsp, getattr(model, "sbo", None)):
+            if head is not None:
+                head.requires_grad_(False)
+        self.dropout = nn.Dropout(0.1)
+        self.classifier = nn.Linear(model.config.hidden_size, len(labels))  # W
+        init_bert_weights(self.classifier)
+
+    def encode(self, a, b=None):
+        """encode([7, 8], [9]) -> ([CLS, 7, 8, SEP, 9, SEP], [0, 0, 0, 0, 1, 1])"""
+        ids, types = [self.cls, *a, self.sep], [0] * (len(a) + 2)
+        if b is not None:
+            ids, types = ids + [*b, self.sep], types + [1] * (len(b) + 1)
+        return ids, types
+
+    def forward(self, input_ids, token_type_ids, attention_mask, labels):
+        m = self.pretrained
+        h = m.encoder(input_ids, token_type_ids, attention_mask)  # (B, T, C)
+        pooled = torch.tanh(m.pooler(h[:, 0]))  # (B, C)
+        logits = self.classifier(self.dropout(pooled))  # (B, n_labels)
+        return F.cross_entropy(logits.float(), labels, reduction="none"), logits.argmax(-1)
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Demo: what a run shows when it ends (train.py calls demo()).
 # Filling masks from a checkpoint or a released model.
 

@@ -415,6 +415,39 @@ class ReplacedTokenDetection(bert.PretrainingObjective):
 Objective = ReplacedTokenDetection
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Fine-tuning (train.py --task, finetune.py): the discriminator alone
+
+
+class Classifier(bert.Classifier):
+    """ELECTRA fine-tunes the discriminator and throws the generator out (Clark et al. 2020, §2, end):
+    BERT's input layout, then the released classification head (ElectraClassificationHead): the
+    final state of [CLS], dropout, dense C -> C, GELU, dropout, a linear layer. The generator's own
+    layers and the replaced-token head are frozen: no trained parameter (the shared embeddings are
+    the discriminator's too)."""
+    LORA = ("discriminator.*.attention.query", "discriminator.*.attention.value")
+    ADAPTER = ("discriminator.*.attention.dense", "discriminator.*.layer.*.output")
+    EMBEDDING = "discriminator.encoder.embeddings.word_embeddings"  # shared with the generator
+
+    def __init__(self, model, task, labels, tokenizer):
+        nn.Module.__init__(self)
+        disc = model.discriminator
+        self.pretrained, self.labels, self.max_len = model, labels, model.config.max_seq_length
+        self.cls, self.sep = tokenizer.specials["[CLS]"], tokenizer.specials["[SEP]"]
+        model.requires_grad_(False)
+        disc.encoder.requires_grad_(True)  # its embeddings, shared, included
+        C = disc.dense.in_features
+        self.dropout = nn.Dropout(0.1)
+        self.dense, self.out_proj = nn.Linear(C, C), nn.Linear(C, len(labels))
+        self.dense.apply(bert.init_bert_weights)
+        self.out_proj.apply(bert.init_bert_weights)
+
+    def forward(self, input_ids, token_type_ids, attention_mask, labels):
+        h = self.pretrained.discriminator.encoder(input_ids, token_type_ids, attention_mask)  # (B, T, C)
+        x = self.dropout(F.gelu(self.dense(self.dropout(h[:, 0]))))  # (B, C) from [CLS]
+        logits = self.out_proj(x)  # (B, n_labels)
+        return F.cross_entropy(logits.float(), labels, reduction="none"), logits.argmax(-1)
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Demo: corrupt a sentence with the generator and show what the discriminator flags.
 
 # a play the char-cpu run never sees (Julius Caesar)

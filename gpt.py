@@ -418,6 +418,18 @@ class GPT(nn.Module):
                      convert=lambda k, w: w.t() if k.endswith(cls.CONV1D) else w)
         return model
 
+    def adapt_state(self, state, flag="load"):
+        """A checkpoint's weights for this model when only its context is shorter: the learned position
+        table cut to block_size rows (nanoGPT's crop_block_size), the first rows kept as they were. A
+        longer context is refused: learned positions have no rows to extrapolate with."""
+        wpe, rows = state.get("transformer.wpe.weight"), self.config.block_size
+        if wpe is None or self.config.pos != "learned" or len(wpe) == rows:
+            return state
+        if len(wpe) < rows:
+            raise ValueError(f"{flag}: --block-size {rows} is longer than its position table ({len(wpe)} rows); "
+                             f"learned positions cannot extrapolate")
+        return {**state, "transformer.wpe.weight": wpe[:rows]}
+
     def export_hf(self, path):
         """The inverse of from_pretrained: a directory that transformers' GPT2LMHeadModel reads."""
         c = self.config
@@ -526,6 +538,54 @@ class NextTokenObjective:
 
 
 Model, Config, Objective = GPT, GPTConfig, NextTokenObjective  # train.py's gpt, via mtp.py
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fine-tuning (train.py --task, finetune.py): GPT-1's way
+
+
+class Classifier(nn.Module):
+    """GPT-1 (Radford et al. 2018, §3.2-3.3): the text between a start and an extract token (a pair:
+    A, a delimiter, B), the last block's state at the extract token, one new linear layer W_y:
+    P(y | x) = softmax(h_l^m W_y). With lm_weight = lambda, the language-modeling loss on the same text
+    is added: L3 = L2 + lambda * L1 (GPT-1: lambda = 0.5). GPT-1 learned three new tokens for start,
+    delimiter and extract; our tokenizers have one special token, <|endoftext|>, which plays all three.
+    forward(...) -> (per-example loss (B,), predicted label (B,)): finetune.TaskObjective's interface."""
+    LORA = ("*.attn.c_attn",)  # q, k, v in one matrix: LoRA adapts all three (Hu et al. tried W_q, W_v)
+    ADAPTER = ("*.attn.c_proj", "*.mlp.c_proj")  # each sublayer's output, before the residual sum
+    EMBEDDING = "transformer.wte"  # the table a trained prompt (--peft prefix) extends
+    PROMPT_AT = 0  # the prompt is read first
+    PAD = "<|endoftext|>"  # right padding: a causal model never reads it from a real token
+
+    def __init__(self, model, task, labels, tokenizer, lm_weight=0.0):
+        super().__init__()
+        self.pretrained, self.labels, self.lm_weight = model, labels, lm_weight
+        self.max_len, self.eot = model.config.block_size, tokenizer.specials["<|endoftext|>"]
+        self.dropout = nn.Dropout(model.config.dropout)
+        self.head = nn.Linear(model.config.n_embd, len(labels))  # W_y
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def encode(self, a, b=None):
+        """(ids, segment ids): start A (delim B) extract. encode([7, 8], [9]) -> ([e, 7, 8, e, 9, e], [0] * 6)"""
+        ids = [self.eot, *a, *([self.eot, *b] if b is not None else []), self.eot]
+        return ids, [0] * len(ids)
+
+    def forward(self, input_ids, token_type_ids, attention_mask, labels):
+        m, B = self.pretrained, input_ids.size(0)
+        x, pos, bias = m.embed(input_ids)
+        for block in m.transformer.h:
+            x = block(x, pos, bias)
+        h = m.transformer.ln_f(x)  # (B, T, C)
+        last = attention_mask.sum(1) - 1  # (B,) the extract token: the last real one
+        logits = self.head(self.dropout(h[torch.arange(B), last]))  # (B, n_labels)
+        loss = F.cross_entropy(logits.float(), labels, reduction="none")  # (B,) L2, per example
+        if self.lm_weight:  # L1: next-token loss over the example's real tokens
+            targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)  # (B, T-1)
+            lm = m.lm_head(h[:, :-1])[..., :m.config.vocab_size]  # (B, T-1, V)
+            nll = F.cross_entropy(lm.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
+            loss = loss + self.lm_weight * nll.sum(1) / attention_mask[:, 1:].sum(1).clamp(min=1)
+        return loss, logits.argmax(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

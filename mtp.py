@@ -341,6 +341,7 @@ def Objective(config, tokenizer):
 
 # --init-from a Hugging Face GPT-2 directory: GPT-2 has no heads
 Model.from_pretrained = gpt.GPT.from_pretrained
+Classifier = gpt.Classifier  # --task: GPT-1's fine-tuning head
 
 
 # ----------------------------------------------------------------------------------------------------------------------

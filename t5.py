@@ -1025,6 +1025,58 @@ Model, Config, Objective = T5, T5Config, DenoisingObjective  # what train.py's r
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Fine-tuning (train.py --task, finetune.py): text to text, no new layer
+
+
+class Classifier(nn.Module):
+    """T5's way (Raffel et al. 2020, §2.4): every task is text to text. The input names the task and its
+    fields as T5 feeds GLUE ("genre sentence: ...", "next-line sentence1: ... sentence2: ..."), the
+    target is the label's word and </s>, trained with pretraining's own cross-entropy (per example: the
+    mean over its target tokens). No new parameter. Prediction: greedy decoding; an output that is no
+    label's word counts as wrong (§2.4). forward(...) -> (loss (B,), label (B,), -1 = no label)."""
+    LORA = ("*.q", "*.v")  # in every attention: encoder, decoder, cross
+    ADAPTER = ("*.o", "*.wo")  # each sublayer's output, before the residual sum
+    EMBEDDING = "shared"  # prompt ids appear in encoder inputs only
+    PROMPT_AT = 0
+    PAD = "<pad>"
+
+    def __init__(self, model, task, labels, tokenizer):
+        super().__init__()
+        c = model.config
+        self.pretrained, self.labels, self.max_len, self.eos = model, labels, c.inputs_length, c.eos_token_id
+        self.fields = [tokenizer.encode(f"{task} {name}: ") for name in ("sentence", "sentence1")]
+        self.second = tokenizer.encode(" sentence2: ")
+        words = [tokenizer.encode(w) + [c.eos_token_id] for w in labels]
+        L = max(map(len, words))
+        self.register_buffer("targets", torch.tensor([w + [-100] * (L - len(w)) for w in words]),
+                             persistent=False)  # (n_labels, L), -100 after </s>
+
+    def encode(self, a, b=None):
+        """The task's text, tokens of the fields' names included, then </s>; one segment."""
+        ids = [*self.fields[0], *a] if b is None else [*self.fields[1], *a, *self.second, *b]
+        return ids + [self.eos], [0] * (len(ids) + 1)
+
+    def forward(self, input_ids, token_type_ids, attention_mask, labels):
+        m, c = self.pretrained, self.pretrained.config
+        enc = m.encode(input_ids, attention_mask)  # (B, S, C)
+        target = self.targets[labels]  # (B, L)
+        logits = m.decode(shift_right(target, c.decoder_start_token_id, c.pad_token_id), enc, attention_mask)
+        nll = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=-100, reduction="none")
+        loss = nll.sum(1) / (target != -100).sum(1)  # (B,)
+        if self.training:  # teacher forcing: right if every target token is the argmax
+            out = logits.argmax(-1).masked_fill(target == -100, -100)  # (B, L)
+        else:  # greedy decoding, L tokens
+            out = torch.full_like(target[:, :1], c.decoder_start_token_id)
+            for _ in range(target.size(1)):
+                out = torch.cat([out, m.decode(out, enc, attention_mask)[:, -1:].argmax(-1)], 1)
+            out = out[:, 1:]
+        # a label is predicted when the output matches its word up to and including </s>
+        known = self.targets != -100  # (n_labels, L)
+        match = ((out[:, None] == self.targets[None]) | ~known[None]).all(-1)  # (B, n_labels)
+        return loss, torch.where(match.any(-1), match.int().argmax(-1), -1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Filling spans: the slide's example, and what a run shows when it ends.
 # "<X>", "<Y>", ... in a prompt are the slide's placeholders. In order, they become sentinels 0, 1,
 # ... ("<extra_id_0>" works too). The model decodes "<extra_id_0> span <extra_id_1> span ...".

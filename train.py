@@ -157,6 +157,20 @@ class TrainConfig:
     init_from: str = opt("", "start a new run (step 0, fresh optimizer and schedule) from these "
                              "weights: a ckpt.pt or best.pt of this repository or a Hugging Face "
                              "directory of the same model")
+    task: str = opt("", "fine-tune on a downstream task instead of pretraining: genre | next-line "
+                        "(tasks.py), usually --init-from a pretrained run; '' = pretrain")
+    train_examples: int = opt(0, "--task: labelled training examples, the first N of the task's "
+                                 "balanced order (0 = all)")
+    random_init: bool = opt(False, "--task: --init-from's architecture and tokenizer, its weights "
+                                   "drawn afresh: the 'no pretraining' baseline")
+    peft: str = opt("none", "--task: none (every weight trained) | lora | adapter | prefix (a trained "
+                            "prompt of input vectors); the pretrained weights frozen (finetune.py)")
+    lora_r: int = opt(8, "--peft lora: rank r of each update B A")
+    lora_alpha: float = opt(16.0, "--peft lora: the update is scaled by alpha / r")
+    adapter_size: int = opt(16, "--peft adapter: bottleneck width m")
+    prompt_tokens: int = opt(8, "--peft prefix: trained input vectors read before the text")
+    lm_weight: float = opt(0.0, "--task with --model gpt: lambda of GPT-1's auxiliary LM loss "
+                                "(L2 + lambda L1; GPT-1 used 0.5)")
     bench: bool = opt(False, "benchmark: time --bench-iters steps, print ms/step, tokens/s, MFU; "
                              "write nothing")
     bench_iters: int = opt(30, "timed steps for --bench (after 5 warm-up steps)")
@@ -180,6 +194,17 @@ class TrainConfig:
             require(0 <= getattr(self, name) < 1,
                     f"{cli_flag(name)} {getattr(self, name):g}: must be in [0, 1)")
         require(0 <= self.cooldown <= 1, f"--cooldown {self.cooldown:g}: a share of the steps, in [0, 1]")
+        require(self.task in ("", "genre", "next-line"), f"--task {self.task!r}: choose genre or next-line")
+        require(self.peft in ("none", "lora", "adapter", "prefix"),
+                f"--peft {self.peft!r}: choose none, lora, adapter or prefix")
+        for name in ("lora_r", "adapter_size", "prompt_tokens"):
+            require(getattr(self, name) >= 1, f"{cli_flag(name)} {getattr(self, name)}: must be at least 1")
+        require(self.train_examples >= 0, f"--train-examples {self.train_examples}: must be >= 0")
+        require(0 <= self.lm_weight < math.inf, f"--lm-weight {self.lm_weight:g}: must be a number >= 0")
+        require(self.task or not (self.peft != "none" or self.train_examples or self.random_init or self.lm_weight),
+                "--peft, --train-examples, --random-init and --lm-weight fine-tune: give --task too")
+        require(not self.random_init or self.init_from,
+                "--random-init takes the architecture of --init-from: give --init-from too")
         budget = parse_duration(self.max_time)  # a malformed --max-time fails here, before reading
         require(self.max_iters >= (0 if budget else 1),
                 "--max-iters must be at least 1 (0 = no cap is only meaningful with --max-time)")
@@ -651,9 +676,16 @@ def load_for_inference(path, device="cpu", flag="--ckpt", model=None):
     name = ckpt["train_config"]["model"]
     require(not model or name == model, f"{flag} {path}: a checkpoint of --model {name}, not {model}")
     mod = model_module(name)
-    net = mod.Model(mod.Config(**ckpt["model_config"]))
+    net, tokenizer = mod.Model(mod.Config(**ckpt["model_config"])), tokenizer_from_identity(ckpt["tokenizer"])
+    if ckpt["train_config"].get("task"):  # a fine-tuned run: its classifier (and --peft) around the model
+        import finetune
+        import tasks
+
+        known = {f.name for f in fields(TrainConfig)}
+        cfg = TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in known})
+        net, _, _ = finetune.for_task(mod, net, cfg.task, tasks.TASKS[cfg.task][0], tokenizer, cfg)
     net.load_state_dict(ckpt["model"])
-    return net.to(device).eval(), tokenizer_from_identity(ckpt["tokenizer"]), ckpt
+    return net.to(device).eval(), tokenizer, ckpt
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -946,7 +978,11 @@ def setup(argv, dist=Dist()):
     check_model_config(s, mod)
     tokenizer, domains, data_key = read_data(s, mod, dist, ckpt, init)
     model_cfg, model = build_model(s, mod, tokenizer, device, init)
-    objective, eval_objective = mod.Objective(model_cfg, tokenizer), mod.Objective(model_cfg, tokenizer)
+    if cfg.task:  # a classifier around the model, labelled examples as the splits
+        model, objective, peft_line = fine_tuning(cfg, mod, model, tokenizer, domains, device)
+        eval_objective = objective  # stateless
+    else:
+        objective, eval_objective = mod.Objective(model_cfg, tokenizer), mod.Objective(model_cfg, tokenizer)
     fit_batches(cfg, objective, domains, dist)
     optimizer, decay_line = make_optimizer(model, cfg, device)
     train_model = wrap_model(model, cfg, dist, device)
@@ -959,11 +995,13 @@ def setup(argv, dist=Dist()):
               dist=dist, ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"),
               best_path=os.path.join(cfg.out_dir, "best.pt"), t_start=t_start,
               guard=Guard(above_first=not cfg.init_from))
-    run.demo_cfg = mod.DemoConfig(**s.demo) if hasattr(mod, "DemoConfig") else None
+    run.demo_cfg = mod.DemoConfig(**s.demo) if hasattr(mod, "DemoConfig") and not cfg.task else None
     run.budget = plan_steps(cfg, ckpt)
     if ckpt:
         _restore_state(run, ckpt)
     describe(run, s, init, decay_line)
+    if cfg.task:
+        print(peft_line)
     return run
 
 
@@ -1168,18 +1206,35 @@ def read_data(s, mod, dist, ckpt, init):
 
 
 def build_model(s, mod, tokenizer, device, init):
-    """(model config, model): the same seeded init in every process, or --init-from's weights."""
+    """(model config, model): the same seeded init in every process, or --init-from's weights
+    (not with --random-init). A model's adapt_state() may fit them first (GPT: a shorter position table)."""
     torch.manual_seed(s.cfg.seed)
     model_cfg = mod.Config(**tokenizer_fields(mod, tokenizer), **s.model)
     model = mod.Model(model_cfg).to(device)
-    if init:
+    if init and not s.cfg.random_init:
         try:
-            model.load_state_dict(init.state)
+            adapt = getattr(model, "adapt_state", lambda state, flag: state)
+            model.load_state_dict(adapt(init.state, f"--init-from {s.cfg.init_from}"))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         except RuntimeError as e:
             lines = str(e).splitlines()
             raise UsageError(f"--init-from {s.cfg.init_from}: its weights do not fit this model "
                              f"({lines[1].strip() if len(lines) > 1 else e})") from None
     return model_cfg, model
+
+
+def fine_tuning(cfg, mod, model, tokenizer, domains, device):
+    """--task: (the family's Classifier around `model`, --peft applied; its objective; a line on the
+    trained parameters). The task's labelled examples replace the corpus's splits: train, val (the dev
+    works: best.pt), test (scored at every eval, never chosen on)."""
+    import finetune
+    import tasks
+
+    task = tasks.load_task(cfg.task)
+    domains[0].splits = finetune.tokenize(task, tokenizer, cfg.train_examples)
+    classifier, objective, line = finetune.for_task(mod, model, task.name, task.labels, tokenizer, cfg)
+    return classifier.to(device), objective, line
 
 
 def fit_batches(cfg, objective, domains, dist):
@@ -1464,9 +1519,13 @@ def run_eval(run):
         val = score(val_view)
         results[d.name] = (score(train_view) if d.weight > 0 else None, val)
     first = results[domains[0].name]
+    test = {}
     if len(domains) == 1:
         tr, val = first
         line = f"train {fmt_metrics(tr)} | val {fmt_metrics(val)}"
+        if "test" in domains[0].splits:  # a task's test set: reported, never chosen on
+            test = score(eval_view(domains[0].splits["test"], 0, spread=False))
+            line += f" | test {fmt_metrics(test)}"
     else:
         mix = lambda i: {k: sum(d.weight * results[d.name][i][k] for d in domains if d.weight > 0)
                          for k in first[1]}
@@ -1478,7 +1537,8 @@ def run_eval(run):
         line = "train " + fmt_metrics({k: v for k, v in tr.items() if k in first[1]}) + " | " + per_corpus
     seconds = time.time() - t
     log_row(run, {"kind": "eval", "step": run.step, **{f"train_{k}": v for k, v in tr.items()},
-                  **{f"val_{k}": v for k, v in val.items()}, "time": run_time(run)})
+                  **{f"val_{k}": v for k, v in val.items()}, **{f"test_{k}": v for k, v in test.items()},
+                  "time": run_time(run)})
     print(f"eval step {run.step}: {line} ({seconds:.1f}s)", flush=True)
     return val
 

@@ -871,6 +871,52 @@ Model, Config, Objective = XLNet, XLNetConfig, PermutationLMObjective  # for tra
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Fine-tuning (train.py --task, finetune.py): XLNetForSequenceClassification's way
+
+
+class Classifier(nn.Module):
+    """As the released XLNetForSequenceClassification: A <sep> (B <sep>) <cls>, the <cls> LAST (the
+    original run_classifier.py), segment 0 for A, 1 for B, 2 for <cls>; the content stream's final
+    state at <cls> through the summary (dense C -> C, tanh, dropout), then a linear layer. Every
+    row reads forward, no memory, no permutation. Our tokenizers have no <sep> or <cls>:
+    <|endoftext|> plays both. Trap: the attention weights are (C, H, hs) tensors, not nn.Linear, so
+    LoRA and adapters reach the feed-forward layers only here (finetune.py wraps Linear layers).
+    forward(...) -> (per-example loss (B,), predicted label (B,))."""
+    LORA = ("*.ff.layer_1", "*.ff.layer_2")
+    ADAPTER = ("*.ff.layer_2",)
+    EMBEDDING = "transformer.word_embedding"
+    PROMPT_AT = 0
+    PAD = "<pad>"
+
+    def __init__(self, model, task, labels, tokenizer):
+        super().__init__()
+        c = model.config
+        self.pretrained, self.labels, self.max_len = model, labels, c.seq_len
+        self.eot = tokenizer.specials["<|endoftext|>"]
+        self.summary = nn.Linear(c.d_model, c.d_model)  # sequence_summary.summary
+        self.dropout = nn.Dropout(0.1)  # summary_last_dropout
+        self.logits_proj = nn.Linear(c.d_model, len(labels))
+        for lin in (self.summary, self.logits_proj):
+            nn.init.normal_(lin.weight, 0.0, c.initializer_range)
+            nn.init.zeros_(lin.bias)
+
+    def encode(self, a, b=None):
+        """encode([7, 8], [9]) -> ([7, 8, e, 9, e, e], [0, 0, 0, 1, 1, 2])"""
+        ids, types = [*a, self.eot], [0] * (len(a) + 1)
+        if b is not None:
+            ids, types = ids + [*b, self.eot], types + [1] * (len(b) + 1)
+        return ids + [self.eot], types + [2]
+
+    def forward(self, input_ids, token_type_ids, attention_mask, labels):
+        h, _ = self.pretrained.transformer(input_ids, token_type_ids, attention_mask=attention_mask,
+                                           bi_data=False)  # (B, T, C), content stream
+        last = attention_mask.sum(1) - 1  # (B,) <cls>: right padding, so the last real token
+        x = self.dropout(torch.tanh(self.summary(h[torch.arange(h.size(0)), last])))  # (B, C)
+        logits = self.logits_proj(x)  # (B, n_labels)
+        return F.cross_entropy(logits.float(), labels, reduction="none"), logits.argmax(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Transformer-XL's two evaluation phases (slides "Transformer-XL"), which `python experiments.py
 # two-phase` measures. Both use the XLNet in the identity order (g at t predicts x_t from x_<t).
 #   vanilla model: a window of the last W tokens slides by one token per prediction, all of it
