@@ -105,7 +105,7 @@ def _balanced(pools, per_class, g):
     return [ex for group in zip(*drawn) for ex in group]
 
 
-def genre_examples(works, lines_of, per_class, g):
+def genre_examples(works, lines_of, per_class, g, exclude=frozenset()):
     pools = []
     for label, genre in enumerate(FOLIO):
         pool = []
@@ -113,24 +113,27 @@ def genre_examples(works, lines_of, per_class, g):
             lines = lines_of[w]
             pool += [Example("\n".join(lines[i:i + PASSAGE_LINES]), None, label, w)
                      for i in range(0, len(lines) - PASSAGE_LINES + 1, PASSAGE_LINES)]
-        pools.append(pool)
+        pools.append([ex for ex in pool if ex.a not in exclude])
     return _balanced(pools, per_class or min(map(len, pools)), g)
 
 
-def next_line_examples(works, lines_of, per_class, g):
+def next_line_examples(works, lines_of, per_class, g, exclude=frozenset()):
     """Label 1: B is the line after A. Label 0: B is another line of the same play, never A's next
-    (nor A itself). Each line is an A once at most."""
+    (nor A itself). Each line is an A once at most. Short lines recur in other plays ("My lord?"):
+    a pair with a line in `exclude` (the held-out sets' lines) is left out."""
     follows, other = [], []
     for w in works:
         lines = lines_of[w]
         n = len(lines) - 1
         for i in torch.randperm(n, generator=g).tolist():
             if len(follows) <= len(other):
-                follows.append(Example(lines[i], lines[i + 1], 1, w))
+                ex = Example(lines[i], lines[i + 1], 1, w)
             else:
                 j = int(torch.randint(len(lines) - 2, (), generator=g))
                 j += 2 if j >= i else 0  # any line but i and i + 1
-                other.append(Example(lines[i], lines[j], 0, w))
+                ex = Example(lines[i], lines[j], 0, w)
+            if ex.a not in exclude and ex.b not in exclude:
+                (follows if ex.label else other).append(ex)
     return _balanced([other, follows], per_class or min(len(other), len(follows)), g)
 
 
@@ -147,11 +150,12 @@ def load_task(name, data=SHAKESPEARE):
     require(not missing, f"--task {name} reads the bundled plays; {data} lacks {', '.join(missing[:3])}")
     lines_of = {w: spoken_lines(open(os.path.join(data, w + ".txt"), encoding="utf-8").read()) for w in plays}
     g = torch.Generator().manual_seed(SEED)
+    test = build(sorted(TEST_WORKS), lines_of, TEST_PER_CLASS, g)
+    dev = build(sorted(DEV_WORKS), lines_of, DEV_PER_CLASS, g, held := {t for ex in test for t in (ex.a, ex.b)})
+    held |= {t for ex in dev for t in (ex.a, ex.b)}
     train_works = sorted(w for w in plays if w not in TEST_WORKS + DEV_WORKS)
-    return Task(name, labels, pair,
-                train=build(train_works, lines_of, None, g),
-                dev=build(sorted(DEV_WORKS), lines_of, DEV_PER_CLASS, g),
-                test=build(sorted(TEST_WORKS), lines_of, TEST_PER_CLASS, g))
+    # no text of a held-out set trains, even where a short line recurs in another play
+    return Task(name, labels, pair, train=build(train_works, lines_of, None, g, held), dev=dev, test=test)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ A model file plugs in with (optional ones marked ?):
     ?state_dict(), ?load_state_dict(), ?reset(): state across steps (XLNet)
     Trap: loss() calls model(...) itself, never a submodule. Under torchrun `model` is the DDP
     wrapper, which syncs gradients only through its forward.
+  Classifier?(model, task, labels, tokenizer)  --task: the paper's fine-tuning input layout and head
+                                   (finetune.py: encode(a, b), forward(...) -> per-example loss, label)
   DemoConfig?, demo?(model, tokenizer, demo_config, device)  shown when a run ends (GPT: samples)
   DTYPES?                          the precisions the model trains in (T5: never fp16)
 Slides (lecture 001): "Training recipe for LLMs" and "Pretraining language models".
@@ -1323,6 +1325,11 @@ def describe(run, s, init, decay_line):
         tr, va = d.splits["train"], d.splits["val"]
         names = ", ".join(va.doc_names[:6]) + (", ..." if len(va.doc_names) > 6 else "")
         where = f"{d.path} (weight {d.weight:.2f})" if mixture else cfg.data or DEFAULT_DATA
+        if cfg.task:  # labelled examples (tasks.py), by play
+            te = d.splits["test"]
+            print(f"data --task {cfg.task} (tasks.py): train {len(tr):,} examples from {len(tr.doc_names)} plays | "
+                  f"val {len(va):,} from {names} | test {len(te):,} from {', '.join(te.doc_names)}")
+            continue
         print(f"data {where}: train {len(tr.doc_names)} docs {len(tr.tokens):,} tokens | "
               f"val {len(va.doc_names)} docs {len(va.tokens):,} tokens ({names})")
     line = f" | {run.objective.describe()}" if hasattr(run.objective, "describe") else ""
@@ -1807,6 +1814,11 @@ def open_run(ckpt_path, model=None, flag="open_run"):
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     corpora = {d.name: d.splits for d in domains}
+    if cfg.task:  # a fine-tuned run: its labelled examples (train, val, test) as it trained on them
+        import finetune
+        import tasks
+
+        corpora = {cfg.task: finetune.tokenize(tasks.load_task(cfg.task), tokenizer, cfg.train_examples)}
     return FinishedRun(net.to(device), tokenizer, corpora, cfg, device, autocast(device, dtype))
 
 
