@@ -27,7 +27,8 @@ import numpy as np
 
 import tasks
 import train
-from common import UsageError, command, pyplot, require
+from common import command, pyplot, require
+from experiments import Parser, save
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ASSETS = os.path.join(HERE, "assets")
@@ -84,25 +85,28 @@ def helps(args):
     ax.set(xscale="log", xlabel="labelled training examples", ylabel="test accuracy",
            title=f"Does pretraining help? {args.model}, --task {args.task}")
     ax.legend(fontsize=8)
+    fig.tight_layout()
     save(fig, args.png or os.path.join(ASSETS, f"downstream_helps_{args.model}_{args.task}.png"), plt)
     return results, base
 
 
 def peft(args):
     t0 = time.time()
-    methods = [("full", ["--peft", "none"])] + [(f"LoRA r={r}", ["--peft", "lora", "--lora-r", str(r),
-                                                                 "--lora-alpha", str(2 * r)]) for r in args.ranks]
-    methods += [(f"adapter m={args.adapter_size}", ["--peft", "adapter", "--adapter-size", str(args.adapter_size)]),
-                (f"prompt P={args.prompt_tokens}", ["--peft", "prefix", "--prompt-tokens", str(args.prompt_tokens)])]
+    width, P = args.adapter_size, args.prompt_tokens
+    methods = [("full", "full", ["--peft", "none"])]  # (label, run directory, flags)
+    methods += [(f"LoRA r={r}", f"lora{r}", ["--peft", "lora", "--lora-r", str(r), "--lora-alpha", str(2 * r)])
+                for r in args.ranks]
+    methods += [(f"adapter m={width}", f"adapter{width}", ["--peft", "adapter", "--adapter-size", str(width)]),
+                (f"prompt P={P}", f"prompt{P}", ["--peft", "prefix", "--prompt-tokens", str(P)])]
     results = {}
-    for label, extra in methods:
+    for label, name, extra in methods:
         accs, times = [], []
         for seed in range(args.seeds):
-            acc, ms, _ = run_one(args, f"{_dir(label)}-seed{seed}",
+            acc, ms, _ = run_one(args, f"{name}-seed{seed}",
                                  ["--train-examples", str(args.size), "--seed", str(1337 + seed), *extra])
             accs.append(acc)
             times.append(ms)
-        ckpt = train.load_checkpoint(os.path.join(args.out_dir, _dir(label) + "-seed0", "ckpt.pt"))
+        ckpt = train.load_checkpoint(os.path.join(args.out_dir, f"{name}-seed0", "ckpt.pt"))
         n_train = _trained(ckpt)
         results[label] = (accs, float(np.mean(times)), n_train, _total(ckpt))
     print(f"\n{args.model} on {args.task}, {args.size:,} labelled examples, {args.iters} steps, {args.seeds} seed(s), "
@@ -119,12 +123,9 @@ def peft(args):
     ax.set(xscale="log", xlabel="trained parameters", ylabel="test accuracy",
            title=f"Full vs parameter-efficient: {args.model}, --task {args.task}, {args.size:,} examples")
     ax.legend(fontsize=8)
+    fig.tight_layout()
     save(fig, args.png or os.path.join(ASSETS, f"downstream_peft_{args.model}_{args.task}.png"), plt)
     return results
-
-
-def _dir(label):
-    return f"{label.split()[0].lower()}{label.split('=')[-1] if '=' in label else ''}"
 
 
 def _trained(ckpt):
@@ -138,24 +139,13 @@ def _total(ckpt):
     return sum(seen.values())
 
 
-def save(fig, png, plt):
-    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    print(f"wrote {png}")
-
-
 @command
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = lambda message: (_ for _ in ()).throw(UsageError(f"{message} (see --help)"))
+    p = Parser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name, help in (("helps", "pretrained vs random init at several labelled-set sizes"),
                        ("peft", "full fine-tuning vs LoRA, adapters and a trained prompt")):
-        q = sub.add_parser(name, help=help)
-        q.error = p.error
+        q = sub.add_parser(name, help=help)  # a Parser too: errors are one line, exit 2
         q.add_argument("--model", default="gpt", choices=list(train.MODELS))
         q.add_argument("--init-from", required=True, help="the pretrained run's ckpt.pt (or a Hugging Face dir)")
         q.add_argument("--task", default="genre", choices=list(tasks.TASKS))

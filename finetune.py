@@ -153,8 +153,8 @@ def apply_peft(classifier, method, r=8, alpha=16.0, adapter_size=16, prompt_toke
     else:
         names = [classifier.EMBEDDING]
         _replace(base, classifier.EMBEDDING, lambda emb: PromptEmbedding(emb, prompt_tokens, generator))
-        classifier.prompt_ids = list(range(base.get_submodule(names[0]).first_id,
-                                           base.get_submodule(names[0]).first_id + prompt_tokens))
+        first = base.get_submodule(classifier.EMBEDDING).first_id
+        classifier.prompt_ids = list(range(first, first + prompt_tokens))
     if not names:
         raise UsageError(f"--peft {method}: {type(base).__name__} has no layer named "
                          f"{classifier.LORA if method == 'lora' else classifier.ADAPTER}")
@@ -227,6 +227,10 @@ class TaskObjective:
         self.classifier, self.max_len, self.pad_id = classifier, max_len, pad_id
         self.raw_tokens_per_row = 1  # a split needs one token per example at least
         self.tokens_per_row = max_len  # the most a row holds (tokens/s counts real ones)
+        self.prompt = list(getattr(classifier, "prompt_ids", []))
+        # tokens left for the text, one text or two: max_len less the layout's special tokens and the prompt
+        self.room = {pair: max_len - len(classifier.encode([], [] if pair else None)[0]) - len(self.prompt)
+                     for pair in (False, True)}
 
     def describe(self):
         c = self.classifier
@@ -234,11 +238,9 @@ class TaskObjective:
 
     def row(self, a, b):
         """One example in the family's layout, cut to max_len: the longer text loses its end first."""
-        prompt = list(getattr(self.classifier, "prompt_ids", []))
-        empty, _ = self.classifier.encode([], None if b is None else [])
-        room = self.max_len - len(empty) - len(prompt)
+        prompt, room = self.prompt, self.room[b is not None]
         require(room >= 2, f"--block-size {self.max_len}: no room for the text beside the "
-                           f"{len(empty) + len(prompt)} special and prompt tokens")
+                           f"{self.max_len - room} special and prompt tokens")
         a, b = list(a), (None if b is None else list(b))
         while len(a) + (len(b) if b is not None else 0) > room:
             if b is not None and len(b) > len(a):

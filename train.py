@@ -63,6 +63,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+import finetune
+import tasks
 from common import UsageError, command, pyplot, require
 from data import DEFAULT_DATA, atomic_write_text, prepare_domains, special_tokens_of, tokenizer_from_identity
 
@@ -184,7 +186,8 @@ class TrainConfig:
             value = getattr(self, name)
             require(value in choices,
                     f"unknown {cli_flag(name)} {value!r}; choose from: {', '.join(choices)}")
-        for name in ("batch_size", "grad_accum", "eval_interval", "log_interval", "bench_iters"):
+        for name in ("batch_size", "grad_accum", "eval_interval", "log_interval", "bench_iters",
+                     "lora_r", "adapter_size", "prompt_tokens"):
             require(getattr(self, name) >= 1, f"{cli_flag(name)} {getattr(self, name)}: must be at least 1")
         for name in ("min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "adam_eps", "grad_clip",
                      "tokens_per_step", "eval_tokens", "eval_train_tokens", "eval_batch_size",
@@ -196,11 +199,9 @@ class TrainConfig:
             require(0 <= getattr(self, name) < 1,
                     f"{cli_flag(name)} {getattr(self, name):g}: must be in [0, 1)")
         require(0 <= self.cooldown <= 1, f"--cooldown {self.cooldown:g}: a share of the steps, in [0, 1]")
-        require(self.task in ("", "genre", "next-line"), f"--task {self.task!r}: choose genre or next-line")
-        require(self.peft in ("none", "lora", "adapter", "prefix"),
-                f"--peft {self.peft!r}: choose none, lora, adapter or prefix")
-        for name in ("lora_r", "adapter_size", "prompt_tokens"):
-            require(getattr(self, name) >= 1, f"{cli_flag(name)} {getattr(self, name)}: must be at least 1")
+        require(self.task in ("", *tasks.TASKS), f"--task {self.task!r}: choose {' or '.join(tasks.TASKS)}")
+        *others, last = finetune.PEFT
+        require(self.peft in finetune.PEFT, f"--peft {self.peft!r}: choose {', '.join(others)} or {last}")
         require(self.train_examples >= 0, f"--train-examples {self.train_examples}: must be >= 0")
         require(0 <= self.lm_weight < math.inf, f"--lm-weight {self.lm_weight:g}: must be a number >= 0")
         require(self.task or not (self.peft != "none" or self.train_examples or self.random_init or self.lm_weight),
@@ -671,6 +672,12 @@ def load_checkpoint(path, flag="--resume"):
     return ckpt
 
 
+def saved_train_config(ckpt):
+    """The TrainConfig a checkpoint's run had (keys of older versions that no field has are dropped)."""
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in known})
+
+
 def load_for_inference(path, device="cpu", flag="--ckpt", model=None):
     """(model in eval mode, tokenizer, checkpoint dict) from a train.py checkpoint, for samplers.
     With `model` (e.g. "bert"), another --model's checkpoint is refused by one line naming both."""
@@ -680,11 +687,7 @@ def load_for_inference(path, device="cpu", flag="--ckpt", model=None):
     mod = model_module(name)
     net, tokenizer = mod.Model(mod.Config(**ckpt["model_config"])), tokenizer_from_identity(ckpt["tokenizer"])
     if ckpt["train_config"].get("task"):  # a fine-tuned run: its classifier (and --peft) around the model
-        import finetune
-        import tasks
-
-        known = {f.name for f in fields(TrainConfig)}
-        cfg = TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in known})
+        cfg = saved_train_config(ckpt)
         net, _, _ = finetune.for_task(mod, net, cfg.task, tasks.TASKS[cfg.task][0], tokenizer, cfg)
     net.load_state_dict(ckpt["model"])
     return net.to(device).eval(), tokenizer, ckpt
@@ -1230,9 +1233,6 @@ def fine_tuning(cfg, mod, model, tokenizer, domains, device):
     """--task: (the family's Classifier around `model`, --peft applied; its objective; a line on the
     trained parameters). The task's labelled examples replace the corpus's splits: train, val (the dev
     works: best.pt), test (scored at every eval, never chosen on)."""
-    import finetune
-    import tasks
-
     task = tasks.load_task(cfg.task)
     domains[0].splits = finetune.tokenize(task, tokenizer, cfg.train_examples)
     classifier, objective, line = finetune.for_task(mod, model, task.name, task.labels, tokenizer, cfg)
@@ -1808,16 +1808,12 @@ def open_run(ckpt_path, model=None, flag="open_run"):
     """The run that wrote ckpt_path: model in eval mode on the run's device, tokenizer, splits,
     and evaluate(). `model` and `flag` as in load_for_inference."""
     net, tokenizer, ckpt = load_for_inference(ckpt_path, flag=flag, model=model)
-    known = {f.name for f in fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in known})
+    cfg = saved_train_config(ckpt)
     _, domains, _ = prepare_domains(cfg, list(tokenizer.specials), ckpt["tokenizer"])
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     corpora = {d.name: d.splits for d in domains}
     if cfg.task:  # a fine-tuned run: its labelled examples (train, val, test) as it trained on them
-        import finetune
-        import tasks
-
         corpora = {cfg.task: finetune.tokenize(tasks.load_task(cfg.task), tokenizer, cfg.train_examples)}
     return FinishedRun(net.to(device), tokenizer, corpora, cfg, device, autocast(device, dtype))
 
