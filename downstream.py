@@ -8,7 +8,9 @@ What pretraining is for, measured: fine-tune a pretrained model on a task of tas
           the same architecture (--random-init), same steps, same batches, --seeds seeds each: test
           accuracy (mean and spread) against labelled examples, beside the majority class and a
           bag-of-words logistic regression -> assets/downstream_helps_<model>_<task>.png
-          (the handbook's "does pretraining indeed help?", most of all with few labels).
+          (the handbook's "does pretraining indeed help?", most of all with few labels). For a
+          left-to-right LM, also the pretrained model prompted with --shots k labelled examples and
+          trained on none (GPT-3's k-shot; finetune.Completion scores each label's word).
   peft    full fine-tuning, LoRA at each --ranks, adapters and a trained prompt, on --size examples:
           accuracy, trained parameters (the slide's #Param column), ms per step, and the memory the
           trained weights need besides the model (gradient + AdamW's two moments: 12 bytes each in fp32)
@@ -24,7 +26,9 @@ import shlex
 import time
 
 import numpy as np
+import torch
 
+import finetune
 import tasks
 import train
 from common import command, pyplot, require
@@ -52,6 +56,38 @@ def run_one(args, name, extra):
     return best["test_acc"], float(np.mean(ms)) if ms else float("nan"), rows
 
 
+def few_shot(args, k, seed=0):
+    """GPT-3's few-shot prompting (Brown et al. 2020, §2; zero-shot when k = 0): k training examples
+    with their answers, then the test example; the label whose word the model finds most likely
+    (finetune.Completion), no gradient. -> (test accuracy or None, a line saying what was done):
+    None when the demonstrations leave no room for the example in the model's context."""
+    model, tokenizer, _ = train.load_for_inference(args.init_from, flag="--init-from", model=args.model)
+    task = tasks.load_task(args.task)
+    family = train.model_module(args.model).Classifier
+    splits = finetune.tokenize(task, tokenizer)
+    pool = task.train_set(None)  # k demonstrations: balanced, drawn per seed, the same for every test example
+    picks = np.random.default_rng(seed).permutation(len(pool))
+    demos, per_label = [], max(1, -(-k // len(task.labels)))
+    for i in picks:
+        if len(demos) == k:
+            break
+        if sum(d.label == pool[i].label for d in demos) < per_label:
+            demos.append(pool[i])
+    enc = lambda text: tokenizer.encode(text) if text else None
+    shots = [(enc(d.a), enc(d.b), d.label) for d in demos]
+    c = finetune.Completion(model, task.name, task.labels, tokenizer, family, shots)
+    objective = finetune.TaskObjective(c, c.max_len, tokenizer.specials[family.PAD])
+    room, T = objective.room[task.pair], model.config.block_size
+    if room < 2:
+        return None, f"{k}-shot: the demonstrations take {len(c.prompt_ids)} of the model's {T} positions: no room"
+    correct, test = 0, splits["test"]
+    with torch.no_grad():
+        for batch in objective.eval_batches(test, 64):
+            _, pred = c(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch["labels"])
+            correct += int((pred == batch["labels"]).sum())
+    return correct / len(test), f"{k}-shot: {len(c.prompt_ids)} prompt tokens leave {room} of {T} for the example"
+
+
 def mean_std(xs):
     return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
 
@@ -66,6 +102,11 @@ def helps(args):
                                     ["--train-examples", str(n), "--seed", str(1337 + seed), *extra])
                 results.setdefault((n, init), []).append(acc)
     base = {n: tasks.baselines(task, n) for n in args.sizes}
+    shots = {}  # k -> ([accuracy per seed], what the prompt left); a left-to-right LM only
+    if getattr(train.model_module(args.model).Classifier, "CAUSAL_LM", False):
+        for k in args.shots:
+            runs = [few_shot(args, k, seed) for seed in range(args.seeds)]
+            shots[k] = ([a for a, _ in runs if a is not None], runs[0][1])
     print(f"\n{args.model} on {args.task}: test accuracy ({len(task.test)} examples from "
           f"{', '.join(tasks.TEST_WORKS)}), {args.iters} steps per run, {args.seeds} seed(s), "
           f"{time.time() - t0:.0f} s in all")
@@ -74,6 +115,9 @@ def helps(args):
         (pm, ps), (rm, rs) = mean_std(results[(n, "pretrained")]), mean_std(results[(n, "random")])
         print(f"{n:>9,}  {pm:>8.1%} ± {ps:4.1%}  {rm:>8.1%} ± {rs:4.1%}  {base[n]['majority']:>8.1%}  "
               f"{base[n]['bow']:>12.1%}")
+    for k, (accs, line) in shots.items():  # no labelled example trained: GPT-3's prompting
+        m, s = mean_std(accs) if accs else (float("nan"), 0.0)
+        print(f"{'no gradient':>9}  {m:>8.1%} ± {s:4.1%}  ({line})")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for init, style in (("pretrained", "o-"), ("random", "s--")):
@@ -82,12 +126,15 @@ def helps(args):
                     label=f"{args.model}, {'pretrained' if init == 'pretrained' else 'random init'}")
     ax.plot(args.sizes, [base[n]["bow"] for n in args.sizes], ":", label="bag-of-words logistic regression")
     ax.axhline(base[args.sizes[0]]["majority"], color="gray", lw=0.8, label="majority class")
+    for (k, (accs, _)), color in zip(shots.items(), ("tab:green", "tab:red", "tab:purple")):
+        if accs:
+            ax.axhline(np.mean(accs), color=color, ls="-.", lw=1, label=f"{k}-shot prompt, no training")
     ax.set(xscale="log", xlabel="labelled training examples", ylabel="test accuracy",
            title=f"Does pretraining help? {args.model}, --task {args.task}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     save(fig, args.png or os.path.join(ASSETS, f"downstream_helps_{args.model}_{args.task}.png"), plt)
-    return results, base
+    return results, base, shots
 
 
 def peft(args):
@@ -159,6 +206,8 @@ def main(argv=None):
         q.add_argument("--train-args", default="", help="more train.py flags for every run, e.g. '--dtype fp32'")
         if name == "helps":
             q.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000], help="labelled examples")
+            q.add_argument("--shots", type=int, nargs="*", default=[0, 1], help="left-to-right LMs: the "
+                           "pretrained model prompted with k examples, no training (GPT-3's k-shot)")
         else:
             q.add_argument("--size", type=int, default=1000, help="labelled examples")
             q.add_argument("--ranks", type=int, nargs="+", default=[2, 8], help="LoRA ranks")

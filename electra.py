@@ -59,6 +59,8 @@ class ElectraConfig:
     max_position_embeddings: int = 512  # rows of the learned position table
     type_vocab_size: int = 2  # segment embeddings, as in BERT
     generator_size: float = 0.25  # C_g / C (Small: 1/4). Its FFN is 4 C_g, one head per 64
+    generator_heads: int = 0  # 0 = that rule; else a released generator's own config.json says
+    generator_intermediate_size: int = 0  # 0 = 4 C_g; else as its config.json says
     disc_weight: float = 50.0  # lambda: weight of the discriminator's loss (ELECTRA §2)
     hidden_dropout_prob: float = 0.1  # dropout on embeddings and sub-layer outputs
     attention_probs_dropout_prob: float = 0.1  # dropout on attention probabilities
@@ -81,6 +83,8 @@ class ElectraConfig:
     def __post_init__(self):
         require(self.embedding_size >= 0, f"--embedding-size {self.embedding_size}: must be >= 0 (0 = --hidden-size)")
         require(0 < self.generator_size <= 1, f"--generator-size {self.generator_size}: must be in (0, 1]")
+        require(self.generator_heads >= 0 and self.generator_intermediate_size >= 0,
+                "--generator-heads and --generator-intermediate-size must be >= 0 (0 = ELECTRA's rule)")
         # BERT's checks: heads divide the width, lengths fit, ...
         self.discriminator_config(), self.generator_config()
 
@@ -92,9 +96,11 @@ class ElectraConfig:
         return self._bert()
 
     def generator_config(self):
-        """ELECTRA's get_generator_config: hidden size scaled, FFN 4x hidden, one head per 64."""
+        """ELECTRA's get_generator_config: hidden size scaled, FFN 4x hidden, one head per 64
+        (unless generator_heads / generator_intermediate_size say otherwise)."""
         h = int(round(self.hidden_size * self.generator_size))
-        return self._bert(hidden_size=h, intermediate_size=4 * h, num_attention_heads=max(1, h // 64))
+        return self._bert(hidden_size=h, intermediate_size=self.generator_intermediate_size or 4 * h,
+                          num_attention_heads=self.generator_heads or max(1, h // 64))
 
 
 Config = ElectraConfig
@@ -287,15 +293,14 @@ class ELECTRA(nn.Module):
                                  f"({hf_g.get(key)} vs {hf_d.get(key)}): not a "
                                  f"generator/discriminator pair")
         d.update(embedding_size=hf_d["embedding_size"], generator_size=hf_g["hidden_size"] / d["hidden_size"])
+        # the generator's own config.json decides its shape; ELECTRA's rule is only the default
+        h = hf_g["hidden_size"]
+        if hf_g["num_attention_heads"] != max(1, h // 64):
+            d["generator_heads"] = hf_g["num_attention_heads"]
+        if hf_g["intermediate_size"] != 4 * h:
+            d["generator_intermediate_size"] = hf_g["intermediate_size"]
         config = ElectraConfig(**{k: v for k, v in d.items() if k in ElectraConfig.__dataclass_fields__},
                                **overrides)
-        gen = config.generator_config()
-        if (gen.hidden_size, gen.num_attention_heads, gen.intermediate_size) != \
-                (hf_g["hidden_size"], hf_g["num_attention_heads"], hf_g["intermediate_size"]):
-            raise ValueError(f"{generator_path}: hidden {hf_g['hidden_size']}, heads "
-                             f"{hf_g['num_attention_heads']}, FFN {hf_g['intermediate_size']} do "
-                             f"not follow ELECTRA's generator rule (heads = hidden / 64, FFN = 4 "
-                             f"x hidden)")
         model = cls(config)
         copy_weights(model.discriminator, sd_d, discriminator_path, name=discriminator_hf_name)
         for ours in model.generator.encoder.embeddings.state_dict():

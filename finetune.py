@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from common import UsageError, require
 
 PEFT = ("none", "lora", "adapter", "prefix")
+TASK_FORMATS = ("classifier", "completion")  # --task-format: the family's head, or GPT-2's way
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Parameter-efficient methods
@@ -234,7 +235,7 @@ class TaskObjective:
 
     def describe(self):
         c = self.classifier
-        return f"fine-tuning: {type(c).__module__}.Classifier, {len(c.labels)} labels ({', '.join(c.labels)})"
+        return f"fine-tuning: {type(c).__module__}.{type(c).__name__}, {len(c.labels)} labels ({', '.join(c.labels)})"
 
     def row(self, a, b):
         """One example in the family's layout, cut to max_len: the longer text loses its end first."""
@@ -293,11 +294,60 @@ class TaskObjective:
         return {"loss": sums["loss"] / n, "acc": sums["correct"] / n}
 
 
+class Completion(nn.Module):
+    """GPT-2's way (Radford et al. 2019, §2): no new layer, the task is text to continue. A row is the
+    example, then a task token ("genre:"), then the label's word; fine-tuning trains the LM loss on
+    the word's tokens only. Prediction scores every label's word after the row and picks the most
+    likely (mean log-probability per token, as GPT-3 ranks multiple-choice completions, §2.4).
+    shots: labelled examples read first, each with its answer: few-shot prompting, no gradient
+    (GPT-3 §2). For any left-to-right LM of the suite (family.CAUSAL_LM); PEFT globs are family's.
+      row:  <eot> A (<eot> B) " genre:" | " tragedy"   <- loss / score on the word after "|"
+    forward(...) -> (per-example loss (B,), predicted label (B,)): TaskObjective's interface."""
+
+    def __init__(self, model, task, labels, tokenizer, family, shots=()):
+        super().__init__()
+        require(getattr(family, "CAUSAL_LM", False), f"--task-format completion: {family.__module__} "
+                "is no left-to-right LM (GPT-2's way needs one); use --task-format classifier")
+        self.pretrained, self.labels, self.eot = model, labels, tokenizer.specials["<|endoftext|>"]
+        self.LORA, self.ADAPTER, self.EMBEDDING, self.PAD = family.LORA, family.ADAPTER, family.EMBEDDING, family.PAD
+        self.PROMPT_AT = 0
+        self.cue = tokenizer.encode(f" {task}:")  # the task token(s)
+        self.words = [tokenizer.encode(f" {w}") for w in labels]
+        self.max_len = model.config.block_size - max(map(len, self.words))  # the word must fit after the row
+        # few-shot: each demonstration is a row with its answer, read before the example
+        self.prompt_ids = [i for a, b, y in shots for i in [*self.encode(a, b)[0], *self.words[y]]]
+
+    def encode(self, a, b=None):
+        """The row without its answer: encode([7], [9]) -> ([e, 7, e, 9, *cue], [0] * (4 + len(cue)))."""
+        ids = [self.eot, *a, *([self.eot, *b] if b is not None else []), *self.cue]
+        return ids, [0] * len(ids)
+
+    def forward(self, input_ids, token_type_ids, attention_mask, labels):
+        B, T = input_ids.shape
+        n = attention_mask.sum(1)  # (B,) real tokens: the word starts at position n
+        nll = []  # per label: (B,) mean negative log-probability of its word after the row
+        for word in self.words:
+            L, w = len(word), torch.tensor(word, device=input_ids.device)
+            ids = torch.cat([input_ids, input_ids.new_full((B, L), self.eot)], 1)  # (B, T + L)
+            at = n[:, None] + torch.arange(L, device=ids.device)  # (B, L) the word's positions
+            ids = ids.scatter(1, at, w.expand(B, L))
+            targets = torch.full_like(ids, -100).scatter(1, at - 1, w.expand(B, L))  # predicted one before
+            logits = self.pretrained(ids[:, :-1])[0]  # (B, T + L - 1, V)
+            loss = F.cross_entropy(logits.float().transpose(1, 2), targets[:, :-1], ignore_index=-100,
+                                   reduction="none")  # (B, T + L - 1), 0 off the word
+            nll.append(loss.sum(1) / L)
+        nll = torch.stack(nll, 1)  # (B, n_labels)
+        return nll.gather(1, labels[:, None])[:, 0], nll.argmin(1)
+
+
 def for_task(mod, model, task, labels, tokenizer, cfg):
     """(classifier with cfg.peft applied, its TaskObjective, a line for the log): what the loop
     trains when --task is given. The family's Classifier wraps the pretrained model."""
     require(hasattr(mod, "Classifier"), f"--task: {mod.__name__} has no Classifier (no fine-tuning head)")
-    classifier = mod.Classifier(model, task, labels, tokenizer)
+    if cfg.task_format == "completion":
+        classifier = Completion(model, task, labels, tokenizer, mod.Classifier)
+    else:
+        classifier = mod.Classifier(model, task, labels, tokenizer)
     if cfg.lm_weight:
         require(hasattr(classifier, "lm_weight"), f"--lm-weight: {cfg.model} has no auxiliary LM loss (GPT's)")
         classifier.lm_weight = cfg.lm_weight

@@ -556,6 +556,7 @@ class Classifier(nn.Module):
     EMBEDDING = "transformer.wte"  # the table a trained prompt (--peft prefix) extends
     PROMPT_AT = 0  # the prompt is read first
     PAD = "<|endoftext|>"  # right padding: a causal model never reads it from a real token
+    CAUSAL_LM = True  # a left-to-right LM: --task-format completion (finetune.Completion) applies
 
     def __init__(self, model, task, labels, tokenizer, lm_weight=0.0):
         super().__init__()

@@ -175,6 +175,8 @@ class TrainConfig:
     prompt_tokens: int = opt(8, "--peft prefix: trained input vectors read before the text")
     lm_weight: float = opt(0.0, "--task with --model gpt: lambda of GPT-1's auxiliary LM loss "
                                 "(L2 + lambda L1; GPT-1 used 0.5)")
+    task_format: str = opt("classifier", "--task: classifier (the family paper's head) | completion "
+                                         "(GPT-2's way: the label's word after a task token; gpt, mtp)")
     bench: bool = opt(False, "benchmark: time --bench-iters steps, print ms/step, tokens/s, MFU; "
                              "write nothing")
     bench_iters: int = opt(30, "timed steps for --bench (after 5 warm-up steps)")
@@ -202,10 +204,14 @@ class TrainConfig:
         require(self.task in ("", *tasks.TASKS), f"--task {self.task!r}: choose {' or '.join(tasks.TASKS)}")
         *others, last = finetune.PEFT
         require(self.peft in finetune.PEFT, f"--peft {self.peft!r}: choose {', '.join(others)} or {last}")
+        require(self.task_format in finetune.TASK_FORMATS, f"--task-format {self.task_format!r}: choose "
+                f"{' or '.join(finetune.TASK_FORMATS)}")
         require(self.train_examples >= 0, f"--train-examples {self.train_examples}: must be >= 0")
         require(0 <= self.lm_weight < math.inf, f"--lm-weight {self.lm_weight:g}: must be a number >= 0")
-        require(self.task or not (self.peft != "none" or self.train_examples or self.random_init or self.lm_weight),
-                "--peft, --train-examples, --random-init and --lm-weight fine-tune: give --task too")
+        tuning = (self.peft != "none", self.train_examples, self.random_init, self.lm_weight,
+                  self.task_format != "classifier")
+        require(self.task or not any(tuning),
+                "--peft, --train-examples, --random-init, --lm-weight and --task-format fine-tune: give --task too")
         require(not self.random_init or self.init_from,
                 "--random-init takes the architecture of --init-from: give --init-from too")
         budget = parse_duration(self.max_time)  # a malformed --max-time fails here, before reading
@@ -1768,6 +1774,9 @@ def train(argv=None, on_step=None):
     finally:
         if run is not None:
             release_lock(run.lock)
+            # DDP's reducer holds the process group: free it first, so the group's threads stop inside
+            # destroy_process_group below, not whenever the last reference goes
+            run = None
         if flush:
             torch.set_flush_denormal(False)
         if dist.world > 1:

@@ -20,14 +20,14 @@ def assert_rel(got, ref, what):
     assert_scaled_close(got, ref, what, rel=1e-5)  # float64 on both sides: 1e-5 of the largest logit
 
 
-def hf_pair(seed=0, V=61, T=24, E=24, C=64):
+def hf_pair(seed=0, V=61, T=24, E=24, C=64, gen_heads=1, gen_ffn=64):
     """An ElectraForMaskedLM + ElectraForPreTraining pair as ELECTRA trains them: the generator 1/4 of the
     discriminator (ELECTRA's rule: FFN 4x hidden, one head per 64), the same embeddings, std-0.3 weights."""
     torch.manual_seed(seed)
     kw = dict(vocab_size=V, embedding_size=E, num_hidden_layers=2, max_position_embeddings=T, hidden_dropout_prob=0.0,
               attention_probs_dropout_prob=0.0)
-    gen = transformers.ElectraForMaskedLM(transformers.ElectraConfig(hidden_size=C // 4, num_attention_heads=1,
-                                                                     intermediate_size=C, **kw)).eval()
+    gen = transformers.ElectraForMaskedLM(transformers.ElectraConfig(hidden_size=C // 4, num_attention_heads=gen_heads,
+                                                                     intermediate_size=gen_ffn, **kw)).eval()
     disc = transformers.ElectraForPreTraining(transformers.ElectraConfig(hidden_size=C, num_attention_heads=4,
                                                                          intermediate_size=96, **kw)).eval()
     redraw(gen)
@@ -53,6 +53,22 @@ def test_from_pretrained_matches_transformers_generator_and_discriminator_with_p
     assert got_g.shape == (3, 24, 61) and got_d.shape == (3, 24)
     assert_rel(got_g, ref_g, f"generator logits ({attn})")
     assert_rel(got_d, ref_d, f"discriminator logits ({attn})")
+
+
+def test_a_generator_off_electras_shape_rule_loads_as_its_own_config_json_says(tmp_path):
+    gen, disc = hf_pair(gen_heads=2, gen_ffn=40)  # the rule would give 1 head and FFN 64 at width 16
+    gen.save_pretrained(tmp_path / "gen")
+    disc.save_pretrained(tmp_path / "disc")
+    ids, tt, am = padded_inputs()
+    ours = electra.ELECTRA.from_pretrained(str(tmp_path / "gen"), str(tmp_path / "disc")).double().eval()
+    g = ours.config.generator_config()
+    assert (g.num_attention_heads, g.intermediate_size) == (2, 40), "the generator's config.json was not followed"
+    with torch.no_grad():
+        ref = gen.double()(input_ids=ids, token_type_ids=tt, attention_mask=am).logits
+        assert_rel(ours.generator(ids, tt, am), ref, "generator logits (2 heads, FFN 40)")
+    ours.export_hf(str(tmp_path / "again"))
+    back = transformers.ElectraConfig.from_pretrained(str(tmp_path / "again" / "generator"))
+    assert (back.num_attention_heads, back.intermediate_size) == (2, 40), "the export lost the generator's shape"
 
 
 def test_export_hf_round_trips_through_transformers(tmp_path):

@@ -187,6 +187,13 @@ def test_lora_on_gpt_merges_into_a_plain_gpt_with_the_same_outputs(pretrained, p
     assert set(plain.state_dict()) == set(gpt.GPT(plain.config).state_dict()), "merged names differ from GPT's"
     torch.testing.assert_close(plain(ids)[0], logits, rtol=1e-5, atol=1e-5 * logits.abs().max().item(),
                                msg="the merged model computes another function")
+    import transformers  # the merged model exports as GPT-2 does, and transformers reads the same function
+
+    plain.export_hf(str(tmp_path / "hf"))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, logits, rtol=1e-5, atol=1e-5 * logits.abs().max().item(),
+                                   msg="the exported merged model computes another function in transformers")
 
 
 def test_a_fine_tuned_run_resumes_to_the_same_losses_and_reloads_to_the_same_predictions(
@@ -258,11 +265,49 @@ def test_init_from_with_a_shorter_block_size_keeps_the_first_rows_of_the_positio
     assert not os.path.exists(tmp_path / "long" / "out" / "ckpt.pt")
 
 
+def test_completion_picks_the_label_whose_word_the_lm_finds_most_likely_after_the_row(pretrained, float64):
+    _, tokenizer, _ = train.load_for_inference(pretrained("gpt"))  # its char tokenizer; a longer context
+    torch.manual_seed(0)
+    model = gpt.GPT(gpt.GPTConfig(block_size=96, vocab_size=tokenizer.n_vocab, n_layer=2, n_head=2, n_embd=16))
+    shots = [(tokenizer.encode("Good morrow."), None, 0)]
+    c = finetune.Completion(model, "genre", ("comedy", "history", "tragedy"), tokenizer, gpt.Classifier, shots)
+    objective = finetune.TaskObjective(c, c.max_len, tokenizer.specials[c.PAD])
+    texts = ["To be, or not", "Once more unto the breach", "If music be"]
+    split = finetune.Examples("test", [tokenizer.encode(t) for t in texts], None, [2, 1, 0], ["x"])
+    batch = objective.batch(split, [0, 1, 2])
+    loss, pred = c(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch["labels"])
+    for i, text in enumerate(texts):  # one example, one label at a time, straight through the LM
+        row = [*c.prompt_ids, *c.encode(tokenizer.encode(text))[0]]
+        assert row == batch["input_ids"][i, :len(row)].tolist(), "the demonstration is not read before the row"
+        nll = []
+        for word in c.words:
+            logp = model(torch.tensor([row + word]))[0][0].log_softmax(-1)  # (T, V)
+            nll.append(-sum(logp[len(row) - 1 + j, w] for j, w in enumerate(word)) / len(word))
+        assert pred[i] == min(range(3), key=lambda j: nll[j]), f"{text!r}: not the most likely label word"
+        # rel 1e-6: the loss is taken in fp32, as every objective of the suite takes it
+        assert loss[i].item() == pytest.approx(nll[split.labels[i]].item(), rel=1e-6), \
+            "the loss is not the mean negative log-probability of the true label's word"
+    assert c.max_len + max(map(len, c.words)) == model.config.block_size, "the longest word must fit after a row"
+
+
+def test_completion_fine_tunes_gpt_through_the_loop_and_is_refused_for_an_encoder(
+        pretrained, plays_corpus, tmp_path, capsys):
+    rows = train.train(ft_args("gpt", tmp_path, plays_corpus, pretrained("gpt"), "--task-format", "completion"))
+    assert "finetune.Completion" in capsys.readouterr().out and 0 <= rows[-1]["test_acc"] <= 1
+    classifier, _, _ = train.load_for_inference(str(tmp_path / "out" / "ckpt.pt"))
+    assert isinstance(classifier, finetune.Completion), "the checkpoint does not reload as a completion run"
+    argv = ft_args("bert", tmp_path / "b", plays_corpus, pretrained("bert"), "--task-format", "completion")
+    assert exit_code(train.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "no left-to-right LM" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_fine_tuning_flags_without_a_task_or_out_of_range_are_one_line_errors(tmp_path, plays_corpus, capsys):
     for extra, says in ((("--peft", "lora"), "give --task too"), (("--task", "sentiment"), "--task 'sentiment'"),
                         (("--task", "genre", "--peft", "bitfit"), "--peft 'bitfit'"),
                         (("--task", "genre", "--random-init"), "give --init-from too"),
-                        (("--task", "genre", "--lora-r", "0"), "--lora-r 0")):
+                        (("--task", "genre", "--lora-r", "0"), "--lora-r 0"),
+                        (("--task-format", "completion"), "give --task too")):
         assert exit_code(train.main, tiny_args("gpt", tmp_path, plays_corpus, *extra)) == 2, extra
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1, err
@@ -277,12 +322,16 @@ def test_the_two_comparisons_run_their_grids_and_write_their_tables_and_figures(
     common = ["--model", "gpt", "--init-from", ckpt, "--iters", "2", "--evals", "1", "--batch-size", "4",
               "--train-args", f"--data {plays_corpus} --cache-dir {tmp_path / 'cache'} --dtype fp32 --val-docs lear "
                               "--eval-tokens 3000"]
-    results, base = downstream.main(["helps", *common, "--sizes", "12", "24", "--seeds", "2",
-                                     "--out-dir", str(tmp_path / "helps"), "--png", str(tmp_path / "helps.png")])
+    results, base, shots = downstream.main(["helps", *common, "--sizes", "12", "24", "--seeds", "2",
+                                            "--shots", "0", "9", "--out-dir", str(tmp_path / "helps"),
+                                            "--png", str(tmp_path / "helps.png")])
     assert set(results) == {(n, i) for n in (12, 24) for i in ("pretrained", "random")}
     assert all(len(accs) == 2 and all(0 <= a <= 1 for a in accs) for accs in results.values())
     out = capsys.readouterr().out
     assert "labelled" in out and "bag of words" in out and (tmp_path / "helps.png").exists()
+    assert len(shots[0][0]) == 2 and all(0 <= a <= 1 for a in shots[0][0]), "zero-shot: an accuracy per seed"
+    assert shots[9][0] == [] and shots[9][1].endswith("of the model's 32 positions: no room"), \
+        f"9 demonstrations cannot fit in 32 characters: {shots[9]}"
     results = downstream.main(["peft", *common, "--size", "12", "--seeds", "1", "--ranks", "2",
                                "--out-dir", str(tmp_path / "peft"), "--png", str(tmp_path / "peft.png")])
     counts = {label: n for label, (_, _, n, _) in results.items()}
