@@ -72,7 +72,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # --model name -> module. Adding a model = one line here and one file.
 # gpt: gpt.py's GPT-2, through mtp.py. mtp.py adds the optional multi-token heads (--mtp-heads);
 # without them it builds a plain gpt.GPT.
-MODELS = {"gpt": "mtp", "bert": "bert", "electra": "electra", "t5": "t5", "xlnet": "xlnet"}
+MODELS = {"gpt": "mtp", "bert": "bert", "electra": "electra", "t5": "t5", "xlnet": "xlnet", "llama": "llama"}
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Configuration. Every field is a --flag (underscores become dashes).
@@ -89,7 +89,7 @@ def cli_flag(name):
 
 
 SCHEDULES = ("cosine", "linear", "rsqrt", "constant", "wsd")
-OPTIMIZERS = ("adamw", "adamw-scale")
+OPTIMIZERS = ("adamw", "adamw-scale", "muon")
 TOKENIZERS = ("char", "gpt2", "bpe")
 
 
@@ -136,7 +136,8 @@ class TrainConfig:
     lr_decay_iters: int = opt(0, "the decay's horizon: lr reaches --min-lr at this step (0 = "
                                  "max_iters, fixed when the run starts; a resumed run keeps it)")
     optimizer: str = opt("adamw", "adamw | adamw-scale (each tensor's step scaled by its RMS, "
-                                  "Adafactor's relative step: how nanoT5 trains T5)")
+                                  "Adafactor's relative step: how nanoT5 trains T5) | muon (Muon on the "
+                                  "hidden weight matrices, AdamW on the rest)")
     weight_decay: float = opt(0.1, "AdamW decoupled weight decay, on weight matrices only")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.99, "AdamW beta2")
@@ -489,6 +490,8 @@ def make_optimizer(model, cfg, device):
     no_decay = [p for n, p in named if not (p.dim() >= 2 and n not in skip)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "muon":
+        return muon_with_adamw(model, named, groups, cfg, device)
     if cfg.optimizer == "adamw-scale":
         optimizer = AdamWScale(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps)
     else:
@@ -500,6 +503,56 @@ def make_optimizer(model, cfg, device):
     skipped = ", " + ", ".join(sorted(skip)) if skip else ""
     return optimizer, f"weight decay {cfg.weight_decay} on {count(decay)}; none on " \
                       f"{count(no_decay)}: biases, norm gains{skipped}"
+
+
+def muon_with_adamw(model, named, groups, cfg, device):
+    """--optimizer muon: torch.optim.Muon (Jordan et al. 2024) on the hidden layers' weight matrices,
+    AdamW on the rest, as the recipes split them. Muon orthogonalises each matrix's momentum (5
+    Newton-Schulz steps): every direction of the update gets the same size. That suits a matmul's
+    weight, not a lookup table (embeddings), the output head, gains or biases: those keep AdamW.
+    adjust_lr_fn="match_rms_adamw" (Liu et al. 2025, "Muon is scalable", §2.2) scales each update to
+    AdamW's RMS (0.2 sqrt(max(A, B))): one --lr and one --weight-decay serve both optimizers."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    hidden = {id(m.weight) for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and not n.split(".")[-1] == "lm_head"
+              and m.weight.requires_grad and id(m.weight) not in tables}
+    muon = torch.optim.Muon([p for _, p in named if id(p) in hidden], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in hidden]} for g in groups]
+    fused = device.split(":")[0] in ("cuda", "cpu")
+    adamw = torch.optim.AdamW(rest, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused or None)
+    n = lambda ps: f"{len(ps)} tensors ({sum(p.numel() for p in ps):,} parameters)"
+    return MuonAdamW(muon, adamw), (f"Muon on {n(muon.param_groups[0]['params'])}: the hidden weight matrices; "
+                                    f"AdamW on {n([p for g in rest for p in g['params']])}, decay "
+                                    f"{cfg.weight_decay} on both optimizers' matrices")
+
+
+class MuonAdamW:
+    """Two optimizers as the loop's one: the schedule sets "lr" on every group of both, a step steps
+    both, a checkpoint holds both states."""
+
+    def __init__(self, muon, adamw):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self):
+        # looked up each time: load_state_dict gives each optimizer new group dicts (a trap on resume)
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none=True):
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state):
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
 
 
 class AdamWScale(torch.optim.Optimizer):

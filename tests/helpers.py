@@ -74,6 +74,7 @@ TINY_EXTRA = {  # what each model's tiny run needs besides the common flags (no 
     "electra": ("--val-docs", "lear"),
     "t5": ("--fill", ""),
     "xlnet": ("--val-docs", "lear", "--demo-text", ""),
+    "llama": ("--sample-tokens", "0"),
 }
 
 
