@@ -116,8 +116,8 @@ def helps(args):
         print(f"{n:>9,}  {pm:>8.1%} ± {ps:4.1%}  {rm:>8.1%} ± {rs:4.1%}  {base[n]['majority']:>8.1%}  "
               f"{base[n]['bow']:>12.1%}")
     for k, (accs, line) in shots.items():  # no labelled example trained: GPT-3's prompting
-        m, s = mean_std(accs) if accs else (float("nan"), 0.0)
-        print(f"{'no gradient':>9}  {m:>8.1%} ± {s:4.1%}  ({line})")
+        m, s = mean_std(accs) if accs else (None, None)
+        print(f"{'no gradient':>9}  " + (f"{m:>8.1%} ± {s:4.1%}" if accs else f"{'-':>15}") + f"  ({line})")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for init, style in (("pretrained", "o-"), ("random", "s--")):

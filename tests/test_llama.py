@@ -144,3 +144,17 @@ def test_muon_takes_the_hidden_matrices_adamw_the_rest_and_a_muon_run_resumes_ex
     args = lambda sub: tiny_args("llama", tmp_path / sub, corpus, "--optimizer", "muon", "--max-iters", "6",
                                  "--eval-interval", "3", "--log-interval", "1")
     assert_resumes(train.train, args, stop_at=3)
+
+
+def test_the_modern_ablation_runs_gpt2_llama_and_muon_and_writes_its_table_and_figure(tmp_path, corpus, capsys):
+    import modern
+
+    results = modern.main(["--quick", "--out-dir", str(tmp_path / "runs"), "--png", str(tmp_path / "m.png"),
+                           "--train-args", f"--preset tiny --data {corpus} --cache-dir {tmp_path / 'cache'} "
+                                           "--dtype fp32"])
+    assert list(results) == ["GPT-2", "+ RMSNorm, SwiGLU", "+ Muon"]
+    assert all(0 < bpb < 10 and steps == 20 for runs in results.values() for bpb, _, _, steps in runs)
+    out = capsys.readouterr().out
+    assert "val bits per byte on the held-out plays, 20 steps each" in out and (tmp_path / "m.png").exists()
+    tied, untied = results["+ RMSNorm, SwiGLU"][0][2], results["+ Muon"][0][2]
+    assert untied > tied, "the untied rows carry a head matrix of their own"
