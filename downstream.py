@@ -56,15 +56,11 @@ def run_one(args, name, extra):
     return best["test_acc"], float(np.mean(ms)) if ms else float("nan"), rows
 
 
-def few_shot(args, k, seed=0):
+def few_shot(model, tokenizer, task, family, test, k, seed=0):
     """GPT-3's few-shot prompting (Brown et al. 2020, §2; zero-shot when k = 0): k training examples
     with their answers, then the test example; the label whose word the model finds most likely
     (finetune.Completion), no gradient. -> (test accuracy or None, a line saying what was done):
     None when the demonstrations leave no room for the example in the model's context."""
-    model, tokenizer, _ = train.load_for_inference(args.init_from, flag="--init-from", model=args.model)
-    task = tasks.load_task(args.task)
-    family = train.model_module(args.model).Classifier
-    splits = finetune.tokenize(task, tokenizer)
     pool = task.train_set(None)  # k demonstrations: balanced, drawn per seed, the same for every test example
     picks = np.random.default_rng(seed).permutation(len(pool))
     demos, per_label = [], max(1, -(-k // len(task.labels)))
@@ -80,7 +76,7 @@ def few_shot(args, k, seed=0):
     room, T = objective.room[task.pair], model.config.block_size
     if room < 2:
         return None, f"{k}-shot: the demonstrations take {len(c.prompt_ids)} of the model's {T} positions: no room"
-    correct, test = 0, splits["test"]
+    correct = 0
     with torch.no_grad():
         for batch in objective.eval_batches(test, 64):
             _, pred = c(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch["labels"])
@@ -103,9 +99,12 @@ def helps(args):
                 results.setdefault((n, init), []).append(acc)
     base = {n: tasks.baselines(task, n) for n in args.sizes}
     shots = {}  # k -> ([accuracy per seed], what the prompt left); a left-to-right LM only
-    if getattr(train.model_module(args.model).Classifier, "CAUSAL_LM", False):
+    family = train.model_module(args.model).Classifier
+    if getattr(family, "CAUSAL_LM", False) and args.shots:
+        model, tokenizer, _ = train.load_for_inference(args.init_from, flag="--init-from", model=args.model)
+        test = finetune.tokenize(task, tokenizer)["test"]
         for k in args.shots:
-            runs = [few_shot(args, k, seed) for seed in range(args.seeds)]
+            runs = [few_shot(model, tokenizer, task, family, test, k, seed) for seed in range(args.seeds)]
             shots[k] = ([a for a, _ in runs if a is not None], runs[0][1])
     print(f"\n{args.model} on {args.task}: test accuracy ({len(task.test)} examples from "
           f"{', '.join(tasks.TEST_WORKS)}), {args.iters} steps per run, {args.seeds} seed(s), "
@@ -155,7 +154,7 @@ def peft(args):
             times.append(ms)
         ckpt = train.load_checkpoint(os.path.join(args.out_dir, f"{name}-seed0", "ckpt.pt"))
         n_train = _trained(ckpt)
-        results[label] = (accs, float(np.mean(times)), n_train, _total(ckpt))
+        results[label] = (accs, float(np.mean(times)), n_train, parameters_in(ckpt["model"]))
     print(f"\n{args.model} on {args.task}, {args.size:,} labelled examples, {args.iters} steps, {args.seeds} seed(s), "
           f"{time.time() - t0:.0f} s in all")
     print(f"{'method':>14}  {'test accuracy':>15}  {'trained parameters':>24}  {'ms/step':>7}  {'trained state':>13}")
@@ -180,9 +179,9 @@ def _trained(ckpt):
     return sum(s["exp_avg"].numel() for s in ckpt["optimizer"]["state"].values())
 
 
-def _total(ckpt):
-    """Parameters of the fine-tuned model, tied ones once (torch.save keeps them one storage)."""
-    seen = {v.untyped_storage().data_ptr(): v.numel() for v in ckpt["model"].values()}
+def parameters_in(state):
+    """Parameters of a checkpoint's model state, tied ones once (torch.save keeps them one storage)."""
+    seen = {v.untyped_storage().data_ptr(): v.numel() for v in state.values()}
     return sum(seen.values())
 
 

@@ -237,7 +237,8 @@ class Llama(nn.Module):
     def flops_per_token(self):
         """6 per weight (the head's matmul included) + 12 L T C for attention (PaLM, App. B)."""
         c = self.config
-        head = 0 if not c.tie_word_embeddings else c.vocab_size * c.n_embd  # counted once above if tied
+        # a tied head is the token table, which non_embedding dropped: its matmul still costs 6 per weight
+        head = c.vocab_size * c.n_embd if c.tie_word_embeddings else 0
         return 6 * (self.num_params(non_embedding=True) + head) + 12 * c.n_layer * c.block_size * c.n_embd
 
     def forward(self, idx, targets=None):

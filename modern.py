@@ -30,6 +30,7 @@ import numpy as np
 
 import train
 from common import command, pyplot, require
+from downstream import parameters_in
 from experiments import Parser, save
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -53,8 +54,7 @@ def run_row(args, model, flags, seed, out_dir):
     rows = train.train(argv)
     last = [r for r in rows if r["kind"] == "eval"][-1]
     ms = [r["ms"] for r in rows if r["kind"] == "train"]
-    params = train.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["model"]
-    n = sum(v.numel() for v in {v.untyped_storage().data_ptr(): v for v in params.values()}.values())
+    n = parameters_in(train.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["model"])
     return last["val_bpb"], float(np.median(ms)), n, last["step"]
 
 

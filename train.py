@@ -483,15 +483,15 @@ def peak_flops(device, dtype, cache_dir, measure=True, remeasure=False):
 def make_optimizer(model, cfg, device):
     """(AdamW, a line on its groups): decoupled weight decay on weight matrices only. Biases, norm
     gains and no_weight_decay() (position tables) are not pulled toward 0: decaying them gives no
-    "simpler" model, just another one (the convention since BERT's AdamWeightDecayOptimizer)."""
+    "simpler" model, just another one (the convention since BERT's AdamWeightDecayOptimizer).
+    --optimizer muon: Muon on the hidden matrices (muon_matrices), this AdamW on the rest."""
+    hidden = muon_matrices(model) if cfg.optimizer == "muon" else set()
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in named if p.dim() >= 2 and n not in skip]
+    decay = [p for n, p in named if p.dim() >= 2 and n not in skip and id(p) not in hidden]
     no_decay = [p for n, p in named if not (p.dim() >= 2 and n not in skip)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     betas = (cfg.beta1, cfg.beta2)
-    if cfg.optimizer == "muon":
-        return muon_with_adamw(model, named, groups, cfg, device)
     if cfg.optimizer == "adamw-scale":
         optimizer = AdamWScale(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps)
     else:
@@ -501,30 +501,26 @@ def make_optimizer(model, cfg, device):
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, fused=fused or None)
     count = lambda ps: f"{len(ps)} tensors ({sum(p.numel() for p in ps):,} parameters)"
     skipped = ", " + ", ".join(sorted(skip)) if skip else ""
-    return optimizer, f"weight decay {cfg.weight_decay} on {count(decay)}; none on " \
-                      f"{count(no_decay)}: biases, norm gains{skipped}"
+    line = f"weight decay {cfg.weight_decay} on {count(decay)}; none on {count(no_decay)}: biases, norm gains{skipped}"
+    if hidden:
+        muon = [p for _, p in named if id(p) in hidden]
+        optimizer = MuonAdamW(torch.optim.Muon(muon, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.95,
+                                               nesterov=True, adjust_lr_fn="match_rms_adamw"), optimizer)
+        line = f"Muon on {count(muon)}: the hidden weight matrices, weight decay {cfg.weight_decay}; AdamW: {line}"
+    return optimizer, line
 
 
-def muon_with_adamw(model, named, groups, cfg, device):
-    """--optimizer muon: torch.optim.Muon (Jordan et al. 2024) on the hidden layers' weight matrices,
-    AdamW on the rest, as the recipes split them. Muon orthogonalises each matrix's momentum (5
+def muon_matrices(model):
+    """ids of the weights --optimizer muon gives torch.optim.Muon (Jordan et al. 2024): the hidden
+    layers' matrices, as the recipes split them. Muon orthogonalises each matrix's momentum (5
     Newton-Schulz steps): every direction of the update gets the same size. That suits a matmul's
     weight, not a lookup table (embeddings), the output head, gains or biases: those keep AdamW.
     adjust_lr_fn="match_rms_adamw" (Liu et al. 2025, "Muon is scalable", §2.2) scales each update to
     AdamW's RMS (0.2 sqrt(max(A, B))): one --lr and one --weight-decay serve both optimizers."""
     tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    hidden = {id(m.weight) for n, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and not n.split(".")[-1] == "lm_head"
-              and m.weight.requires_grad and id(m.weight) not in tables}
-    muon = torch.optim.Muon([p for _, p in named if id(p) in hidden], lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
-    rest = [{**g, "params": [p for p in g["params"] if id(p) not in hidden]} for g in groups]
-    fused = device.split(":")[0] in ("cuda", "cpu")
-    adamw = torch.optim.AdamW(rest, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused or None)
-    n = lambda ps: f"{len(ps)} tensors ({sum(p.numel() for p in ps):,} parameters)"
-    return MuonAdamW(muon, adamw), (f"Muon on {n(muon.param_groups[0]['params'])}: the hidden weight matrices; "
-                                    f"AdamW on {n([p for g in rest for p in g['params']])}, decay "
-                                    f"{cfg.weight_decay} on both optimizers' matrices")
+    return {id(m.weight) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.split(".")[-1] != "lm_head"
+            and m.weight.requires_grad and id(m.weight) not in tables}
 
 
 class MuonAdamW:
