@@ -401,7 +401,8 @@ def test_train_py_flags_checkpoints_resume_and_help(tmp_path, corpus, capsys):
     assert exit_code(train.main, ["--model", "gpt", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--mtp-heads MTP_HEADS D: extra future tokens" in text and "--n-layer N_LAYER L: Transformer blocks" in text
-    assert exit_code(train.main, ["--model", "gpt", "--mtp", "tree"]) == 2
+    # its own --out-dir: the default out/gpt is the working directory's, where a user's run may already be
+    assert exit_code(train.main, ["--model", "gpt", "--mtp", "tree", "--out-dir", str(tmp_path / "bad")]) == 2
     assert "--mtp tree: must be parallel or sequential" in capsys.readouterr().err
 
 
