@@ -146,6 +146,37 @@ def test_muon_takes_the_hidden_matrices_adamw_the_rest_and_a_muon_run_resumes_ex
     assert_resumes(train.train, args, stop_at=3)
 
 
+def test_muon_newton_schulz_in_fp32_is_torchs_iteration_and_is_used_where_bf16_is_emulated(tmp_path, corpus,
+                                                                                           monkeypatch):
+    import importlib
+
+    muon_module = importlib.import_module("torch.optim._muon")
+    torch_version = muon_module._zeropower_via_newtonschulz
+    coeffs, steps, eps = (3.4445, -4.7750, 2.0315), 5, 1e-7
+    torch.manual_seed(0)
+    for shape in ((8, 20), (20, 8)):  # wide and tall: the tall one is transposed and back
+        G = torch.randn(shape)
+        with train.newton_schulz_in_fp32():
+            ours = muon_module._zeropower_via_newtonschulz(G, coeffs, steps, eps)
+        assert ours.dtype == torch.float32 and ours.shape == G.shape
+        bf16 = torch_version(G, coeffs, steps, eps).float()
+        err = ((ours - bf16).norm() / bf16.norm()).item()
+        assert err < 0.03, f"fp32 Newton-Schulz differs from torch's bf16 one by {err:.3f} (more than bf16 rounding)"
+        # a wrong step (say c for b) moves the singular values far more than bf16 rounding does
+        sv = torch.linalg.svdvals(ours)
+        assert 0.5 < sv.min() and sv.max() < 1.5, f"orthogonalised: singular values near 1, got {sv}"
+    assert muon_module._zeropower_via_newtonschulz is torch_version, "torch's own function is back after the block"
+    monkeypatch.setattr(train, "cpu_has_native", lambda dtype: dtype == "fp32")  # a CPU without native bf16
+    run = train.setup(tiny_args("llama", tmp_path / "x", corpus, "--optimizer", "muon", "--dtype", "fp32"))
+    assert run.optimizer.fp32_newton_schulz, "no native bf16: Muon must orthogonalise in fp32"
+    seen = []
+    monkeypatch.setattr(torch.Tensor, "bfloat16", lambda self, *a, **k: seen.append(self.shape) or self.to(
+        torch.bfloat16))
+    run.model(torch.zeros(2, 8, dtype=torch.long))[0].sum().backward()
+    run.optimizer.step()
+    assert not seen, f"torch's bf16 Newton-Schulz ran on {seen} on a CPU that emulates bf16"
+
+
 def test_the_modern_ablation_runs_gpt2_llama_and_muon_and_writes_its_table_and_figure(tmp_path, corpus, capsys):
     import modern
 
