@@ -196,13 +196,15 @@ class Embeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(E, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids, token_type_ids):
+    def forward(self, input_ids, token_type_ids, position_ids=None):
+        """position_ids (B, T): each token's own position (maelm.py's encoder reads a row with
+        gaps); None: 0..T-1."""
         T, rows = input_ids.size(1), self.position_embeddings.num_embeddings
         if T > rows:
             raise ValueError(f"sequence of {T} tokens is longer than "
                              f"max_position_embeddings={rows} (the learned position "
                              f"table has no more rows)")
-        pos = torch.arange(T, device=input_ids.device)  # (T,) absolute positions 0..T-1
+        pos = torch.arange(T, device=input_ids.device) if position_ids is None else position_ids  # (T,) or (B, T)
         x = (self.word_embeddings(input_ids) + self.position_embeddings(pos)
              + self.token_type_embeddings(token_type_ids))
         return self.dropout(self.LayerNorm(x))  # (B, T, E)
@@ -283,12 +285,16 @@ class Encoder(nn.Module):
         n_distinct = 1 if config.share_layers else config.num_hidden_layers
         self.layer = nn.ModuleList([Layer(config) for _ in range(n_distinct)])
 
-    def forward(self, input_ids, token_type_ids=None, attention_mask=None):
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, position_ids=None):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)  # one segment: every token is sentence A
-        # (B, 1, 1, T)
-        keep = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        x = self.embeddings(input_ids, token_type_ids)  # (B, T, E)
+        if attention_mask is None:
+            keep = None
+        elif attention_mask.dim() == 3:  # (B, T, T): which keys each query may read (unilm.py's masks)
+            keep = attention_mask.bool()[:, None]  # (B, 1, T, T)
+        else:  # (B, T): real tokens, which every query may read
+            keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, E)
         if hasattr(self, "embeddings_project"):
             x = self.embeddings_project(x)  # (B, T, C)
         for i in range(self.config.num_hidden_layers):

@@ -72,7 +72,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # --model name -> module. Adding a model = one line here and one file.
 # gpt: gpt.py's GPT-2, through mtp.py. mtp.py adds the optional multi-token heads (--mtp-heads);
 # without them it builds a plain gpt.GPT.
-MODELS = {"gpt": "mtp", "bert": "bert", "electra": "electra", "t5": "t5", "xlnet": "xlnet", "llama": "llama"}
+MODELS = {"gpt": "mtp", "bert": "bert", "electra": "electra", "t5": "t5", "xlnet": "xlnet", "llama": "llama",
+          "maelm": "maelm", "unilm": "unilm"}
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Configuration. Every field is a --flag (underscores become dashes).

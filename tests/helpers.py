@@ -75,6 +75,8 @@ TINY_EXTRA = {  # what each model's tiny run needs besides the common flags (no 
     "t5": ("--fill", ""),
     "xlnet": ("--val-docs", "lear", "--demo-text", ""),
     "llama": ("--sample-tokens", "0"),
+    "maelm": ("--val-docs", "lear"),
+    "unilm": ("--val-docs", "lear", "--max-new-tokens", "0"),
 }
 
 

@@ -1,0 +1,154 @@
+"""
+The lecture's comparison tables in miniature: every row pretrained at equal compute on the same data, then
+fine-tuned the same way, scored downstream, beside the figure the slide shows.
+
+    python tables.py mae-lm                 # MAE-LM's Table 2 (Meng et al. 2024): what the encoder sees
+    python tables.py unilm                  # GPT vs BERT vs UniLM (Dong et al. 2019, Table 5: GLUE)
+    python tables.py mae-lm --flops 2e13    # equal FLOPs instead of equal wall time
+    python tables.py mae-lm --quick         # 2 rows, 1 seed, tiny sizes: does it run?
+
+Each row: pretrain through train.py (its CLI, its checkpoint) for --max-time of wall clock, or --flops
+training FLOPs (6 per weight per token plus attention, each model's flops_per_token: the steps are
+chosen before the run, so every row's FLOPs are equal to within one step); then fine-tune the
+pretrained weights on --task with --examples labelled examples for --iters steps, exactly as
+downstream.py does for every row; report the test accuracy at the lowest dev loss. --seeds seeds per
+row (pretraining and fine-tuning both), mean and spread; a row whose mean is within the larger spread
+of the first row's is marked a tie ("="). Nothing is tuned per row: every row gets its model's own
+char-cpu preset and the same budget, task, steps and learning rates.
+The slides' figures are GLUE averages of base-size models trained for days; ours are one small
+task on characters after a minute. The question each table asks is the ranking, not the number.
+Tests: tests/test_tables.py (--quick).
+"""
+
+import argparse
+import os
+import shlex
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+import downstream
+import tasks
+import train
+from common import command, pyplot, require
+from experiments import Parser, save
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# name -> (title, what the slide's figure is, [(row as the slide names it, the slide's figure, --model, flags)])
+TABLES = {
+    "mae-lm": ("MAE-LM, Table 2 (Meng et al. 2024): ablations, GLUE average", "GLUE", [
+        ("MAE-LM", 86.1, "maelm", []),
+        ("enc. w. [MASK] (i.e., MLM)", 85.2, "maelm", ["--encoder-sees-mask", "--decoder-layers", "0"]),
+        ("enc. w. [MASK] + dec.", 85.1, "maelm", ["--encoder-sees-mask"]),
+        ("enc. w. [MASK], dec. resets [MASK]", 85.9, "maelm", ["--encoder-sees-mask", "--decoder-resets-mask"]),
+        ("misaligned position encoding", 86.0, "maelm", ["--no-aligned-positions"]),
+        ("shallower decoder (slide: 2 of 4 layers)", 85.8, "maelm", ["--decoder-layers", "1"]),
+        ("deeper decoder (slide: 6 of 4 layers)", 84.8, "maelm", ["--decoder-layers", "3"]),
+    ]),
+    "unilm": ("UniLM v1 (Dong et al. 2019, Table 5): GLUE score, GPT vs BERT vs UniLM", "GLUE", [
+        ("GPT", 72.8, "gpt", []),
+        ("BERT", 80.5, "bert", []),
+        ("UniLM", 80.8, "unilm", []),
+    ]),
+}
+
+
+def pretrain(args, model, flags, seed, out_dir):
+    """One pretraining run through train.py at the table's budget. -> (its ckpt.pt, steps, training FLOPs)."""
+    common = ["--model", model, "--seed", str(seed), "--out-dir", out_dir, "--overwrite", *flags,
+              *shlex.split(args.train_args)]
+    run = train.setup(common)  # the model and its tokens per step, to size and count the run; nothing trains
+    per_step = run.model.flops_per_token() * run.tokens_per_step
+    train.release_lock(run.lock)
+    if args.flops:  # the step count that spends the budget: every row's FLOPs equal to within one step
+        budget = ["--max-iters", str(max(1, round(args.flops / per_step))), "--max-time", "0"]
+    else:
+        budget = ["--max-time", args.max_time, "--max-iters", "0"]
+    quiet = {"gpt": ["--sample-tokens", "0"], "unilm": ["--top-k", "0", "--max-new-tokens", "0"]}
+    quiet = quiet.get(model, ["--top-k", "0"])  # no demo: its output is not the table's
+    rows = train.train([*common, *budget, *quiet])
+    steps = max(r["step"] for r in rows)
+    return os.path.join(out_dir, "ckpt.pt"), steps, per_step * steps
+
+
+def fine_tune(args, model, ckpt, seed, out_dir):
+    """downstream.py's run, the same for every row. -> test accuracy at the lowest dev loss."""
+    ns = SimpleNamespace(model=model, task=args.task, init_from=ckpt, iters=args.iters, evals=args.evals,
+                         lr=args.lr, batch_size=args.batch_size, out_dir=out_dir, train_args=args.train_args)
+    acc, _, _ = downstream.run_one(ns, f"finetune-seed{seed}", ["--train-examples", str(args.examples),
+                                                                 "--seed", str(1337 + seed)])
+    return acc
+
+
+def table(args):
+    title, metric, rows = TABLES[args.table]
+    if args.quick:
+        rows = rows[:2]
+    t0, results = time.time(), {}
+    for k, (name, _, model, flags) in enumerate(rows):
+        for seed in range(args.seeds):
+            out = os.path.join(args.out_dir, args.table, f"row{k}-seed{seed}")
+            print(f"=== {name} (seed {seed}): pretraining ===", flush=True)
+            ckpt, steps, flops = pretrain(args, model, flags, 1337 + seed, os.path.join(out, "pretrain"))
+            acc = fine_tune(args, model, ckpt, seed, out)
+            results.setdefault(name, []).append((acc, steps, flops))
+    budget = f"{args.flops:.2g} training FLOPs" if args.flops else f"{args.max_time} of pretraining"
+    print(f"\n{title}\nours: {budget} per row, then {args.iters} fine-tuning steps on {args.examples:,} "
+          f"examples of --task {args.task}; test accuracy, {args.seeds} seed(s), {time.time() - t0:.0f} s in all")
+    print(f"{'row':<42} {metric:>6} {'ours':>15} {'':1} {'steps':>6} {'PFLOPs':>7}")
+    first = None
+    for name, slide, _, _ in rows:
+        accs = [a for a, _, _ in results[name]]
+        m, s = downstream.mean_std(accs)
+        first = first or (m, s)
+        tie = "=" if first != (m, s) and abs(m - first[0]) <= max(s, first[1]) else ""
+        steps, flops = np.mean([r[1] for r in results[name]]), np.mean([r[2] for r in results[name]])
+        print(f"{name:<42} {slide:>6.1f} {m:>8.1%} ± {s:4.1%} {tie:1} {steps:>6.0f} {flops / 1e15:>7.3f}")
+    base = tasks.baselines(tasks.load_task(args.task), args.examples)
+    print(f"{'majority class':<42} {'':>6} {base['majority']:>8.1%}\n{'bag of words':<42} {'':>6} {base['bow']:>8.1%}")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = [r[0] for r in rows]
+    stats = [downstream.mean_std([a for a, _, _ in results[n]]) for n in names]
+    ax.errorbar(range(len(names)), [m for m, _ in stats], yerr=[s for _, s in stats], fmt="o", capsize=3,
+                label="ours (test accuracy)")
+    ax.axhline(base["majority"], color="gray", lw=0.8, label="majority class")
+    ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=7)
+    ax.set(ylabel=f"--task {args.task} test accuracy", title=f"{args.table}: {budget} per row")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, args.png or os.path.join(HERE, "assets", f"table_{args.table}.png"), plt)
+    return results
+
+
+@command
+def main(argv=None):
+    p = Parser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("table", choices=list(TABLES))
+    p.add_argument("--max-time", default="1m", help="wall-clock pretraining budget per row (equal wall time)")
+    p.add_argument("--flops", type=float, default=0.0, help="instead: training FLOPs per row (equal compute)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--task", default="genre", choices=list(tasks.TASKS))
+    p.add_argument("--examples", type=int, default=1000, help="labelled examples to fine-tune on")
+    p.add_argument("--iters", type=int, default=200, help="fine-tuning steps per row")
+    p.add_argument("--evals", type=int, default=4, help="fine-tuning evaluations besides step 0")
+    p.add_argument("--lr", type=float, default=3e-4, help="fine-tuning peak learning rate")
+    p.add_argument("--batch-size", type=int, default=32, help="fine-tuning batch")
+    p.add_argument("--quick", action="store_true", help="the first 2 rows, 1 seed: a smoke run")
+    p.add_argument("--out-dir", default=os.path.join("out", "tables"))
+    p.add_argument("--png", default="", help="the figure (default: assets/table_<table>.png)")
+    p.add_argument("--train-args", default="", help="more train.py flags for every run (pretraining and "
+                                                    "fine-tuning), e.g. '--preset tiny --dtype fp32'")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds = 1
+    require(args.seeds >= 1 and args.iters >= 1 and args.examples >= 1, "--seeds, --iters, --examples: >= 1")
+    require(args.flops >= 0 and (args.flops or train.parse_duration(args.max_time) > 0),
+            "give a positive --max-time or --flops")
+    return table(args)
+
+
+if __name__ == "__main__":
+    main()

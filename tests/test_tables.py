@@ -1,0 +1,46 @@
+"""tables.py: each row is pretrained at the same compute (--flops: within half a step of the budget), fine-tuned the
+same way, and printed beside the slide's figure; bad budgets are refused in one line."""
+
+import os
+
+import pytest
+
+import tables
+import tasks
+from helpers import exit_code
+
+
+@pytest.fixture(scope="module")
+def plays(tmp_path_factory):
+    """A small corpus whose characters cover the plays the tasks are cut from (the char tokenizer must encode them)."""
+    d = tmp_path_factory.mktemp("plays") / "corpus"
+    d.mkdir()
+    chars = set()
+    for name in sorted(os.listdir(tasks.SHAKESPEARE)):
+        chars |= set(open(os.path.join(tasks.SHAKESPEARE, name), encoding="utf-8").read())
+    (d / "alphabet.txt").write_text("".join(sorted(chars)))
+    for name in ("hamlet", "macbeth", "lear", "tempest"):
+        (d / f"{name}.txt").write_text(open(os.path.join(tasks.SHAKESPEARE, name + ".txt")).read()[5000:9000])
+    return d
+
+
+def test_every_row_gets_the_same_flops_and_the_table_names_the_slides_rows(plays, tmp_path, capsys):
+    budget = 3e9
+    results = tables.main(["mae-lm", "--quick", "--flops", str(budget), "--iters", "3", "--evals", "1",
+                           "--examples", "48", "--out-dir", str(tmp_path / "runs"), "--png", str(tmp_path / "t.png"),
+                           "--train-args", f"--preset tiny --data {plays} --cache-dir {tmp_path / 'cache'} "
+                                           "--dtype fp32 --val-docs lear --eval-tokens 2000"])
+    assert list(results) == ["MAE-LM", "enc. w. [MASK] (i.e., MLM)"]
+    steps = {name: runs[0][1] for name, runs in results.items()}
+    assert steps["MAE-LM"] != steps["enc. w. [MASK] (i.e., MLM)"], "rows of different cost must get different steps"
+    for name, [(acc, n, flops)] in results.items():
+        assert n >= 2 and 0 <= acc <= 1
+        assert abs(flops - budget) <= flops / n / 2, f"{name}: {flops:.3g} FLOPs, more than half a step off {budget:g}"
+    out = capsys.readouterr().out
+    assert "MAE-LM, Table 2" in out and "86.1" in out and "85.2" in out and (tmp_path / "t.png").exists()
+
+
+def test_a_budget_of_nothing_is_refused_in_one_line(capsys):
+    assert exit_code(tables.main, ["mae-lm", "--max-time", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--max-time or --flops" in err, err
