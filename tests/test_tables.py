@@ -40,7 +40,9 @@ def test_every_row_gets_the_same_flops_and_the_table_names_the_slides_rows(plays
     assert "MAE-LM, Table 2" in out and "86.1" in out and "85.2" in out and (tmp_path / "t.png").exists()
 
 
-def test_a_budget_of_nothing_is_refused_in_one_line(capsys):
-    assert exit_code(tables.main, ["mae-lm", "--max-time", "0"]) == 2
+@pytest.mark.parametrize("budget,says", [(["--max-time", "0"], "--max-time 0: give a positive duration"),
+                                         (["--flops", "0"], "give a positive --flops or --max-time")])
+def test_a_budget_of_nothing_is_refused_in_one_line(capsys, budget, says):
+    assert exit_code(tables.main, ["mae-lm", *budget]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--max-time or --flops" in err, err
+    assert len(err.splitlines()) == 1 and says in err, err
