@@ -4,6 +4,7 @@ fine-tuned the same way, scored downstream, beside the figure the slide shows.
 
     python tables.py mae-lm                 # MAE-LM's Table 2 (Meng et al. 2024): what the encoder sees
     python tables.py unilm                  # GPT vs BERT vs UniLM (Dong et al. 2019, Table 5: GLUE)
+    python tables.py electra | spanbert | roberta | albert | xlnet | t5-objectives | t5-rates | t5-architectures
     python tables.py mae-lm --max-time 1m   # equal wall time instead of equal FLOPs
     python tables.py mae-lm --quick         # 2 rows, 1 seed: does it run?
 
@@ -52,6 +53,49 @@ TABLES = {
         ("GPT", 72.8, "gpt", []),
         ("BERT", 80.5, "bert", []),
         ("UniLM", 80.8, "unilm", []),
+    ]),
+    "electra": ("ELECTRA (Clark et al. 2020, Table 1): Small models, GLUE dev", "GLUE", [
+        ("BERT-Small (masked LM)", 75.1, "bert", ["--objective", "mlm"]),
+        ("ELECTRA-Small", 79.9, "electra", []),
+    ]),
+    "spanbert": ("SpanBERT (Joshi et al. 2020, Table 2): MRQA, average F1", "F1", [
+        ("Our BERT (pairs + NSP)", 78.6, "bert", []),
+        ("Our BERT-1seq (no NSP)", 79.7, "bert", ["--objective", "mlm"]),
+        ("SpanBERT (spans + SBO)", 81.5, "bert", ["--objective", "span", "--span-boundary"]),
+    ]),
+    "roberta": ("RoBERTa (Liu et al. 2019, Table 2): input format, MNLI-m", "MNLI", [
+        ("SEGMENT-PAIR (+ NSP)", 84.0, "bert", []),
+        ("FULL-SENTENCES (no NSP)", 84.7, "bert", ["--objective", "mlm"]),
+    ]),
+    "albert": ("ALBERT (Lan et al. 2020): factorised embeddings and shared layers vs BERT, MNLI", "MNLI", [
+        ("BERT", 86.6, "bert", ["--objective", "mlm"]),
+        ("factorised embeddings (E = 32)", None, "bert", ["--objective", "mlm", "--embedding-size", "32"]),
+        ("cross-layer sharing", None, "bert", ["--objective", "mlm", "--share-layers"]),
+        ("ALBERT (both + SOP)", 90.4, "bert", ["--objective", "sop", "--embedding-size", "32", "--share-layers"]),
+    ]),
+    "xlnet": ("XLNet vs BERT (RoBERTa's Table 2, base models), MNLI-m", "MNLI", [
+        ("BERT-base", 84.3, "bert", []),
+        ("XLNet-base", 85.8, "xlnet", []),
+    ]),
+    "t5-objectives": ("T5 (Raffel et al. 2020, Table 5): corruption types, i.i.d. noise, GLUE", "GLUE", [
+        ("BERT-style", 82.96, "t5", ["--objective", "bert-style"]),
+        ("MASS-style", 82.32, "t5", ["--objective", "mass-style"]),
+        ("Replace corrupted spans", 83.28, "t5", ["--objective", "replace-spans", "--noise-mask", "iid"]),
+        ("Drop corrupted tokens", 84.44, "t5", ["--objective", "drop-tokens"]),
+    ]),
+    "t5-rates": ("T5 (Raffel et al. 2020, Table 6): corruption rates, GLUE", "GLUE", [
+        (f"{rate}%", glue, "t5", ["--objective", "replace-spans", "--noise-mask", "iid", "--noise-density",
+                                  str(rate / 100)])
+        for rate, glue in ((10, 82.82), (15, 83.28), (25, 83.00), (50, 81.27))
+    ]),
+    "t5-architectures": ("T5 (Raffel et al. 2020, Table 2): architectures and objectives, GLUE", "GLUE", [
+        ("Encoder-decoder, denoising", 83.28, "t5", ["--objective", "replace-spans", "--noise-mask", "iid"]),
+        ("Enc-dec, shared, denoising", 82.81, "t5", ["--objective", "replace-spans", "--noise-mask", "iid",
+                                                     "--share-encoder-decoder"]),
+        ("Enc-dec, half the layers, denoising", 80.88, "t5", ["--objective", "replace-spans", "--noise-mask", "iid",
+                                                              "--num-layers", "1"]),
+        ("Encoder-decoder, LM (prefix)", 79.56, "t5", ["--objective", "prefix-lm", "--noise-density", "0.5"]),
+        ("Language model, LM", 73.78, "gpt", []),
     ]),
 }
 
@@ -106,7 +150,8 @@ def table(args):
         first = first or (m, s)
         tie = "=" if first != (m, s) and abs(m - first[0]) <= max(s, first[1]) else ""
         steps, flops = np.mean([r[1] for r in results[name]]), np.mean([r[2] for r in results[name]])
-        print(f"{name:<42} {slide:>6.1f} {m:>8.1%} ± {s:4.1%} {tie:1} {steps:>6.0f} {flops / 1e15:>7.3f}")
+        shown = f"{slide:>6.1f}" if slide is not None else f"{'-':>6}"  # a row the slide has no figure for
+        print(f"{name:<42} {shown} {m:>8.1%} ± {s:4.1%} {tie:1} {steps:>6.0f} {flops / 1e15:>7.3f}")
     base = tasks.baselines(tasks.load_task(args.task), args.examples)
     print(f"{'majority class':<42} {'':>6} {base['majority']:>8.1%}\n{'bag of words':<42} {'':>6} {base['bow']:>8.1%}")
     plt = pyplot()

@@ -46,3 +46,15 @@ def test_a_budget_of_nothing_is_refused_in_one_line(capsys, budget, says):
     assert exit_code(tables.main, ["mae-lm", *budget]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and says in err, err
+
+
+def test_every_row_of_every_table_builds_its_model_and_counts_its_flops(corpus, tmp_path):
+    import train
+    from helpers import tiny_args
+
+    for table, (_, _, rows) in tables.TABLES.items():
+        for k, (name, slide, model, flags) in enumerate(rows):
+            run = train.setup(tiny_args(model, tmp_path / f"{table}{k}", corpus, *flags))
+            train.release_lock(run.lock)
+            assert run.model.flops_per_token() > 0, f"{table}: {name}"
+            assert slide is None or 0 < slide < 100, f"{table}: {name}: the slide's figure is a score in (0, 100)"
