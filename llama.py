@@ -130,10 +130,11 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     """Grouped-query causal self-attention with RoPE. H query heads share K key/value heads: query
-    head h reads key/value head h // (H / K). The KV cache would shrink by H / K (its reason)."""
+    head h reads key/value head h // (H / K). The KV cache holds K heads, not H: GQA's reason."""
 
-    def __init__(self, c):
+    def __init__(self, c, layer_idx=0):
         super().__init__()
+        self.layer_idx = layer_idx  # which of the cache's layers is this one's
         self.H, self.K, self.hs = c.n_head, c.kv_heads, c.n_embd // c.n_head
         self.q_proj = nn.Linear(c.n_embd, self.H * self.hs, bias=False)
         self.k_proj = nn.Linear(c.n_embd, self.K * self.hs, bias=False)
@@ -144,7 +145,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.hs, c.rms_norm_eps) if c.qk_norm else None
         self.theta, self.attn, self.dropout = c.rope_theta, c.attn, c.dropout
 
-    def forward(self, x, pos):
+    def forward(self, x, pos, cache=None):
+        """x (B, T, C) at positions pos (T,) -> (B, T, C). cache: a gpt.KVCache of (B, K, T_max, hs)."""
         B, T, C = x.size()
         q = self.q_proj(x).view(B, T, self.H, self.hs).transpose(1, 2)  # (B, H, T, hs)
         k = self.k_proj(x).view(B, T, self.K, self.hs).transpose(1, 2)  # (B, K, T, hs)
@@ -154,14 +156,18 @@ class Attention(nn.Module):
         # Trap: HF's Llama pairs coordinate i with i + hs/2 ("rotate_half"), not 2i with 2i+1 as
         # the RoFormer paper and gpt.py's --pos rope do. Released weights assume it: we use it too.
         q, k = apply_rope_half_split(q, pos, self.theta), apply_rope_half_split(k, pos, self.theta)
-        # (B, K, T, hs) -> (B, H, T, hs): each key/value head serves H / K query heads, consecutively
+        if cache is not None:  # the past's keys were rotated at their own positions: cached as they are
+            k, v = cache.update(self.layer_idx, k, v)  # (B, K, T_k, hs), T_k = past + T
+        # (B, K, T_k, hs) -> (B, H, T_k, hs): each key/value head serves H / K query heads, consecutively
         k, v = (t.repeat_interleave(self.H // self.K, dim=1) for t in (k, v))
         p = self.dropout if self.training else 0.0
+        keep = torch.arange(k.size(2), device=x.device)[None, :] <= pos[:, None]  # (T, T_k): no key after the query
         if self.attn == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if cache is None else keep,
+                                               is_causal=cache is None, dropout_p=p)
         else:
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(self.hs)  # (B, H, T, T)
-            att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), float("-inf"))
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(self.hs)  # (B, H, T, T_k)
+            att = att.masked_fill(~keep, float("-inf"))
             y = F.dropout(att.softmax(-1), p) @ v  # (B, H, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -188,16 +194,16 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm, as GPT-2: x + attn(norm(x)), then x + mlp(norm(x)). HF's names for the two norms."""
 
-    def __init__(self, c):
+    def __init__(self, c, layer_idx=0):
         super().__init__()
         self.input_layernorm = RMSNorm(c.n_embd, c.rms_norm_eps)
-        self.self_attn = Attention(c)
+        self.self_attn = Attention(c, layer_idx)
         self.post_attention_layernorm = RMSNorm(c.n_embd, c.rms_norm_eps)
         self.mlp = MLP(c)
         self.drop = nn.Dropout(c.dropout)
 
-    def forward(self, x, pos):
-        x = x + self.drop(self.self_attn(self.input_layernorm(x), pos))
+    def forward(self, x, pos, cache=None):
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), pos, cache))
         return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -211,7 +217,7 @@ class Llama(nn.Module):
         self.config = c = config
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(c.vocab_size, c.n_embd),
-            layers=nn.ModuleList([Block(c) for _ in range(c.n_layer)]),
+            layers=nn.ModuleList([Block(c, i) for i in range(c.n_layer)]),
             norm=RMSNorm(c.n_embd, c.rms_norm_eps),
         ))
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
@@ -241,14 +247,17 @@ class Llama(nn.Module):
         head = c.vocab_size * c.n_embd if c.tie_word_embeddings else 0
         return 6 * (self.num_params(non_embedding=True) + head) + 12 * c.n_layer * c.block_size * c.n_embd
 
-    def forward(self, idx, targets=None):
-        """idx (B, T) -> (logits (B, T, V), mean cross-entropy against targets or None), as gpt.GPT."""
-        c, T = self.config, idx.size(1)
-        require(T <= c.block_size, f"sequence of {T} tokens is longer than block_size={c.block_size}")
-        pos = torch.arange(T, device=idx.device)  # (T,)
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) -> (logits (B, T, V), mean cross-entropy against targets or None), as gpt.GPT.
+        cache: a gpt.KVCache (B, K, block_size, hs) per layer; idx continues what it holds."""
+        c, T, past = self.config, idx.size(1), cache.length if cache is not None else 0
+        require(past + T <= c.block_size, f"sequence of {past + T} tokens is longer than block_size={c.block_size}")
+        pos = torch.arange(past, past + T, device=idx.device)  # (T,)
         x = self.model.embed_tokens(idx)  # (B, T, C): no position added; RoPE acts inside attention
         for layer in self.model.layers:
-            x = layer(x, pos)
+            x = layer(x, pos, cache)
+        if cache is not None:
+            cache.length += T
         logits = self.lm_head(self.model.norm(x))  # (B, T, V)
         if c.logit_softcap:  # smooth clip to (-cap, cap): no logit can run away
             logits = c.logit_softcap * torch.tanh(logits / c.logit_softcap)
@@ -258,13 +267,22 @@ class Llama(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
-        """idx (B, T) plus max_new_tokens sampled tokens, as gpt.GPT.generate (no KV cache here:
-        each step re-reads the last block_size tokens)."""
-        was_training = self.training
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None):
+        """idx (B, T) plus max_new_tokens sampled tokens, as gpt.GPT.generate: the prompt is encoded
+        once, then each new token reads the cached keys and values (K heads per layer). Past
+        block_size tokens the window slides and every rotation shifts: each step re-reads its window."""
+        was_training, c, cache = self.training, self.config, None
         self.eval()
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
+            if use_cache and idx.size(1) <= c.block_size:
+                if cache is None:  # prefill: the whole prompt at once
+                    shape = (idx.size(0), c.kv_heads, c.block_size, c.n_embd // c.n_head)
+                    cache = gpt.KVCache(c.n_layer, shape, idx.device, self.lm_head.weight.dtype)
+                    logits, _ = self(idx, cache=cache)
+                else:  # decode: the newest token only
+                    logits, _ = self(idx[:, -1:], cache=cache)
+            else:
+                logits, _ = self(idx[:, -c.block_size:])
             idx = torch.cat((idx, gpt.sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)), 1)
         self.train(was_training)
         return idx

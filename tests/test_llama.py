@@ -6,6 +6,7 @@ option changes what it names, and it trains through train.py."""
 import pytest
 import torch
 
+import gpt
 import llama
 import train
 from helpers import assert_paths_agree, assert_resumes, assert_scaled_close, exit_code, redraw, tiny_args
@@ -91,6 +92,24 @@ def test_causal_and_both_attention_paths_agree_with_every_option(option):
     changed = idx.clone()
     changed[:, 9:] = (changed[:, 9:] + 1) % 37
     assert torch.equal(m(idx)[0][:, :9], m(changed)[0][:, :9]), f"{option}: a later token changed an earlier logit"
+
+
+@pytest.mark.parametrize("attn", ["naive", "sdpa"])
+def test_the_kv_cache_holds_k_heads_and_changes_nothing_but_speed(attn):
+    torch.manual_seed(0)
+    m = llama.Llama(tiny(attn=attn, qk_norm=True)).double().eval()  # GQA: 4 query heads share 2 key/value heads
+    redraw(m, std=0.3)
+    idx = torch.randint(0, 37, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = m(idx)[0]
+        cache = gpt.KVCache(2, (2, 2, 16, 8), "cpu", torch.float64)  # (B, K, block_size, hs): K = 2 heads, not 4
+        parts = [m(idx[:, :7], cache=cache)[0]] + [m(idx[:, t:t + 1], cache=cache)[0] for t in range(7, 16)]
+    assert_scaled_close(torch.cat(parts, 1), full, f"{attn}: a prefix then one token at a time vs one pass")
+    prompt = idx[:, :5]
+    for kw in ({"temperature": 0.0}, {"temperature": 1.0, "top_k": 5}):  # 5 + 20 tokens: past block_size too
+        a = m.generate(prompt, 20, use_cache=True, generator=torch.Generator().manual_seed(7), **kw)
+        b = m.generate(prompt, 20, use_cache=False, generator=torch.Generator().manual_seed(7), **kw)
+        assert torch.equal(a, b), f"{attn}: the KV cache changed the generated tokens with {kw}"
 
 
 def test_each_option_builds_what_it_names():
