@@ -142,7 +142,7 @@ def table(args):
     budget = f"{args.flops:.2g} training FLOPs" if args.flops else f"{args.max_time} of pretraining"
     print(f"\n{title}\nours: {budget} per row, then {args.iters} fine-tuning steps on {args.examples:,} "
           f"examples of --task {args.task}; test accuracy, {args.seeds} seed(s), {time.time() - t0:.0f} s in all")
-    print(f"{'row':<42} {metric:>6} {'ours':>15} {'':1} {'steps':>6} {'PFLOPs':>7}")
+    print(f"{'row':<42} {metric:>6} {'ours':>15} {'':1} {'steps':>6} {'TFLOPs':>7}")
     first = None
     for name, slide, _, _ in rows:
         accs = [a for a, _, _ in results[name]]
@@ -151,7 +151,7 @@ def table(args):
         tie = "=" if first != (m, s) and abs(m - first[0]) <= max(s, first[1]) else ""
         steps, flops = np.mean([r[1] for r in results[name]]), np.mean([r[2] for r in results[name]])
         shown = f"{slide:>6.1f}" if slide is not None else f"{'-':>6}"  # a row the slide has no figure for
-        print(f"{name:<42} {shown} {m:>8.1%} ± {s:4.1%} {tie:1} {steps:>6.0f} {flops / 1e15:>7.3f}")
+        print(f"{name:<42} {shown} {m:>8.1%} ± {s:4.1%} {tie:1} {steps:>6.0f} {flops / 1e12:>7.1f}")
     base = tasks.baselines(tasks.load_task(args.task), args.examples)
     print(f"{'majority class':<42} {'':>6} {base['majority']:>8.1%}\n{'bag of words':<42} {'':>6} {base['bow']:>8.1%}")
     plt = pyplot()
