@@ -100,9 +100,15 @@ TABLES = {
 }
 
 
+# each model's flag for "no end-of-run demo": its output is not the table's
+NO_DEMO = {"gpt": ["--sample-tokens", "0"], "llama": ["--sample-tokens", "0"], "bert": ["--top-k", "0"],
+           "maelm": ["--top-k", "0"], "unilm": ["--top-k", "0", "--max-new-tokens", "0"],
+           "electra": ["--flag-text", ""], "t5": ["--fill", ""], "xlnet": ["--demo-text", ""]}
+
+
 def pretrain(args, model, flags, seed, out_dir):
     """One pretraining run through train.py at the table's budget. -> (its ckpt.pt, steps, training FLOPs)."""
-    common = ["--model", model, "--seed", str(seed), "--out-dir", out_dir, "--overwrite", *flags,
+    common = ["--model", model, "--seed", str(seed), "--out-dir", out_dir, "--overwrite", *flags, *NO_DEMO[model],
               *shlex.split(args.train_args)]
     run = train.setup(common)  # the model and its tokens per step, to size and count the run; nothing trains
     per_step = run.model.flops_per_token() * run.tokens_per_step
@@ -111,9 +117,7 @@ def pretrain(args, model, flags, seed, out_dir):
         budget = ["--max-iters", str(max(1, round(args.flops / per_step))), "--max-time", "0"]
     else:
         budget = ["--max-time", args.max_time, "--max-iters", "0"]
-    quiet = {"gpt": ["--sample-tokens", "0"], "unilm": ["--top-k", "0", "--max-new-tokens", "0"]}
-    quiet = quiet.get(model, ["--top-k", "0"])  # no demo: its output is not the table's
-    rows = train.train([*common, *budget, *quiet])
+    rows = train.train([*common, *budget])
     steps = max(r["step"] for r in rows)
     return os.path.join(out_dir, "ckpt.pt"), steps, per_step * steps
 
