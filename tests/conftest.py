@@ -40,6 +40,22 @@ def module_corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("shared") / "corpus")
 
 
+@pytest.fixture(scope="module")
+def plays_corpus(tmp_path_factory):
+    """A small pretraining corpus whose characters cover the bundled plays (a char tokenizer must encode the tasks
+    tasks.py cuts from them: genre, next line): the alphabet in one file, four works cut as write_corpus does."""
+    d = tmp_path_factory.mktemp("plays") / "corpus"
+    d.mkdir()
+    plays = os.path.join(ROOT, "data", "shakespeare")
+    chars = set()
+    for name in sorted(os.listdir(plays)):
+        chars |= set(open(os.path.join(plays, name), encoding="utf-8").read())
+    (d / "alphabet.txt").write_text("".join(sorted(chars)))
+    for name in ("hamlet", "macbeth", "lear", "tempest"):
+        (d / f"{name}.txt").write_text(open(os.path.join(plays, name + ".txt")).read()[5000:9000])
+    return d
+
+
 @pytest.fixture
 def float64():
     """Models built in float64 while a test compares two numerical paths (accumulation and one big batch, fused and

@@ -117,20 +117,6 @@ def test_an_adapter_is_the_identity_at_init_and_a_prompt_changes_no_model_weight
 
 
 @pytest.fixture(scope="module")
-def plays_corpus(tmp_path_factory):
-    """A small pretraining corpus whose characters cover the bundled plays (a char tokenizer must encode the tasks)."""
-    d = tmp_path_factory.mktemp("plays") / "corpus"
-    d.mkdir()
-    chars = set()
-    for name in sorted(os.listdir(tasks.SHAKESPEARE)):
-        chars |= set(open(os.path.join(tasks.SHAKESPEARE, name), encoding="utf-8").read())
-    (d / "alphabet.txt").write_text("".join(sorted(chars)))
-    for name in ("hamlet", "macbeth", "lear", "tempest"):
-        (d / f"{name}.txt").write_text(open(os.path.join(tasks.SHAKESPEARE, name + ".txt")).read()[5000:9000])
-    return d
-
-
-@pytest.fixture(scope="module")
 def pretrained(plays_corpus, tmp_path_factory):
     """pretrained(family) -> the ckpt.pt of a tiny 4-step pretraining run (made once per family)."""
     made = {}

@@ -146,17 +146,8 @@ def test_bad_flags_stop_in_one_line_before_anything_is_written(tmp_path, corpus,
     assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
 
 
-def test_fine_tuning_trains_the_encoder_and_never_touches_the_decoder(tmp_path):
-    import tasks
-
-    d = tmp_path / "plays"
-    d.mkdir()
-    chars = set()
-    for name in sorted(os.listdir(tasks.SHAKESPEARE)):
-        chars |= set(open(os.path.join(tasks.SHAKESPEARE, name), encoding="utf-8").read())
-    (d / "alphabet.txt").write_text("".join(sorted(chars)))
-    for name in ("hamlet", "macbeth", "lear", "tempest"):
-        (d / f"{name}.txt").write_text(open(os.path.join(tasks.SHAKESPEARE, name + ".txt")).read()[5000:9000])
+def test_fine_tuning_trains_the_encoder_and_never_touches_the_decoder(tmp_path, plays_corpus):
+    d = plays_corpus
     train.train(tiny_args("maelm", tmp_path / "pre", d, "--max-iters", "4", "--eval-interval", "4", "--top-k", "0"))
     ckpt = tmp_path / "pre" / "out" / "ckpt.pt"
     base = torch.load(ckpt, weights_only=True)["model"]

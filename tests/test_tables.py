@@ -1,34 +1,17 @@
 """tables.py: each row is pretrained at the same compute (--flops: within half a step of the budget), fine-tuned the
 same way, and printed beside the slide's figure; bad budgets are refused in one line."""
 
-import os
-
 import pytest
 
 import tables
-import tasks
 from helpers import exit_code
 
 
-@pytest.fixture(scope="module")
-def plays(tmp_path_factory):
-    """A small corpus whose characters cover the plays the tasks are cut from (the char tokenizer must encode them)."""
-    d = tmp_path_factory.mktemp("plays") / "corpus"
-    d.mkdir()
-    chars = set()
-    for name in sorted(os.listdir(tasks.SHAKESPEARE)):
-        chars |= set(open(os.path.join(tasks.SHAKESPEARE, name), encoding="utf-8").read())
-    (d / "alphabet.txt").write_text("".join(sorted(chars)))
-    for name in ("hamlet", "macbeth", "lear", "tempest"):
-        (d / f"{name}.txt").write_text(open(os.path.join(tasks.SHAKESPEARE, name + ".txt")).read()[5000:9000])
-    return d
-
-
-def test_every_row_gets_the_same_flops_and_the_table_names_the_slides_rows(plays, tmp_path, capsys):
+def test_every_row_gets_the_same_flops_and_the_table_names_the_slides_rows(plays_corpus, tmp_path, capsys):
     budget = 3e9
     results = tables.main(["mae-lm", "--quick", "--flops", str(budget), "--iters", "3", "--evals", "1",
                            "--examples", "48", "--out-dir", str(tmp_path / "runs"), "--png", str(tmp_path / "t.png"),
-                           "--train-args", f"--preset tiny --data {plays} --cache-dir {tmp_path / 'cache'} "
+                           "--train-args", f"--preset tiny --data {plays_corpus} --cache-dir {tmp_path / 'cache'} "
                                            "--dtype fp32 --val-docs lear --eval-tokens 2000"])
     assert list(results) == ["MAE-LM", "enc. w. [MASK] (i.e., MLM)"]
     steps = {name: runs[0][1] for name, runs in results.items()}
