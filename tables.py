@@ -17,12 +17,16 @@ downstream.py does for every row; report the test accuracy at the lowest dev los
 row (pretraining and fine-tuning both), mean and spread; a row whose mean is within the larger spread
 of the first row's is marked a tie ("="). Nothing is tuned per row: every row gets its model's own
 char-cpu preset and the same budget, task, steps and learning rates.
+Each run's result is kept under --out-dir/runs, named by everything that decides it: a table stopped
+halfway resumes where it stopped, and a row two tables share runs once (--fresh redoes them).
 The slides' figures are GLUE averages of base-size models trained for days; ours are one small
 task on characters after a minute. The question each table asks is the ranking, not the number.
 Tests: tests/test_tables.py (--quick).
 """
 
 import argparse
+import hashlib
+import json
 import os
 import shlex
 import time
@@ -131,18 +135,39 @@ def fine_tune(args, model, ckpt, seed, out_dir):
     return acc
 
 
+def run_row(args, model, flags, seed):
+    """Pretrain and fine-tune one row for one seed, or read the result of the same run done before.
+    A row is the same run wherever it appears (RoBERTa's two rows are SpanBERT's first two; T5's 15% row heads three
+    tables): its directory is named by everything that decides its result, so each such run is done once, and a
+    table stopped halfway resumes at its first unfinished run. -> (test accuracy, steps, training FLOPs)"""
+    budget = {"flops": args.flops} if args.flops else {"max_time": args.max_time}
+    decides = {"model": model, "flags": flags, "seed": seed, **budget, "train_args": args.train_args,
+               **{k: getattr(args, k) for k in ("task", "examples", "iters", "evals", "lr", "batch_size")}}
+    key = hashlib.sha1(json.dumps(decides, sort_keys=True).encode()).hexdigest()[:10]
+    out = os.path.join(args.out_dir, "runs", f"{model}-{key}-seed{seed}")
+    done = os.path.join(out, "result.json")
+    if os.path.exists(done) and not args.fresh:
+        with open(done) as f:
+            r = json.load(f)
+        print(f"(done before: {done})", flush=True)
+        return r["acc"], r["steps"], r["flops"]
+    ckpt, steps, flops = pretrain(args, model, flags, 1337 + seed, os.path.join(out, "pretrain"))
+    acc = fine_tune(args, model, ckpt, seed, out)
+    with open(done + ".tmp", "w") as f:  # written last and renamed: a killed run leaves no result behind
+        json.dump({"acc": acc, "steps": steps, "flops": flops, "run": decides}, f, indent=1)
+    os.replace(done + ".tmp", done)
+    return acc, steps, flops
+
+
 def table(args):
     title, metric, rows = TABLES[args.table]
     if args.quick:
         rows = rows[:2]
     t0, results = time.time(), {}
-    for k, (name, _, model, flags) in enumerate(rows):
+    for name, _, model, flags in rows:
         for seed in range(args.seeds):
-            out = os.path.join(args.out_dir, args.table, f"row{k}-seed{seed}")
-            print(f"=== {name} (seed {seed}): pretraining ===", flush=True)
-            ckpt, steps, flops = pretrain(args, model, flags, 1337 + seed, os.path.join(out, "pretrain"))
-            acc = fine_tune(args, model, ckpt, seed, out)
-            results.setdefault(name, []).append((acc, steps, flops))
+            print(f"=== {name} (seed {seed}) ===", flush=True)
+            results.setdefault(name, []).append(run_row(args, model, flags, seed))
     budget = f"{args.flops:.2g} training FLOPs" if args.flops else f"{args.max_time} of pretraining"
     print(f"\n{title}\nours: {budget} per row, then {args.iters} fine-tuning steps on {args.examples:,} "
           f"examples of --task {args.task}; test accuracy, {args.seeds} seed(s), {time.time() - t0:.0f} s in all")
@@ -189,6 +214,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="fine-tuning batch")
     p.add_argument("--quick", action="store_true", help="the first 2 rows, 1 seed: a smoke run")
     p.add_argument("--out-dir", default=os.path.join("out", "tables"))
+    p.add_argument("--fresh", action="store_true", help="redo runs whose results --out-dir already holds")
     p.add_argument("--png", default="", help="the figure (default: assets/table_<table>.png)")
     p.add_argument("--train-args", default="", help="more train.py flags for every run (pretraining and "
                                                     "fine-tuning), e.g. '--preset tiny --dtype fp32'")

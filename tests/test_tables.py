@@ -7,12 +7,14 @@ import tables
 from helpers import exit_code
 
 
-def test_every_row_gets_the_same_flops_and_the_table_names_the_slides_rows(plays_corpus, tmp_path, capsys):
+def test_every_row_gets_the_same_flops_and_the_table_names_the_slides_rows(plays_corpus, tmp_path, capsys,
+                                                                          monkeypatch):
     budget = 3e9
-    results = tables.main(["mae-lm", "--quick", "--flops", str(budget), "--iters", "3", "--evals", "1",
-                           "--examples", "48", "--out-dir", str(tmp_path / "runs"), "--png", str(tmp_path / "t.png"),
-                           "--train-args", f"--preset tiny --data {plays_corpus} --cache-dir {tmp_path / 'cache'} "
-                                           "--dtype fp32 --val-docs lear --eval-tokens 2000"])
+    argv = ["mae-lm", "--quick", "--flops", str(budget), "--iters", "3", "--evals", "1",
+            "--examples", "48", "--out-dir", str(tmp_path / "runs"), "--png", str(tmp_path / "t.png"),
+            "--train-args", f"--preset tiny --data {plays_corpus} --cache-dir {tmp_path / 'cache'} "
+                            "--dtype fp32 --val-docs lear --eval-tokens 2000"]
+    results = tables.main(argv)
     assert list(results) == ["MAE-LM", "enc. w. [MASK] (i.e., MLM)"]
     steps = {name: runs[0][1] for name, runs in results.items()}
     assert steps["MAE-LM"] != steps["enc. w. [MASK] (i.e., MLM)"], "rows of different cost must get different steps"
@@ -21,6 +23,15 @@ def test_every_row_gets_the_same_flops_and_the_table_names_the_slides_rows(plays
         assert abs(flops - budget) <= flops / n / 2, f"{name}: {flops:.3g} FLOPs, more than half a step off {budget:g}"
     out = capsys.readouterr().out
     assert "MAE-LM, Table 2" in out and "86.1" in out and "85.2" in out and (tmp_path / "t.png").exists()
+
+    # run again: every run is read back, nothing trains, the table is the same
+    def must_not_train(*a, **k):
+        raise AssertionError("a run whose result is kept was trained again")
+    monkeypatch.setattr(tables.train, "train", must_not_train)
+    monkeypatch.setattr(tables.downstream, "run_one", must_not_train)
+    assert tables.main(argv) == results, "a table read back from its kept runs must equal the table that ran them"
+    with pytest.raises(AssertionError, match="trained again"):  # a setting that decides the result: a new run
+        tables.main([*argv, "--lr", "1e-3"])
 
 
 @pytest.mark.parametrize("budget,says", [(["--max-time", "0"], "--max-time 0: give a positive duration"),
