@@ -84,6 +84,8 @@ class BertConfig:
     span_p: float = 0.2  # span: span lengths in words ~ Geometric(span_p) ...
     span_max: int = 10  # ... clipped (renormalised) at span_max words: mean 3.8 (SpanBERT §3.1)
     span_boundary: bool = False  # span: add SpanBERT's span-boundary objective (SBO) to MLM
+    static_masks: int = 0  # 0: dynamic masking (RoBERTa). K: BERT's static data, K masked copies of each row
+    doc_sentences: bool = False  # mlm, span: RoBERTa's DOC-SENTENCES, a row never crosses into the next document
     pad_token_id: int = 0  # [PAD] (train.py sets the [SPECIAL] ids from the tokenizer)
     mask_token_id: int = -1  # [MASK]
     cls_token_id: int = -1  # [CLS]
@@ -110,6 +112,9 @@ class BertConfig:
                 and self.mask_token_prob + self.random_token_prob <= 1,
                 "masking rates: need 0 < --mask-prob < 1 and "
                 "--mask-token-prob + --random-token-prob <= 1")
+        require(self.static_masks >= 0, f"--static-masks {self.static_masks}: 0 (dynamic) or the copies per row")
+        require(not self.doc_sentences or self.objective in ("mlm", "span"),
+                "--doc-sentences packs full lines: it needs --objective mlm or span")
         require(0 < self.span_p <= 1 and self.span_max >= 1,
                 "span masking: need 0 < --span-p <= 1 and --span-max >= 1")
 
@@ -606,6 +611,7 @@ def span_length_law(p, max_len):
 
 
 EVAL_SEED = 1234  # evaluation's masks and pairs (its own generator: training is untouched)
+STATIC_SEED = 12345  # --static-masks: the seed of BERT's create_pretraining_data.py (its random_seed flag)
 
 
 class PretrainingObjective:
@@ -620,7 +626,8 @@ class PretrainingObjective:
                sentence-order prediction.
 
     Masking is dynamic (RoBERTa §4.1): drawn with the row, so the same text gets a new mask every
-    time. Special tokens are never chosen. Labels are -100 except at the chosen positions.
+    time; --static-masks K is the static baseline of RoBERTa's Table 1 (train_batch). Special tokens
+    are never chosen. Labels are -100 except at the chosen positions.
     """
 
     def __init__(self, config, tokenizer):
@@ -733,11 +740,15 @@ class PretrainingObjective:
 
     def _packed(self, ix, line, offset=0):
         """RoBERTa's FULL-SENTENCES: whole lines from `line` on, packed until the next would not fit
-        in max_seq_length - 2 tokens. Crossing into the next document puts a [SEP] between them.
-        An over-long line is cut. -> (ids, next line, offset in it): where the next row resumes."""
+        in max_seq_length - 2 tokens. Crossing into the next document puts a [SEP] between them;
+        DOC-SENTENCES (--doc-sentences) ends the row there instead, shorter (RoBERTa grew its batch to
+        make up the tokens; we pad). An over-long line is cut.
+        -> (ids, next line, offset in it): where the next row resumes."""
         budget, parts, n, prev = self.config.max_seq_length - 2, [], 0, None
         while line < ix.n_lines:
             sep = int(prev is not None and ix.doc[line] != ix.doc[prev])
+            if sep and self.config.doc_sentences:
+                break
             s, e = int(ix.starts[line]) + offset, int(ix.ends[line])
             if n + sep + e - s > budget:
                 if not parts:  # longer than a row: take what fits; the rest starts the next row
@@ -880,15 +891,29 @@ class PretrainingObjective:
     # --- train.py's interface ---
 
     def train_batch(self, split, batch_size, generator):
-        """batch_size rows, each from a line drawn uniformly from the split, masked afresh."""
+        """batch_size rows, each from a line drawn uniformly from the split, masked afresh.
+        --static-masks K: BERT's own data (create_pretraining_data.py, dupe_factor = 10), RoBERTa's
+        "static" row: each line's row is built and masked once per copy, k = 0..K-1, and every later
+        draw of that copy is the same row, pair and mask. The loop's generator draws the line and k;
+        the row comes from a generator seeded by (line, k) alone."""
         ix = self.index(split)
         require(ix.n_lines > 0, "the training split holds no text lines")
         starts = torch.randint(ix.n_lines, (batch_size,), generator=generator).tolist()
+        K = self.config.static_masks
+        if not K:
+            return self._rows_at(ix, starts, generator)
+        copies = torch.randint(K, (batch_size,), generator=generator).tolist()
+        rows = [self._rows_at(ix, [i], torch.Generator().manual_seed(STATIC_SEED + i * K + k))
+                for i, k in zip(starts, copies)]
+        return {key: torch.cat([r[key] for r in rows]) for key in rows[0]}
+
+    def _rows_at(self, ix, starts, g):
+        """The batch of rows starting at these lines, pairs and masks drawn from g."""
         if self.pairs:
-            rows = self._pair_rows(ix, starts, generator, training=True)
+            rows = self._pair_rows(ix, starts, g, training=True)
         else:
             rows = [self._packed(ix, i)[0] for i in starts]
-        return self._rows_to_batch(rows, generator)
+        return self._rows_to_batch(rows, g)
 
     def eval_batches(self, split, batch_size):
         """The whole split, in order: every line once (pairs: as A or B; packed: every token once).

@@ -298,6 +298,38 @@ def test_masks_are_dynamic_and_drawn_only_from_the_loops_generator(tmp_path, cor
     assert not torch.equal(masks[0], masks[1]), "the same sequence drawn twice must get a new mask (dynamic masking)"
 
 
+@pytest.mark.parametrize("kind", ["mlm", "mlm+nsp"])
+def test_static_masking_gives_each_line_at_most_k_rows_and_dynamic_masking_a_new_one_each_time(tmp_path, corpus,
+                                                                                                kind):
+    tok, splits = corpus_data(tmp_path, corpus)
+    train_split = splits["train"]
+    lines = train_split.line_starts
+    first = int(np.searchsorted(lines, train_split.doc_starts[1]))  # the second document's first line
+    small = train_split.slice(int(lines[first - 6]), int(lines[first + 7]))  # 2 documents, ~12 lines: each drawn ~20x
+    n_lines = bert.SplitIndex(small, tok.eot_id).n_lines
+    distinct = {}
+    for K in (0, 2):
+        obj, _ = objective(tok, objective=kind, static_masks=K)
+        g = torch.Generator().manual_seed(0)
+        rows = {tuple(r.tolist()) for _ in range(30) for r in obj.train_batch(small, 8, g)["input_ids"]}
+        distinct[K] = len(rows)
+    assert distinct[2] <= 2 * n_lines, f"{kind}: static masking with 2 copies must give each line at most 2 rows"
+    assert distinct[0] > 4 * n_lines, f"{kind}: dynamic masking must give a line drawn again a new mask"
+
+
+def test_doc_sentences_rows_stop_at_a_document_end_where_full_sentences_cross_it(tmp_path, corpus):
+    tok, splits = corpus_data(tmp_path, corpus)
+    crossing, text = {}, {}
+    for doc in (False, True):
+        obj, cfg = objective(tok, objective="mlm", doc_sentences=doc)
+        ids = torch.cat([originals(b) for b in obj.eval_batches(splits["train"], 64)])
+        crossing[doc] = int(((ids == cfg.sep_token_id).sum(1) > 1).sum())  # an inner [SEP]: a document boundary
+        text[doc] = int((~obj.special[ids]).sum())
+    assert crossing[False] > 0, "FULL-SENTENCES rows cross document boundaries (with a [SEP])"
+    assert crossing[True] == 0, "DOC-SENTENCES rows never cross a document boundary"
+    assert text[True] == text[False], "either packing covers every token of the split once"
+
+
 def test_rows_are_real_text_and_count_only_real_tokens(tmp_path, corpus):
     tok, splits = corpus_data(tmp_path, corpus)
     obj, batch = masked_text_batch(tok, splits)
