@@ -52,3 +52,18 @@ def test_every_row_of_every_table_builds_its_model_and_counts_its_flops(corpus, 
             train.release_lock(run.lock)
             assert run.model.flops_per_token() > 0, f"{table}: {name}"
             assert slide is None or 0 < slide < 100, f"{table}: {name}: the slide's figure is a score in (0, 100)"
+
+
+def test_the_albert_row_at_berts_parameters_has_berts_parameters_and_costs_more_per_token(corpus, tmp_path):
+    import train
+    from helpers import tiny_args
+
+    _, _, rows = tables.TABLES["albert"]
+    built = {}
+    for name, _, model, flags in (rows[0], rows[-1]):
+        run = train.setup(tiny_args(model, tmp_path / str(len(built)), corpus, "--preset", "char-cpu", *flags))
+        train.release_lock(run.lock)
+        built[name] = run.model.num_params(), run.model.flops_per_token()
+    (bert_params, bert_flops), (albert_params, albert_flops) = built.values()
+    assert abs(albert_params / bert_params - 1) < 0.1, f"{built}: the equal-parameter row must be within 10% of BERT's"
+    assert albert_flops > 2 * bert_flops, f"{built}: one wide shared layer costs more per token than BERT's four"
