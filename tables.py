@@ -171,7 +171,7 @@ def run_row(args, model, flags, seed):
     return acc, steps, flops
 
 
-def table(args):
+def table(args, plot=True):
     title, metric, rows = TABLES[args.table]
     if args.quick:
         rows = rows[:2]
@@ -195,6 +195,12 @@ def table(args):
         print(f"{name:<42} {shown} {m:>8.1%} ± {s:4.1%} {tie:1} {steps:>6.0f} {flops / 1e12:>7.1f}")
     base = tasks.baselines(tasks.load_task(args.task), args.examples)
     print(f"{'majority class':<42} {'':>6} {base['majority']:>8.1%}\n{'bag of words':<42} {'':>6} {base['bow']:>8.1%}")
+    if plot:
+        plot_table(args, rows, results, base, budget)
+    return results
+
+
+def plot_table(args, rows, results, base, budget):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     names = [r[0] for r in rows]
@@ -207,7 +213,28 @@ def table(args):
     ax.legend(fontsize=8)
     fig.tight_layout()
     save(fig, args.png or os.path.join(HERE, "assets", f"table_{args.table}.png"), plt)
-    return results
+
+
+def curve(args):
+    """The table at each of --curve's budgets, and one plot: downstream accuracy against pretraining FLOPs per row
+    (the ELECTRA paper's Fig. 1 question: which objective turns compute into a better encoder sooner)."""
+    by_budget = {}
+    for flops in args.curve:
+        args.flops = flops
+        by_budget[flops] = table(args, plot=False)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in by_budget[args.curve[0]]:
+        stats = [downstream.mean_std([a for a, _, _ in by_budget[f][name]]) for f in args.curve]
+        ax.errorbar(args.curve, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=name)
+    base = tasks.baselines(tasks.load_task(args.task), args.examples)
+    ax.axhline(base["majority"], color="gray", lw=0.8, label="majority class")
+    ax.set(xscale="log", xlabel="pretraining FLOPs per row", ylabel=f"--task {args.task} test accuracy",
+           title=f"{args.table}: downstream accuracy against pretraining compute ({args.seeds} seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, args.png or os.path.join(HERE, "assets", f"table_{args.table}_curve.png"), plt)
+    return by_budget
 
 
 @command
@@ -217,6 +244,8 @@ def main(argv=None):
     # 1.5e13: about a minute of pretraining per row on 2 cores (a char BERT: ~650 steps of 4,096 tokens)
     p.add_argument("--flops", type=float, default=1.5e13, help="training FLOPs per row (equal compute)")
     p.add_argument("--max-time", default="", help="instead: wall-clock pretraining per row, e.g. 1m (equal time)")
+    p.add_argument("--curve", default="", help="several --flops budgets, e.g. 5e12,1.5e13,4.5e13: the table at each "
+                                               "and a plot of accuracy against FLOPs")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--task", default="genre", choices=list(tasks.TASKS))
     p.add_argument("--examples", type=int, default=1000, help="labelled examples to fine-tune on")
@@ -238,6 +267,14 @@ def main(argv=None):
         require(train.parse_duration(args.max_time) > 0, f"--max-time {args.max_time}: give a positive duration")
         args.flops = 0.0  # the wall-clock budget replaces the FLOPs one
     require(args.flops > 0 or args.max_time, "give a positive --flops or --max-time")
+    if args.curve:
+        try:
+            args.curve = sorted({float(f) for f in args.curve.split(",")})
+        except ValueError:
+            args.curve = []
+        require(args.curve and args.curve[0] > 0 and not args.max_time,
+                "--curve: positive FLOPs budgets separated by commas, e.g. 5e12,1.5e13 (not with --max-time)")
+        return curve(args)
     return table(args)
 
 

@@ -24,6 +24,14 @@ def test_every_row_gets_the_same_flops_and_the_table_names_the_slides_rows(plays
     out = capsys.readouterr().out
     assert "MAE-LM, Table 2" in out and "86.1" in out and "85.2" in out and (tmp_path / "t.png").exists()
 
+    # a curve over budgets: the budget already run is read back, the new one trains; more FLOPs, more steps
+    curve = tables.main([*argv, "--curve", f"{budget / 2:g},{budget:g}", "--png", str(tmp_path / "curve.png")])
+    assert curve[budget] == results, "the curve's point at a budget already run must be that run's result"
+    for name in results:
+        (_, few, f_few), = curve[budget / 2][name]
+        assert few < steps[name] and abs(f_few - budget / 2) <= f_few / few / 2, f"{name}: half the budget, fewer steps"
+    assert (tmp_path / "curve.png").exists()
+
     # run again: every run is read back, nothing trains, the table is the same
     def must_not_train(*a, **k):
         raise AssertionError("a run whose result is kept was trained again")
@@ -35,7 +43,9 @@ def test_every_row_gets_the_same_flops_and_the_table_names_the_slides_rows(plays
 
 
 @pytest.mark.parametrize("budget,says", [(["--max-time", "0"], "--max-time 0: give a positive duration"),
-                                         (["--flops", "0"], "give a positive --flops or --max-time")])
+                                         (["--flops", "0"], "give a positive --flops or --max-time"),
+                                         (["--curve", "1e12,x"], "--curve: positive FLOPs budgets separated by commas"),
+                                         (["--curve", "1e12", "--max-time", "1m"], "(not with --max-time)")])
 def test_a_budget_of_nothing_is_refused_in_one_line(capsys, budget, says):
     assert exit_code(tables.main, ["mae-lm", *budget]) == 2
     err = capsys.readouterr().err.strip()
