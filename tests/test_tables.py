@@ -15,11 +15,16 @@ def test_every_row_gets_the_same_flops_and_the_table_names_the_slides_rows(plays
             "--train-args", f"--preset tiny --data {plays_corpus} --cache-dir {tmp_path / 'cache'} "
                             "--dtype fp32 --val-docs lear --eval-tokens 2000"]
     results = tables.main(argv)
-    assert list(results) == ["MAE-LM", "enc. w. [MASK] (i.e., MLM)"]
+    baseline = "no pretraining (maelm, random init)"
+    assert list(results) == ["MAE-LM", "enc. w. [MASK] (i.e., MLM)", baseline]
+    assert results[baseline][0][1:] == (0, 0.0), "the baseline row is not pretrained"
     steps = {name: runs[0][1] for name, runs in results.items()}
     assert steps["MAE-LM"] != steps["enc. w. [MASK] (i.e., MLM)"], "rows of different cost must get different steps"
     for name, [(acc, n, flops)] in results.items():
-        assert n >= 2 and 0 <= acc <= 1
+        assert 0 <= acc <= 1
+        if name == baseline:
+            continue
+        assert n >= 2
         assert abs(flops - budget) <= flops / n / 2, f"{name}: {flops:.3g} FLOPs, more than half a step off {budget:g}"
     out = capsys.readouterr().out
     assert "MAE-LM, Table 2" in out and "86.1" in out and "85.2" in out and (tmp_path / "t.png").exists()
@@ -27,7 +32,8 @@ def test_every_row_gets_the_same_flops_and_the_table_names_the_slides_rows(plays
     # a curve over budgets: the budget already run is read back, the new one trains; more FLOPs, more steps
     curve = tables.main([*argv, "--curve", f"{budget / 2:g},{budget:g}", "--png", str(tmp_path / "curve.png")])
     assert curve[budget] == results, "the curve's point at a budget already run must be that run's result"
-    for name in results:
+    assert curve[budget / 2][baseline] == results[baseline], "no budget decides the baseline: it runs once"
+    for name in list(results)[:2]:
         (_, few, f_few), = curve[budget / 2][name]
         assert few < steps[name] and abs(f_few - budget / 2) <= f_few / few / 2, f"{name}: half the budget, fewer steps"
     assert (tmp_path / "curve.png").exists()
@@ -40,6 +46,20 @@ def test_every_row_gets_the_same_flops_and_the_table_names_the_slides_rows(plays
     assert tables.main(argv) == results, "a table read back from its kept runs must equal the table that ran them"
     with pytest.raises(AssertionError, match="trained again"):  # a setting that decides the result: a new run
         tables.main([*argv, "--lr", "1e-3"])
+
+
+def test_a_stopped_run_keeps_no_result_and_the_same_command_resumes_there(plays_corpus, tmp_path, monkeypatch):
+    argv = ["roberta", "--quick", "--flops", "3e9", "--iters", "2", "--evals", "1", "--examples", "48",
+            "--out-dir", str(tmp_path / "runs"), "--png", str(tmp_path / "t.png"),
+            "--train-args", f"--preset tiny --data {plays_corpus} --cache-dir {tmp_path / 'cache'} "
+                            "--dtype fp32 --val-docs lear --eval-tokens 2000"]
+    real = tables.train.train
+    monkeypatch.setattr(tables.train, "train", lambda a: real([*a, "--max-iters", "1"]))  # as if Ctrl-C at step 1
+    assert exit_code(tables.main, argv) == 130
+    assert not list((tmp_path / "runs").rglob("result.json")), "a stopped run's result must not be kept"
+    monkeypatch.setattr(tables.train, "train", real)
+    results = tables.main(argv)
+    assert all(n > 1 for name, [(_, n, _)] in results.items() if "random init" not in name)
 
 
 @pytest.mark.parametrize("budget,says", [(["--max-time", "0"], "--max-time 0: give a positive duration"),
