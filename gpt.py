@@ -14,7 +14,7 @@ so to Hugging Face's GPT2LMHeadModel, the oracle of tests/test_gpt.py: same para
 (wte, wpe, h.0.attn.c_attn, ...), tanh GELU, LayerNorm eps 1e-5, lm_head tied to wte.
 Two hooks serve other slides, in a few marked lines. `--pos` swaps wpe for another scheme
 of positions.py, where the equations live. `prefix_len` makes the causal mask T5's prefix-LM
-mask. mtp.py builds multi-token prediction and self-speculative decoding on this file.
+mask; `--prefix-lm` trains with it (NextTokenObjective.split_prefix). mtp.py builds multi-token prediction and self-speculative decoding on this file.
 
 Run
   python train.py --model gpt                             # char-level Shakespeare (CPU, ~4 minutes)
@@ -63,6 +63,7 @@ class GPTConfig:
     shaw_max_distance: int = 16  # Shaw et al.'s clipping distance k (§4.3: no gain beyond 2..4)
     t5_num_buckets: int = 32  # T5's defaults: 32 buckets, all for the past in a causal decoder ...
     t5_max_distance: int = 128  # ... the last one shared by every offset >= 128
+    prefix_lm: bool = False  # T5's decoder-only prefix LM (§3.2.3): a random prefix read both ways, the rest predicted
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd",
@@ -487,21 +488,39 @@ class NextTokenObjective:
         self.token_bytes = tokenizer.token_bytes  # (V,) UTF-8 length of each token
         self.raw_tokens_per_row = config.block_size + 1  # T inputs and T targets share T - 1 tokens
         self.tokens_per_row = config.block_size
+        self.prefix_lm = getattr(config, "prefix_lm", False)
 
     def train_batch(self, split, batch_size, generator):
         """batch_size random windows of split.tokens (a 1-D numpy array)."""
         starts = torch.randint(len(split.tokens) - self.raw_tokens_per_row + 1, (batch_size,),
                                generator=generator)
-        return self.windows(split.tokens, starts.tolist(), self.block_size)
+        batch = self.windows(split.tokens, starts.tolist(), self.block_size)
+        return self.split_prefix(batch, generator) if self.prefix_lm else batch
 
     def eval_batches(self, split, batch_size):
         """Every target of the split once, in order: whole windows, then a partial last one."""
         T, n = self.block_size, len(split.tokens) - 1  # n targets: tokens[1:]
         starts = list(range(0, n - T + 1, T))
-        for i in range(0, len(starts), batch_size):
-            yield self.windows(split.tokens, starts[i:i + batch_size], T)
+        rows = [(starts[i:i + batch_size], T) for i in range(0, len(starts), batch_size)]
         if n > len(starts) * T:
-            yield self.windows(split.tokens, [len(starts) * T], n - len(starts) * T)
+            rows.append(([len(starts) * T], n - len(starts) * T))
+        g = torch.Generator().manual_seed(1234)  # the prefix LM's evaluation splits: the same every time
+        for some, length in rows:
+            batch = self.windows(split.tokens, some, length)
+            yield self.split_prefix(batch, g) if self.prefix_lm and length > 1 else batch
+
+    @staticmethod
+    def split_prefix(batch, generator):
+        """T5's prefix LM in one stack (§3.2.3; Table 2's "Prefix LM" rows): row b's first P_b tokens are
+        its input, which every position reads both ways (gpt.prefix_lm_mask); the model predicts the
+        rest. P_b is uniform on 1..T-1, every split point alike, as T5's random_prefix_noise_mask at
+        0.5. A target inside the prefix would be visible to its own position: it is dropped (-100).
+        idx [[5, 6, 7, 8]], targets [[6, 7, 8, 9]], P = 2 -> targets [[-100, 7, 8, 9]], prefix_len [2]"""
+        idx, targets = batch["idx"], batch["targets"]
+        B, T = idx.shape
+        prefix_len = torch.randint(1, T, (B,), generator=generator)  # (B,)
+        inside = torch.arange(T)[None, :] < prefix_len[:, None] - 1  # (B, T): target t is token t + 1
+        return {"idx": idx, "targets": targets.masked_fill(inside, -100), "prefix_len": prefix_len}
 
     def windows(self, tokens, starts, T):
         """windows(np.array([5, 6, 7, 8]), [0], 2) -> idx [[5, 6]], targets [[6, 7]]"""
@@ -519,7 +538,7 @@ class NextTokenObjective:
     def loss(self, model, batch, denominators=None):
         """(summed log-loss / denominator, sums). Default denominator: this batch's real targets."""
         denominators = denominators or self.denominators(batch)
-        logits, _ = model(batch["idx"])
+        logits, _ = model(batch["idx"], prefix_len=batch.get("prefix_len"))
         targets = batch["targets"]
         nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                               reduction="sum")
@@ -574,9 +593,11 @@ class Classifier(nn.Module):
 
     def forward(self, input_ids, token_type_ids, attention_mask, labels):
         m, B = self.pretrained, input_ids.size(0)
+        # a prefix LM reads its whole input both ways, as T5 fine-tunes it (the text is the prefix)
+        prefix = attention_mask.sum(1) if getattr(m.config, "prefix_lm", False) else None  # (B,) or None
         x, pos, bias = m.embed(input_ids)
         for block in m.transformer.h:
-            x = block(x, pos, bias)
+            x = block(x, pos, bias, None, prefix)
         h = m.transformer.ln_f(x)  # (B, T, C)
         last = attention_mask.sum(1) - 1  # (B,) the extract token: the last real one
         logits = self.head(self.dropout(h[torch.arange(B), last]))  # (B, n_labels)

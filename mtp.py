@@ -59,6 +59,7 @@ class MTPConfig(gpt.GPTConfig):
         require(self.mtp_heads >= 0, f"--mtp-heads {self.mtp_heads}: must be >= 0 (extra tokens predicted)")
         require(self.mtp in ("parallel", "sequential"), f"--mtp {self.mtp}: must be parallel or sequential")
         require(self.mtp_weight >= 0, f"--mtp-weight {self.mtp_weight}: must be >= 0")
+        require(not (self.prefix_lm and self.mtp_heads), "--prefix-lm and --mtp-heads: one objective at a time")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

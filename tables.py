@@ -113,6 +113,7 @@ TABLES = {
                                                               "--num-layers", "1"]),
         ("Encoder-decoder, LM (prefix)", 79.56, "t5", ["--objective", "prefix-lm", "--noise-density", "0.5"]),
         ("Language model, LM", 73.78, "gpt", []),
+        ("Prefix LM, LM (one stack)", 79.68, "gpt", ["--prefix-lm"]),
     ]),
 }
 
