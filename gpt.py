@@ -14,7 +14,8 @@ so to Hugging Face's GPT2LMHeadModel, the oracle of tests/test_gpt.py: same para
 (wte, wpe, h.0.attn.c_attn, ...), tanh GELU, LayerNorm eps 1e-5, lm_head tied to wte.
 Two hooks serve other slides, in a few marked lines. `--pos` swaps wpe for another scheme
 of positions.py, where the equations live. `prefix_len` makes the causal mask T5's prefix-LM
-mask; `--prefix-lm` trains with it (NextTokenObjective.split_prefix). mtp.py builds multi-token prediction and self-speculative decoding on this file.
+mask; `--prefix-lm` trains with it (NextTokenObjective.split_prefix). mtp.py builds
+multi-token prediction and self-speculative decoding on this file.
 
 Run
   python train.py --model gpt                             # char-level Shakespeare (CPU, ~4 minutes)

@@ -166,7 +166,7 @@ def run_row(args, model, flags, seed, random_init=False):
     tables): its directory is named by everything that decides its result, so each such run is done once, and a
     table stopped halfway resumes at its first unfinished run. random_init: no pretraining, the same fine-tuning
     from a random initialisation of that row's model (the baseline every row must beat to have learned something).
-    -> (test accuracy, pretraining steps, training FLOPs)"""
+    -> (test accuracy, pretraining steps, training FLOPs, seconds the run took or nan if not recorded)"""
     budget = {"flops": args.flops} if args.flops else {"max_time": args.max_time}
     decides = {"model": model, "flags": flags, "seed": seed, **budget, "train_args": args.train_args,
                **{k: getattr(args, k) for k in ("task", "examples", "iters", "evals", "lr", "batch_size")}}
@@ -180,8 +180,8 @@ def run_row(args, model, flags, seed, random_init=False):
         with open(done) as f:
             r = json.load(f)
         print(f"(done before: {done})", flush=True)
-        return r["acc"], r["steps"], r["flops"]
-    ckpt = os.path.join(pretrained, "pretrain", "ckpt.pt")
+        return r["acc"], r["steps"], r["flops"], r.get("seconds", float("nan"))
+    ckpt, t0 = os.path.join(pretrained, "pretrain", "ckpt.pt"), time.time()
     if random_init:  # the pretrained checkpoint only gives the architecture; --random-init redraws every weight
         require(os.path.exists(ckpt), f"{ckpt}: the row to re-initialise has not been pretrained")
         steps, flops = 0, 0.0
@@ -189,10 +189,11 @@ def run_row(args, model, flags, seed, random_init=False):
     else:
         ckpt, steps, flops = pretrain(args, model, flags, 1337 + seed, os.path.dirname(ckpt))
         acc = fine_tune(args, model, ckpt, seed, out)
+    seconds = round(time.time() - t0, 1)
     with open(done + ".tmp", "w") as f:  # written last and renamed: a killed run leaves no result behind
-        json.dump({"acc": acc, "steps": steps, "flops": flops, "run": decides}, f, indent=1)
+        json.dump({"acc": acc, "steps": steps, "flops": flops, "seconds": seconds, "run": decides}, f, indent=1)
     os.replace(done + ".tmp", done)
-    return acc, steps, flops
+    return acc, steps, flops, seconds
 
 
 def run_dir(args, model, decides):
@@ -219,10 +220,13 @@ def table(args, plot=True):
     budget = f"{args.flops:.2g} training FLOPs" if args.flops else f"{args.max_time} of pretraining"
     print(f"\n{title}\nours: {budget} per row, then {args.iters} fine-tuning steps on {args.examples:,} "
           f"examples of --task {args.task}; test accuracy, {args.seeds} seed(s), {time.time() - t0:.0f} s in all")
+    took = [r[3] for runs in results.values() for r in runs]  # what the table costs from scratch, kept runs too
+    untimed = sum(np.isnan(took))
+    print(f"from scratch: {np.nansum(took) / 60:.1f} min of runs" + (f" and {untimed} untimed" if untimed else ""))
     print(f"{'row':<42} {metric:>6} {'ours':>15} {'':1} {'steps':>6} {'TFLOPs':>7}")
     first = None
     for name, slide, _, _ in rows:
-        accs = [a for a, _, _ in results[name]]
+        accs = [r[0] for r in results[name]]
         m, s = downstream.mean_std(accs)
         first = first or (m, s)
         tie = "=" if first != (m, s) and abs(m - first[0]) <= max(s, first[1]) else ""
@@ -240,7 +244,7 @@ def plot_table(args, rows, results, base, budget):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     names = [r[0] for r in rows]
-    stats = [downstream.mean_std([a for a, _, _ in results[n]]) for n in names]
+    stats = [downstream.mean_std([r[0] for r in results[n]]) for n in names]
     ax.errorbar(range(len(names)), [m for m, _ in stats], yerr=[s for _, s in stats], fmt="o", capsize=3,
                 label="ours (test accuracy)")
     ax.axhline(base["majority"], color="gray", lw=0.8, label="majority class")
@@ -261,7 +265,7 @@ def curve(args):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in by_budget[args.curve[0]]:
-        stats = [downstream.mean_std([a for a, _, _ in by_budget[f][name]]) for f in args.curve]
+        stats = [downstream.mean_std([r[0] for r in by_budget[f][name]]) for f in args.curve]
         ax.errorbar(args.curve, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=name)
     base = tasks.baselines(tasks.load_task(args.task), args.examples)
     ax.axhline(base["majority"], color="gray", lw=0.8, label="majority class")

@@ -17,10 +17,11 @@ def test_every_row_gets_the_same_flops_and_the_table_names_the_slides_rows(plays
     results = tables.main(argv)
     baseline = "no pretraining (maelm, random init)"
     assert list(results) == ["MAE-LM", "enc. w. [MASK] (i.e., MLM)", baseline]
-    assert results[baseline][0][1:] == (0, 0.0), "the baseline row is not pretrained"
+    assert results[baseline][0][1:3] == (0, 0.0), "the baseline row is not pretrained"
     steps = {name: runs[0][1] for name, runs in results.items()}
     assert steps["MAE-LM"] != steps["enc. w. [MASK] (i.e., MLM)"], "rows of different cost must get different steps"
-    for name, [(acc, n, flops)] in results.items():
+    for name, [(acc, n, flops, seconds)] in results.items():
+        assert seconds > 0
         assert 0 <= acc <= 1
         if name == baseline:
             continue
@@ -34,7 +35,7 @@ def test_every_row_gets_the_same_flops_and_the_table_names_the_slides_rows(plays
     assert curve[budget] == results, "the curve's point at a budget already run must be that run's result"
     assert curve[budget / 2][baseline] == results[baseline], "no budget decides the baseline: it runs once"
     for name in list(results)[:2]:
-        (_, few, f_few), = curve[budget / 2][name]
+        (_, few, f_few, _), = curve[budget / 2][name]
         assert few < steps[name] and abs(f_few - budget / 2) <= f_few / few / 2, f"{name}: half the budget, fewer steps"
     assert (tmp_path / "curve.png").exists()
 
@@ -59,7 +60,7 @@ def test_a_stopped_run_keeps_no_result_and_the_same_command_resumes_there(plays_
     assert not list((tmp_path / "runs").rglob("result.json")), "a stopped run's result must not be kept"
     monkeypatch.setattr(tables.train, "train", real)
     results = tables.main(argv)
-    assert all(n > 1 for name, [(_, n, _)] in results.items() if "random init" not in name)
+    assert all(n > 1 for name, [(_, n, _, _)] in results.items() if "random init" not in name)
 
 
 @pytest.mark.parametrize("budget,says", [(["--max-time", "0"], "--max-time 0: give a positive duration"),
