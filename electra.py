@@ -79,6 +79,8 @@ class ElectraConfig:
     objective = "mlm"
     span_boundary = False
     short_seq_prob = 0.0
+    static_masks = 0  # dynamic masking, as ELECTRA's own pipeline
+    doc_sentences = False
 
     def __post_init__(self):
         require(self.embedding_size >= 0, f"--embedding-size {self.embedding_size}: must be >= 0 (0 = --hidden-size)")

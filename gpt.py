@@ -539,7 +539,8 @@ class NextTokenObjective:
     def loss(self, model, batch, denominators=None):
         """(summed log-loss / denominator, sums). Default denominator: this batch's real targets."""
         denominators = denominators or self.denominators(batch)
-        logits, _ = model(batch["idx"], prefix_len=batch.get("prefix_len"))
+        prefix = {"prefix_len": batch["prefix_len"]} if "prefix_len" in batch else {}  # --prefix-lm only
+        logits, _ = model(batch["idx"], **prefix)
         targets = batch["targets"]
         nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                               reduction="sum")
