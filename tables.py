@@ -172,9 +172,8 @@ def run_row(args, model, flags, seed, random_init=False):
                **{k: getattr(args, k) for k in ("task", "examples", "iters", "evals", "lr", "batch_size")}}
     pretrained = run_dir(args, model, decides)
     if random_init:  # no budget decides it: one run per seed, whatever the table's budget
-        out = run_dir(args, model, {**{k: v for k, v in decides.items() if k not in budget}, "random_init": True})
-    else:
-        out = pretrained
+        decides = {**{k: v for k, v in decides.items() if k not in budget}, "random_init": True}
+    out = run_dir(args, model, decides)
     done = os.path.join(out, "result.json")
     if os.path.exists(done) and not args.fresh:
         with open(done) as f:
