@@ -280,7 +280,7 @@ def curve(args):
 def main(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("table", choices=list(TABLES))
-    # 1.5e13: about a minute of pretraining per row on 2 cores (a char BERT: ~650 steps of 4,096 tokens)
+    # 1.5e13: 2 to 3 minutes of pretraining per row on 2 cores of a Zen 4 (a char BERT: 657 steps of 4,096 tokens)
     p.add_argument("--flops", type=float, default=1.5e13, help="training FLOPs per row (equal compute)")
     p.add_argument("--max-time", default="", help="instead: wall-clock pretraining per row, e.g. 1m (equal time)")
     p.add_argument("--curve", default="", help="several --flops budgets, e.g. 5e12,1.5e13,4.5e13: the table at each "
