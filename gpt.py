@@ -596,7 +596,7 @@ class Classifier(nn.Module):
     def forward(self, input_ids, token_type_ids, attention_mask, labels):
         m, B = self.pretrained, input_ids.size(0)
         # a prefix LM reads its whole input both ways, as T5 fine-tunes it (the text is the prefix)
-        prefix = attention_mask.sum(1) if getattr(m.config, "prefix_lm", False) else None  # (B,) or None
+        prefix = attention_mask.sum(1) if m.config.prefix_lm else None  # (B,) or None
         x, pos, bias = m.embed(input_ids)
         for block in m.transformer.h:
             x = block(x, pos, bias, None, prefix)

@@ -25,6 +25,7 @@ Tests: tests/test_tables.py (--quick).
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -195,6 +196,12 @@ def run_row(args, model, flags, seed, random_init=False):
     return acc, steps, flops, seconds
 
 
+@functools.lru_cache
+def baselines(task, examples):
+    """tasks.baselines (a bag-of-words fit: ~20 s), once per process: --curve prints a table per budget."""
+    return tasks.baselines(tasks.load_task(task), examples)
+
+
 def run_dir(args, model, decides):
     key = hashlib.sha1(json.dumps(decides, sort_keys=True).encode()).hexdigest()[:10]
     return os.path.join(args.out_dir, "runs", f"{model}-{key}-seed{decides['seed']}")
@@ -232,7 +239,7 @@ def table(args, plot=True):
         steps, flops = np.mean([r[1] for r in results[name]]), np.mean([r[2] for r in results[name]])
         shown = f"{slide:>6.1f}" if slide is not None else f"{'-':>6}"  # a row the slide has no figure for
         print(f"{name:<42} {shown} {m:>8.1%} ± {s:4.1%} {tie:1} {steps:>6.0f} {flops / 1e12:>7.1f}")
-    base = tasks.baselines(tasks.load_task(args.task), args.examples)
+    base = baselines(args.task, args.examples)
     print(f"{'majority class':<42} {'':>6} {base['majority']:>8.1%}\n{'bag of words':<42} {'':>6} {base['bow']:>8.1%}")
     if plot:
         plot_table(args, rows, results, base, budget)
@@ -266,7 +273,7 @@ def curve(args):
     for name in by_budget[args.curve[0]]:
         stats = [downstream.mean_std([r[0] for r in by_budget[f][name]]) for f in args.curve]
         ax.errorbar(args.curve, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=name)
-    base = tasks.baselines(tasks.load_task(args.task), args.examples)
+    base = baselines(args.task, args.examples)
     ax.axhline(base["majority"], color="gray", lw=0.8, label="majority class")
     ax.set(xscale="log", xlabel="pretraining FLOPs per row", ylabel=f"--task {args.task} test accuracy",
            title=f"{args.table}: downstream accuracy against pretraining compute ({args.seeds} seeds)")
