@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -168,8 +169,8 @@ def train_bpe(cfg, train_docs):
     tok = bpe.Tokenizer(pattern="gpt4").train("".join(train_docs), cfg.vocab_size - 1)
     tok.register_special_tokens([EOT])
     os.makedirs(cfg.cache_dir, exist_ok=True)
-    tok.save(path + ".tmp")
-    os.replace(path + ".tmp", path)
+    tok.save(f"{path}.{os.getpid()}.tmp")
+    os.replace(f"{path}.{os.getpid()}.tmp", path)
     print(f"trained a {tok.vocab_size}-token BPE vocabulary on the train split "
           f"in {time.time() - t:.1f}s -> {path}")
     return tok
@@ -388,15 +389,24 @@ def prepare_data(cfg, specials=(EOT,), tokenizer_ident=None):
     }, sort_keys=True).encode()).hexdigest()[:16]
     cache = os.path.join(cfg.cache_dir, key)
     if not os.path.exists(os.path.join(cache, "meta.json")):
-        os.makedirs(cache, exist_ok=True)
+        # Trap: runs started at once (tables.py --jobs) would append to the same files. Each builds in a
+        # directory of its own and renames it into place; the first rename wins, the others' copies are the same.
+        build = f"{cache}.{os.getpid()}.tmp"
+        os.makedirs(build, exist_ok=True)
         meta = {"dtype": _dtype_for(tok), "tokenizer": tok.identity()}
         for part, names in (("train", train_names), ("val", val_names)):
-            writer = StreamWriter(cache, part, tok, meta["dtype"])
+            writer = StreamWriter(build, part, tok, meta["dtype"])
             for i in range(0, len(texts[part]), 256):
                 writer.add(texts[part][i:i + 256])
             meta[part] = {**writer.commit(), "doc_names": names}
-        # written last: it marks the cache complete
-        atomic_write_text(os.path.join(cache, "meta.json"), json.dumps(meta))
+            writer.close()
+        atomic_write_text(os.path.join(build, "meta.json"), json.dumps(meta))
+        if os.path.isdir(cache) and not os.path.exists(os.path.join(cache, "meta.json")):
+            shutil.rmtree(cache)  # an interrupted build (meta.json is written last)
+        try:
+            os.rename(build, cache)
+        except OSError:  # another run's build was renamed first
+            shutil.rmtree(build)
     with open(os.path.join(cache, "meta.json")) as f:
         meta = json.load(f)
     return tok, {part: _split(cache, part, meta) for part in ("train", "val")}, key
@@ -596,7 +606,7 @@ def _read_prepared(cfg, specials, tokenizer_ident):
 
 
 def atomic_write_text(path, text):
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # of this process: two writing one file at once each rename a whole one
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)

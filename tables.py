@@ -25,16 +25,21 @@ Tests: tests/test_tables.py (--quick).
 """
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
+import multiprocessing
 import os
+import re
 import shlex
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 
 import downstream
 import tasks
@@ -196,6 +201,32 @@ def run_row(args, model, flags, seed, random_init=False):
     return acc, steps, flops, seconds
 
 
+def run_all(args, runs):
+    """--jobs N: the same runs, N at once in worker processes, each writing its output to --out-dir/logs. One
+    small model leaves a GPU mostly idle; a machine with many cores or a GPU does a table several times faster.
+    The baselines start after the pretrained rows: they re-initialise the first row's checkpoint.
+    runs: [(row, model, flags, seed, random_init)] -> {row: [run_row's result per seed]}"""
+    done, ctx = {}, multiprocessing.get_context("spawn")  # spawn: a forked process cannot use CUDA
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)  # the cores shared out, not each worker taking them all
+    with ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        for phase in (False, True):
+            todo = {pool.submit(run_logged, args, *run): run for run in runs if run[4] == phase}
+            for future in as_completed(todo):
+                name, _, _, seed, _ = todo[future]
+                done[name, seed] = future.result()
+                print(f"=== {name} (seed {seed}): {done[name, seed][0]:.1%} in {done[name, seed][3]:.0f} s",
+                      flush=True)
+    return {name: [done[name, s] for s in range(args.seeds)] for name in dict.fromkeys(r[0] for r in runs)}
+
+
+def run_logged(args, name, model, flags, seed, random_init):
+    """run_row in a worker process, its output in a file of its own (N runs' progress lines would interleave)."""
+    os.makedirs(os.path.join(args.out_dir, "logs"), exist_ok=True)
+    log = os.path.join(args.out_dir, "logs", f"{args.table}-{re.sub(r'[^A-Za-z0-9.]+', '-', name)}-seed{seed}.log")
+    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        return run_row(args, model, flags, seed, random_init)
+
+
 @functools.lru_cache
 def baselines(task, examples):
     """tasks.baselines (a bag-of-words fit: ~20 s), once per process: --curve prints a table per budget."""
@@ -211,18 +242,20 @@ def table(args, plot=True):
     title, metric, rows = TABLES[args.table]
     if args.quick:
         rows = rows[:2]
-    t0, results = time.time(), {}
-    for name, _, model, flags in rows:
-        for seed in range(args.seeds):
-            print(f"=== {name} (seed {seed}) ===", flush=True)
-            results.setdefault(name, []).append(run_row(args, model, flags, seed))
     # the baseline: the first row's model fine-tuned the same way from random weights. A row no better than it has
     # learned nothing from pretraining that this task can use.
     _, _, model, flags = rows[0]
     rows = [*rows, (f"no pretraining ({model}, random init)", None, model, flags)]
-    for seed in range(args.seeds):
-        print(f"=== {rows[-1][0]} (seed {seed}) ===", flush=True)
-        results.setdefault(rows[-1][0], []).append(run_row(args, model, flags, seed, random_init=True))
+    runs = [(name, model, flags, seed, name == rows[-1][0]) for name, _, model, flags in rows
+            for seed in range(args.seeds)]
+    t0 = time.time()
+    if args.jobs > 1:
+        results = run_all(args, runs)
+    else:  # one after another, in this process: the baselines last, after the first row's checkpoint exists
+        results = {}
+        for name, model, flags, seed, random_init in runs:
+            print(f"=== {name} (seed {seed}) ===", flush=True)
+            results.setdefault(name, []).append(run_row(args, model, flags, seed, random_init))
     budget = f"{args.flops:.2g} training FLOPs" if args.flops else f"{args.max_time} of pretraining"
     print(f"\n{title}\nours: {budget} per row, then {args.iters} fine-tuning steps on {args.examples:,} "
           f"examples of --task {args.task}; test accuracy, {args.seeds} seed(s), {time.time() - t0:.0f} s in all")
@@ -301,6 +334,8 @@ def main(argv=None):
     p.add_argument("--evals", type=int, default=4, help="fine-tuning evaluations besides step 0")
     p.add_argument("--lr", type=float, default=3e-4, help="fine-tuning peak learning rate")
     p.add_argument("--batch-size", type=int, default=32, help="fine-tuning batch")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, in worker processes (a GPU or many cores; "
+                                                       "2 cores gain nothing)")
     p.add_argument("--quick", action="store_true", help="the first 2 rows, 1 seed: a smoke run")
     p.add_argument("--out-dir", default=os.path.join("out", "tables"))
     p.add_argument("--fresh", action="store_true", help="redo runs whose results --out-dir already holds")
@@ -310,7 +345,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.seeds = 1
-    require(args.seeds >= 1 and args.iters >= 1 and args.examples >= 1, "--seeds, --iters, --examples: >= 1")
+    require(min(args.seeds, args.iters, args.examples, args.jobs) >= 1, "--seeds, --iters, --examples, --jobs: >= 1")
     if args.max_time:
         require(train.parse_duration(args.max_time) > 0, f"--max-time {args.max_time}: give a positive duration")
         args.flops = 0.0  # the wall-clock budget replaces the FLOPs one

@@ -63,6 +63,21 @@ def test_a_stopped_run_keeps_no_result_and_the_same_command_resumes_there(plays_
     assert all(n > 1 for name, [(_, n, _, _)] in results.items() if "random init" not in name)
 
 
+def test_runs_in_worker_processes_give_the_table_run_one_after_another(plays_corpus, tmp_path):
+    # --jobs 2 on a fresh cache: two runs start at once and both tokenise the corpus into the same cache
+    tables_of = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        argv = ["mae-lm", "--quick", "--flops", "3e9", "--iters", "3", "--evals", "1", "--examples", "48",
+                "--jobs", str(jobs), "--out-dir", str(out), "--png", str(out / "t.png"),
+                "--train-args", f"--preset tiny --data {plays_corpus} --cache-dir {out / 'cache'} "
+                                "--dtype fp32 --val-docs lear --eval-tokens 2000"]
+        tables_of[jobs] = {name: [r[:3] for r in runs] for name, runs in tables.main(argv).items()}
+        assert not [p.name for p in (out / "cache").iterdir() if ".tmp" in p.name], "a half-built cache left behind"
+    assert tables_of[2] == tables_of[1], "runs in worker processes must give what the same runs give in turn"
+    assert len(list((tmp_path / "jobs2" / "logs").glob("*.log"))) == 3, "each worker's run keeps its own log"
+
+
 @pytest.mark.parametrize("budget,says", [(["--max-time", "0"], "--max-time 0: give a positive duration"),
                                          (["--flops", "0"], "give a positive --flops or --max-time"),
                                          (["--curve", "1e12,x"], "--curve: positive FLOPs budgets separated by commas"),
