@@ -168,7 +168,7 @@ def not_stopped(steps, planned, out_dir):
 
 def run_row(args, model, flags, seed, random_init=False):
     """Pretrain and fine-tune one row for one seed, or read the result of the same run done before.
-    A row is the same run wherever it appears (RoBERTa's first row is SpanBERT's first; T5's 15% row heads three
+    A row is the same run wherever it appears (RoBERTa's first row is SpanBERT's first; T5's 15% row is in all three
     tables): its directory is named by everything that decides its result, so each such run is done once, and a
     table stopped halfway resumes at its first unfinished run. random_init: no pretraining, the same fine-tuning
     from a random initialisation of that row's model (the baseline every row must beat to have learned something).
@@ -208,14 +208,20 @@ def run_all(args, runs):
     runs: [(row, model, flags, seed, random_init)] -> {row: [run_row's result per seed]}"""
     done, ctx = {}, multiprocessing.get_context("spawn")  # spawn: a forked process cannot use CUDA
     threads = max(1, (os.cpu_count() or 1) // args.jobs)  # the cores shared out, not each worker taking them all
-    with ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+    pool = ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=torch.set_num_threads, initargs=(threads,))
+    try:
         for phase in (False, True):
             todo = {pool.submit(run_logged, args, *run): run for run in runs if run[4] == phase}
             for future in as_completed(todo):
                 name, _, _, seed, _ = todo[future]
-                done[name, seed] = future.result()
+                done[name, seed] = future.result()  # a run's error (or its stop: exit 130) ends the table here
                 print(f"=== {name} (seed {seed}): {done[name, seed][0]:.1%} in {done[name, seed][3]:.0f} s",
                       flush=True)
+    except KeyboardInterrupt:  # Ctrl-C reaches the workers too: each saves and stops; none of them is kept
+        print("tables.py: stopped; the finished runs are kept, the same command resumes", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:  # the runs not started yet are dropped; the running ones end before this returns
+        pool.shutdown(cancel_futures=True)
     return {name: [done[name, s] for s in range(args.seeds)] for name in dict.fromkeys(r[0] for r in runs)}
 
 

@@ -76,6 +76,11 @@ def test_runs_in_worker_processes_give_the_table_run_one_after_another(plays_cor
         assert not [p.name for p in (out / "cache").iterdir() if ".tmp" in p.name], "a half-built cache left behind"
     assert tables_of[2] == tables_of[1], "runs in worker processes must give what the same runs give in turn"
     assert len(list((tmp_path / "jobs2" / "logs").glob("*.log"))) == 3, "each worker's run keeps its own log"
+    # a run stopped in a worker (as by Ctrl-C: its fine-tuning ends at step 1 of 3) stops the table, kept by nobody
+    kept = set((tmp_path / "jobs2").rglob("result.json"))
+    argv[argv.index("--train-args") + 1] += " --max-iters 1"  # the fine-tuning's budget: train-args come last
+    assert exit_code(tables.main, argv) == 130
+    assert set((tmp_path / "jobs2").rglob("result.json")) == kept, "a stopped run's result must not be kept"
 
 
 @pytest.mark.parametrize("budget,says", [(["--max-time", "0"], "--max-time 0: give a positive duration"),
