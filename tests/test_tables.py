@@ -105,6 +105,16 @@ def test_every_row_of_every_table_builds_its_model_and_counts_its_flops(corpus, 
             assert slide is None or 0 < slide < 100, f"{table}: {name}: the slide's figure is a score in (0, 100)"
 
 
+def test_a_row_two_tables_share_is_one_run():
+    # the run's directory is named by its flags: the same experiment spelt two ways would be run twice
+    def flags(table, row):
+        return next(f for name, _, _, f in tables.TABLES[table][2] if name == row)
+    assert flags("roberta", "SEGMENT-PAIR (+ NSP), dynamic masking") == flags("spanbert", "Our BERT (pairs + NSP)")
+    assert flags("t5-rates", "15%") == flags("t5-objectives", "Replace corrupted spans") == \
+        flags("t5-architectures", "Encoder-decoder, denoising")
+    assert flags("albert", "BERT-base") == flags("electra", "BERT-Small (masked LM)")
+
+
 def test_the_albert_row_at_berts_parameters_has_berts_parameters_and_costs_more_per_token(corpus, tmp_path):
     import train
     from helpers import tiny_args
