@@ -7,6 +7,7 @@ fine-tuned the same way, scored downstream, beside the figure the slide shows.
     python tables.py electra | spanbert | roberta | albert | xlnet | t5-objectives | t5-rates | t5-architectures
     python tables.py mae-lm --max-time 1m   # equal wall time instead of equal FLOPs
     python tables.py mae-lm --quick         # 2 rows, 1 seed: does it run?
+    python tables.py t5-architectures --jobs 8 --train-args "--device cuda"   # a GPU, 8 runs at once: H200 2m30s
 
 Each row: pretrain through train.py (its CLI, its checkpoint) for --flops training FLOPs (6 per weight
 per token plus attention, each model's flops_per_token: the steps are chosen before the run, so every
