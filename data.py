@@ -169,8 +169,9 @@ def train_bpe(cfg, train_docs):
     tok = bpe.Tokenizer(pattern="gpt4").train("".join(train_docs), cfg.vocab_size - 1)
     tok.register_special_tokens([EOT])
     os.makedirs(cfg.cache_dir, exist_ok=True)
-    tok.save(f"{path}.{os.getpid()}.tmp")
-    os.replace(f"{path}.{os.getpid()}.tmp", path)
+    tmp = f"{path}.{os.getpid()}.tmp"  # of this process, as atomic_write_text's
+    tok.save(tmp)
+    os.replace(tmp, path)
     print(f"trained a {tok.vocab_size}-token BPE vocabulary on the train split "
           f"in {time.time() - t:.1f}s -> {path}")
     return tok
