@@ -63,24 +63,29 @@ def test_a_stopped_run_keeps_no_result_and_the_same_command_resumes_there(plays_
     assert all(n > 1 for name, [(_, n, _, _)] in results.items() if "random init" not in name)
 
 
+def jobs_argv(plays_corpus, out, jobs, more_train_args=""):
+    return ["mae-lm", "--quick", "--flops", "3e9", "--iters", "3", "--evals", "1", "--examples", "48",
+            "--jobs", str(jobs), "--out-dir", str(out), "--png", str(out / "t.png"),
+            "--train-args", f"--preset tiny --data {plays_corpus} --cache-dir {out / 'cache'} "
+                            f"--dtype fp32 --val-docs lear --eval-tokens 2000 {more_train_args}"]
+
+
 def test_runs_in_worker_processes_give_the_table_run_one_after_another(plays_corpus, tmp_path):
     # --jobs 2 on a fresh cache: two runs start at once and both tokenise the corpus into the same cache
     tables_of = {}
     for jobs in (1, 2):
         out = tmp_path / f"jobs{jobs}"
-        argv = ["mae-lm", "--quick", "--flops", "3e9", "--iters", "3", "--evals", "1", "--examples", "48",
-                "--jobs", str(jobs), "--out-dir", str(out), "--png", str(out / "t.png"),
-                "--train-args", f"--preset tiny --data {plays_corpus} --cache-dir {out / 'cache'} "
-                                "--dtype fp32 --val-docs lear --eval-tokens 2000"]
-        tables_of[jobs] = {name: [r[:3] for r in runs] for name, runs in tables.main(argv).items()}
+        tables_of[jobs] = {name: [r[:3] for r in runs]
+                           for name, runs in tables.main(jobs_argv(plays_corpus, out, jobs)).items()}
         assert not [p.name for p in (out / "cache").iterdir() if ".tmp" in p.name], "a half-built cache left behind"
     assert tables_of[2] == tables_of[1], "runs in worker processes must give what the same runs give in turn"
     assert len(list((tmp_path / "jobs2" / "logs").glob("*.log"))) == 3, "each worker's run keeps its own log"
-    # a run stopped in a worker (as by Ctrl-C: its fine-tuning ends at step 1 of 3) stops the table, kept by nobody
-    kept = set((tmp_path / "jobs2").rglob("result.json"))
-    argv[argv.index("--train-args") + 1] += " --max-iters 1"  # the fine-tuning's budget: train-args come last
-    assert exit_code(tables.main, argv) == 130
-    assert set((tmp_path / "jobs2").rglob("result.json")) == kept, "a stopped run's result must not be kept"
+
+
+def test_a_run_stopped_in_a_worker_stops_the_table_and_keeps_no_result(plays_corpus, tmp_path):
+    # as by Ctrl-C: each fine-tuning ends at step 1 of 3 (train-args come last, so theirs is the fine-tuning's budget)
+    assert exit_code(tables.main, jobs_argv(plays_corpus, tmp_path, 2, "--max-iters 1")) == 130
+    assert not list(tmp_path.rglob("result.json")), "a stopped run's result must not be kept"
 
 
 @pytest.mark.parametrize("budget,says", [(["--max-time", "0"], "--max-time 0: give a positive duration"),
