@@ -7,6 +7,7 @@ fine-tuned the same way, scored downstream, beside the figure the slide shows.
     python tables.py electra | spanbert | roberta | albert | xlnet | t5-objectives | t5-rates | t5-architectures
     python tables.py mae-lm --max-time 1m   # equal wall time instead of equal FLOPs
     python tables.py mae-lm --quick         # 2 rows, 1 seed: does it run?
+    python tables.py t5-architectures --rows denoising   # only the rows named so (here 5 of 10), and the baseline
     python tables.py t5-architectures --jobs 8 --train-args "--device cuda"   # a GPU, 8 runs at once: H200 2m30s
 
 Each row: pretrain through train.py (its CLI, its checkpoint) for --flops training FLOPs (6 per weight
@@ -113,13 +114,21 @@ TABLES = {
                                   *(["--noise-density", str(rate / 100)] if rate != 15 else [])])
         for rate, glue in ((10, 82.82), (15, 83.28), (25, 83.00), (50, 81.27))
     ]),
+    # The slide's ten rows: five architectures, each pretrained by denoising and by language modelling. The decoder-only
+    # rows under denoising read T5's corrupted input then write its targets, in one stack (t5lm.py).
     "t5-architectures": ("T5 (Raffel et al. 2020, Table 2): architectures and objectives, GLUE", "GLUE", [
         ("Encoder-decoder, denoising", 83.28, "t5", ["--objective", "replace-spans", "--noise-mask", "iid"]),
         ("Enc-dec, shared, denoising", 82.81, "t5", ["--objective", "replace-spans", "--noise-mask", "iid",
                                                      "--share-encoder-decoder"]),
         ("Enc-dec, half the layers, denoising", 80.88, "t5", ["--objective", "replace-spans", "--noise-mask", "iid",
                                                               "--num-layers", "1"]),
+        ("Language model, denoising", 74.70, "t5lm", ["--noise-mask", "iid"]),
+        ("Prefix LM, denoising", 81.82, "t5lm", ["--noise-mask", "iid", "--prefix-lm"]),
         ("Encoder-decoder, LM (prefix)", 79.56, "t5", ["--objective", "prefix-lm", "--noise-density", "0.5"]),
+        ("Enc-dec, shared, LM", 79.60, "t5", ["--objective", "prefix-lm", "--noise-density", "0.5",
+                                              "--share-encoder-decoder"]),
+        ("Enc-dec, half the layers, LM", 78.67, "t5", ["--objective", "prefix-lm", "--noise-density", "0.5",
+                                                       "--num-layers", "1"]),
         ("Language model, LM", 73.78, "gpt", []),
         ("Prefix LM, LM (one stack)", 79.68, "gpt", ["--prefix-lm"]),
     ]),
@@ -129,7 +138,7 @@ TABLES = {
 # each model's flag for "no end-of-run demo": its output is not the table's
 NO_DEMO = {"gpt": ["--sample-tokens", "0"], "llama": ["--sample-tokens", "0"], "bert": ["--top-k", "0"],
            "maelm": ["--top-k", "0"], "unilm": ["--top-k", "0", "--max-new-tokens", "0"],
-           "electra": ["--flag-text", ""], "t5": ["--fill", ""], "xlnet": ["--demo-text", ""]}
+           "electra": ["--flag-text", ""], "t5": ["--fill", ""], "xlnet": ["--demo-text", ""], "t5lm": []}
 
 
 def pretrain(args, model, flags, seed, out_dir):
@@ -248,11 +257,10 @@ def run_dir(args, model, decides):
 
 def table(args, plot=True):
     title, metric, rows = TABLES[args.table]
-    if args.quick:
-        rows = rows[:2]
     # the baseline: the first row's model fine-tuned the same way from random weights. A row no better than it has
     # learned nothing from pretraining that this task can use.
     _, _, model, flags = rows[0]
+    rows = rows[:2] if args.quick else [r for r in rows if picked(args, r[0])]
     rows = [*rows, (f"no pretraining ({model}, random init)", None, model, flags)]
     runs = [(name, model, flags, seed, name == rows[-1][0]) for name, _, model, flags in rows
             for seed in range(args.seeds)]
@@ -287,6 +295,11 @@ def table(args, plot=True):
     return results
 
 
+def picked(args, name):
+    """--rows: a row is run if its name contains one of the given texts (any case); none given: every row."""
+    return not args.rows or any(text.lower() in name.lower() for text in args.rows)
+
+
 def plot_table(args, rows, results, base, budget):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -299,7 +312,8 @@ def plot_table(args, rows, results, base, budget):
     ax.set(ylabel=f"--task {args.task} test accuracy", title=f"{args.table}: {budget} per row")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    save(fig, args.png or os.path.join(HERE, "assets", f"table_{args.table}.png"), plt)
+    some = "_some-rows" if args.rows else ""  # a part of the table never overwrites the whole table's figure
+    save(fig, args.png or os.path.join(HERE, "assets", f"table_{args.table}{some}.png"), plt)
 
 
 def curve(args):
@@ -344,6 +358,9 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="fine-tuning batch")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, in worker processes (a GPU or many cores; "
                                                        "2 cores gain nothing)")
+    p.add_argument("--rows", nargs="+", default=[], metavar="TEXT",
+                   help="only the rows whose name contains one of these texts (and the baseline), e.g. "
+                        "--rows 'Language model' denoising")
     p.add_argument("--quick", action="store_true", help="the first 2 rows, 1 seed: a smoke run")
     p.add_argument("--out-dir", default=os.path.join("out", "tables"))
     p.add_argument("--fresh", action="store_true", help="redo runs whose results --out-dir already holds")
@@ -353,6 +370,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.seeds = 1
+    require(not (args.quick and args.rows), "--quick runs the first 2 rows: give it or --rows, not both")
+    names = [name for name, _, _, _ in TABLES[args.table][2]]
+    for text in args.rows:
+        require(any(picked(SimpleNamespace(rows=[text]), n) for n in names),
+                f"--rows {text!r}: no row of {args.table} is named so; its rows: {'; '.join(names)}")
     require(min(args.seeds, args.iters, args.examples, args.jobs) >= 1, "--seeds, --iters, --examples, --jobs: >= 1")
     if args.max_time:
         require(train.parse_duration(args.max_time) > 0, f"--max-time {args.max_time}: give a positive duration")

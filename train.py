@@ -73,7 +73,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # gpt: gpt.py's GPT-2, through mtp.py. mtp.py adds the optional multi-token heads (--mtp-heads);
 # without them it builds a plain gpt.GPT.
 MODELS = {"gpt": "mtp", "bert": "bert", "electra": "electra", "t5": "t5", "xlnet": "xlnet", "llama": "llama",
-          "maelm": "maelm", "unilm": "unilm"}
+          "maelm": "maelm", "unilm": "unilm", "t5lm": "t5lm"}
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Configuration. Every field is a --flag (underscores become dashes).

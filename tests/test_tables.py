@@ -133,3 +133,20 @@ def test_the_albert_row_at_berts_parameters_has_berts_parameters_and_costs_more_
     (bert_params, bert_flops), (albert_params, albert_flops) = built.values()
     assert abs(albert_params / bert_params - 1) < 0.1, f"{built}: the equal-parameter row must be within 10% of BERT's"
     assert albert_flops > 2 * bert_flops, f"{built}: one wide shared layer costs more per token than BERT's four"
+
+
+def test_rows_runs_the_rows_named_so_and_the_tables_own_baseline(tmp_path, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(tables, "run_row", lambda args, model, flags, seed, random_init=False:
+                        ran.append((model, flags, random_init)) or (0.4, 1, 1.0, 1.0))
+    monkeypatch.setattr(tables, "baselines", lambda task, examples: {"majority": 1 / 3, "bow": 0.5})
+    results = tables.main(["t5-architectures", "--rows", "Language model", "DENOISING", "--seeds", "1",
+                           "--png", str(tmp_path / "t.png")])
+    assert list(results) == ["Encoder-decoder, denoising", "Enc-dec, shared, denoising",
+                             "Enc-dec, half the layers, denoising", "Language model, denoising",
+                             "Prefix LM, denoising", "Language model, LM", "no pretraining (t5, random init)"]
+    first = tables.TABLES["t5-architectures"][2][0]
+    assert ran[-1] == ("t5", first[3], True), "the baseline is the whole table's: its first row, re-initialised"
+    assert exit_code(tables.main, ["t5-architectures", "--rows", "decoder-only"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--rows 'decoder-only': no row of t5-architectures" in err, err
