@@ -23,6 +23,8 @@ Legend (besides gpt.py's B, T, C, V)
   T5's Fig. 2, one row:   Thank you <X> me to your party <Y> week . </s> <X> for inviting <Y> last <Z> </s>
   Language model: every next token is a target. Prefix LM: the S input tokens read each other both ways, so
   only the targets' tokens are predicted (an input token is visible to the position that would predict it).
+  Which tokens the language model's row is scored on, §3.2 does not say: ours, every one, as a language model is
+  trained; the prefix LM cannot be scored on its input.
 """
 
 from dataclasses import dataclass, field
