@@ -115,7 +115,9 @@ TABLES = {
         for rate, glue in ((10, 82.82), (15, 83.28), (25, 83.00), (50, 81.27))
     ]),
     # The slide's ten rows: five architectures, each pretrained by denoising and by language modelling. The decoder-only
-    # rows under denoising read T5's corrupted input then write its targets, in one stack (t5lm.py).
+    # rows under denoising read T5's corrupted input then write its targets, in one stack (t5lm.py). Every row
+    # fine-tunes on the first 128 characters of an example, as T5's rows all read 512 tokens: the encoder's
+    # inputs_length, t5lm's (its classifier's cap) and GPT's block (its char-cpu preset's 64 would read half).
     "t5-architectures": ("T5 (Raffel et al. 2020, Table 2): architectures and objectives, GLUE", "GLUE", [
         ("Encoder-decoder, denoising", 83.28, "t5", ["--objective", "replace-spans", "--noise-mask", "iid"]),
         ("Enc-dec, shared, denoising", 82.81, "t5", ["--objective", "replace-spans", "--noise-mask", "iid",
@@ -129,8 +131,8 @@ TABLES = {
                                               "--share-encoder-decoder"]),
         ("Enc-dec, half the layers, LM", 78.67, "t5", ["--objective", "prefix-lm", "--noise-density", "0.5",
                                                        "--num-layers", "1"]),
-        ("Language model, LM", 73.78, "gpt", []),
-        ("Prefix LM, LM (one stack)", 79.68, "gpt", ["--prefix-lm"]),
+        ("Language model, LM", 73.78, "gpt", ["--block-size", "128"]),
+        ("Prefix LM, LM (one stack)", 79.68, "gpt", ["--block-size", "128", "--prefix-lm"]),
     ]),
 }
 
