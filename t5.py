@@ -1105,9 +1105,11 @@ def fill_spans(model, tokenizer, text, max_new_tokens=32, temperature=0.0, top_k
     ids = tokenizer.encode(prompt) + [c.eos_token_id]
     require(len(ids) <= c.inputs_length, f"the prompt is {len(ids)} tokens long; this model's "
             f"inputs are at most {c.inputs_length}")
-    device = model.shared.weight.device
-    out = model.generate(torch.tensor([ids], device=device), max_new_tokens,
-                         temperature=temperature, top_k=top_k, generator=generator)[0, 1:].tolist()
+    prompt = torch.tensor([ids], device=next(model.parameters()).device)
+    write = getattr(model, "write_targets", None)  # t5lm.py's one stack writes the targets after its input
+    out = (write(prompt, max_new_tokens, temperature, top_k, generator) if write else
+           model.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)[0, 1:])
+    out = out.tolist()
     fills, current = {}, None
     by_id = {i: k for k, i in enumerate(sentinel_ids)}
     all_sentinels = {i for s, i in tokenizer.specials.items() if s.startswith("<extra_id_")}

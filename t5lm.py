@@ -13,7 +13,7 @@ Paper
 
 Run
   python train.py --model t5lm --noise-mask iid               # "Language model", T5's i.i.d. span corruption
-  python train.py --model t5lm --noise-mask iid --prefix-lm   # "Prefix LM"
+  python train.py --model t5lm --noise-mask iid --prefix-lm   # "Prefix LM"; each run ends filling T5's example
   python tables.py t5-architectures                            # both beside the encoder-decoders, scored downstream
 Fine-tune (train.py --task): GPT-1's way (gpt.Classifier), as the table's other decoder-only rows, on at most
 inputs_length tokens of the example: what the encoder-decoder rows' encoder reads.
@@ -79,7 +79,30 @@ PRESETS = {
 DEFAULT_PRESET = "char-cpu"
 SPECIAL_TOKENS = t5.SPECIAL_TOKENS  # <pad>, </s> and the sentinels, as T5's vocabulary has them
 TOKEN_IDS = {"pad_token_id": "<pad>", "eos_token_id": "</s>"}
-Model = gpt.GPT  # GPT-2's stack: only the rows are T5's
+
+
+class T5LM(gpt.GPT):
+    """GPT-2's stack, unchanged: only the rows are T5's. write_targets: what it writes after a corrupted input."""
+
+    @torch.no_grad()
+    def write_targets(self, ids, max_new_tokens, temperature=0.0, top_k=None, generator=None):
+        """ids (1, S): a corrupted input ending with </s> -> (new ids,): the targets, up to </s> or the row's end.
+        The row grows a token at a time and is read whole at each step: gpt.py's KV cache is causal, and the
+        prefix LM reads its input both ways (the prompt is its prefix). t5.fill_spans calls it for the demo."""
+        S, was_training = ids.size(1), self.training
+        prefix = torch.tensor([S], device=ids.device) if self.config.prefix_lm else None
+        self.eval()
+        for _ in range(min(max_new_tokens, self.config.block_size - S)):
+            logits, _ = self(ids, prefix_len=prefix)  # (1, T, V)
+            ids = torch.cat([ids, gpt.sample_next(logits[:, -1].float(), temperature, top_k, generator=generator)], 1)
+            if ids[0, -1] == self.config.eos_token_id:
+                break
+        self.train(was_training)
+        return ids[0, S:]
+
+
+Model = T5LM
+DemoConfig, demo = t5.DemoConfig, t5.demo  # the end of a run: T5's texts, their spans filled (t5.fill_spans)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The objective: T5's rows, joined

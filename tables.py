@@ -140,7 +140,7 @@ TABLES = {
 # each model's flag for "no end-of-run demo": its output is not the table's
 NO_DEMO = {"gpt": ["--sample-tokens", "0"], "llama": ["--sample-tokens", "0"], "bert": ["--top-k", "0"],
            "maelm": ["--top-k", "0"], "unilm": ["--top-k", "0", "--max-new-tokens", "0"],
-           "electra": ["--flag-text", ""], "t5": ["--fill", ""], "xlnet": ["--demo-text", ""], "t5lm": []}
+           "electra": ["--flag-text", ""], "t5": ["--fill", ""], "xlnet": ["--demo-text", ""], "t5lm": ["--fill", ""]}
 
 
 def pretrain(args, model, flags, seed, out_dir):

@@ -77,7 +77,7 @@ TINY_EXTRA = {  # what each model's tiny run needs besides the common flags (no 
     "llama": ("--sample-tokens", "0"),
     "maelm": ("--val-docs", "lear"),
     "unilm": ("--val-docs", "lear", "--max-new-tokens", "0"),
-    "t5lm": (),
+    "t5lm": ("--fill", ""),
 }
 
 

@@ -80,11 +80,14 @@ def test_the_prefix_lm_reads_the_input_both_ways_and_no_token_after_its_own_in_t
                 f"{moved.nonzero().flatten().tolist()}"
 
 
-def test_train_py_trains_both_rows_resumes_and_fine_tunes_on_the_encoders_view(tmp_path, corpus):
+def test_train_py_trains_both_rows_resumes_and_fine_tunes_on_the_encoders_view(tmp_path, corpus, capsys):
     rows = train.train(tiny_args("t5lm", tmp_path / "lm", corpus, "--max-iters", "30", "--eval-interval", "30",
-                                 "--lr", "1e-2", "--noise-mask", "iid"))
+                                 "--lr", "1e-2", "--noise-mask", "iid", "--fill", "Thank you <X> me to your party."))
     evals = [r for r in rows if r["kind"] == "eval"]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0, "the language model's loss did not fall"
+    out = capsys.readouterr().out
+    assert "input : Thank you <X> me to your party.\noutput: " in out and "filled: Thank you [" in out, \
+        "the end-of-run demo fills the span after the input"
     args = lambda sub: tiny_args("t5lm", tmp_path / sub, corpus, "--max-iters", "6", "--eval-interval", "3",
                                  "--log-interval", "1", "--prefix-lm")
     assert_resumes(train.train, args, stop_at=2)
