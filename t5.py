@@ -1198,7 +1198,7 @@ class SentencePieceT5Tokenizer:
 @command
 def main(argv=None):
     p = argparse.ArgumentParser(
-        description="Fill the spans of a text with a T5: a checkpoint written by train.py (--ckpt) "
+        description="Fill the spans of a text with a T5: a checkpoint written by train.py (--ckpt, --model t5 or t5lm) "
                     "or a Hugging Face T5ForConditionalGeneration directory (--hf). Mark the spans "
                     "with <X>, <Y>, ... as the slide does.")
     src = p.add_mutually_exclusive_group(required=True)
@@ -1219,7 +1219,9 @@ def main(argv=None):
 
     device = train.pick_device(args.device)
     if args.ckpt:
-        model, tokenizer, _ = train.load_for_inference(args.ckpt, device=device, flag="--ckpt", model="t5")
+        model, tokenizer, ckpt = train.load_for_inference(args.ckpt, device=device, flag="--ckpt")
+        name = ckpt["train_config"]["model"]  # t5lm.py's one stack fills spans too (T5LM.write_targets)
+        require(name in ("t5", "t5lm"), f"--ckpt {args.ckpt}: a checkpoint of --model {name}, not t5 or t5lm")
     else:
         tokenizer = SentencePieceT5Tokenizer(os.path.join(args.hf, "spiece.model"))
         try:

@@ -14,6 +14,7 @@ Paper
 Run
   python train.py --model t5lm --noise-mask iid               # "Language model", T5's i.i.d. span corruption
   python train.py --model t5lm --noise-mask iid --prefix-lm   # "Prefix LM"; each run ends filling T5's example
+  python t5lm.py --ckpt out/t5lm/ckpt.pt "Thank you <X> me to your party <Y> week."   # fill spans (t5.py's CLI)
   python tables.py t5-architectures                            # both beside the encoder-decoders, scored downstream
 Fine-tune (train.py --task): GPT-1's way (gpt.Classifier), as the table's other decoder-only rows, on at most
 inputs_length tokens of the example: what the encoder-decoder rows' encoder reads.
@@ -110,7 +111,8 @@ DemoConfig, demo = t5.DemoConfig, t5.demo  # the end of a run: T5's texts, their
 
 class DenoisingLMObjective(gpt.NextTokenObjective):
     """t5.DenoisingObjective's batches, each row's input and targets joined into one sequence; gpt.py's
-    next-token loss on it. Metrics: loss (nats per target token) and bits per byte, as gpt.py's."""
+    next-token loss on it. Metrics: loss (nats per predicted token) and bits per byte, as gpt.py's (a sentinel
+    counts as the bytes of its text, <extra_id_0>: compare bits per byte between t5lm runs only)."""
 
     def __init__(self, config, tokenizer):
         super().__init__(config, tokenizer)
@@ -164,3 +166,7 @@ class Classifier(gpt.Classifier):
     def __init__(self, model, task, labels, tokenizer, lm_weight=0.0):
         super().__init__(model, task, labels, tokenizer, lm_weight)
         self.max_len = min(self.max_len, model.config.inputs_length)
+
+
+if __name__ == "__main__":
+    t5.main()  # t5.py's span filler reads a t5lm checkpoint too

@@ -88,6 +88,9 @@ def test_train_py_trains_both_rows_resumes_and_fine_tunes_on_the_encoders_view(t
     out = capsys.readouterr().out
     assert "input : Thank you <X> me to your party.\noutput: " in out and "filled: Thank you [" in out, \
         "the end-of-run demo fills the span after the input"
+    ckpt = str(tmp_path / "lm" / "out" / "ckpt.pt")
+    assert exit_code(t5lm.t5.main, ["--ckpt", ckpt, "Thank you <X> me to <Y> party."]) == 0
+    assert "decoded: " in capsys.readouterr().out, "python t5lm.py --ckpt ... fills the spans of a text"
     args = lambda sub: tiny_args("t5lm", tmp_path / sub, corpus, "--max-iters", "6", "--eval-interval", "3",
                                  "--log-interval", "1", "--prefix-lm")
     assert_resumes(train.train, args, stop_at=2)
