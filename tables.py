@@ -262,7 +262,7 @@ def table(args, plot=True):
     # the baseline: the first row's model fine-tuned the same way from random weights. A row no better than it has
     # learned nothing from pretraining that this task can use.
     _, _, model, flags = rows[0]
-    rows = rows[:2] if args.quick else [r for r in rows if picked(args, r[0])]
+    rows = rows[:2] if args.quick else [r for r in rows if picked(args.rows, r[0])]
     rows = [*rows, (f"no pretraining ({model}, random init)", None, model, flags)]
     runs = [(name, model, flags, seed, name == rows[-1][0]) for name, _, model, flags in rows
             for seed in range(args.seeds)]
@@ -297,9 +297,10 @@ def table(args, plot=True):
     return results
 
 
-def picked(args, name):
-    """--rows: a row is run if its name contains one of the given texts (any case); none given: every row."""
-    return not args.rows or any(text.lower() in name.lower() for text in args.rows)
+def picked(texts, name):
+    """--rows: a row is run if its name contains one of the texts (any case); no texts: every row.
+    picked(["denoising"], "Prefix LM, denoising") -> True"""
+    return not texts or any(text.lower() in name.lower() for text in texts)
 
 
 def plot_table(args, rows, results, base, budget):
@@ -375,7 +376,7 @@ def main(argv=None):
     require(not (args.quick and args.rows), "--quick runs the first 2 rows: give it or --rows, not both")
     names = [name for name, _, _, _ in TABLES[args.table][2]]
     for text in args.rows:
-        require(any(picked(SimpleNamespace(rows=[text]), n) for n in names),
+        require(any(picked([text], n) for n in names),
                 f"--rows {text!r}: no row of {args.table} is named so; its rows: {'; '.join(names)}")
     require(min(args.seeds, args.iters, args.examples, args.jobs) >= 1, "--seeds, --iters, --examples, --jobs: >= 1")
     if args.max_time:

@@ -768,10 +768,12 @@ def saved_train_config(ckpt):
 
 def load_for_inference(path, device="cpu", flag="--ckpt", model=None):
     """(model in eval mode, tokenizer, checkpoint dict) from a train.py checkpoint, for samplers.
-    With `model` (e.g. "bert"), another --model's checkpoint is refused by one line naming both."""
+    With `model` (e.g. "bert", or several: ("t5", "t5lm")), another --model's checkpoint is refused by one line
+    naming both."""
     ckpt = load_checkpoint(path, flag)
-    name = ckpt["train_config"]["model"]
-    require(not model or name == model, f"{flag} {path}: a checkpoint of --model {name}, not {model}")
+    name, allowed = ckpt["train_config"]["model"], (model,) if isinstance(model, str) else model
+    require(not allowed or name in allowed,
+            f"{flag} {path}: a checkpoint of --model {name}, not {' or '.join(allowed)}")
     mod = model_module(name)
     net, tokenizer = mod.Model(mod.Config(**ckpt["model_config"])), tokenizer_from_identity(ckpt["tokenizer"])
     if ckpt["train_config"].get("task"):  # a fine-tuned run: its classifier (and --peft) around the model
