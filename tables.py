@@ -51,6 +51,11 @@ from experiments import Parser, save
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# T5's two objectives of Table 2, spelt once: a row's run directory is named by its flags, so every table's row of
+# one objective and architecture is the same run
+T5_DENOISING = ["--objective", "replace-spans", "--noise-mask", "iid"]  # span corruption, i.i.d. noise (T5's baseline)
+T5_LM = ["--objective", "prefix-lm", "--noise-density", "0.5"]  # the prefix LM objective: predict the text's rest
+
 # name -> (title, what the slide's figure is, [(row as the slide names it, the slide's figure, --model, flags)])
 TABLES = {
     "mae-lm": ("MAE-LM, Table 2 (Meng et al. 2024): ablations, GLUE average", "GLUE", [
@@ -105,13 +110,12 @@ TABLES = {
     "t5-objectives": ("T5 (Raffel et al. 2020, Table 5): corruption types, i.i.d. noise, GLUE", "GLUE", [
         ("BERT-style", 82.96, "t5", ["--objective", "bert-style"]),
         ("MASS-style", 82.32, "t5", ["--objective", "mass-style"]),
-        ("Replace corrupted spans", 83.28, "t5", ["--objective", "replace-spans", "--noise-mask", "iid"]),
+        ("Replace corrupted spans", 83.28, "t5", T5_DENOISING),
         ("Drop corrupted tokens", 84.44, "t5", ["--objective", "drop-tokens"]),
     ]),
     # 15% is the default rate: that row keeps the objectives table's flags, so it is that row's runs, not a copy
     "t5-rates": ("T5 (Raffel et al. 2020, Table 6): corruption rates, GLUE", "GLUE", [
-        (f"{rate}%", glue, "t5", ["--objective", "replace-spans", "--noise-mask", "iid",
-                                  *(["--noise-density", str(rate / 100)] if rate != 15 else [])])
+        (f"{rate}%", glue, "t5", [*T5_DENOISING, *(["--noise-density", str(rate / 100)] if rate != 15 else [])])
         for rate, glue in ((10, 82.82), (15, 83.28), (25, 83.00), (50, 81.27))
     ]),
     # The slide's ten rows: five architectures, each pretrained by denoising and by language modelling. The decoder-only
@@ -119,18 +123,14 @@ TABLES = {
     # fine-tunes on the first 128 characters of an example, as T5's rows all read 512 tokens: the encoder's
     # inputs_length, t5lm's (its classifier's cap) and GPT's block (its char-cpu preset's 64 would read half).
     "t5-architectures": ("T5 (Raffel et al. 2020, Table 2): architectures and objectives, GLUE", "GLUE", [
-        ("Encoder-decoder, denoising", 83.28, "t5", ["--objective", "replace-spans", "--noise-mask", "iid"]),
-        ("Enc-dec, shared, denoising", 82.81, "t5", ["--objective", "replace-spans", "--noise-mask", "iid",
-                                                     "--share-encoder-decoder"]),
-        ("Enc-dec, half the layers, denoising", 80.88, "t5", ["--objective", "replace-spans", "--noise-mask", "iid",
-                                                              "--num-layers", "1"]),
+        ("Encoder-decoder, denoising", 83.28, "t5", T5_DENOISING),
+        ("Enc-dec, shared, denoising", 82.81, "t5", [*T5_DENOISING, "--share-encoder-decoder"]),
+        ("Enc-dec, half the layers, denoising", 80.88, "t5", [*T5_DENOISING, "--num-layers", "1"]),
         ("Language model, denoising", 74.70, "t5lm", ["--noise-mask", "iid"]),
         ("Prefix LM, denoising", 81.82, "t5lm", ["--noise-mask", "iid", "--prefix-lm"]),
-        ("Encoder-decoder, LM (prefix)", 79.56, "t5", ["--objective", "prefix-lm", "--noise-density", "0.5"]),
-        ("Enc-dec, shared, LM", 79.60, "t5", ["--objective", "prefix-lm", "--noise-density", "0.5",
-                                              "--share-encoder-decoder"]),
-        ("Enc-dec, half the layers, LM", 78.67, "t5", ["--objective", "prefix-lm", "--noise-density", "0.5",
-                                                       "--num-layers", "1"]),
+        ("Encoder-decoder, LM (prefix)", 79.56, "t5", T5_LM),
+        ("Enc-dec, shared, LM", 79.60, "t5", [*T5_LM, "--share-encoder-decoder"]),
+        ("Enc-dec, half the layers, LM", 78.67, "t5", [*T5_LM, "--num-layers", "1"]),
         ("Language model, LM", 73.78, "gpt", ["--block-size", "128"]),
         ("Prefix LM, LM (one stack)", 79.68, "gpt", ["--block-size", "128", "--prefix-lm"]),
     ]),
