@@ -771,7 +771,7 @@ def load_for_inference(path, device="cpu", flag="--ckpt", model=None):
     With `model` (e.g. "bert", or several: ("t5", "t5lm")), another --model's checkpoint is refused by one line
     naming both."""
     ckpt = load_checkpoint(path, flag)
-    name, allowed = ckpt["train_config"]["model"], (model,) if isinstance(model, str) else model
+    name, allowed = ckpt["train_config"]["model"], (model,) if isinstance(model, str) else tuple(model or ())
     require(not allowed or name in allowed,
             f"{flag} {path}: a checkpoint of --model {name}, not {' or '.join(allowed)}")
     mod = model_module(name)
