@@ -893,16 +893,19 @@ class DenoisingObjective:
                     f"i.i.d. noise at --noise-density {d} has about {spans:.0f} spans: too many rows need "
                     f"more than the {self.n_sentinels} sentinels of the vocabulary")
 
-    def describe(self):
-        """The line train.py prints at start-up: what one row is made of."""
+    def rows(self, inputs="encoder", targets="decoder"):
+        """What one row is made of, its two parts named (t5lm.py joins them: "input", "target")."""
         c = self.config
         noise = ("i.i.d. noise" if self.noise == "iid" else "noise") + f" {c.noise_density:g}"
         if self.noise == "spans" or self.objective == "text-infilling":
             noise += f", mean span {c.mean_noise_span_length:g}"
         most = "at most " if self.noise == "iid" else ""
         return (f"t5 rows ({self.objective}, {noise}): {self.raw_tokens_per_row} raw tokens -> {most}"
-                f"{self.inputs_length} encoder + {self.targets_length} decoder tokens; 'per row' "
-                f"counts both ({self.tokens_per_row})")
+                f"{self.inputs_length} {inputs} + {self.targets_length} {targets} tokens")
+
+    def describe(self):
+        """The line train.py prints at start-up."""
+        return f"{self.rows()}; 'per row' counts both ({self.tokens_per_row})"
 
     # -- one row -------------------------------------------------------------------------------------------------------
 

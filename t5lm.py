@@ -122,8 +122,7 @@ class DenoisingLMObjective(gpt.NextTokenObjective):
 
     def describe(self):
         mask = "the input read both ways (prefix LM)" if self.prefix_lm else "causal (language model)"
-        return self.t5.describe().replace("encoder + ", "input + ").split("; ")[0] + f", joined into rows of " \
-            f"{self.block_size}; {mask}"
+        return f"{self.t5.rows('input', 'target')}, joined into rows of {self.block_size}; {mask}"
 
     def join(self, batch):
         """A T5 batch (t5.DenoisingObjective.collate) -> gpt.py's: input then targets, next-token targets.
