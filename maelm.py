@@ -22,6 +22,8 @@ The slide's Table 2 rows, as flags (the default is MAE-LM):
 
 Run
   python train.py --model maelm                   # char MAE-LM on Shakespeare, CPU, minutes
+  (trap, measured: at this preset the decoder never learns past the character frequencies, even in 3,000 steps;
+  the encoder collapses to one vector. docs/14-tables.md says what was tried.)
   python maelm.py --ckpt out/maelm/ckpt.pt "I come to bury Caesar, n[MASK]t to praise him."
 Fine-tune (train.py --task): the encoder alone, BERT's way; the decoder is frozen and unused.
 
