@@ -124,6 +124,25 @@ def test_flops_count_the_encoder_on_the_visible_share_and_the_decoder_on_every_t
     assert abs(model.flops_per_token() - want) < 1e-6 * want
 
 
+def test_detach_encoder_steps_trains_the_decoder_alone_first_and_counts_only_training_batches(tmp_path, corpus):
+    obj, batch, model, cfg = batch_of(tmp_path, corpus, detach_encoder_steps=2)
+    layers = list(model.encoder.layer.parameters())
+
+    def encoder_learns():
+        model.zero_grad(set_to_none=True)
+        obj.loss(model, batch)[0].backward()
+        return any(p.grad is not None and p.grad.abs().sum() > 0 for p in layers)
+
+    with torch.no_grad():
+        obj.loss(model, batch)  # eval mode: not a training batch, not counted
+    model.train()
+    assert [encoder_learns() for _ in range(4)] == [False, False, True, True], \
+        "the encoder's layers must get no gradient in exactly the first 2 training batches"
+    assert model.encoder.embeddings.word_embeddings.weight.grad is not None, \
+        "the word embeddings are the tied output head: they learn throughout"
+    assert model.state_dict()["batches_seen"].item() == 4, "the count is in the checkpoint (a resumed run counts on)"
+
+
 def test_train_py_model_maelm_learns_fills_masks_and_resumes(tmp_path, corpus, capsys):
     rows = train.train(tiny_args("maelm", tmp_path / "demo", corpus, "--max-iters", "40", "--eval-interval", "20",
                                  "--lr", "3e-3"))
@@ -133,8 +152,9 @@ def test_train_py_model_maelm_learns_fills_masks_and_resumes(tmp_path, corpus, c
     assert "[MASK] 1:" in out and "filled:" in out, "the end-of-run demo must fill the masks"
     assert exit_code(maelm.main, ["--ckpt", str(tmp_path / "demo" / "out" / "ckpt.pt"), "lend me your [MASK]ars"]) == 0
     assert "[MASK] 1:" in capsys.readouterr().out
+    # the decoder trains alone for 5 batches: the resumed run must know that 3 were seen (it is in the checkpoint)
     args = lambda sub: tiny_args("maelm", tmp_path / sub, corpus, "--max-iters", "8", "--eval-interval", "4",
-                                 "--log-interval", "1", "--top-k", "0")
+                                 "--log-interval", "1", "--top-k", "0", "--detach-encoder-steps", "5")
     assert_resumes(train.train, args, stop_at=3, keys=("step", "kind", "loss", "val_loss", "val_mlm_acc"))
 
 
