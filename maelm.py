@@ -152,6 +152,12 @@ class MAELM(bert.BERT):
         return torch.zeros(*input_ids.shape, h.size(-1), dtype=h.dtype, device=h.device).scatter(
             1, order[..., None].expand_as(h), h)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        """A checkpoint written before --detach-encoder-steps existed has no count; it never detached: 0."""
+        if hasattr(self, "batches_seen"):
+            state_dict.setdefault(prefix + "batches_seen", torch.zeros((), dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def decode(self, h, attention_mask, masked):
         """(B, T, C) encoder states -> (B, T, D): the [MASK] vector at masked positions (MAE-LM, or
         --decoder-resets-mask), the projected states elsewhere, plus the decoder's positions, then its

@@ -141,6 +141,11 @@ def test_detach_encoder_steps_trains_the_decoder_alone_first_and_counts_only_tra
     assert model.encoder.embeddings.word_embeddings.weight.grad is not None, \
         "the word embeddings are the tied output head: they learn throughout"
     assert model.state_dict()["batches_seen"].item() == 4, "the count is in the checkpoint (a resumed run counts on)"
+    older = {k: v for k, v in model.state_dict().items() if k != "batches_seen"}  # written before the flag existed
+    again = maelm.MAELM(cfg).double()
+    again.batches_seen.fill_(7)
+    again.load_state_dict(older)
+    assert again.batches_seen.item() == 0, "a checkpoint without the count must load, as a run that never detached"
 
 
 def test_train_py_model_maelm_learns_fills_masks_and_resumes(tmp_path, corpus, capsys):
