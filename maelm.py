@@ -22,8 +22,10 @@ The slide's Table 2 rows, as flags (the default is MAE-LM):
 
 Run
   python train.py --model maelm                   # char MAE-LM on Shakespeare, CPU, minutes
-  (trap, measured: at this preset the decoder never learns past the character frequencies, even in 3,000 steps;
-  the encoder collapses to one vector. docs/14-tables.md says what was tried.)
+  Trap, measured: trained together from step 1, encoder and decoder never learn past the character frequencies
+  (3,000 steps). While the decoder's attention is still uniform, every visible token gets the same gradient, so
+  the encoder learns a summary of the row, not its tokens, and then nothing tells the decoder where to look.
+  --detach-encoder-steps (ours, not the paper's; 200 in char-cpu) trains the decoder alone first. docs/14-tables.md.
   python maelm.py --ckpt out/maelm/ckpt.pt "I come to bury Caesar, n[MASK]t to praise him."
 Fine-tune (train.py --task): the encoder alone, BERT's way; the decoder is frozen and unused.
 
@@ -53,7 +55,8 @@ class MAELMConfig(bert.BertConfig):
     encoder_sees_mask: bool = False  # the encoder reads BERT's masked input, [MASK] and all (Table 2's "enc. w.")
     decoder_resets_mask: bool = False  # with it: the decoder puts its [MASK] vector back at the masked positions
     aligned_positions: bool = True  # visible tokens keep their positions; False: renumbered 0..K-1 ("misaligned")
-    # Ours, not the paper's (the trap in the docstring). Without a decoder: ignored, nothing to detach.
+    # Ours, not the paper's (the docstring's trap). Counted in batches: with --grad-accum K, N/K steps.
+    # Without a decoder: ignored, nothing to detach.
     detach_encoder_steps: int = 0  # the first N training batches train the decoder alone (encoder output detached)
 
     def __post_init__(self):
@@ -87,8 +90,8 @@ Config = MAELMConfig
 PRESETS = {
     # bert.py's quick start, RoBERTa's objective: the same encoder, rows and recipe as
     # `python train.py --model bert --objective mlm`, plus the decoder.
-    # detach_encoder_steps 200: without it no decoder row learns past the character frequencies (the trap below);
-    # 200 of 2,000 steps, twice the lr warm-up. Not tuned: the one value tried.
+    # detach_encoder_steps 200: without it no decoder row learns past the character frequencies (the docstring's
+    # trap). 200 of 2,000 steps, twice the lr warm-up. Not tuned: the one value tried.
     "char-cpu": {**bert.PRESETS["char-cpu"], "objective": "mlm", "detach_encoder_steps": 200},
     "tiny": {**bert.PRESETS["tiny"], "objective": "mlm", "decoder_layers": 1},
 }
