@@ -21,7 +21,7 @@ The slide's Table 2 rows, as flags (the default is MAE-LM):
   decoder size                             --decoder-layers N --decoder-hidden-size D
 
 Run
-  python train.py --model maelm                   # char MAE-LM on Shakespeare, CPU, minutes
+  python train.py --model maelm                   # char MAE-LM on Shakespeare, CPU: 6.5 min, 34% of masks right
   Trap, measured: trained together from step 1, encoder and decoder never learn past the character frequencies
   (3,000 steps). While the decoder's attention is still uniform, every visible token gets the same gradient, so
   the encoder learns a summary of the row, not its tokens, and then nothing tells the decoder where to look.
